@@ -1,0 +1,125 @@
+"""One MoE layer's weights as the rest of the backend sees them.
+
+Arrays keep ggml's byte layout in numpy order, so a GGUF memory map can be used
+without a copy: an expert tensor is ``[n_experts, rows, row_bytes]`` uint8 for
+quantised types (or ``[n_experts, rows, cols]`` float for F32/F16/BF16), and
+one expert's slab is contiguous.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from quant import types as qtypes
+
+GATINGS = ("softmax_topk", "topk_softmax_all")
+ACTIVATIONS = ("swiglu_oai", "silu")
+
+
+@dataclass
+class ExpertTensor:
+    """A stack of expert matrices ``W[e]`` of shape ``[rows, cols]`` (y = W x)."""
+
+    data: np.ndarray  # raw bytes/elements, first axis = expert
+    ggml_type: int
+    rows: int
+    cols: int
+
+    def __post_init__(self):
+        expect = (self.data.shape[0], self.rows, qtypes.row_nbytes(self.ggml_type, self.cols))
+        raw = self.data.view(np.uint8).reshape(self.data.shape[0], self.rows, -1)
+        if raw.shape != expect:
+            raise ValueError(f"expert tensor bytes {raw.shape} do not match type "
+                             f"{qtypes.type_name(self.ggml_type)} [{self.rows}, {self.cols}]")
+        if not raw.flags.c_contiguous:
+            raise ValueError("expert tensor must be C-contiguous")
+
+    @property
+    def n_experts(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def raw(self) -> np.ndarray:
+        """The bytes as ``[n_experts, rows, row_bytes]`` uint8 (no copy)."""
+        return self.data.view(np.uint8).reshape(self.n_experts, self.rows, -1)
+
+    @property
+    def slab_bytes(self) -> int:
+        """Bytes of one expert: the unit the copy plan moves."""
+        return self.rows * qtypes.row_nbytes(self.ggml_type, self.cols)
+
+    def dequantize(self, expert: int) -> np.ndarray:
+        """Float32 ``[rows, cols]`` of one expert (tests and references)."""
+        return qtypes.dequantize(self.raw[expert], self.ggml_type, (self.rows, self.cols))
+
+
+@dataclass
+class MoELayer:
+    """Router and experts of one layer.
+
+    gpt-oss: ``gating="softmax_topk"``, ``activation="swiglu_oai"``, biases set.
+    Mixtral/Qwen3-MoE: ``gating="topk_softmax_all"``, ``activation="silu"``, no biases.
+    """
+
+    router_w: np.ndarray  # float32 [n_experts, n_embd]
+    router_b: np.ndarray | None  # float32 [n_experts]
+    gate: ExpertTensor  # [E, n_ff, n_embd]
+    up: ExpertTensor  # [E, n_ff, n_embd]
+    down: ExpertTensor  # [E, n_embd, n_ff]
+    gate_b: np.ndarray | None = None  # float32 [E, n_ff]
+    up_b: np.ndarray | None = None  # float32 [E, n_ff]
+    down_b: np.ndarray | None = None  # float32 [E, n_embd]
+    k: int = 4
+    gating: str = "softmax_topk"
+    activation: str = "swiglu_oai"
+    renormalize: bool = False  # only for topk_softmax_all
+    index: int = 0  # block number in the model (for names in reports)
+
+    def __post_init__(self):
+        E, D, F = self.n_experts, self.n_embd, self.n_ff
+        if self.gating not in GATINGS:
+            raise ValueError(f"gating must be one of {GATINGS}, got {self.gating!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if not 1 <= self.k <= E:
+            raise ValueError(f"k={self.k} must be in [1, n_experts={E}]")
+        _check_f32("router_w", self.router_w, (E, D))
+        _check_f32("router_b", self.router_b, (E,), optional=True)
+        for name, t, shape in (("gate", self.gate, (E, F, D)), ("up", self.up, (E, F, D)),
+                               ("down", self.down, (E, D, F))):
+            if (t.n_experts, t.rows, t.cols) != shape:
+                raise ValueError(f"{name} experts are {(t.n_experts, t.rows, t.cols)}, expected {shape}")
+        if self.gate.ggml_type != self.up.ggml_type:
+            raise ValueError("gate and up experts must share one type")
+        _check_f32("gate_b", self.gate_b, (E, F), optional=True)
+        _check_f32("up_b", self.up_b, (E, F), optional=True)
+        _check_f32("down_b", self.down_b, (E, D), optional=True)
+
+    @property
+    def n_experts(self) -> int:
+        return self.router_w.shape[0]
+
+    @property
+    def n_embd(self) -> int:
+        return self.router_w.shape[1]
+
+    @property
+    def n_ff(self) -> int:
+        return self.gate.rows
+
+    def tensors(self) -> dict[str, ExpertTensor]:
+        """Expert tensors by their GGUF names, in copy order."""
+        return {f"blk.{self.index}.ffn_{n}_exps.weight": t
+                for n, t in (("gate", self.gate), ("up", self.up), ("down", self.down))}
+
+
+def _check_f32(name, a, shape, optional=False):
+    if a is None:
+        if optional:
+            return
+        raise ValueError(f"{name} is required")
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+        raise TypeError(f"{name} must be a float32 numpy array, got {getattr(a, 'dtype', type(a))}")
+    if a.shape != shape:
+        raise ValueError(f"{name} has shape {a.shape}, expected {shape}")
