@@ -1,0 +1,109 @@
+"""Host memory for async copies, device slot buffers, and the copies themselves.
+
+Host modes (``HOST_MODES``):
+- ``pinned``: page-lock the expert bytes where they are (register the memory
+  map); where that fails, copy them into pinned memory. DMA reads host RAM
+  directly, so copies are truly asynchronous.
+- ``staged``: a small pinned double buffer; the CPU copies a chunk of the
+  planned range from the memory map into one half while the DMA engine drains
+  the other. Costs a CPU memcpy, needs no pinning of the model.
+- ``pageable``: plain copies from the memory map (the driver stages them
+  synchronously): the slow baseline.
+``auto`` tries pinned, then falls back to staged, and reports the choice.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import numpy as np
+from numba import cuda
+
+log = logging.getLogger(__name__)
+
+HOST_MODES = ("auto", "pinned", "staged", "pageable")
+STAGE_BYTES = 32 << 20  # one half of the staging buffer
+
+
+def flat_bytes(a: np.ndarray) -> np.ndarray:
+    """A contiguous array as a flat view (uint8 stays uint8, float32 stays float32)."""
+    if not a.flags.c_contiguous:
+        raise ValueError("host expert arrays must be C-contiguous")
+    return a.reshape(-1)
+
+
+class HostMemory:
+    """The host side of the expert tensors of every layer, ready for copies.
+
+    ``arrays`` are flat views; after ``prepare`` ``self.arrays`` may be pinned
+    copies instead (same bytes). ``self.mode`` is the mode actually in use.
+    """
+
+    def __init__(self, arrays: list[np.ndarray], mode: str = "auto", stage_bytes: int = STAGE_BYTES):
+        if mode not in HOST_MODES:
+            raise ValueError(f"host mode must be one of {HOST_MODES}, got {mode!r}")
+        if stage_bytes <= 0:
+            raise ValueError("stage_bytes must be positive")
+        self._stack = contextlib.ExitStack()
+        self.arrays = [flat_bytes(a) for a in arrays]
+        self.stage_bytes = int(stage_bytes)
+        self.mode = mode
+        self.note = ""
+        if mode in ("auto", "pinned"):
+            try:
+                self.arrays, self.note = self._pin(self.arrays)
+                self.mode = "pinned"
+            except Exception as exc:  # pinning tens of GB can fail for many reasons
+                if mode == "pinned":
+                    self._stack.close()
+                    raise RuntimeError(f"could not pin the expert weights: {exc}") from exc
+                self.mode, self.note = "staged", f"pinning failed ({exc}); using a staged pinned buffer"
+                log.info(self.note)
+        self._stage = None
+        if self.mode == "staged":
+            self._stage = [cuda.pinned_array(self.stage_bytes, np.uint8) for _ in range(2)]
+            self._stage_ev = [None, None]
+            self._half = 0
+
+    def _pin(self, arrays):
+        out, copied = [], 0
+        for a in arrays:
+            try:
+                self._stack.enter_context(cuda.pinned(a))
+                out.append(a)
+            except Exception:
+                # Read-only memory maps cannot always be registered: copy instead.
+                p = cuda.pinned_array(a.shape, a.dtype)
+                p[...] = a
+                out.append(p)
+                copied += a.nbytes
+        note = "pinned in place" if not copied else f"copied {copied / 1e9:.2f} GB into pinned memory"
+        return out, note
+
+    def close(self):
+        self._stack.close()
+
+    def copy(self, i: int, dev_flat, src: int, dst: int, n: int, stream) -> None:
+        """Enqueue ``host[i][src:src+n] -> dev_flat[dst:dst+n]`` (element offsets) on ``stream``."""
+        host = self.arrays[i]
+        if self._stage is None:
+            dev_flat[dst:dst + n].copy_to_device(host[src:src + n], stream=stream)
+            return
+        item = host.itemsize
+        step = self.stage_bytes // item
+        for off in range(0, n, step):
+            m = min(step, n - off)
+            h = self._half
+            if self._stage_ev[h] is not None:
+                self._stage_ev[h].synchronize()  # DMA finished reading this half
+            buf = self._stage[h][:m * item].view(host.dtype)
+            buf[...] = host[src + off:src + off + m]
+            dev_flat[dst + off:dst + off + m].copy_to_device(buf, stream=stream)
+            ev = self._stage_ev[h] or cuda.event()
+            ev.record(stream)
+            self._stage_ev[h] = ev
+            self._half = 1 - h
+
+
+def device_buffer(n_elems: int, dtype) -> "cuda.devicearray.DeviceNDArray":
+    return cuda.device_array(int(n_elems), dtype=dtype)
