@@ -1,0 +1,633 @@
+"""Grouped MoE expert kernels (numba-cuda) over the bucket layout of ``hybrid.routing``.
+
+A launch covers tiles ``[tile_begin, tile_end)`` of a ``Buckets`` layout: each
+tile is ``block_pairs`` (token, slot) pairs of one expert. Blocks map to
+(tile) x (output-column tile), as vLLM's fused_moe does; quantised weights are
+decoded in the kernel into shared memory. Three kernels:
+
+1. gate+up+activation: ``act[p] = act_fn(Wg[s] x_t + bg[s], Wu[s] x_t + bu[s])``
+2. down:               ``y[p]   = w_p * (Wd[s] act[p] + bd[s])``
+3. reduce:             ``out[t] = sum_j y[t*k + j]`` in fixed j order (no atomics)
+
+``p = t*k + j`` is the flat pair index; ``s = slots[e]`` is the device slot of
+expert ``e``: the same kernels serve the natural layout (slot = expert id) and
+compact slots. A block never touches a slot other than its tile's expert, and
+tiles that hold only padding return before reading any weight.
+
+Public API: ``TileConfig``, ``DeviceBuckets.from_host``, ``moe_launch``,
+``moe_reduce`` (for the scheduler) and ``moe_ffn_cuda`` (upload, run, return).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from gguf.constants import GGMLQuantizationType as T
+from numba import cuda, types
+
+from quant import cuda as qc
+from quant import types as qtypes
+
+from .routing import Buckets, bucket
+
+ACTIVATIONS = ("swiglu_oai", "silu")
+SUPPORTED = (int(T.MXFP4), int(T.Q8_0), int(T.F32))
+
+_F32 = np.float32
+_U = np.uint64
+_ZERO = np.float32(0.0)
+_ONE = np.float32(1.0)
+_ALPHA = np.float32(1.702)
+_LIMIT = np.float32(7.0)
+_SMEM_LIMIT = 48 * 1024  # static shared memory per block
+
+
+# ------------------------------------------------------------------ tile sizes
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes of the grouped kernels (compile-time constants; one build per config).
+
+    block_pairs: pairs per tile (the ``block_size`` of the buckets), M of a block.
+    block_cols:  output columns per block, N. k_chunk: reduction step, K (multiple of 32).
+    thread_rows x thread_cols: the register tile of one thread (strided, so a
+    warp reads consecutive shared-memory words). Threads per block =
+    (block_pairs / thread_rows) * (block_cols / thread_cols).
+
+    The default (32x64, K 32, 4x4: 128 threads, 4x4x2 accumulators) needs
+    21 KB of shared memory for gate+up and 14 KB for down, so several blocks
+    share an H100 SM (ptxas: ~124 registers, no spills), and 32 pairs per
+    tile match gpt-oss's typical 16-40 pairs per used expert at ubatch 512.
+    """
+
+    block_pairs: int = 32
+    block_cols: int = 64
+    k_chunk: int = 32
+    thread_rows: int = 4
+    thread_cols: int = 4
+
+    def __post_init__(self):
+        for name in ("block_pairs", "block_cols", "k_chunk", "thread_rows", "thread_cols"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"TileConfig.{name} must be a positive int, got {v!r}")
+        if self.k_chunk % 32:
+            raise ValueError(f"TileConfig.k_chunk={self.k_chunk} must be a multiple of 32 (the quant block)")
+        if self.block_pairs % self.thread_rows or self.block_cols % self.thread_cols:
+            raise ValueError("TileConfig: block_pairs must be a multiple of thread_rows and "
+                             "block_cols a multiple of thread_cols")
+        if not 1 <= self.threads <= 1024:
+            raise ValueError(f"TileConfig gives {self.threads} threads per block (1..1024)")
+        if self.shared_bytes > _SMEM_LIMIT:
+            raise ValueError(f"TileConfig needs {self.shared_bytes} B of shared memory (> {_SMEM_LIMIT})")
+
+    @property
+    def threads(self) -> int:
+        return (self.block_pairs // self.thread_rows) * (self.block_cols // self.thread_cols)
+
+    def row_words(self, n_mats: int) -> int:
+        """Words per row of the shared tile [k_chunk][x | n_mats weight tiles], made odd:
+        the transposed stores (consecutive threads, consecutive rows) then hit 32 banks."""
+        return (self.block_pairs + n_mats * self.block_cols) | 1
+
+    def shared_for(self, n_mats: int) -> int:
+        """Dynamic shared bytes of a kernel reading ``n_mats`` weight tiles (gate+up: 2, down: 1)."""
+        return 4 * (qc.TABLES + 2 * self.block_pairs + self.k_chunk * self.row_words(n_mats))
+
+    @property
+    def shared_bytes(self) -> int:
+        """Shared memory of the gate+up kernel (the larger of the two)."""
+        return self.shared_for(2)
+
+
+# ------------------------------------------------------------------ device helpers
+
+@cuda.jit(device=True, inline=True)
+def _swiglu_oai(g, u):
+    g = min(g, _LIMIT)
+    u = min(max(u, -_LIMIT), _LIMIT)
+    return g / (_ONE + math.exp(-_ALPHA * g)) * (u + _ONE)
+
+
+@cuda.jit(device=True, inline=True)
+def _silu_mul(g, u):
+    return g / (_ONE + math.exp(-g)) * u
+
+
+# ------------------------------------------------------------------ kernel factories
+
+@functools.lru_cache(maxsize=None)
+def _gate_up_kernel(cfg: TileConfig, wtype: int, activation: str, has_bias: bool):
+    # Tiling: block (blockIdx.x, blockIdx.y) = (tile of BM pairs of one expert,
+    # BN columns of n_ff). Per K step of BK, one shared tile [BK][BM | BN | BN]
+    # holds the BM rows of x (gathered by token) and the decoded BN x BK slices
+    # of Wg and Wu, all transposed (reduction index first; odd row length
+    # against bank conflicts). Each thread accumulates TM x TN outputs of g and
+    # of u at rows ty + i*RS, columns tx + j*CS (a warp reads consecutive
+    # words). The activation is fused in the epilogue.
+    BM, BN, BK, TM, TN = cfg.block_pairs, cfg.block_cols, cfg.k_chunk, cfg.thread_rows, cfg.thread_cols
+    RS, CS = BM // TM, BN // TN
+    NT, ACC = RS * CS, TM * TN
+    ST = cfg.row_words(2)  # words per shared tile row: x | gate | up
+    # Shared offsets (words): pair ids, their token rows (x row, -1 for padding), tile.
+    PO, TO, XO = qc.TABLES, qc.TABLES + BM, qc.TABLES + 2 * BM
+    GO, UO = XO + BM, XO + BM + BN
+    decode = qc.tile_decoder(wtype, BN, BK, NT, ST)
+    act_fn = _swiglu_oai if activation == "swiglu_oai" else _silu_mul
+
+    @cuda.jit
+    def gate_up(x, pairs, tile_expert, tile0, slots, k, wg, wu, bg, bu, act):
+        tile = tile0 + cuda.blockIdx.x
+        col0 = cuda.blockIdx.y * BN
+        tid = cuda.threadIdx.x
+        ty = tid // CS
+        tx = tid - ty * CS
+        sentinel = act.shape[0]
+        n_ff = act.shape[1]
+        K = x.shape[1]
+        if pairs[tile * BM] >= sentinel:
+            return  # an all-padding tile (block-uniform: before any barrier)
+        e = tile_expert[tile]
+        if e < 0 or e >= slots.shape[0]:
+            return
+        s = slots[e]
+        if s < 0 or s >= wg.shape[0] or s >= wu.shape[0]:
+            return
+
+        # Dynamic shared memory, one buffer seen as float32 and int32:
+        # [tables | pair ids (BM) | token rows (BM) | tile (BK rows of ST words)].
+        sm = cuda.shared.array(0, types.float32)
+        ps = cuda.shared.array(0, types.int32)
+        qc.load_tables(sm, tid, NT)
+        for r in range(tid, BM, NT):
+            p = pairs[tile * BM + r]
+            ps[PO + r] = p
+            ps[TO + r] = p // k if p < sentinel else -1  # one division per row, not per element
+        cuda.syncthreads()
+        # Real pairs come first in a tile: this thread's rows i < nr are real,
+        # its columns j < nc inside n_ff. Only the epilogue looks at them: the
+        # zero-filled padding in shared memory is cheaper to multiply than to
+        # predicate, and a thread with no real row or column skips the loop.
+        nr = 0
+        for i in range(TM):
+            if ps[PO + ty + i * RS] < sentinel:
+                nr = i + 1
+        nc = 0
+        for j in range(TN):
+            if col0 + tx + j * CS < n_ff:
+                nc = j + 1
+        # Unsigned shared offsets: numba skips its negative-index fix-up.
+        xo = _U(XO + ty)
+        go = _U(GO + tx)
+        uo = _U(UO + tx)
+
+        acc_g = cuda.local.array(ACC, np.float32)
+        acc_u = cuda.local.array(ACC, np.float32)
+        a = cuda.local.array(TM, np.float32)
+        for i in range(ACC):
+            acc_g[i] = _ZERO
+            acc_u[i] = _ZERO
+        for k0 in range(0, K, BK):
+            for i in range(tid, BM * BK, NT):
+                idx = _U(i)
+                r = idx // _U(BK)
+                c = idx - r * _U(BK)
+                t = ps[_U(TO) + r]
+                v = _ZERO
+                if t >= 0 and c < _U(K - k0):
+                    v = x[_U(t), _U(k0) + c]
+                sm[_U(XO) + c * _U(ST) + r] = v
+            decode(wg, s, col0, n_ff, k0, K, sm, GO, tid, sm)
+            decode(wu, s, col0, n_ff, k0, K, sm, UO, tid, sm)
+            cuda.syncthreads()
+            if nr > 0 and nc > 0:
+                for kk in range(BK):
+                    r = _U(kk * ST)
+                    for i in range(TM):
+                        a[i] = sm[r + xo + _U(i * RS)]
+                    for j in range(TN):
+                        gv = sm[r + go + _U(j * CS)]
+                        uv = sm[r + uo + _U(j * CS)]
+                        for i in range(TM):
+                            acc_g[i * TN + j] += a[i] * gv
+                            acc_u[i * TN + j] += a[i] * uv
+            cuda.syncthreads()
+
+        for i in range(TM):
+            if i < nr:
+                p = ps[PO + ty + i * RS]
+                for j in range(TN):
+                    if j < nc:
+                        col = col0 + tx + j * CS
+                        g = acc_g[i * TN + j]
+                        u = acc_u[i * TN + j]
+                        if has_bias:
+                            g += bg[s, col]
+                            u += bu[s, col]
+                        act[p, col] = act_fn(g, u)
+
+    return gate_up
+
+
+@functools.lru_cache(maxsize=None)
+def _down_kernel(cfg: TileConfig, wtype: int, has_bias: bool):
+    # Tiling: block = (tile of BM pairs, BN columns of n_embd). Per K step of BK
+    # (over n_ff), the shared tile [BK][BM | BN] holds rows act[p] of the tile's
+    # pairs and the decoded BN x BK slice of Wd, transposed as in gate_up; each
+    # thread accumulates TM x TN outputs. Epilogue: bias, then the routing weight.
+    BM, BN, BK, TM, TN = cfg.block_pairs, cfg.block_cols, cfg.k_chunk, cfg.thread_rows, cfg.thread_cols
+    RS, CS = BM // TM, BN // TN
+    NT, ACC = RS * CS, TM * TN
+    ST = cfg.row_words(1)  # words per shared tile row: act | down
+    PO, XO = qc.TABLES, qc.TABLES + 2 * BM  # same layout as gate_up (token rows unused)
+    WO = XO + BM
+    decode = qc.tile_decoder(wtype, BN, BK, NT, ST)
+
+    @cuda.jit
+    def down(act, pairs, tile_expert, tile0, slots, wd, bd, weights, y):
+        tile = tile0 + cuda.blockIdx.x
+        col0 = cuda.blockIdx.y * BN
+        tid = cuda.threadIdx.x
+        ty = tid // CS
+        tx = tid - ty * CS
+        sentinel = y.shape[0]
+        n_embd = y.shape[1]
+        K = act.shape[1]
+        if pairs[tile * BM] >= sentinel:
+            return
+        e = tile_expert[tile]
+        if e < 0 or e >= slots.shape[0]:
+            return
+        s = slots[e]
+        if s < 0 or s >= wd.shape[0]:
+            return
+
+        sm = cuda.shared.array(0, types.float32)  # [tables | pair ids | tile], as in gate_up
+        ps = cuda.shared.array(0, types.int32)
+        qc.load_tables(sm, tid, NT)
+        for r in range(tid, BM, NT):
+            ps[PO + r] = pairs[tile * BM + r]
+        cuda.syncthreads()
+        nr = 0  # real rows, columns inside n_embd: as in gate_up
+        for i in range(TM):
+            if ps[PO + ty + i * RS] < sentinel:
+                nr = i + 1
+        nc = 0
+        for j in range(TN):
+            if col0 + tx + j * CS < n_embd:
+                nc = j + 1
+        xo = _U(XO + ty)
+        wo = _U(WO + tx)
+
+        acc = cuda.local.array(ACC, np.float32)
+        a = cuda.local.array(TM, np.float32)
+        for i in range(ACC):
+            acc[i] = _ZERO
+        for k0 in range(0, K, BK):
+            for i in range(tid, BM * BK, NT):
+                idx = _U(i)
+                r = idx // _U(BK)
+                c = idx - r * _U(BK)
+                p = ps[_U(PO) + r]
+                v = _ZERO
+                if p < sentinel and c < _U(K - k0):
+                    v = act[_U(p), _U(k0) + c]
+                sm[_U(XO) + c * _U(ST) + r] = v
+            decode(wd, s, col0, n_embd, k0, K, sm, WO, tid, sm)
+            cuda.syncthreads()
+            if nr > 0 and nc > 0:
+                for kk in range(BK):
+                    r = _U(kk * ST)
+                    for i in range(TM):
+                        a[i] = sm[r + xo + _U(i * RS)]
+                    for j in range(TN):
+                        wv = sm[r + wo + _U(j * CS)]
+                        for i in range(TM):
+                            acc[i * TN + j] += a[i] * wv
+            cuda.syncthreads()
+
+        for i in range(TM):
+            if i < nr:
+                p = ps[PO + ty + i * RS]
+                wp = weights[p]
+                for j in range(TN):
+                    if j < nc:
+                        col = col0 + tx + j * CS
+                        v = acc[i * TN + j]
+                        if has_bias:
+                            v += bd[s, col]
+                        y[p, col] = wp * v
+
+    return down
+
+
+_REDUCE_THREADS = 256
+
+
+@cuda.jit
+def _reduce_kernel(y, k, out):
+    # Grid-stride, one output element per step; the k slots are summed in j
+    # order, so the result does not depend on scheduling (no atomics).
+    n_embd = out.shape[1]
+    for i in range(cuda.grid(1), out.shape[0] * n_embd, cuda.gridsize(1)):
+        t = i // n_embd
+        c = i - t * n_embd
+        acc = y[t * k, c]
+        for j in range(1, k):
+            acc += y[t * k + j, c]
+        out[t, c] = acc
+
+
+# ------------------------------------------------------------------ buckets on the device
+
+@dataclass
+class DeviceBuckets:
+    """Device copies of a ``Buckets`` layout's ``pairs`` and ``tile_expert``, with the host layout."""
+
+    host: Buckets
+    pairs: object  # device int32 [P]
+    tile_expert: object  # device int32 [n_tiles]
+
+    @classmethod
+    def from_host(cls, buckets: Buckets, stream=0) -> "DeviceBuckets":
+        _check_buckets(buckets)
+        return cls(buckets, cuda.to_device(buckets.pairs, stream=stream),
+                   cuda.to_device(buckets.tile_expert, stream=stream))
+
+    @property
+    def n_tiles(self) -> int:
+        return self.host.n_tiles
+
+    @property
+    def block_size(self) -> int:
+        return self.host.block_size
+
+    def tile_range(self, first: int, last: int) -> tuple[int, int]:
+        """Tiles ``[begin, end)`` of the experts ``first..last`` (a copy range)."""
+        bs, off = self.host.block_size, self.host.offsets
+        if not 0 <= first <= last < self.host.n_experts:
+            raise ValueError(f"expert range {first}..{last} outside [0, {self.host.n_experts})")
+        return int(off[first]) // bs, int(off[last + 1]) // bs
+
+
+def _check_buckets(b):
+    if not isinstance(b, Buckets):
+        raise TypeError(f"expected hybrid.routing.Buckets, got {type(b).__name__}")
+    P, bs, E = b.pairs.shape[0], b.block_size, b.n_experts
+    for name in ("pairs", "tile_expert", "offsets"):
+        a = getattr(b, name)
+        if not isinstance(a, np.ndarray) or a.dtype != np.int32 or a.ndim != 1:
+            raise TypeError(f"Buckets.{name} must be a 1-D int32 array")
+    if P % bs or b.tile_expert.shape[0] != P // bs or b.offsets.shape[0] != E + 1 or b.offsets[-1] != P:
+        raise ValueError("Buckets: pairs, tile_expert and offsets do not agree with block_size")
+    if P and (b.pairs.min() < 0 or b.pairs.max() > b.sentinel):
+        raise ValueError(f"Buckets.pairs hold values outside [0, {b.sentinel}]")
+    real = b.pairs[::bs] < b.sentinel if P else np.zeros(0, bool)
+    te = b.tile_expert[real]
+    if te.size and (te.min() < 0 or te.max() >= E):
+        raise ValueError(f"Buckets.tile_expert holds experts outside [0, {E})")
+
+
+# ------------------------------------------------------------------ launches
+
+def _int(name, v):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    return int(v)
+
+
+def _is_array(a):
+    return isinstance(a, np.ndarray) or qc.is_device_array(a)
+
+
+def _check(name, a, shape, dtype):
+    if not _is_array(a):
+        raise TypeError(f"{name} must be a numpy or device array, got {type(a).__name__}")
+    if np.dtype(a.dtype) != np.dtype(dtype):
+        raise TypeError(f"{name} must be {np.dtype(dtype).name}, got {a.dtype}")
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+
+
+def expert_type(w, rows, cols, name="weights"):
+    """GGML type of a device expert tensor ``[n_slots, rows, ...]`` from its dtype and row size.
+
+    uint8 rows of ``cols/32*17`` bytes are MXFP4, ``cols/32*34`` Q8_0,
+    ``cols*4`` F32 bytes; float32 rows of ``cols`` are F32.
+    """
+    if not _is_array(w):
+        raise TypeError(f"{name} must be a numpy or device array, got {type(w).__name__}")
+    if len(w.shape) != 3 or w.shape[1] != rows or w.shape[0] < 1:
+        raise ValueError(f"{name} must be [n_slots >= 1, {rows}, row], got {tuple(w.shape)}")
+    dt, rb = np.dtype(w.dtype), w.shape[2]
+    if dt == np.float32 and rb == cols:
+        return int(T.F32)
+    if dt == np.uint8:
+        for t in (T.MXFP4, T.Q8_0, T.F32):
+            if rb == qtypes.row_nbytes(t, cols):
+                return int(t)
+    raise ValueError(f"{name}: {dt} rows of {rb} elements are no supported expert type for {cols} "
+                     f"columns (MXFP4 {cols // 32 * 17} B, Q8_0 {cols // 32 * 34} B, F32 {cols})")
+
+
+def _as_kernel_weights(w, wtype):
+    # F32 experts may arrive as their raw bytes; the kernel reads float32.
+    if wtype == int(T.F32) and np.dtype(w.dtype) == np.uint8:
+        return w.view(np.float32)
+    return w
+
+
+def _check_slots(slots, bk, tile_begin, tile_end, n_slots):
+    """Host slot maps are checked for the experts the launch touches, then uploaded."""
+    E = bk.host.n_experts
+    if not _is_array(slots):
+        raise TypeError(f"slots must be a numpy or device array, got {type(slots).__name__}")
+    if np.dtype(slots.dtype) != np.int32 or tuple(slots.shape) != (E,):
+        raise ValueError(f"slots must be int32 [{E}] (expert -> slot), got {slots.dtype} {tuple(slots.shape)}")
+    if isinstance(slots, np.ndarray):
+        h, bs = bk.host, bk.block_size
+        tiles = np.arange(tile_begin, tile_end)
+        tiles = tiles[h.pairs[tiles * bs] < h.sentinel]
+        used = np.unique(h.tile_expert[tiles])
+        bad = used[(slots[used] < 0) | (slots[used] >= n_slots)]
+        if bad.size:
+            raise ValueError(f"expert {bad[0]} maps to slot {slots[bad[0]]}, outside the {n_slots} device slots")
+    # Device slot maps are trusted for values; the kernels skip out-of-range slots.
+
+
+def moe_launch(x_d, bk_d, tile_begin, tile_end, slots_d, gate_d, up_d, down_d, gate_b_d, up_b_d, down_b_d,
+               weights_d, act_d, y_d, *, n_embd, n_ff, k, activation, tiles: TileConfig, stream=0):
+    """Kernels 1 (gate+up+activation) and 2 (down, times the routing weight) over tiles
+    ``[tile_begin, tile_end)`` of ``bk_d`` (a ``DeviceBuckets`` built with
+    ``block_size == tiles.block_pairs``), enqueued on ``stream``.
+
+    x_d float32 [T, n_embd]; slots_d int32 [E] expert -> slot (numpy: checked
+    for the experts launched; device: used as is); gate_d/up_d [n_slots, n_ff, ...]
+    and down_d [n_slots, n_embd, ...] in MXFP4/Q8_0 (uint8) or F32 (type from
+    the row size, see ``expert_type``); biases float32 [n_slots, rows] or None
+    (gate and up together); weights_d float32 [T, k] or [T*k]; scratch act_d
+    float32 [T*k, n_ff] and y_d float32 [T*k, n_embd], written at the rows of
+    the launched pairs only.
+    """
+    if not isinstance(tiles, TileConfig):
+        raise TypeError(f"tiles must be a TileConfig, got {type(tiles).__name__}")
+    if not isinstance(bk_d, DeviceBuckets):
+        raise TypeError(f"bk_d must be a DeviceBuckets, got {type(bk_d).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    n_embd, n_ff, k = _int("n_embd", n_embd), _int("n_ff", n_ff), _int("k", k)
+    tile_begin, tile_end = _int("tile_begin", tile_begin), _int("tile_end", tile_end)
+    h = bk_d.host
+    if bk_d.block_size != tiles.block_pairs:
+        raise ValueError(f"buckets were built with block_size={bk_d.block_size}, "
+                         f"tiles need block_pairs={tiles.block_pairs}")
+    if k != h.k:
+        raise ValueError(f"k={k} but the buckets hold k={h.k}")
+    if n_embd < 32 or n_ff < 32 or n_embd % 32 or n_ff % 32:
+        raise ValueError(f"n_embd={n_embd} and n_ff={n_ff} must be positive multiples of 32")
+    if not 0 <= tile_begin <= tile_end <= bk_d.n_tiles:
+        raise ValueError(f"tile range [{tile_begin}, {tile_end}) outside the {bk_d.n_tiles} tiles")
+    T_, P = h.n_tokens, h.n_tokens * h.k
+    _check("x_d", x_d, (T_, n_embd), np.float32)
+    _check("act_d", act_d, (P, n_ff), np.float32)
+    _check("y_d", y_d, (P, n_embd), np.float32)
+    if _is_array(weights_d) and tuple(weights_d.shape) == (T_, k):
+        weights_d = weights_d.reshape(P)
+    _check("weights_d", weights_d, (P,), np.float32)
+    gt = expert_type(gate_d, n_ff, n_embd, "gate_d")
+    ut = expert_type(up_d, n_ff, n_embd, "up_d")
+    dt = expert_type(down_d, n_embd, n_ff, "down_d")
+    if gt != ut:
+        raise ValueError(f"gate_d ({qtypes.type_name(gt)}) and up_d ({qtypes.type_name(ut)}) must share a type")
+    n_slots = gate_d.shape[0]
+    if up_d.shape[0] != n_slots or down_d.shape[0] != n_slots:
+        raise ValueError(f"gate/up/down hold {gate_d.shape[0]}/{up_d.shape[0]}/{down_d.shape[0]} slots; "
+                         f"they must agree")
+    if (gate_b_d is None) != (up_b_d is None):
+        raise ValueError("gate_b_d and up_b_d must both be given or both be None")
+    if gate_b_d is not None:
+        _check("gate_b_d", gate_b_d, (n_slots, n_ff), np.float32)
+        _check("up_b_d", up_b_d, (n_slots, n_ff), np.float32)
+    if down_b_d is not None:
+        _check("down_b_d", down_b_d, (n_slots, n_embd), np.float32)
+    _check_slots(slots_d, bk_d, tile_begin, tile_end, n_slots)
+    if isinstance(slots_d, np.ndarray):
+        slots_d = cuda.to_device(slots_d, stream=stream)
+    n_tiles = tile_end - tile_begin
+    if n_tiles == 0:
+        return
+    k1 = _gate_up_kernel(tiles, gt, activation, gate_b_d is not None)
+    k2 = _down_kernel(tiles, dt, down_b_d is not None)
+    # Unused bias arguments still need an array of the right type.
+    gb = gate_b_d if gate_b_d is not None else _dummy_bias(stream)
+    ub = up_b_d if up_b_d is not None else gb
+    db = down_b_d if down_b_d is not None else _dummy_bias(stream)
+    grid1 = (n_tiles, (n_ff + tiles.block_cols - 1) // tiles.block_cols)
+    grid2 = (n_tiles, (n_embd + tiles.block_cols - 1) // tiles.block_cols)
+    k1[grid1, tiles.threads, stream, tiles.shared_for(2)](x_d, bk_d.pairs, bk_d.tile_expert, tile_begin, slots_d, k,
+                                     _as_kernel_weights(gate_d, gt), _as_kernel_weights(up_d, gt), gb, ub, act_d)
+    k2[grid2, tiles.threads, stream, tiles.shared_for(1)](act_d, bk_d.pairs, bk_d.tile_expert, tile_begin, slots_d,
+                                     _as_kernel_weights(down_d, dt), db, weights_d, y_d)
+
+
+_DUMMY = {}
+
+
+def _dummy_bias(stream):
+    # One per context, so a launch without biases allocates nothing.
+    key = id(cuda.current_context())
+    if key not in _DUMMY:
+        _DUMMY[key] = cuda.device_array((1, 1), np.float32)
+    return _DUMMY[key]
+
+
+def moe_reduce(y_d, out_d, k, stream=0):
+    """Kernel 3: ``out_d[t] = sum_j y_d[t*k + j]`` in j order (bitwise reproducible)."""
+    k = _int("k", k)
+    if k < 1:
+        raise ValueError(f"k={k} must be >= 1")
+    if not _is_array(out_d) or len(out_d.shape) != 2:
+        raise ValueError("out_d must be a 2-D float32 array [T, n_embd]")
+    T_, D = out_d.shape
+    _check("out_d", out_d, (T_, D), np.float32)
+    _check("y_d", y_d, (T_ * k, D), np.float32)
+    n = T_ * D
+    if n:
+        _reduce_kernel[qc.grid_blocks(n, _REDUCE_THREADS), _REDUCE_THREADS, stream](y_d, k, out_d)
+
+
+# ------------------------------------------------------------------ convenience
+
+def moe_ffn_cuda(layer, x, ids, weights, *, layout="natural", tiles=None, poison=None, stream=0):
+    """One MoE layer's experts on the device for routed tokens; returns float32 [T, n_embd].
+
+    Uploads only the experts ``ids`` uses, through a slot map: ``layout="natural"``
+    puts expert e in slot e of a buffer of all E experts, ``"compact"`` in
+    slots 0..U-1. ``poison`` (a byte) first fills every device slot, so tests
+    can prove unused slots are never read (0xFF bytes are NaN).
+    """
+    from .layer import MoELayer
+
+    if not isinstance(layer, MoELayer):
+        raise TypeError(f"layer must be a MoELayer, got {type(layer).__name__}")
+    if layout not in ("natural", "compact"):
+        raise ValueError(f"layout must be 'natural' or 'compact', got {layout!r}")
+    tiles = TileConfig() if tiles is None else tiles
+    if not isinstance(tiles, TileConfig):
+        raise TypeError(f"tiles must be a TileConfig, got {type(tiles).__name__}")
+    for t in (layer.gate, layer.down):
+        if int(t.ggml_type) not in SUPPORTED:
+            raise NotImplementedError(f"moe_ffn_cuda: expert type {qtypes.type_name(t.ggml_type)} is not supported "
+                                      f"(supported: {', '.join(qtypes.type_name(s) for s in SUPPORTED)})")
+    E, D, F, k = layer.n_experts, layer.n_embd, layer.n_ff, layer.k
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != D:
+        raise ValueError(f"x must be float32 [n_tokens, {D}], got {getattr(x, 'dtype', type(x))} "
+                         f"{getattr(x, 'shape', '')}")
+    T_ = x.shape[0]
+    if not isinstance(ids, np.ndarray) or ids.shape != (T_, k):
+        raise ValueError(f"ids must be [{T_}, {k}], got {getattr(ids, 'shape', type(ids))}")
+    if not isinstance(weights, np.ndarray) or weights.shape != (T_, k):
+        raise ValueError(f"weights must be [{T_}, {k}], got {getattr(weights, 'shape', type(weights))}")
+    if T_ == 0:
+        return np.zeros((0, D), np.float32)
+    bk = bucket(ids, E, tiles.block_pairs)
+    used = bk.used
+    if layout == "natural":
+        slots = np.arange(E, dtype=np.int32)
+        n_slots = E
+    else:
+        slots = np.full(E, -1, np.int32)
+        slots[used] = np.arange(used.size, dtype=np.int32)
+        n_slots = used.size
+
+    def upload(host):  # host [E, ...] -> device [n_slots, ...], used experts only
+        dev = cuda.device_array((n_slots,) + host.shape[1:], host.dtype, stream=stream)
+        if poison is not None:
+            fill = np.full(dev.shape, 0, host.dtype)
+            fill.view(np.uint8)[...] = poison
+            dev.copy_to_device(fill, stream=stream)
+        for e in used.tolist():
+            dev[slots[e]:slots[e] + 1].copy_to_device(host[e:e + 1], stream=stream)
+        return dev
+
+    def upload_bias(b):
+        return None if b is None else upload(b)
+
+    ws = [upload(t.raw) for t in (layer.gate, layer.up, layer.down)]
+    bs = [upload_bias(b) for b in (layer.gate_b, layer.up_b, layer.down_b)]
+    if (bs[0] is None) != (bs[1] is None):  # one of gate/up biases: the kernel wants both
+        zeros = upload(np.zeros((E, F), np.float32))
+        bs[0] = bs[0] if bs[0] is not None else zeros
+        bs[1] = bs[1] if bs[1] is not None else zeros
+    x_d = cuda.to_device(np.ascontiguousarray(x), stream=stream)
+    w_d = cuda.to_device(np.ascontiguousarray(weights, np.float32).reshape(-1), stream=stream)
+    bk_d = DeviceBuckets.from_host(bk, stream=stream)
+    act_d = cuda.device_array((T_ * k, F), np.float32, stream=stream)
+    y_d = cuda.device_array((T_ * k, D), np.float32, stream=stream)
+    out_d = cuda.device_array((T_, D), np.float32, stream=stream)
+    moe_launch(x_d, bk_d, 0, bk_d.n_tiles, slots, *ws, *bs, w_d, act_d, y_d,
+               n_embd=D, n_ff=F, k=k, activation=layer.activation, tiles=tiles, stream=stream)
+    moe_reduce(y_d, out_d, k, stream=stream)
+    return out_d.copy_to_host(stream=stream)

@@ -1,0 +1,329 @@
+"""hybrid.kernels on the simulator against the float64 reference (same routing).
+
+Shapes are tiny: the simulator runs every GPU thread as a Python thread.
+"""
+import sys
+
+import numpy as np
+import pytest
+from gguf.constants import GGMLQuantizationType as T
+from hypothesis import given, settings, strategies as st
+from numba import cuda
+
+from hybrid import kernels as K
+from hybrid import random_layer
+from hybrid.reference import moe_reference, router_logits_reference
+from hybrid.routing import bucket, route
+
+pytestmark = pytest.mark.skipif(not cuda.is_available(), reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")
+
+# 16 threads, one pair row per thread (padding rows are skipped exactly).
+SMALL = K.TileConfig(block_pairs=4, block_cols=32, k_chunk=64, thread_rows=1, thread_cols=8)
+WIDE = K.TileConfig(block_pairs=4, block_cols=64, k_chunk=64, thread_rows=1, thread_cols=16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _short_gil_switch():
+    # The simulator's block manager polls its threads while holding the GIL;
+    # a shorter switch interval cuts each barrier's wait several-fold.
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(2e-4)
+    yield
+    sys.setswitchinterval(old)
+
+
+def _routed(layer, n_tokens, seed=0):
+    x = np.random.default_rng(seed).standard_normal((n_tokens, layer.n_embd)).astype(np.float32)
+    logits = router_logits_reference(layer, x).astype(np.float32)
+    ids, w = route(logits, layer.k, layer.gating, layer.renormalize)
+    return x, ids, w
+
+
+def _rel_err(out, ref):
+    return np.abs(out - ref).max() / np.abs(ref).max()
+
+
+def _check(layer, x, ids, w, **kw):
+    out = K.moe_ffn_cuda(layer, x, ids, w, **kw)
+    ref = moe_reference(layer, x, ids, w)
+    assert out.dtype == np.float32 and out.shape == ref.shape
+    assert np.isfinite(out).all()
+    assert _rel_err(out, ref) < 1e-5
+    return out
+
+
+# ------------------------------------------------------------------ correctness
+
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+def test_gpt_oss_matches_reference_k(k):
+    layer = random_layer(64, 64, 8, k, seed=k)
+    x, ids, w = _routed(layer, 3, seed=k)
+    _check(layer, x, ids, w, tiles=SMALL)
+
+
+def test_widths_not_multiples_of_the_tiles():
+    # 96 and 160 are not multiples of 64 columns nor of a 64-wide K step.
+    layer = random_layer(96, 160, 6, 2, seed=3)
+    x, ids, w = _routed(layer, 2, seed=3)
+    _check(layer, x, ids, w, tiles=WIDE)
+
+
+def test_silu_without_biases():
+    layer = random_layer(64, 64, 6, 2, seed=4, gpt_oss=False)
+    assert layer.gate_b is None and layer.activation == "silu"
+    x, ids, w = _routed(layer, 4, seed=4)
+    _check(layer, x, ids, w, tiles=SMALL, layout="compact")
+
+
+def test_one_token():
+    layer = random_layer(64, 64, 8, 4, seed=5)
+    x, ids, w = _routed(layer, 1, seed=5)
+    _check(layer, x, ids, w, tiles=SMALL)
+
+
+def test_every_token_to_one_expert():
+    # 6 tokens on one expert: more pairs than a tile, so the expert spans two tiles.
+    layer = random_layer(64, 64, 8, 1, seed=6)
+    x, _, _ = _routed(layer, 6, seed=6)
+    ids = np.full((6, 1), 5, np.int32)
+    w = np.random.default_rng(6).uniform(0.2, 1.0, (6, 1)).astype(np.float32)
+    _check(layer, x, ids, w, tiles=SMALL, layout="compact")
+
+
+def test_default_tiles():
+    layer = random_layer(64, 64, 4, 2, seed=7)
+    x, ids, w = _routed(layer, 2, seed=7)
+    _check(layer, x, ids, w)
+
+
+@pytest.mark.parametrize("wtype,gpt_oss", [(T.Q8_0, False), (T.F32, True)])
+def test_other_expert_types(wtype, gpt_oss):
+    layer = random_layer(64, 64, 6, 2, seed=8, wtype=wtype, gpt_oss=gpt_oss)
+    x, ids, w = _routed(layer, 3, seed=8)
+    _check(layer, x, ids, w, tiles=SMALL, layout="compact", poison=0xFF)
+
+
+@settings(max_examples=4, deadline=None, derandomize=True)
+@given(n_tokens=st.integers(1, 4), k=st.integers(1, 4), extra=st.integers(0, 4), seed=st.integers(0, 2**16))
+def test_random_routing_property(n_tokens, k, extra, seed):
+    # Any routing (distinct experts per token, any weights) matches the reference.
+    E = k + extra
+    layer = random_layer(32, 64, E, k, seed=seed)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n_tokens, 32)).astype(np.float32)
+    ids = np.stack([rng.permutation(E)[:k] for _ in range(n_tokens)]).astype(np.int32)
+    w = rng.uniform(-1.0, 1.0, (n_tokens, k)).astype(np.float32)
+    _check(layer, x, ids, w, tiles=SMALL, layout="compact", poison=0xFF)
+
+
+# ------------------------------------------------------------------ slots, poison, determinism
+
+@pytest.fixture(scope="module")
+def runs():
+    """One routed batch with an unused expert, run clean and NaN-poisoned in both layouts."""
+    layer = random_layer(64, 64, 8, 2, seed=9, skew=3.0)
+    x, ids, w = _routed(layer, 4, seed=9)
+    assert np.unique(ids).size < layer.n_experts  # some experts get no tokens
+    out = {(layout, poison): K.moe_ffn_cuda(layer, x, ids, w, tiles=SMALL, layout=layout, poison=poison)
+           for layout in ("natural", "compact") for poison in (0x00, 0xFF)}
+    out["again"] = K.moe_ffn_cuda(layer, x, ids, w, tiles=SMALL, poison=0x00)
+    return layer, x, ids, w, out
+
+
+def _bits(a):
+    return a.view(np.uint32)
+
+
+def test_layouts_match_reference(runs):
+    layer, x, ids, w, out = runs
+    assert _rel_err(out["natural", 0], moe_reference(layer, x, ids, w)) < 1e-5
+
+
+def test_unused_slots_are_never_read(runs):
+    *_, out = runs
+    for layout in ("natural", "compact"):
+        np.testing.assert_array_equal(_bits(out[layout, 0xFF]), _bits(out[layout, 0x00]))
+
+
+def test_compact_equals_natural_bitwise(runs):
+    *_, out = runs
+    np.testing.assert_array_equal(_bits(out["compact", 0]), _bits(out["natural", 0]))
+
+
+def test_two_runs_bit_identical(runs):
+    *_, out = runs
+    np.testing.assert_array_equal(_bits(out["again"]), _bits(out["natural", 0]))
+
+
+# ------------------------------------------------------------------ moe_launch over copy ranges
+
+MARK = np.float32(-12345.0)
+
+
+def _device_setup(layer, ids, w, x, tiles):
+    """Natural layout, every expert uploaded; scratch pre-filled with a marker."""
+    T_, k = ids.shape
+    bk = bucket(ids, layer.n_experts, tiles.block_pairs)
+    d = dict(
+        x_d=cuda.to_device(x), bk_d=K.DeviceBuckets.from_host(bk),
+        gate_d=cuda.to_device(layer.gate.raw), up_d=cuda.to_device(layer.up.raw),
+        down_d=cuda.to_device(layer.down.raw), gate_b_d=cuda.to_device(layer.gate_b),
+        up_b_d=cuda.to_device(layer.up_b), down_b_d=cuda.to_device(layer.down_b),
+        weights_d=cuda.to_device(w), act_d=cuda.to_device(np.full((T_ * k, layer.n_ff), MARK)),
+        y_d=cuda.to_device(np.full((T_ * k, layer.n_embd), MARK)))
+    kw = dict(n_embd=layer.n_embd, n_ff=layer.n_ff, k=k, activation=layer.activation, tiles=tiles, stream=0)
+    return bk, d, kw
+
+
+def _launch(d, kw, tb, te, slots):
+    K.moe_launch(d["x_d"], d["bk_d"], tb, te, slots, d["gate_d"], d["up_d"], d["down_d"], d["gate_b_d"],
+                 d["up_b_d"], d["down_b_d"], d["weights_d"], d["act_d"], d["y_d"], **kw)
+
+
+@pytest.fixture(scope="module")
+def launched():
+    layer = random_layer(32, 64, 8, 2, seed=10, skew=2.0)
+    x, ids, w = _routed(layer, 4, seed=10)
+    return layer, x, ids, w
+
+
+def test_launch_per_copy_range_then_reduce(launched):
+    layer, x, ids, w = launched
+    bk, d, kw = _device_setup(layer, ids, w, x, SMALL)
+    used = bk.used
+    split = used.size // 2
+    first = d["bk_d"].tile_range(int(used[0]), int(used[split - 1]))
+    second = d["bk_d"].tile_range(int(used[split]), int(used[-1]))
+    slots = cuda.to_device(np.arange(layer.n_experts, dtype=np.int32))
+    _launch(d, kw, *first, slots)
+    # Only the pairs of the first range's experts have been written.
+    y = d["y_d"].copy_to_host()
+    done = np.isin(ids.reshape(-1), used[:split])
+    assert (y[~done] == MARK).all() and (y[done] != MARK).all()
+    _launch(d, kw, *second, slots)
+    out_d = cuda.device_array((x.shape[0], layer.n_embd), np.float32)
+    K.moe_reduce(d["y_d"], out_d, layer.k)
+    out = out_d.copy_to_host()
+    assert _rel_err(out, moe_reference(layer, x, ids, w)) < 1e-5
+    np.testing.assert_array_equal(_bits(out), _bits(K.moe_ffn_cuda(layer, x, ids, w, tiles=SMALL)))
+
+
+def test_device_slot_outside_buffer_is_skipped(launched):
+    # A device slot map is not read back for checking; a slot past the buffer
+    # must make the kernels skip that expert, never read or write out of bounds.
+    layer, x, ids, w = launched
+    bk, d, kw = _device_setup(layer, ids, w, x, SMALL)
+    bad = int(bk.used[0])
+    slots = np.arange(layer.n_experts, dtype=np.int32)
+    slots[bad] = 1000
+    _launch(d, kw, 0, bk.n_tiles, cuda.to_device(slots))
+    y = d["y_d"].copy_to_host()
+    skipped = ids.reshape(-1) == bad
+    assert (y[skipped] == MARK).all() and np.isfinite(y[~skipped]).all() and (y[~skipped] != MARK).all()
+
+
+def test_empty_ranges_and_no_tokens(launched):
+    layer, x, ids, w = launched
+    bk, d, kw = _device_setup(layer, ids, w, x, SMALL)
+    _launch(d, kw, 2, 2, np.arange(layer.n_experts, dtype=np.int32))
+    assert (d["y_d"].copy_to_host() == MARK).all()
+    empty = K.moe_ffn_cuda(layer, x[:0], ids[:0], w[:0], tiles=SMALL)
+    assert empty.shape == (0, layer.n_embd) and empty.dtype == np.float32
+
+
+# ------------------------------------------------------------------ bad inputs
+
+def test_bad_inputs_raise(launched):
+    layer, x, ids, w = launched
+    bk, d, kw = _device_setup(layer, ids, w, x, SMALL)
+    slots = np.arange(layer.n_experts, dtype=np.int32)
+
+    def launch(**over):
+        args = dict(d, slots_d=slots, tile_begin=0, tile_end=bk.n_tiles)
+        args.update({k: v for k, v in over.items() if k in args})
+        kws = dict(kw, **{k: v for k, v in over.items() if k in kw})
+        K.moe_launch(args["x_d"], args["bk_d"], args["tile_begin"], args["tile_end"], args["slots_d"],
+                     args["gate_d"], args["up_d"], args["down_d"], args["gate_b_d"], args["up_b_d"],
+                     args["down_b_d"], args["weights_d"], args["act_d"], args["y_d"], **kws)
+
+    with pytest.raises(ValueError, match="tile range"):
+        launch(tile_end=bk.n_tiles + 1)
+    with pytest.raises(ValueError, match="tile range"):
+        launch(tile_begin=3, tile_end=2)
+    with pytest.raises(TypeError, match="tile_begin"):
+        launch(tile_begin=0.0)
+    with pytest.raises(ValueError, match="block_size"):
+        launch(tiles=K.TileConfig(8, 32, 64, 2, 8))
+    with pytest.raises(ValueError, match="k=3"):
+        launch(k=3)
+    with pytest.raises(TypeError, match="x_d must be float32"):
+        launch(x_d=cuda.to_device(x.astype(np.float64)))
+    with pytest.raises(ValueError, match="x_d has shape"):
+        launch(x_d=cuda.to_device(x[:, :16].copy()))
+    with pytest.raises(ValueError, match="act_d has shape"):
+        launch(act_d=cuda.device_array((1, layer.n_ff), np.float32))
+    with pytest.raises(ValueError, match="weights_d"):
+        launch(weights_d=cuda.to_device(w[:, :1].copy()))
+    with pytest.raises(ValueError, match="slot 8, outside the 8 device slots"):
+        launch(slots_d=np.where(slots == bk.used[0], 8, slots).astype(np.int32))
+    with pytest.raises(ValueError, match="slots must be int32"):
+        launch(slots_d=slots.astype(np.int64))
+    with pytest.raises(ValueError, match="no supported expert type"):
+        launch(gate_d=cuda.to_device(layer.gate.raw[:, :, :-1].copy()))
+    with pytest.raises(ValueError, match="share a type"):
+        launch(up_d=cuda.to_device(np.zeros((8, 64, 32), np.float32)))
+    with pytest.raises(ValueError, match="must agree"):
+        launch(down_d=cuda.to_device(layer.down.raw[:4].copy()))
+    with pytest.raises(ValueError, match="both be given"):
+        launch(up_b_d=None)
+    with pytest.raises(ValueError, match="down_b_d has shape"):
+        launch(down_b_d=cuda.to_device(layer.gate_b))
+    with pytest.raises(ValueError, match="activation"):
+        launch(activation="relu")
+    with pytest.raises(ValueError, match="multiples of 32"):
+        launch(n_embd=48)
+    with pytest.raises(TypeError, match="TileConfig"):
+        launch(tiles=(4, 32, 64, 1, 8))
+    with pytest.raises(ValueError, match="y_d has shape"):
+        K.moe_reduce(d["y_d"], cuda.device_array((3, layer.n_embd), np.float32), layer.k)
+
+
+def test_bad_convenience_inputs_raise(launched):
+    layer, x, ids, w = launched
+    with pytest.raises(ValueError, match="layout"):
+        K.moe_ffn_cuda(layer, x, ids, w, layout="sparse")
+    with pytest.raises(ValueError, match="x must be float32"):
+        K.moe_ffn_cuda(layer, x.astype(np.float64), ids, w)
+    with pytest.raises(ValueError, match="ids must be"):
+        K.moe_ffn_cuda(layer, x, ids[:, :1], w)
+    with pytest.raises(ValueError, match="expert id 8"):
+        K.moe_ffn_cuda(layer, x, np.full_like(ids, 8), w, tiles=SMALL)
+    f16 = random_layer(32, 32, 4, 2, wtype=T.F16)
+    with pytest.raises(NotImplementedError, match="F16"):
+        K.moe_ffn_cuda(f16, x[:, :32].copy(), ids % 4, w)
+
+
+def test_bad_buckets_and_tiles_raise():
+    bk = bucket(np.array([[0, 1], [1, 2]], np.int32), 4, 4)
+    bad = bucket(np.array([[0, 1], [1, 2]], np.int32), 4, 4)
+    bad.pairs[0] = 99
+    with pytest.raises(ValueError, match="pairs hold values"):
+        K.DeviceBuckets.from_host(bad)
+    bad = bucket(np.array([[0, 1], [1, 2]], np.int32), 4, 4)
+    bad.tile_expert[0] = 7
+    with pytest.raises(ValueError, match="tile_expert"):
+        K.DeviceBuckets.from_host(bad)
+    with pytest.raises(TypeError, match="Buckets"):
+        K.DeviceBuckets.from_host(bk.pairs)
+    with pytest.raises(ValueError, match="expert range"):
+        K.DeviceBuckets.from_host(bk).tile_range(2, 4)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        K.TileConfig(k_chunk=48)
+    with pytest.raises(ValueError, match="multiple of thread_rows"):
+        K.TileConfig(block_pairs=6, thread_rows=4)
+    with pytest.raises(ValueError, match="threads per block"):
+        K.TileConfig(block_pairs=64, block_cols=128, thread_rows=1, thread_cols=1, k_chunk=32)
+    with pytest.raises(ValueError, match="shared memory"):
+        K.TileConfig(block_pairs=64, block_cols=128, k_chunk=64, thread_rows=8, thread_cols=8)
+    with pytest.raises(ValueError, match="positive int"):
+        K.TileConfig(block_pairs=0)
