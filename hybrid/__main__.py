@@ -1,0 +1,7 @@
+"""``python -m hybrid`` and the ``hybrid-moe`` console script: see ``hybrid.cli``."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,479 @@
+"""The command line: ``python -m hybrid {info,run,bench,usage}`` (also ``hybrid-moe``).
+
+Flags follow llama.cpp where they mean the same: ``-m`` model, ``-p`` prompt
+tokens, ``-ub`` ubatch size. Without ``-m`` every command uses the built-in
+tiny gpt-oss model. We run the MoE layers only, not attention: every MoE layer
+sees the same hidden states, read from ``--hidden`` or made up (synthetic).
+User errors (missing or bad files, bad numbers) end with one line on stderr
+and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .model import GGUFError, ensure_default_model, load
+
+MAX_TOKENS = 1 << 20  # a sanity bound on -p: hidden states are held in RAM
+# Bench variants: what each column runs. "all" is llama.cpp before PR #15346,
+# "used" the PR (copy, then compute), the rest go beyond it.
+VARIANTS = {
+    "all": dict(policy="all", overlap=False),
+    "used": dict(policy="used", overlap=False),
+    "used+overlap": dict(policy="used", overlap=True),
+    "used+compact": dict(policy="used", layout="compact", overlap=True),
+    "used+cache": dict(policy="used", overlap=True, cache=True),
+}
+CPU_NOTE = ("no GPU: the experts run on the CPU and copies are only planned and counted; "
+            "times are CPU times")
+SIM_NOTE = "numba-cuda simulator: results and copy counts are real, times are not"
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def fail(msg: str):
+    print(f"hybrid: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# ------------------------------------------------------------------ arguments
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, instead of usage + error
+        fail(f"{message} (see {self.prog} --help)")
+
+
+def _int_type(lo):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{v} must be >= {lo}")
+        return v
+    return parse
+
+
+def _mb(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not np.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"{s} must be a non-negative number of MiB")
+    return v
+
+
+def _int_list(s):
+    parts = [p for p in s.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of integers")
+    return [_int_type(1)(p.strip()) for p in parts]
+
+
+def _variant_list(s):
+    names = [p.strip() for p in s.split(",") if p.strip()]
+    bad = [n for n in names if n not in VARIANTS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {', '.join(bad) or s!r}; "
+                                         f"choose from {', '.join(VARIANTS)}")
+    return list(dict.fromkeys(names))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="hybrid", description="MoE layers of GGUF models on a small GPU, experts in host RAM "
+                 "(used-expert offload after llama.cpp PR #15346).")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{info,run,bench,usage}")
+    pos, nonneg = _int_type(1), _int_type(0)
+
+    def common(p, p_default, ub_default, ub_type=pos, ub_help="ubatch size (tokens)"):
+        p.add_argument("-m", "--model", help="GGUF file, or the first part of a split model "
+                       "(default: the built-in tiny gpt-oss)")
+        p.add_argument("-p", "--n-prompt", type=pos, default=None,
+                       help=f"prompt tokens (default {p_default}; with --hidden: the file's tokens)")
+        p.add_argument("-ub", "--ubatch-size", type=ub_type, default=ub_default,
+                       help=f"{ub_help} (default {ub_default})")
+        p.add_argument("--hidden", metavar="FILE.npy", help="hidden states, float [n_tokens, n_embd] "
+                       "(default: synthetic)")
+        p.add_argument("--seed", type=nonneg, default=0, help="seed of the synthetic hidden states")
+        p.set_defaults(p_default=p_default)
+
+    def device(p):
+        p.add_argument("--device", default="auto", choices=("auto", "cuda", "sim", "cpu"),
+                       help="auto: cuda when a GPU is present, else cpu (sim needs NUMBA_ENABLE_CUDASIM=1)")
+        p.add_argument("--host", default="auto", choices=("auto", "pinned", "staged", "pageable"),
+                       help="host memory for the copies (auto: pinned, else staged)")
+        p.add_argument("--min-offload-batch", type=nonneg, default=32,
+                       help="smaller batches run on the CPU (llama.cpp: 32)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("info", help="architecture, layers, experts, types, sizes")
+    p.add_argument("-m", "--model", help="GGUF file (default: the built-in tiny gpt-oss)")
+    p.add_argument("--per-layer", action="store_true", help="list every expert tensor")
+
+    p = sub.add_parser("run", help="prompt processing through every MoE layer, ubatch by ubatch")
+    common(p, 2048, 512)
+    device(p)
+    p.add_argument("--policy", default="used", choices=("all", "used"),
+                   help="copy every expert (llama.cpp before PR #15346) or only the used ones")
+    p.add_argument("--layout", default="natural", choices=("natural", "compact"),
+                   help="device slot = expert id (natural) or packed slots (compact)")
+    p.add_argument("--cache-mb", type=_mb, default=0.0, help="VRAM cache for experts across ubatches (MiB)")
+    p.add_argument("--device-mb", type=_mb, default=None, help="bound on the expert slots in VRAM (MiB)")
+    p.add_argument("--no-overlap", action="store_true", help="copy everything, then compute")
+
+    p = sub.add_parser("bench", help="copy-all vs used-only (and more) on the same input, a markdown table")
+    common(p, 2048, [128, 256, 512, 1024, 2048], ub_type=_int_list, ub_help="ubatch sizes, comma-separated")
+    device(p)
+    p.add_argument("--variants", type=_variant_list, default=None,
+                   help=f"comma-separated, from {', '.join(VARIANTS)} (default: all,used,used+overlap "
+                        "on a GPU, all,used otherwise)")
+    p.add_argument("--cache-mb", type=_mb, default=0.0,
+                   help="VRAM cache of used+cache (MiB; default: half of all the experts)")
+
+    p = sub.add_parser("usage", help="experts used per layer and ubatch (routing only)")
+    common(p, 2048, 512)
+    p.add_argument("--plot", metavar="FILE.png", help="save a heatmap (needs matplotlib: pip install "
+                   "'hybrid-moe[plot]')")
+    return ap
+
+
+# ------------------------------------------------------------------ inputs
+
+def open_model(path):
+    try:
+        return load(path if path else ensure_default_model())
+    except FileNotFoundError as e:
+        raise CLIError(str(e) if path else f"cannot write the built-in model: {e}") from None
+    except GGUFError as e:
+        raise CLIError(f"bad model: {e}") from None
+    except OSError as e:  # unreadable file, or no room/permission to write the built-in model
+        raise CLIError(f"cannot {'read ' + str(path) if path else 'write the built-in model'}: "
+                       f"{e.strerror or e}") from None
+
+
+def synthetic_hidden(n_tokens: int, n_embd: int, seed: int = 0, topic_len: float = 32.0) -> np.ndarray:
+    """Made-up hidden states float32 ``[n_tokens, n_embd]``, RMS 1 per token (as after a norm).
+
+    Not a model's activations. Tokens come in topics (runs of geometric length,
+    mean ``topic_len``) that share a direction, so consecutive tokens route
+    alike, as real prompts do; the result does not depend on the ubatch size.
+    """
+    rng = np.random.default_rng([seed, 0x4849])
+    n_topics = max(1, int(np.ceil(2 * n_tokens / topic_len)) + 1)
+    lengths = rng.geometric(1.0 / topic_len, n_topics)
+    topic = np.repeat(np.arange(n_topics), lengths)
+    topic = np.concatenate([topic, np.full(max(0, n_tokens - topic.size), n_topics - 1)])[:n_tokens]
+    centres = rng.standard_normal((n_topics, n_embd))
+    x = 0.8 * centres[topic] + 0.6 * rng.standard_normal((n_tokens, n_embd))
+    x /= np.sqrt(np.mean(x * x, axis=1, keepdims=True))
+    return x.astype(np.float32)
+
+
+def load_hidden(path, n_embd: int) -> np.ndarray:
+    """Hidden states from a ``.npy`` file: a float array ``[n_tokens, n_embd]``, finite."""
+    try:
+        x = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise CLIError(f"hidden-state file not found: {path}") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise CLIError(f"{path}: not a readable .npy array ({e})") from None
+    if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.floating):
+        raise CLIError(f"{path}: hidden states must be a float array, got {getattr(x, 'dtype', type(x))}")
+    if x.ndim != 2 or x.shape[1] != n_embd or x.shape[0] < 1:
+        raise CLIError(f"{path}: hidden states must be [n_tokens, {n_embd}] (the model's n_embd), "
+                       f"got shape {list(x.shape)}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise CLIError(f"{path}: hidden states hold NaN or inf (after conversion to float32)")
+    return x
+
+
+def hidden_states(args, n_embd) -> tuple[np.ndarray, str]:
+    """The prompt's hidden states and a line saying where they come from."""
+    n = args.n_prompt
+    if n is not None and n > MAX_TOKENS:
+        raise CLIError(f"-p {n} is more than {MAX_TOKENS} tokens")
+    if args.hidden:
+        x = load_hidden(args.hidden, n_embd)
+        if n is not None:
+            if n > x.shape[0]:
+                raise CLIError(f"-p {n} but {args.hidden} holds {x.shape[0]} tokens")
+            x = x[:n]
+        return x, f"hidden states: {args.hidden} ({x.shape[0]} tokens)"
+    n = n if n is not None else args.p_default
+    return synthetic_hidden(n, n_embd, args.seed), (
+        f"hidden states: SYNTHETIC (random, seed {args.seed}), not the model's own activations")
+
+
+def ubatches(n_tokens: int, ub: int):
+    return [(s, min(s + ub, n_tokens)) for s in range(0, n_tokens, ub)]
+
+
+# ------------------------------------------------------------------ running
+
+def make_backend(layers, args, **kw):
+    from .scheduler import HybridMoE
+    try:
+        return HybridMoE(layers, device=args.device, host=args.host,
+                         min_offload_batch=args.min_offload_batch, **kw)
+    except (ValueError, RuntimeError) as e:  # bad combinations, no GPU, pinning refused
+        raise CLIError(str(e)) from None
+
+
+def warm_up(moe, x, ub):
+    """Compile the kernels (offload and CPU paths) outside the timed run, then forget it."""
+    if moe.device == "sim":
+        return 0.0  # simulator times mean nothing; spare the slow second pass
+    t0 = time.perf_counter()
+    for part in (x[:ub], x[:1]):
+        for i in range(len(moe.layers)):
+            moe.forward(i, part, ubatch=-1)
+    moe.stats.clear()
+    if moe.pool is not None:
+        moe.pool.clear()
+    return time.perf_counter() - t0
+
+
+def run_prompt(moe, x: np.ndarray, ub: int, progress: bool = False) -> float:
+    """Every ubatch of ``x`` through every layer of ``moe``; returns the wall time (s)."""
+    from tqdm import tqdm
+
+    parts = ubatches(x.shape[0], ub)
+    bar = tqdm(total=x.shape[0], unit="tok", file=sys.stderr, leave=False,
+               disable=None if progress else True, desc="prompt")
+    t0 = time.perf_counter()
+    with bar:
+        for u, (s, e) in enumerate(parts):
+            for i in range(len(moe.layers)):
+                moe.forward(i, x[s:e], ubatch=u)
+            moe.end_ubatch()
+            bar.update(e - s)
+    return time.perf_counter() - t0
+
+
+def describe_device(moe) -> str:
+    note = {"cpu": CPU_NOTE, "sim": SIM_NOTE}.get(moe.device)
+    return f"device: {moe.device}, host memory: {moe.host_mode}" + (f" ({note})" if note else "")
+
+
+def _model_line(model) -> str:
+    return (f"model: {model.path} ({model.metadata.get('general.name') or model.arch}, {model.arch}, "
+            f"{len(model.layers)} MoE layers, {model.n_experts} experts, k={model.k}, n_embd {model.n_embd})")
+
+
+def usage_counts(layers, x: np.ndarray, ub: int) -> np.ndarray:
+    """Experts used, int ``[n_layers, n_ubatches]``: the routing the scheduler does, nothing else."""
+    from .routing import bucket, route
+
+    parts = ubatches(x.shape[0], ub)
+    out = np.zeros((len(layers), len(parts)), np.int64)
+    for li, L in enumerate(layers):
+        for u, (s, e) in enumerate(parts):
+            logits = x[s:e] @ L.router_w.T
+            if L.router_b is not None:
+                logits += L.router_b
+            ids, _ = route(logits, L.k, L.gating, L.renormalize)
+            out[li, u] = bucket(ids, L.n_experts).used.size
+    return out
+
+
+def save_heatmap(counts: np.ndarray, n_experts: int, path, title: str = "", layer_ids=None) -> Path:
+    """A heatmap of ``counts`` [layers, ubatches] (experts used) saved to ``path``."""
+    try:  # the object API: no pyplot, so no global backend is chosen for the caller
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise CLIError("the heatmap needs matplotlib: pip install 'hybrid-moe[plot]' "
+                       "(or pip install matplotlib)") from None
+    n_layers, n_ub = counts.shape
+    layer_ids = list(range(n_layers)) if layer_ids is None else list(layer_ids)
+    fig = Figure(figsize=(min(2 + 0.5 * n_ub, 16), min(1.5 + 0.3 * n_layers, 14)))
+    ax = fig.subplots()
+    im = ax.imshow(counts, aspect="auto", cmap="viridis", vmin=0, vmax=n_experts, interpolation="nearest")
+    fig.colorbar(im, ax=ax, label=f"experts used (of {n_experts})")
+    ax.set_xlabel("ubatch")
+    ax.set_ylabel("layer")
+    ax.set_yticks(range(n_layers), [str(i) for i in layer_ids])
+    if n_ub * n_layers <= 400:  # numbers in the cells while they stay readable
+        for (i, j), v in np.ndenumerate(counts):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                    color="white" if v < 0.6 * n_experts else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        fig.savefig(path)
+    except OSError as e:
+        raise CLIError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
+
+
+# ------------------------------------------------------------------ commands
+
+def cmd_info(args):
+    model = open_model(args.model)
+    per_ub = sum(t.slab_bytes for t in model.layers[0].tensors().values()) * model.n_experts
+    print(f"{model.path}\n")
+    print(model.describe(per_layer=args.per_layer))
+    print(f"\ncopy-all moves {per_ub / 1e6:.2f} MB of expert weights per MoE layer and ubatch "
+          f"({per_ub * len(model.layers) / 1e6:.2f} MB for all {len(model.layers)} layers)")
+
+
+def cmd_run(args):
+    model = open_model(args.model)
+    x, source = hidden_states(args, model.n_embd)
+    ub = min(args.ubatch_size, x.shape[0])
+    mib = lambda v: None if v is None else int(v * 2**20)  # noqa: E731
+    moe = make_backend(model.layers, args, policy=args.policy, layout=args.layout,
+                       cache_bytes=mib(args.cache_mb), device_bytes=mib(args.device_mb),
+                       overlap=not args.no_overlap)
+    with moe:
+        print(_model_line(model))
+        print(describe_device(moe))
+        print(source)
+        print("the same hidden states feed every MoE layer: this runs the MoE layers, not attention")
+        parts = ubatches(x.shape[0], ub)
+        print(f"prompt: {x.shape[0]} tokens in {len(parts)} ubatch(es) of {ub}; policy {moe.policy}, "
+              f"layout {moe.layout}, overlap {'on' if moe.overlap else 'off'}, "
+              f"cache {moe.cache_bytes / 2**20:g} MiB")
+        t_warm = warm_up(moe, x, ub)
+        wall = run_prompt(moe, x, ub, progress=not args.no_progress)
+        stats = moe.stats
+    print()
+    print("\n".join(usage_report(stats, parts)))
+    t = stats.totals()
+    n = x.shape[0]
+    print("\nsummary:")
+    print(f"tokens: {n}, time: {wall:.3f} s, {n / wall:.1f} t/s"
+          + (" (CPU times)" if moe.device == "cpu" else " (simulator: not a speed)" if moe.device == "sim" else "")
+          + (f"; warm-up (JIT compile) {t_warm:.2f} s not counted" if t_warm else ""))
+    print(f"layer-ubatches: {t['offloaded']} offloaded, {t['cpu']} on the CPU (< {moe.min_offload_batch} tokens)")
+    print(f"copies: {t['copies']} ({t['copies'] / n:.2f}/token), copied: {t['bytes'] / 1e6:.3f} MB "
+          f"({t['bytes']:,} B, {t['bytes'] / n / 1e6:.4f} MB/token)"
+          + (f", cache hits: {t['hits']} experts" if moe.cache_bytes else "")
+          + (" (planned, not made: no GPU)" if moe.device == "cpu" else ""))
+    steps = t["times"]
+    print("time per step (s): " + ", ".join(f"{s} {v:.3f}" for s, v in steps.items()))
+
+
+def usage_report(stats, parts) -> list[str]:
+    """PR #15346's usage lines for the last ubatch, or for the last offloaded one when the
+    last ran on the CPU (a short tail: the CPU path copies nothing, so has no lines)."""
+    offloaded = [r.ubatch for r in stats.records if r.tensors]
+    if not offloaded:
+        return ["experts used: no ubatch was offloaded (all below --min-offload-batch), no copies"]
+    u = max(offloaded)
+    s, e = parts[u]
+    head = f"experts used, ubatch {u} ({e - s} tokens)"
+    if u != len(parts) - 1:
+        n_last = parts[-1][1] - parts[-1][0]
+        head += f"; the last ubatch ({n_last} tokens) ran on the CPU"
+    else:
+        head += ", the last"
+    return [head + ":"] + stats.usage_lines(u)
+
+
+def cmd_bench(args):
+    from .scheduler import resolve_device
+    model = open_model(args.model)
+    x, source = hidden_states(args, model.n_embd)
+    n = x.shape[0]
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    variants = args.variants or (["all", "used", "used+overlap"] if device == "cuda" else ["all", "used"])
+    sizes = [u for u in dict.fromkeys(args.ubatch_size) if u <= n]
+    skipped = [u for u in args.ubatch_size if u > n]
+    if not sizes:
+        raise CLIError(f"every ubatch size ({', '.join(map(str, args.ubatch_size))}) exceeds -p {n}")
+    cache_bytes = int(args.cache_mb * 2**20) or model.expert_bytes // 2
+    name = model.metadata.get("general.name") or model.path.name
+
+    print(_model_line(model))
+    print(f"device: {device}" + {"cpu": f" ({CPU_NOTE})", "sim": f" ({SIM_NOTE})"}.get(device, ""))
+    print(source)
+    if skipped:
+        print(f"skipped ubatch sizes larger than the prompt: {', '.join(map(str, skipped))}")
+    rows = []
+    for ub in sizes:
+        res = {}
+        for v in variants:
+            kw = dict(VARIANTS[v])
+            kw["cache_bytes"] = cache_bytes if kw.pop("cache", False) else 0
+            with make_backend(model.layers, args, **kw) as moe:
+                warm_up(moe, x, ub)
+                wall = run_prompt(moe, x, ub, progress=not args.no_progress)
+                t = moe.stats.totals()
+            res[v] = dict(tps=n / wall, mb=t["bytes"] / n / 1e6, copies=t["copies"] / n)
+        rows.append((ub, res))
+    print()
+    print(bench_table(name, n, rows, variants, device))
+    if device != "cuda":
+        print(f"\n{device} target: every variant computes the same experts "
+              f"{'on the CPU' if device == 'cpu' else 'in the simulator'}, so t/s and speedup show no copy "
+              "cost (noise only); MB and copies per token are what a GPU would move.")
+    if "used+cache" in variants:
+        print(f"\nused+cache: {cache_bytes / 2**20:.1f} MiB of VRAM cache")
+
+
+def bench_table(model_name, n_prompt, rows, variants, device="cuda") -> str:
+    """PR #15346's table: t/s per variant with speedups over ``all``, then MB and copies per token.
+
+    ``rows``: ``(ubatch, {variant: {"tps", "mb", "copies"}})``; times not from a GPU are labelled.
+    """
+    tag = {"cpu": " (CPU)", "sim": " (sim)"}.get(device, "")
+    cols = ["model", "ubatch", "test"]
+    for v in variants:
+        cols.append(f"t/s {v}{tag}")
+        if v != "all" and "all" in variants:
+            cols.append("speedup" if v == "used" else f"speedup {v}")
+    cols += [f"MB/token {v}" for v in variants] + [f"copies/token {v}" for v in variants]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(cols) - 3)) + "|"]
+    for ub, res in rows:
+        cells = [model_name, str(ub), f"pp{n_prompt}"]
+        for v in variants:
+            cells.append(f"{res[v]['tps']:.1f}")
+            if v != "all" and "all" in variants:
+                cells.append(f"{res[v]['tps'] / res['all']['tps']:.2f}x")
+        cells += [f"{res[v]['mb']:.4f}" for v in variants] + [f"{res[v]['copies']:.3f}" for v in variants]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cmd_usage(args):
+    model = open_model(args.model)
+    x, source = hidden_states(args, model.n_embd)
+    ub = min(args.ubatch_size, x.shape[0])
+    counts = usage_counts(model.layers, x, ub)
+    parts = ubatches(x.shape[0], ub)
+    print(_model_line(model))
+    print(source)
+    print(f"experts used (of {model.n_experts}) per MoE layer and ubatch of {ub} tokens, {x.shape[0]} tokens\n")
+    print("| layer | " + " | ".join(f"ub{u}" for u in range(len(parts))) + " | mean |")
+    print("|---:|" + "---:|" * (len(parts) + 1))
+    for L, row in zip(model.layers, counts):
+        print(f"| {L.index} | " + " | ".join(map(str, row)) + f" | {row.mean():.1f} |")
+    if args.plot:
+        title = f"{model.metadata.get('general.name') or model.path.name}: experts used, ubatch {ub}"
+        path = save_heatmap(counts, model.n_experts, args.plot, title, [L.index for L in model.layers])
+        print(f"\nheatmap: {path}")
+
+
+COMMANDS = {"info": cmd_info, "run": cmd_run, "bench": cmd_bench, "usage": cmd_usage}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except CLIError as e:
+        fail(str(e))
+    return 0
