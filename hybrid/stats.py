@@ -63,7 +63,7 @@ class Stats:
             return []
         ub = self.records[-1].ubatch if ubatch is None else ubatch
         return [f"{t.name}: {t.used}/{t.total} experts used"
-                for r in self.records if r.ubatch == ub for t in r.tensors]
+                for r in self.records if r.ubatch == ub for t in r.tensors if t.name.endswith(".weight")]
 
     def totals(self) -> dict:
         tot = {"tokens": 0, "copies": 0, "bytes": 0, "hits": 0, "offloaded": 0, "cpu": 0}

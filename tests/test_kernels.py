@@ -2,7 +2,6 @@
 
 Shapes are tiny: the simulator runs every GPU thread as a Python thread.
 """
-import sys
 
 import numpy as np
 import pytest
@@ -20,16 +19,6 @@ pytestmark = pytest.mark.skipif(not cuda.is_available(), reason="needs a GPU or 
 # 16 threads, one pair row per thread (padding rows are skipped exactly).
 SMALL = K.TileConfig(block_pairs=4, block_cols=32, k_chunk=64, thread_rows=1, thread_cols=8)
 WIDE = K.TileConfig(block_pairs=4, block_cols=64, k_chunk=64, thread_rows=1, thread_cols=16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _short_gil_switch():
-    # The simulator's block manager polls its threads while holding the GIL;
-    # a shorter switch interval cuts each barrier's wait several-fold.
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(2e-4)
-    yield
-    sys.setswitchinterval(old)
 
 
 def _routed(layer, n_tokens, seed=0):

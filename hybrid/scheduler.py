@@ -1,0 +1,258 @@
+"""One ubatch through one MoE layer: route, plan, copy, compute, record.
+
+``HybridMoE.forward`` reads top-down as the data flow of DESIGN.md section 3:
+
+1. route   router logits on the host, then Numba top-k, weights and buckets;
+2. plan    which experts the device needs (``all`` or ``used``) and where they
+           go: the natural layout (slot = expert id, PR #15346) or slots from
+           a pool that can keep experts resident across ubatches (LRU cache);
+3. copy    one async copy per contiguous range on a copy stream, each range
+           followed by an event;
+4. compute grouped kernels on the compute stream, each group of experts
+           waiting only on its own range's event, so compute overlaps the
+           remaining copies; the top-k sum reduced without atomics;
+5. record  used experts, copies, bytes, cache hits and times into ``Stats``.
+
+Batches below ``min_offload_batch`` tokens run on the CPU path. The ``cpu``
+target plans and counts the copies it would make but computes on the CPU.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numba
+import numpy as np
+
+from . import copyplan, routing
+from .cpu import moe_ffn_cpu
+from .layer import MoELayer
+from .residency import SlotPool
+from .stats import Stats, TensorRecord, UbatchRecord
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cuda", "sim", "cpu")
+POLICIES = ("all", "used")
+LAYOUTS = copyplan.LAYOUTS
+MIN_OFFLOAD_BATCH = 32  # llama.cpp's GGML_OP_OFFLOAD_MIN_BATCH default
+
+
+def resolve_device(device: str) -> str:
+    """The target ``device`` names; ``auto`` is ``cuda`` when a GPU is present, else ``cpu``."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    sim = bool(numba.config.ENABLE_CUDASIM)
+    if device == "sim" and not sim:
+        raise ValueError("device='sim' needs NUMBA_ENABLE_CUDASIM=1 in the environment before numba is imported")
+    if device in ("cuda", "auto") and not sim:
+        from numba import cuda
+        if cuda.is_available():
+            return "cuda"
+        if device == "cuda":
+            raise ValueError("device='cuda' but no CUDA GPU is available (numba.cuda.is_available() is False)")
+    if device == "cuda" and sim:
+        raise ValueError("device='cuda' but NUMBA_ENABLE_CUDASIM=1 selects the simulator; use device='sim'")
+    return "sim" if device == "sim" else "cpu"
+
+
+class HybridMoE:
+    """Runs the MoE layers of a model with experts in host memory.
+
+    layers: the model's ``MoELayer``s (all of one shape). policy ``all`` copies
+    every expert (llama.cpp before PR #15346), ``used`` only the routed ones.
+    layout ``natural`` keeps device offset = host offset; ``compact`` packs the
+    experts into slots. ``cache_bytes`` > 0 keeps experts resident in a pool of
+    that many bytes of VRAM across ubatches and layers (compact slots, LRU).
+    ``device_bytes`` bounds the expert slots when there is no cache: too small
+    for a ubatch's experts means rounds (compact) or a clear error (natural).
+    """
+
+    def __init__(self, layers, *, device="auto", policy="used", layout="natural", host="auto",
+                 cache_bytes=0, device_bytes=None, min_offload_batch=MIN_OFFLOAD_BATCH,
+                 overlap=True, tiles=None, stats: Stats | None = None):
+        layers = list(layers)
+        if not layers or not all(isinstance(l, MoELayer) for l in layers):
+            raise TypeError("layers must be a non-empty list of MoELayer")
+        first = layers[0]
+        for l in layers:
+            if (l.n_experts, l.n_embd, l.n_ff, l.gate.ggml_type, l.down.ggml_type) != (
+                    first.n_experts, first.n_embd, first.n_ff, first.gate.ggml_type, first.down.ggml_type):
+                raise ValueError("all layers must share n_experts, n_embd, n_ff and expert types")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        for name, v in (("cache_bytes", cache_bytes), ("min_offload_batch", min_offload_batch)):
+            if not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        if device_bytes is not None and (not isinstance(device_bytes, (int, np.integer)) or device_bytes <= 0):
+            raise ValueError(f"device_bytes must be a positive int or None, got {device_bytes!r}")
+        if cache_bytes and layout == "natural":
+            layout = "compact"  # a cache is a pool of slots; natural offsets cannot hold several layers
+        self.layers = layers
+        self.device = resolve_device(device)
+        self.policy, self.layout, self.overlap = policy, layout, bool(overlap)
+        self.cache_bytes, self.min_offload_batch = int(cache_bytes), int(min_offload_batch)
+        self.stats = stats if stats is not None else Stats()
+        self._ubatch = 0
+
+        E = first.n_experts
+        self.roles = _roles(first)
+        self.expert_bytes = sum(nbytes for _, nbytes, _ in self.roles)  # one expert, every tensor
+        if layout == "natural":
+            self.n_slots = E
+            need = E * self.expert_bytes
+            if device_bytes is not None and need > device_bytes:
+                raise ValueError(f"the natural layout needs {need:,} bytes of device memory for one layer's "
+                                 f"{E} experts, device_bytes is {device_bytes:,}; use layout='compact'")
+            self.pool = None
+        else:
+            budget = cache_bytes or device_bytes or E * self.expert_bytes
+            self.n_slots = min(E, budget // self.expert_bytes) if not cache_bytes else budget // self.expert_bytes
+            if self.n_slots < 1:
+                raise ValueError(f"{budget:,} bytes of device memory cannot hold one expert "
+                                 f"({self.expert_bytes:,} bytes for its {len(self.roles)} tensors)")
+            self.pool = SlotPool(self.n_slots, persistent=bool(cache_bytes))
+        self.engine = None
+        if self.device in ("cuda", "sim"):
+            from .engine import DeviceEngine
+            self.engine = DeviceEngine(layers, self.roles, self.n_slots, host=host, tiles=tiles)
+            log.info("host memory: %s %s", self.engine.host.mode, self.engine.host.note)
+        log.info("device: %s, policy %s, layout %s, %d slots", self.device, policy, layout, self.n_slots)
+
+    @property
+    def host_mode(self) -> str:
+        return self.engine.host.mode if self.engine else "none"
+
+    def close(self):
+        if self.engine:
+            self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def forward(self, layer, x: np.ndarray, ubatch: int | None = None) -> np.ndarray:
+        """The MoE output float32 ``[n_tokens, n_embd]`` of ``layer`` (index or MoELayer) for ``x``."""
+        if isinstance(layer, (int, np.integer)):
+            if not 0 <= layer < len(self.layers):
+                raise ValueError(f"layer {layer} outside [0, {len(self.layers)})")
+            L = self.layers[layer]
+        elif any(layer is l for l in self.layers):
+            L = layer
+        else:
+            raise ValueError("layer is not one of this backend's layers")
+        x = _check_hidden(x, L.n_embd)
+        T, E = x.shape[0], L.n_experts
+        rec = UbatchRecord(layer=L.index, ubatch=self._ubatch if ubatch is None else ubatch, n_tokens=T,
+                           path="cpu", policy=self.policy, used=0, n_experts=E)
+        # 1. route
+        t0 = time.perf_counter()
+        logits = x @ L.router_w.T
+        if L.router_b is not None:
+            logits += L.router_b
+        ids, weights = routing.route(logits, L.k, L.gating, L.renormalize)
+        block = self.engine.tiles.block_pairs if self.engine else 1
+        bk = routing.bucket(ids, E, block_size=block)
+        rec.used = int(bk.used.size)
+        rec.times["route"] = time.perf_counter() - t0
+
+        offload = T >= self.min_offload_batch
+        if offload:
+            rec.path = "offload"
+        if not offload or self.engine is None:
+            rounds = []
+            if offload:  # cpu target: plan and count what the device would copy
+                t0 = time.perf_counter()
+                rounds = self._plan(L, bk)
+                rec.times["plan"] = time.perf_counter() - t0
+            self._record_copies(rec, L, rounds)
+            t0 = time.perf_counter()
+            out = moe_ffn_cpu(L, x, ids, weights)
+            rec.times["compute"] = time.perf_counter() - t0
+            self.stats.add(rec)
+            return out
+        # 2. plan
+        t0 = time.perf_counter()
+        rounds = self._plan(L, bk)
+        rec.times["plan"] = time.perf_counter() - t0
+        # 3-4. copy and compute, round by round
+        out = self.engine.run(L, x, weights, bk, rounds, overlap=self.overlap, times=rec.times)
+        # 5. record
+        self._record_copies(rec, L, rounds)
+        self.stats.add(rec)
+        return out
+
+    def end_ubatch(self):
+        """Mark the end of a ubatch (every layer done): the next forward starts a new one."""
+        self._ubatch += 1
+
+    def _plan(self, L: MoELayer, bk) -> list["Round"]:
+        E = L.n_experts
+        want = np.arange(E, dtype=np.int32) if self.policy == "all" else bk.used
+        if self.pool is None:  # natural: slot = expert id, one round
+            p = copyplan.plan(want, 1, E, "natural")
+            return [Round(want, np.arange(E, dtype=np.int32), p.first, p.last, p.first, 0)]
+        rounds = []
+        for i in range(0, want.size, self.n_slots):
+            experts = want[i:i + self.n_slots]
+            slots, miss = self.pool.assign(L.index, experts)
+            first, last, dst = copyplan.slot_runs(experts[miss], slots[miss])
+            slot_map = np.full(E, -1, np.int32)
+            slot_map[experts] = slots
+            rounds.append(Round(experts, slot_map, first, last, dst, int((~miss).sum())))
+        return rounds
+
+    def _record_copies(self, rec: UbatchRecord, L: MoELayer, rounds) -> None:
+        """One TensorRecord per copied tensor; no rounds (the CPU path) means no copies."""
+        rec.rounds = len(rounds)
+        n_copies = sum(r.first.size for r in rounds)
+        n_exp = sum(int((r.last - r.first + 1).sum()) for r in rounds)
+        hits = sum(r.hits for r in rounds)
+        names = L.tensors()
+        for (role, nbytes, _), name in zip(self.roles, _role_names(L, names)):
+            rec.tensors.append(TensorRecord(name, rec.used, L.n_experts, n_copies, n_exp * nbytes, hits))
+
+
+class Round:
+    """Experts computed together, their slots, and the copies (in expert runs) that bring the misses."""
+
+    def __init__(self, experts, slot_map, first, last, dst_slot, hits):
+        self.experts, self.slot_map = experts, slot_map
+        self.first, self.last, self.dst_slot = first, last, dst_slot
+        self.hits = hits
+
+
+def _roles(L: MoELayer):
+    """(attribute, bytes per expert, host array [E, ...]) for every tensor copied per expert."""
+    roles = [(n, t.slab_bytes, t.raw) for n, t in (("gate", L.gate), ("up", L.up), ("down", L.down))]
+    for n in ("gate_b", "up_b", "down_b"):
+        b = getattr(L, n)
+        if b is not None:
+            roles.append((n, b.shape[1] * 4, b))
+    return roles
+
+
+def _role_names(L: MoELayer, names: dict):
+    out = list(names)
+    for n in ("gate_b", "up_b", "down_b"):
+        if getattr(L, n) is not None:
+            out.append(f"blk.{L.index}.ffn_{n[:-2]}_exps.bias")
+    return out
+
+
+def _check_hidden(x, n_embd):
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"hidden states must be a numpy array, got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise TypeError(f"hidden states must be float32, got {x.dtype}")
+    if x.ndim != 2 or x.shape[1] != n_embd:
+        raise ValueError(f"hidden states must be [n_tokens, {n_embd}], got {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError("hidden states hold no tokens")
+    if not np.isfinite(x).all():
+        raise ValueError("hidden states hold NaN or inf")
+    return np.ascontiguousarray(x)

@@ -1,0 +1,201 @@
+"""The scheduler on the simulator: every policy, layout, host mode and cache gives the reference."""
+import numpy as np
+import pytest
+
+from hybrid import copyplan
+from hybrid.kernels import TileConfig
+from hybrid.layer import random_layer
+from hybrid.reference import moe_reference
+from hybrid.scheduler import HybridMoE, resolve_device
+
+SHAPE = dict(n_embd=32, n_ff=64, n_experts=6, k=2)
+# Few threads per block: the simulator runs each as a Python thread.
+TILES = TileConfig(block_pairs=4, block_cols=32, k_chunk=32, thread_rows=1, thread_cols=8)
+
+
+@pytest.fixture(scope="module")
+def layers():
+    return [random_layer(**SHAPE, seed=s, index=s, skew=2.0) for s in range(2)]
+
+
+def hidden(n, seed=None):
+    return np.random.default_rng(seed).standard_normal((n, SHAPE["n_embd"])).astype(np.float32)
+
+
+def rel_err(a, ref):
+    return np.abs(a - ref).max() / np.abs(ref).max()
+
+
+def run(layers, xs, **kw):
+    kw.setdefault("min_offload_batch", 4)
+    kw.setdefault("tiles", TILES)
+    with HybridMoE(layers, **kw) as moe:
+        outs = []
+        for x in xs:
+            outs.append([moe.forward(i, x) for i in range(len(layers))])
+            moe.end_ubatch()
+        return outs, moe.stats
+
+
+CONFIGS = [
+    dict(policy="all"),
+    dict(policy="used"),
+    dict(policy="used", overlap=False),
+    dict(policy="used", layout="compact"),
+    dict(policy="used", host="staged"),
+    dict(policy="used", host="pageable"),
+    dict(policy="used", cache_bytes=5 * 1),  # replaced below by a real size
+    dict(policy="used", layout="compact", device_bytes=1),  # rounds; real size below
+]
+
+
+def sized(cfg, layers):
+    L = layers[0]
+    per_expert = sum(t.slab_bytes for t in (L.gate, L.up, L.down)) + 4 * (2 * L.n_ff + L.n_embd)
+    cfg = dict(cfg)
+    if "cache_bytes" in cfg:
+        cfg["cache_bytes"] = 6 * per_expert
+    if "device_bytes" in cfg:
+        cfg["device_bytes"] = 2 * per_expert  # 2 slots: several rounds per ubatch
+    return cfg
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_every_configuration_matches_the_reference(layers, cfg):
+    cfg = sized(cfg, layers)
+    xs = [hidden(6), hidden(5)]
+    outs, stats = run(layers[:1], xs, device="sim", **cfg)
+    for x, per_layer in zip(xs, outs):
+        for L, out in zip(layers[:1], per_layer):
+            assert out.dtype == np.float32 and out.shape == x.shape
+            assert rel_err(out, moe_reference(L, x)) < 1e-5
+    assert all(r.path == "offload" for r in stats.records)
+    if "device_bytes" in cfg:
+        assert max(r.rounds for r in stats.records) > 1
+
+
+def test_all_and_used_give_identical_bits_and_used_copies_less(layers):
+    xs = [hidden(7, seed=1)]
+    a, sa = run(layers, xs, device="sim", policy="all")
+    u, su = run(layers, xs, device="sim", policy="used")
+    c, _ = run(layers, xs, device="sim", policy="used", layout="compact", cache_bytes=10**6)
+    for i in range(len(layers)):
+        assert np.array_equal(a[0][i], u[0][i]) and np.array_equal(a[0][i], c[0][i])
+    assert su.totals()["bytes"] < sa.totals()["bytes"]
+
+
+def test_stats_equal_the_copy_plan(layers):
+    x = hidden(7, seed=3)
+    _, stats = run(layers[:1], [x], device="sim", policy="used")
+    L = layers[0]
+    from hybrid.routing import bucket, route
+    logits = x @ L.router_w.T + L.router_b
+    ids, _ = route(logits, L.k, L.gating)
+    used = bucket(ids, L.n_experts).used
+    rec = stats.records[0]
+    assert rec.used == used.size
+    for t, tensor in zip(rec.tensors, (L.gate, L.up, L.down)):
+        p = copyplan.plan(used, tensor.slab_bytes, L.n_experts)
+        assert (t.copies, t.bytes, t.used, t.total) == (p.n_copies, p.total_bytes, used.size, L.n_experts)
+    assert stats.usage_lines()[0] == f"blk.0.ffn_gate_exps.weight: {used.size}/{L.n_experts} experts used"
+
+
+def test_cache_hits_skip_copies(layers):
+    x = hidden(5, seed=4)
+    L = layers[0]
+    per_expert = sum(t.slab_bytes for t in (L.gate, L.up, L.down)) + 4 * (2 * L.n_ff + L.n_embd)
+    outs, stats = run(layers, [x, x], device="sim", cache_bytes=12 * per_expert)
+    first, second = stats.records[:2], stats.records[2:]
+    assert all(r.hits == 0 for r in first) and all(r.hits == r.used and r.bytes == 0 for r in second)
+    assert np.array_equal(outs[0][0], outs[1][0])
+
+
+def test_unused_slots_poisoned_with_nan_change_nothing(layers):
+    x = hidden(6, seed=5)
+    with HybridMoE(layers[:1], device="sim", min_offload_batch=1, tiles=TILES) as moe:
+        clean = moe.forward(0, x)
+        for flat, _, _ in moe.engine.dev:
+            flat.copy_to_device(np.full(flat.shape[0] * flat.dtype.itemsize, 0xFF, np.uint8).view(flat.dtype))
+        poisoned = moe.forward(0, x)
+    assert np.array_equal(clean, poisoned)
+
+
+def test_small_batches_run_on_the_cpu_and_cpu_target_counts_copies(layers):
+    x = hidden(3, seed=6)
+    _, stats = run(layers, [x], device="sim", min_offload_batch=32)
+    assert all(r.path == "cpu" and r.bytes == 0 for r in stats.records)
+    big = hidden(6, seed=7)
+    outs_cpu, s_cpu = run(layers, [big], device="cpu")
+    outs_sim, s_sim = run(layers, [big], device="sim")
+    assert [r.bytes for r in s_cpu.records] == [r.bytes for r in s_sim.records]
+    for L, o in zip(layers, outs_cpu[0]):
+        assert rel_err(o, moe_reference(L, big)) < 1e-5
+
+
+def test_bad_arguments(layers):
+    with pytest.raises(ValueError, match="device"):
+        HybridMoE(layers, device="tpu")
+    with pytest.raises(ValueError, match="policy"):
+        HybridMoE(layers, device="cpu", policy="some")
+    with pytest.raises(ValueError, match="cache_bytes"):
+        HybridMoE(layers, device="cpu", cache_bytes=-1)
+    with pytest.raises(ValueError, match="natural layout needs"):
+        HybridMoE(layers, device="cpu", device_bytes=1000)
+    with pytest.raises(ValueError, match="cannot hold one expert"):
+        HybridMoE(layers, device="cpu", layout="compact", device_bytes=10)
+    with pytest.raises(ValueError, match="host mode"):
+        HybridMoE(layers, device="sim", host="fast")
+    with pytest.raises(ValueError, match="needs NUMBA_ENABLE_CUDASIM|selects the simulator"):
+        resolve_device("cuda")
+    moe = HybridMoE(layers, device="cpu")
+    D = SHAPE["n_embd"]
+    with pytest.raises(ValueError, match=rf"\[n_tokens, {D}\]"):
+        moe.forward(0, np.zeros((4, D + 32), np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        moe.forward(0, np.zeros((4, D), np.float64))
+    with pytest.raises(ValueError, match="no tokens"):
+        moe.forward(0, np.zeros((0, D), np.float32))
+    with pytest.raises(ValueError, match="outside"):
+        moe.forward(5, hidden(4))
+    bad = hidden(4)
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        moe.forward(0, bad)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from hybrid.engine import _groups  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sets(st.integers(0, 15), min_size=1), st.data())
+def test_property_each_launch_waits_for_the_copy_of_its_experts(used, data):
+    # The simulator copies synchronously, so ordering is checked on the plan of launches:
+    # every expert's tiles are launched exactly once, after the event of the range that copies it.
+    experts = np.array(sorted(used), np.int32)
+    missing = [e for e in experts.tolist() if data.draw(st.booleans())]  # the rest are cache hits
+    runs, events = [], []
+    for e in missing:
+        if runs and runs[-1][1] == e - 1 and data.draw(st.booleans()):
+            runs[-1][1] = e
+        else:
+            runs.append([e, e])
+    events = [(f, l, object()) for f, l in runs]
+    counts = np.zeros(16, np.int64)
+    counts[experts] = np.random.default_rng(len(experts)).integers(1, 3, experts.size)  # unused: no tiles
+    tile_of = np.concatenate([[0], np.cumsum(counts)])
+    for overlap in (True, False):
+        launched = {}
+        seen = []
+        for lo, hi, ev in _groups(experts, tile_of, events, overlap):
+            seen.append(ev)
+            for t in range(lo, hi):
+                assert t not in launched
+                launched[t] = seen.copy()
+        for e in experts.tolist():
+            need = next((ev for f, l, ev in events if f <= e <= l), None)
+            for t in range(tile_of[e], tile_of[e + 1]):
+                assert t in launched
+                if need is not None:  # waits accumulate on the in-order compute stream
+                    assert need in launched[t] or (not overlap and events[-1][2] in launched[t])
