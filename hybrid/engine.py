@@ -36,6 +36,7 @@ class DeviceEngine:
             per = nbytes // arr.itemsize
             flat = device_buffer(n_slots * per, arr.dtype)
             self.dev.append((flat, per, flat.reshape((n_slots,) + arr.shape[1:])))
+        self._views = {name: view for (name, _), (_, _, view) in zip(self.roles, self.dev)}
         self.copy_stream = cuda.stream()
         self.compute_stream = cuda.stream()
         self._scratch = {}
@@ -63,51 +64,56 @@ class DeviceEngine:
         cs, ps = self.copy_stream, self.compute_stream
         T = x.shape[0]
         act_d, y_d, out_d = self._buffers(T)
-        t0 = time.perf_counter()
         x_d = cuda.to_device(x, stream=ps)
         w_d = cuda.to_device(weights, stream=ps)
         bk_d = kernels.DeviceBuckets.from_host(bk, stream=ps)
         bs = bk.block_size
         tile_of = bk.offsets // bs  # first tile of each expert; tile_of[e+1] ends it
-        t_copy = t_comp = 0.0
+        spans = []  # (start, end) event pairs of every round's copies and kernels, timed at the end
+        t_host = time.perf_counter()
         for rnd in rounds:
             # The copy stream must not overwrite slots that enqueued kernels still read.
-            done = cuda.event()
-            done.record(ps)
-            done.wait(cs)
+            _event(ps).wait(cs)
             slots_d = cuda.to_device(rnd.slot_map, stream=ps)
-            ta = time.perf_counter()
+            c0 = _event(cs)
             events = []
             for f, l, s in zip(rnd.first.tolist(), rnd.last.tolist(), rnd.dst_slot.tolist()):
                 self.copy_range(pos, f, l, s)
-                ev = cuda.event()
-                ev.record(cs)
-                events.append((f, l, ev))
-            tb = time.perf_counter()
-            t_copy += tb - ta
+                events.append((f, l, _event(cs)))
+            spans.append(("copy", c0, _event(cs)))
+            k0 = _event(ps)
             for t_lo, t_hi, ev in _groups(rnd.experts, tile_of, events, overlap):
                 if ev is not None:
                     ev.wait(ps)
                 if t_hi > t_lo:
                     self._launch(L, x_d, w_d, bk_d, t_lo, t_hi, slots_d, act_d, y_d, T)
-            t_comp += time.perf_counter() - tb
+            spans.append(("compute", k0, _event(ps)))
         kernels.moe_reduce(y_d, out_d, self.k, stream=ps)
         out = out_d.copy_to_host(stream=ps)
-        tw = time.perf_counter()
+        t_wait = time.perf_counter()
         ps.synchronize()
         cs.synchronize()
-        times["copy"] += t_copy
-        times["compute"] += t_comp
-        times["wait"] += time.perf_counter() - tw
+        t_end = time.perf_counter()
+        times["wait"] += t_end - t_wait
+        for step, a, b in spans:
+            ms = a.elapsed_time(b)
+            # The simulator has no device clock (-1): it copies and computes while
+            # enqueueing, so the host time of the whole call is all there is.
+            times[step] += ms / 1e3 if ms >= 0 else (t_wait - t_host) / len(spans)
         return out
 
     def _launch(self, L, x_d, w_d, bk_d, t_lo, t_hi, slots_d, act_d, y_d, T):
-        (g, _, gv), (u, _, uv), (d, _, dv) = self.dev[:3]
-        bias = {name: view for (name, _), (_, _, view) in zip(self.roles, self.dev) if name.endswith("_b")}
-        kernels.moe_launch(x_d, bk_d, t_lo, t_hi, slots_d, gv, uv, dv,
-                           bias.get("gate_b"), bias.get("up_b"), bias.get("down_b"), w_d, act_d, y_d,
+        v = self._views
+        kernels.moe_launch(x_d, bk_d, t_lo, t_hi, slots_d, v["gate"], v["up"], v["down"],
+                           v.get("gate_b"), v.get("up_b"), v.get("down_b"), w_d, act_d, y_d,
                            n_embd=self.n_embd, n_ff=self.n_ff, k=self.k, activation=L.activation,
                            tiles=self.tiles, stream=self.compute_stream)
+
+
+def _event(stream):
+    ev = cuda.event()
+    ev.record(stream)
+    return ev
 
 
 def _groups(experts, tile_of, events, overlap):

@@ -1,0 +1,195 @@
+"""One script for a GPU session: every CUDA path against the CPU, then the timings.
+
+    python examples/gpu_check.py            # real GPU, gpt-oss shapes (< 5 min on an H100)
+    NUMBA_ENABLE_CUDASIM=1 python examples/gpu_check.py --tiny   # simulator smoke test
+
+1. correctness: every policy x layout x host mode x cache x overlap through
+   HybridMoE on the device, against the float64 reference; all configurations
+   must give identical bits (they run the same kernels on the same data);
+2. kernels: grouped MoE FLOP/s per ubatch (all experts resident) at gpt-oss-20b
+   and -120b shapes, against the card's FP32 peak;
+3. link: one large pinned host-to-device copy (the peak), then copy-all vs
+   used-only vs used+overlap vs used+cache at gpt-oss-120b layer shapes with
+   skewed synthetic routing, ubatch 128..2048: MoE-layer t/s and achieved GB/s.
+Prints markdown tables; exits non-zero if a correctness check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+from numba import cuda
+
+from hybrid import kernels as K
+from hybrid.layer import ExpertTensor, MoELayer, random_layer
+from hybrid.reference import moe_reference
+from hybrid.routing import bucket, route
+from hybrid.scheduler import HybridMoE
+from hybrid.traffic import synthetic_logits
+
+H100_FP32_TFLOPS = 67.0  # SXM5 datasheet figure (non-tensor FP32)
+
+
+def check_paths(tiny, device):
+    D, F, E, k, T = (32, 64, 6, 2, 6) if tiny else (2880, 2880, 32, 4, 256)
+    tiles = K.TileConfig(4, 32, 32, 1, 8) if tiny else None
+    layers = [random_layer(D, F, E, k, seed=i, index=i, skew=2.0) for i in range(2)]
+    x = np.random.default_rng(1).standard_normal((T, D)).astype(np.float32)
+    refs = [moe_reference(L, x) for L in layers]
+    per_expert = sum(t.slab_bytes for t in (layers[0].gate, layers[0].up, layers[0].down)) + 4 * (2 * F + D)
+    configs = [dict(policy="all"), dict(policy="used"), dict(policy="used", overlap=False),
+               dict(layout="compact"), dict(host="staged"), dict(host="pageable"),
+               dict(cache_bytes=E * 2 * per_expert), dict(layout="compact", device_bytes=2 * per_expert)]
+    print("| configuration | layer | max rel err vs float64 | identical to first |")
+    print("|---|---|---:|---|")
+    ok, first = True, None
+    for cfg in configs:
+        with HybridMoE(layers, device=device, min_offload_batch=1, tiles=tiles, **cfg) as moe:
+            outs = [[moe.forward(i, x) for i in range(2)] for _ in range(2)]  # 2 ubatches: cache hits
+        first = first or outs[0]
+        for i, (o, ref) in enumerate(zip(outs[1], refs)):
+            err = float(np.abs(o - ref).max() / np.abs(ref).max())
+            same = np.array_equal(o, first[i])
+            ok &= err < 1e-5 and same
+            print(f"| {cfg} host={moe.host_mode} | {i} | {err:.2e} | {same} |")
+    return ok
+
+
+def random_mxfp4(rng, e, rows, cols):
+    b = rng.integers(0, 256, (e, rows, cols // 32, 17), dtype=np.uint8)
+    b[..., 0] = rng.integers(118, 122, b.shape[:-1], dtype=np.uint8)  # scales near 2^-8
+    return b.reshape(e, rows, cols // 32 * 17)
+
+
+def bench_kernels(tiny, reps=5):
+    print("\n| model | ubatch | experts used | ms | TFLOP/s | of FP32 peak |")
+    print("|---|---:|---:|---:|---:|---:|")
+    rng = np.random.default_rng(0)
+    for name, E in (("gpt-oss-20b", 32), ("gpt-oss-120b", 128)):
+        D = F = 64 if tiny else 2880
+        E, k = (6, 2) if tiny else (E, 4)
+        cfg = K.TileConfig(4, 32, 32, 1, 8) if tiny else K.TileConfig()
+        gate, up = (cuda.to_device(random_mxfp4(rng, E, F, D)) for _ in range(2))
+        down = cuda.to_device(random_mxfp4(rng, E, D, F))
+        gb, ub = (cuda.to_device(rng.standard_normal((E, F)).astype(np.float32)) for _ in range(2))
+        db = cuda.to_device(rng.standard_normal((E, D)).astype(np.float32))
+        slots = cuda.to_device(np.arange(E, dtype=np.int32))
+        for T in ([4] if tiny else [1, 32, 128, 512, 2048]):
+            x = rng.standard_normal((T, D)).astype(np.float32)
+            logits = synthetic_logits(name, T, seed=1)[:, :E] if not tiny else rng.standard_normal((T, E))
+            ids, w = route(np.ascontiguousarray(logits, dtype=np.float32), k)
+            bk = bucket(ids, E, cfg.block_pairs)
+            s = cuda.stream()
+            bk_d = K.DeviceBuckets.from_host(bk, s)
+            x_d, w_d = cuda.to_device(x, stream=s), cuda.to_device(w, stream=s)
+            act = cuda.device_array((T * k, F), np.float32)
+            y = cuda.device_array((T * k, D), np.float32)
+            out = cuda.device_array((T, D), np.float32)
+
+            def run():
+                K.moe_launch(x_d, bk_d, 0, bk_d.n_tiles, slots, gate, up, down, gb, ub, db, w_d, act, y,
+                             n_embd=D, n_ff=F, k=k, activation="swiglu_oai", tiles=cfg, stream=s)
+                K.moe_reduce(y, out, k, stream=s)
+            run()
+            s.synchronize()
+            t0, t1 = cuda.event(), cuda.event()
+            t0.record(s)
+            for _ in range(1 if tiny else reps):
+                run()
+            t1.record(s)
+            t1.synchronize()
+            ms = cuda.event_elapsed_time(t0, t1) / reps if not tiny else float("nan")
+            tflops = 2.0 * T * k * 3 * D * F / ms / 1e9
+            print(f"| {name} | {T} | {bk.used.size}/{E} | {ms:.2f} | {tflops:.1f} | "
+                  f"{tflops / H100_FP32_TFLOPS:.0%} |")
+
+
+def pinned_peak(nbytes):
+    h = cuda.pinned_array(nbytes, np.uint8)
+    h[:] = 1
+    d = cuda.device_array(nbytes, np.uint8)
+    d.copy_to_device(h)
+    t = time.perf_counter()
+    for _ in range(3):
+        d.copy_to_device(h)
+    cuda.synchronize()
+    return 3 * nbytes / (time.perf_counter() - t) / 1e9
+
+
+def synthetic_layers(tiny, n_layers, rng):
+    """gpt-oss-120b layer shapes; the router passes x[:, :E] through, so the logits are synthetic traffic."""
+    D = F = 64 if tiny else 2880
+    E, k = (8, 2) if tiny else (128, 4)
+    layers = []
+    for i in range(n_layers):
+        w = np.zeros((E, D), np.float32)
+        w[np.arange(E), np.arange(E)] = 1.0
+        mk = lambda r, c: ExpertTensor(random_mxfp4(rng, E, r, c), 39, r, c)
+        b = lambda *s: (0.01 * rng.standard_normal(s)).astype(np.float32)
+        layers.append(MoELayer(w, np.zeros(E, np.float32), mk(F, D), mk(F, D), mk(D, F),
+                               b(E, F), b(E, F), b(E, D), k=k, index=i))
+    return layers
+
+
+def bench_link(tiny, device):
+    n_layers = 1 if tiny else 4
+    rng = np.random.default_rng(2)
+    layers = synthetic_layers(tiny, n_layers, rng)
+    L = layers[0]
+    per_expert = sum(t.slab_bytes for t in (L.gate, L.up, L.down)) + 4 * (2 * L.n_ff + L.n_embd)
+    peak = pinned_peak(1 << 20 if tiny else 1 << 30)
+    print(f"\npinned host-to-device peak: {peak:.1f} GB/s (one {'1 MiB' if tiny else '1 GiB'} copy, x3)")
+    variants = {"all": dict(policy="all"), "used": dict(policy="used", overlap=False),
+                "used+overlap": dict(policy="used"),
+                "used+cache": dict(policy="used", cache_bytes=n_layers * L.n_experts * per_expert // 2)}
+    tiles = K.TileConfig(4, 32, 32, 1, 8) if tiny else None
+    print("\n| ubatch | variant | MoE t/s | speedup vs all | GB copied/ubatch | copy GB/s | of pinned peak |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for T in ([8] if tiny else [128, 256, 512, 1024, 2048]):
+        xs = []
+        for u in range(2 if tiny else 3):  # consecutive ubatches of one prompt
+            x = rng.standard_normal((T, L.n_embd)).astype(np.float32)
+            x[:, :L.n_experts] = synthetic_logits("gpt-oss-120b", T, seed=3, start=u * T)[:, :L.n_experts] / 4
+            xs.append(x)
+        base = None
+        for name, cfg in variants.items():
+            with HybridMoE(layers, device=device, min_offload_batch=1, tiles=tiles, **cfg) as moe:
+                for i in range(n_layers):  # warm-up: compile, first touch
+                    moe.forward(i, xs[0])
+                moe.stats.clear()
+                t = time.perf_counter()
+                for x in xs:
+                    for i in range(n_layers):
+                        moe.forward(i, x)
+                    moe.end_ubatch()
+                dt = time.perf_counter() - t
+                tot = moe.stats.totals()
+            tps = len(xs) * T / dt
+            base = base or tps
+            gb = tot["bytes"] / len(xs) / 1e9
+            gbs = tot["bytes"] / max(tot["times"]["copy"], 1e-9) / 1e9  # device time of the copies
+            print(f"| {T} | {name} | {tps:.1f} | {tps / base:.2f}x | {gb:.2f} | {gbs:.1f} | {gbs / peak:.0%} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="small shapes (simulator smoke test)")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: paths,kernels,link")
+    a = ap.parse_args()
+    device = "sim" if a.tiny else "cuda"
+    skip = set(filter(None, a.skip.split(",")))
+    ok = True
+    if "paths" not in skip:
+        ok = check_paths(a.tiny, device)
+        print(f"\ncorrectness: {'PASS' if ok else 'FAIL'}")
+    if "kernels" not in skip:
+        bench_kernels(a.tiny)
+    if "link" not in skip:
+        bench_link(a.tiny, device)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

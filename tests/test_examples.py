@@ -1,0 +1,21 @@
+"""The GPU check script runs end to end on the simulator (so it is ready when a GPU is)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1", reason="needs the CUDA simulator")
+def test_gpu_check_tiny_runs_on_the_simulator():
+    code = ("import sys, runpy; sys.setswitchinterval(2e-4); "
+            "sys.argv = ['gpu_check.py', '--tiny', '--skip', 'paths']; "
+            "runpy.run_path('examples/gpu_check.py', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| gpt-oss-120b | 4 |" in r.stdout
+    for variant in ("all", "used", "used+overlap", "used+cache"):
+        assert f"| {variant} |" in r.stdout
