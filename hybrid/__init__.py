@@ -1,4 +1,22 @@
-"""Hybrid CPU/GPU backend for the MoE layers of GGUF models."""
-from .layer import ExpertTensor, MoELayer, random_layer
+"""Hybrid CPU/GPU backend for the MoE layers of GGUF models.
 
-__all__ = ["ExpertTensor", "MoELayer", "random_layer"]
+    from hybrid import load, HybridMoE
+    model = load("gpt-oss-20b-mxfp4.gguf")
+    with HybridMoE(model.layers, device="auto", policy="used") as moe:
+        y = moe.forward(0, x)          # x: float32 [n_tokens, n_embd]
+        print(moe.stats.report())
+"""
+from .copyplan import CopyPlan, CostModel, plan
+from .layer import ExpertTensor, MoELayer, random_layer
+from .model import GGUFError, Model, ensure_default_model, load, write_tiny
+from .reference import moe_reference
+from .routing import Buckets, bucket, route
+from .scheduler import HybridMoE, resolve_device
+from .stats import Stats
+from .traffic import PRESETS, synthetic_logits
+
+__all__ = [
+    "Buckets", "CopyPlan", "CostModel", "ExpertTensor", "GGUFError", "HybridMoE", "Model", "MoELayer",
+    "PRESETS", "Stats", "bucket", "ensure_default_model", "load", "moe_reference", "plan", "random_layer",
+    "resolve_device", "route", "synthetic_logits", "write_tiny",
+]
