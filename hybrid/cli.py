@@ -365,8 +365,8 @@ def cmd_run(args):
 
 def usage_report(stats, parts) -> list[str]:
     """PR #15346's usage lines for the last ubatch, or for the last offloaded one when the
-    last ran on the CPU (a short tail: the CPU path copies nothing, so has no lines)."""
-    offloaded = [r.ubatch for r in stats.records if r.tensors]
+    last ran on the CPU (a short tail: the CPU path copies nothing)."""
+    offloaded = [r.ubatch for r in stats.records if r.path == "offload"]
     if not offloaded:
         return ["experts used: no ubatch was offloaded (all below --min-offload-batch), no copies"]
     u = max(offloaded)

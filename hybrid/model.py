@@ -453,14 +453,14 @@ def load(path) -> Model:
 
 # -- the tiny gpt-oss model -----------------------------------------------------------------
 
-def tiny_layers(*, n_layers=4, n_embd=128, n_ff=128, n_experts=16, k=4, seed=0, skew=1.5) -> list[MoELayer]:
+def tiny_layers(*, n_layers=4, n_embd=128, n_ff=128, n_experts=32, k=4, seed=0, skew=2.0) -> list[MoELayer]:
     """The MoE layers ``write_tiny`` stores: MXFP4 experts, F32 router with popular experts."""
     return [random_layer(n_embd, n_ff, n_experts, k, wtype=T.MXFP4, gpt_oss=True,
                          seed=seed * 1009 + i, index=i, skew=skew) for i in range(n_layers)]
 
 
-def write_tiny(path, *, n_layers=4, n_embd=128, n_ff=128, n_experts=16, k=4, seed=0, n_vocab=1024,
-               n_head=4, n_head_kv=2, head_dim=32, skew=1.5, split_max_tensors=0) -> Path:
+def write_tiny(path, *, n_layers=4, n_embd=128, n_ff=128, n_experts=32, k=4, seed=0, n_vocab=1024,
+               n_head=4, n_head_kv=2, head_dim=32, skew=2.0, split_max_tensors=0) -> Path:
     """Write a small gpt-oss GGUF laid out like the real files; returns the path to load.
 
     Keys, tensor names, types and ggml shapes follow llama.cpp's converter for
@@ -539,7 +539,8 @@ def write_tiny(path, *, n_layers=4, n_embd=128, n_ff=128, n_experts=16, k=4, see
 def default_model_path() -> Path:
     """Where the built-in tiny model lives: ``$HYBRID_MOE_CACHE`` or ``~/.cache/hybrid-moe``."""
     folder = os.environ.get("HYBRID_MOE_CACHE") or Path.home() / ".cache" / "hybrid-moe"
-    return Path(folder) / "tiny-gpt-oss.gguf"
+    # The name carries the shape, so a cache written by an older default is not reused.
+    return Path(folder) / "tiny-gpt-oss-32x4.gguf"
 
 
 def ensure_default_model() -> Path:

@@ -94,8 +94,8 @@ def test_info_reports_the_model(capsys, small):
 def test_without_m_the_builtin_model_is_written_and_used(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("HYBRID_MOE_CACHE", str(tmp_path))
     out = run_cli(capsys, "info")
-    assert (tmp_path / "tiny-gpt-oss.gguf").is_file()
-    assert "tiny-gpt-oss" in out and "experts 16, used 4" in out
+    assert (tmp_path / "tiny-gpt-oss-32x4.gguf").is_file()
+    assert "tiny-gpt-oss" in out and "experts 32, used 4" in out
 
 
 # ------------------------------------------------------------------ run

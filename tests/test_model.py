@@ -423,12 +423,12 @@ def test_corrupt_header_bytes_never_crash(small, data):
 def test_default_model_is_written_once(tmp_path, monkeypatch):
     monkeypatch.setenv("HYBRID_MOE_CACHE", str(tmp_path / "cache"))
     p = default_model_path()
-    assert p == tmp_path / "cache" / "tiny-gpt-oss.gguf" and not p.exists()
+    assert p == tmp_path / "cache" / "tiny-gpt-oss-32x4.gguf" and not p.exists()
     assert ensure_default_model() == p and p.is_file()
     assert sorted(x.name for x in p.parent.iterdir()) == [p.name]  # no temp files left
     mtime = p.stat().st_mtime_ns
     assert ensure_default_model() == p and p.stat().st_mtime_ns == mtime
     m = load(p)
-    assert (m.arch, len(m.layers), m.n_embd, m.n_experts, m.k) == ("gpt-oss", 4, 128, 16, 4)
+    assert (m.arch, len(m.layers), m.n_embd, m.n_experts, m.k) == ("gpt-oss", 4, 128, 32, 4)
     p.write_bytes(b"garbage")  # a damaged cache is rewritten
     assert load(ensure_default_model()).n_layers == 4
