@@ -1,0 +1,541 @@
+"""CPU expert path: one MoE layer's FFN on the host, reading expert weights in place.
+
+Tokens are grouped by expert (pairs t*k+j, as hybrid.routing buckets them) and
+gathered into aligned rows. Work is cut into items (expert e, tile of
+``Tiles.rows`` output rows): an item computes its rows for every token routed
+to e, so each weight byte comes from RAM once per call and is reused from
+L1/L2 for all of the expert's tokens. Items are ordered row-tile-major and cut
+into a few equal-cost chunks per thread, so skewed routing still balances.
+
+Inside an item, two ways to multiply (float32 accumulation throughout):
+- direct (MXFP4, fewer than ``tile_min`` tokens): decode each 32-weight block
+  in registers (vpermps on the 16-entry table times the block scale) and FMA it
+  into R rows x T tokens (T <= 8) of accumulators, one pass over the weights
+  per 8 tokens; K in chunks of ``kc_direct`` blocks keeps the x chunk in L1.
+- tile (other types, or many tokens): decode rows x ``kc_tile`` columns into
+  an aligned float32 buffer (L2), then an R x T float32 kernel over it.
+Gate and up share an item, their activation is fused, down runs after; the k
+choices of a token are summed in slot order (deterministic, no atomics).
+
+The kernels are LLVM IR from ``cpu_ir`` (numba's vectoriser cannot do the
+nibble lookup well); the host's best variant is compiled in (``ISA``), the
+others are testable through ``make_mx_dot``/``make_mx_decode``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba as nb
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+from quant import types as qtypes
+
+from .cpu_ir import W, best_isa, make_act, make_f32_dot, make_mx_decode, make_mx_dot
+from .layer import ExpertTensor, MoELayer
+
+__all__ = ["moe_ffn_cpu", "mul_mat_id_cpu", "expert_matmul_cpu", "Tiles", "TILES", "ISA"]
+
+# ---------------------------------------------------------------- tile sizes
+@dataclass(frozen=True)
+class Tiles:
+    """Blocking of the CPU path (data, not code: the kernels take them at run time)."""
+
+    rows: int = 64        # output rows per item (a multiple of 4, every kernel's R)
+    kc_direct: int = 32   # MXFP4 blocks per K chunk in the direct path (>= 8 tokens: x chunk in L1)
+    kc_tile: int = 960    # columns per decoded float32 tile (a multiple of 32)
+    tile_min: int = 12    # an MXFP4 expert with this many tokens or more uses the tile path
+
+    def __post_init__(self):
+        for name in ("rows", "kc_direct", "kc_tile", "tile_min"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"Tiles.{name} must be a positive int, got {v!r}")
+        if self.rows % 4 or self.kc_tile % 32:
+            raise ValueError(f"Tiles.rows must be a multiple of 4 and kc_tile of 32, got {self}")
+
+    def astuple(self):
+        return (int(self.rows), int(self.kc_direct), int(self.kc_tile), int(self.tile_min))
+
+
+TILES = Tiles()
+ALIGN = 64         # bytes; every float buffer row starts on a cache line
+
+_MX_BYTES = GGML_QUANT_SIZES[T.MXFP4][1]
+_TYPE_CODE = {T.F32: 0, T.F16: 1, T.BF16: 2, T.Q8_0: 3, T.MXFP4: 4}
+_ACT_CODE = {"swiglu_oai": 0, "silu": 1}
+
+# Chosen once: numba caches compiled code per CPU, so the kernels must depend on the host alone.
+ISA = best_isa()
+# Direct kernel rows R for T = 1..8 tokens: R*T accumulators plus the x vectors must fit
+# the register file (32 zmm; 16 ymm on AVX2, where every kernel is narrower).
+DIRECT_R = (4, 4, 4, 4, 2, 2, 2, 2) if ISA == "avx512" else (2, 2, 2, 2, 1, 1, 1, 1)
+(_mx_t1, _mx_t2, _mx_t3, _mx_t4, _mx_t5, _mx_t6, _mx_t7, _mx_t8) = (
+    make_mx_dot(DIRECT_R[t - 1], t, ISA) for t in range(1, 9))
+_mx_decode = make_mx_decode(ISA)
+F32_R = 4  # float32 tile kernel rows; tokens F32_T, largest first
+F32_T = (6, 4, 2, 1) if W == 16 else (3, 2, 1, 1)
+_f32_a, _f32_b, _f32_c, _f32_d = (make_f32_dot(F32_R, t) for t in F32_T)
+_act_swiglu, _act_silu = make_act(0), make_act(1)
+
+
+# ---------------------------------------------------------------- numba helpers
+@nb.njit(cache=True)
+def _aligned(n):
+    """float32[n] whose first element sits on an ALIGN-byte boundary."""
+    raw = np.empty(n * 4 + ALIGN, np.uint8)
+    off = (ALIGN - raw.ctypes.data % ALIGN) % ALIGN
+    return raw[off:off + n * 4].view(np.float32)
+
+
+@nb.njit(inline="always")
+def _f16(lo, hi):
+    # exact: (e ? 1024+m : m) * 2^(max(e,1)-25); e == 31 is inf/NaN
+    h = np.int32(lo) | (np.int32(hi) << 8)
+    e = (h >> 10) & 31
+    m = h & 1023
+    if e == 31:
+        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
+    else:
+        v = np.float32(m + (1024 if e else 0)) * np.float32(2.0 ** (max(e, 1) - 25))
+    return -v if h & 0x8000 else v
+
+
+@nb.njit(inline="always")
+def _decode_tile(raw, wtype, e, r0, nr, c0, c1, tile, ld, width):
+    """tile[r*ld + c] = W[e, r0+r, c0+c] for r < nr, c < c1-c0; zeros up to ``width`` columns."""
+    n = c1 - c0
+    tu = tile.view(np.uint32)
+    for r in range(nr):
+        row = raw[e, r0 + r]
+        o = r * ld
+        if wtype == 4:
+            _mx_decode(raw, ((e * raw.shape[1] + r0 + r) * raw.shape[2]) + c0 // 32 * _MX_BYTES, n // 32, tile, o)
+        elif wtype == 3:
+            for b in range(n // 32):
+                q0 = (c0 // 32 + b) * 34
+                d = _f16(row[q0], row[q0 + 1])
+                for j in range(32):
+                    tile[o + b * 32 + j] = np.float32(np.int8(row[q0 + 2 + j])) * d
+        elif wtype == 0:
+            for c in range(n):
+                p = (c0 + c) * 4
+                tu[o + c] = (np.uint32(row[p]) | (np.uint32(row[p + 1]) << np.uint32(8))
+                             | (np.uint32(row[p + 2]) << np.uint32(16)) | (np.uint32(row[p + 3]) << np.uint32(24)))
+        elif wtype == 1:
+            for c in range(n):
+                tile[o + c] = _f16(row[(c0 + c) * 2], row[(c0 + c) * 2 + 1])
+        else:
+            for c in range(n):
+                p = (c0 + c) * 2
+                tu[o + c] = (np.uint32(row[p]) << np.uint32(16)) | (np.uint32(row[p + 1]) << np.uint32(24))
+        for c in range(n, width):
+            tile[o + c] = 0.0
+    for r in range(nr, (nr + F32_R - 1) // F32_R * F32_R):
+        for c in range(width):
+            tile[r * ld + c] = 0.0
+
+
+@nb.njit(cache=True)
+def _direct_pass(T_, raw, wo, wst, nk, nr, X, xo, xst, out, oo, ost):
+    """out[oo + t*ost + r] += row r . x_t for T_ (1..8) tokens, rows [0, nr), MXFP4 read in place."""
+    if T_ == 1:
+        for r in range(0, nr, DIRECT_R[0]):
+            _mx_t1(raw, wo + r * wst, wst, nk, X, xo, xst, out, oo + r, ost)
+    elif T_ == 2:
+        for r in range(0, nr, DIRECT_R[1]):
+            _mx_t2(raw, wo + r * wst, wst, nk, X, xo, xst, out, oo + r, ost)
+    elif T_ == 3:
+        for r in range(0, nr, DIRECT_R[2]):
+            _mx_t3(raw, wo + r * wst, wst, nk, X, xo, xst, out, oo + r, ost)
+    elif T_ == 4:
+        for r in range(0, nr, DIRECT_R[3]):
+            _mx_t4(raw, wo + r * wst, wst, nk, X, xo, xst, out, oo + r, ost)
+    elif T_ == 5:
+        for r in range(0, nr, DIRECT_R[4]):
+            _mx_t5(raw, wo + r * wst, wst, nk, X, xo, xst, out, oo + r, ost)
+    elif T_ == 6:
+        for r in range(0, nr, DIRECT_R[5]):
+            _mx_t6(raw, wo + r * wst, wst, nk, X, xo, xst, out, oo + r, ost)
+    elif T_ == 7:
+        for r in range(0, nr, DIRECT_R[6]):
+            _mx_t7(raw, wo + r * wst, wst, nk, X, xo, xst, out, oo + r, ost)
+    else:
+        for r in range(0, nr, DIRECT_R[7]):
+            _mx_t8(raw, wo + r * wst, wst, nk, X, xo, xst, out, oo + r, ost)
+
+
+@nb.njit(cache=True)
+def _tile_pass(T_, tile, ld, nvec, nr4, X, xo, xst, out, oo, ost):
+    """out[oo + t*ost + r] += tile row r . x_t for T_ (one of F32_T) tokens, rows [0, nr4)."""
+    if T_ == F32_T[0]:
+        for r in range(0, nr4, F32_R):
+            _f32_a(tile, r * ld, ld, nvec, X, xo, xst, out, oo + r, ost)
+    elif T_ == F32_T[1]:
+        for r in range(0, nr4, F32_R):
+            _f32_b(tile, r * ld, ld, nvec, X, xo, xst, out, oo + r, ost)
+    elif T_ == F32_T[2]:
+        for r in range(0, nr4, F32_R):
+            _f32_c(tile, r * ld, ld, nvec, X, xo, xst, out, oo + r, ost)
+    else:
+        for r in range(0, nr4, F32_R):
+            _f32_d(tile, r * ld, ld, nvec, X, xo, xst, out, oo + r, ost)
+
+
+@nb.njit(cache=True)
+def _item(raw, wtype, e, r0, nr, cols, X, p0, n, out, ooff, ost, tile, tiles):
+    """out[ooff + t*ost + r] += W[e, r0+r, :] . X[p0+t, :] for t < n, r < nr (rounded up to 4).
+
+    X rows are ALIGN-aligned with zeros past ``cols``; ``tile`` holds rows x kc_tile floats.
+    """
+    _, kc_direct, kc_tile, tile_min = tiles
+    xst = X.shape[1]
+    if wtype == 4 and n < tile_min and nr % 4 == 0:
+        # direct: tokens in groups of 8, the rest in one group; each group is one pass over the weights
+        nblk = cols // 32
+        wst = raw.shape[2]
+        base = (e * raw.shape[1] + r0) * wst
+        kc = kc_direct if n > 8 else nblk  # up to 8 tokens' x fit L1 whole
+        for k0 in range(0, nblk, kc):
+            nk = min(kc, nblk - k0)
+            for t in range(0, n, 8):
+                _direct_pass(min(8, n - t), raw, base + k0 * _MX_BYTES, wst, nk, nr,
+                             X, (p0 + t) * xst + k0 * 32, xst, out, ooff + t * ost, ost)
+        return
+    nr4 = (nr + F32_R - 1) // F32_R * F32_R
+    for c0 in range(0, cols, kc_tile):
+        c1 = min(cols, c0 + kc_tile)
+        nvec = (c1 - c0 + W - 1) // W
+        _decode_tile(raw, wtype, e, r0, nr, c0, c1, tile, kc_tile, nvec * W)
+        t = 0
+        while t < n:
+            T_ = F32_T[0]
+            for cand in F32_T:  # the widest kernel that fits the tokens left
+                if cand <= n - t:
+                    T_ = cand
+                    break
+            _tile_pass(T_, tile, kc_tile, nvec, nr4, X, (p0 + t) * xst + c0, xst, out, ooff + t * ost, ost)
+            t += T_
+
+
+@nb.njit(cache=True)
+def _bucket(ids, n_experts):
+    """Pairs t*k+j grouped by expert, tokens ascending: (pairs, starts[E+1], used, pos[T*k])."""
+    n, k = ids.shape
+    counts = np.zeros(n_experts, np.int64)
+    for t in range(n):
+        for j in range(k):
+            counts[ids[t, j]] += 1
+    starts = np.zeros(n_experts + 1, np.int64)
+    for e in range(n_experts):
+        starts[e + 1] = starts[e] + counts[e]
+    fill = starts[:-1].copy()
+    pairs = np.empty(n * k, np.int64)
+    pos = np.empty(n * k, np.int64)
+    for t in range(n):
+        for j in range(k):
+            e = ids[t, j]
+            pairs[fill[e]] = t * k + j
+            pos[t * k + j] = fill[e]
+            fill[e] += 1
+    used = np.nonzero(counts)[0]
+    return pairs, starts, used, pos
+
+
+@nb.njit(cache=True)
+def _plan(starts, used, rows, rt, nchunks):
+    """Items (expert, first row) row-tile-major, and chunk bounds of about equal cost."""
+    ntile = (rows + rt - 1) // rt
+    m = ntile * used.size
+    item_e = np.empty(m, np.int64)
+    item_r = np.empty(m, np.int64)
+    cost = np.zeros(m + 1, np.float64)
+    i = 0
+    for tr in range(ntile):
+        for e in used:
+            item_e[i] = e
+            item_r[i] = tr * rt
+            # decoding a row costs about as much as two tokens' dot products
+            cost[i + 1] = cost[i] + (starts[e + 1] - starts[e] + 2) * min(rt, rows - tr * rt)
+            i += 1
+    nch = max(1, min(nchunks, m))
+    bounds = np.zeros(nch + 1, np.int64)
+    j = 0
+    for c in range(1, nch):
+        while j < m and cost[j] < cost[m] * c / nch:
+            j += 1
+        bounds[c] = j
+    bounds[nch] = m
+    return item_e, item_r, bounds
+
+
+@nb.njit(cache=True)
+def _gather(x, pairs, k, width, slot_rows):
+    """X[p] = x[pairs[p] // k] (or x[pairs[p]] when slot_rows), aligned rows of ``width``, zero padded."""
+    P, cols = pairs.size, x.shape[1]
+    X = _aligned(max(P, 1) * width).reshape((max(P, 1), width))
+    for p in range(P):
+        src = pairs[p] if slot_rows else pairs[p] // k
+        for c in range(cols):
+            X[p, c] = x[src, c]
+        for c in range(cols, width):
+            X[p, c] = 0.0
+    return X
+
+
+@nb.njit(inline="always")
+def _act(g, u, act):
+    if act == 0:  # swiglu_oai: g' = min(g, 7), u' = clamp(u, -7, 7), g' * sigmoid(1.702 g') * (u' + 1)
+        g = min(g, np.float32(7.0))
+        u = min(max(u, np.float32(-7.0)), np.float32(7.0))
+        return g / (np.float32(1.0) + np.exp(np.float32(-1.702) * g)) * (u + np.float32(1.0))
+    return g / (np.float32(1.0) + np.exp(-g)) * u
+
+
+@nb.njit(parallel=True, cache=True)
+def _grouped(graw, uraw, wtype, rows, cols, X, starts, used, gb, ub, act, H, tiles, nchunks):
+    """H[p, r] += W[e(p), r, :] . X[p, :] for every pair p (H pre-zeroed).
+
+    With act >= 0 gate and up are fused (``uraw`` the up experts): H = act(gate + gb, up + ub).
+    One call site of _item keeps the unrolled kernels compiled once.
+    """
+    fused = act >= 0
+    rt, kc_tile = tiles[0], tiles[2]
+    item_e, item_r, bounds = _plan(starts, used, rows, rt, nchunks)
+    nmax = 1
+    for e in used:
+        nmax = max(nmax, starts[e + 1] - starts[e])
+    hflat = H.reshape(-1)
+    for c in nb.prange(bounds.size - 1):
+        tile = _aligned(rt * kc_tile)
+        U = _aligned(nmax * rt if fused else 1)
+        for it in range(bounds[c], bounds[c + 1]):
+            e, r0 = item_e[it], item_r[it]
+            p0, nr = starts[e], min(rt, rows - item_r[it])
+            n = starts[e + 1] - p0
+            for m in range(2 if fused else 1):
+                if m == 0:
+                    raw, dst, doff, dst_st = graw, hflat, p0 * H.shape[1] + r0, H.shape[1]
+                else:
+                    raw, dst, doff, dst_st = uraw, U, 0, rt
+                    U[:n * rt] = 0.0
+                _item(raw, wtype, e, r0, nr, cols, X, p0, n, dst, doff, dst_st, tile, tiles)
+            if fused:
+                nv = nr // W  # whole vectors in the IR kernel, the rest (unquantised types) here
+                for t in range(n):
+                    ho = (p0 + t) * H.shape[1] + r0
+                    if nv and act == 0:
+                        _act_swiglu(hflat, ho, U, t * rt, gb, e * gb.shape[1] + r0, ub, e * ub.shape[1] + r0, nv)
+                    elif nv:
+                        _act_silu(hflat, ho, U, t * rt, gb, e * gb.shape[1] + r0, ub, e * ub.shape[1] + r0, nv)
+                    for r in range(nv * W, nr):
+                        g = H[p0 + t, r0 + r] + gb[e, r0 + r]
+                        u = U[t * rt + r] + ub[e, r0 + r]
+                        H[p0 + t, r0 + r] = _act(g, u, act)
+
+
+@nb.njit(parallel=True, cache=True)
+def _combine(Y, pos, weights, ids, db, out):
+    """out[t] = sum_j w[t, j] * (Y[pos[t, j]] + b_down[ids[t, j]]), j ascending."""
+    n, k = weights.shape
+    for t in nb.prange(n):
+        for c in range(out.shape[1]):
+            s = np.float32(0.0)
+            for j in range(k):
+                s += weights[t, j] * (Y[pos[t * k + j], c] + db[ids[t, j], c])
+            out[t, c] = s
+
+
+@nb.njit(cache=True)
+def _check_ids(ids, n_experts):
+    for t in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            if ids[t, j] < 0 or ids[t, j] >= n_experts:
+                return t, j
+    return -1, -1
+
+
+# ---------------------------------------------------------------- Python API
+def _pad(n, m=32):
+    return (n + m - 1) // m * m
+
+
+def _check_tensor(name, t):
+    if not isinstance(t, ExpertTensor):
+        raise TypeError(f"{name} must be an ExpertTensor, got {type(t).__name__}")
+    try:
+        qt = T(int(t.ggml_type))
+    except ValueError:
+        qt = None
+    if qt not in _TYPE_CODE:
+        raise NotImplementedError(f"{name}: GGML type {qtypes.type_name(t.ggml_type)} is not supported "
+                                  f"(supported: {', '.join(q.name for q in _TYPE_CODE)})")
+    raw = t.raw
+    if raw.shape != (t.n_experts, t.rows, qtypes.row_nbytes(qt, t.cols)) or not raw.flags.c_contiguous:
+        raise ValueError(f"{name}: bytes {raw.shape} do not hold {t.n_experts} x [{t.rows}, {t.cols}] {qt.name}")
+    if t.rows < 1 or t.cols < 1 or t.n_experts < 1:
+        raise ValueError(f"{name}: empty tensor [{t.n_experts}, {t.rows}, {t.cols}]")
+    # Read-only view: GGUF memory maps are read-only, and one array type means one compiled variant.
+    raw = raw.view()
+    raw.flags.writeable = False
+    return raw, _TYPE_CODE[qt]
+
+
+def _check_x(x, cols, what="x", ndim=2):
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{what} must be a numpy array, got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise TypeError(f"{what} must be float32, got {x.dtype}")
+    if x.ndim != ndim or x.shape[-1] != cols:
+        raise ValueError(f"{what} has shape {x.shape}, expected {'[n_tokens, ' if ndim == 2 else '[..., '}{cols}]")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what} holds NaN or inf")
+
+
+def _check_routing(ids, n_tokens, n_experts, weights=None):
+    if not isinstance(ids, np.ndarray) or not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"ids must be an integer numpy array, got {getattr(ids, 'dtype', type(ids))}")
+    if ids.ndim != 2 or ids.shape[0] != n_tokens or ids.shape[1] < 1:
+        raise ValueError(f"ids has shape {ids.shape}, expected [n_tokens={n_tokens}, k>=1]")
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    t, j = _check_ids(ids, n_experts)
+    if t >= 0:
+        raise ValueError(f"ids[{t}, {j}] = {ids[t, j]} is out of range [0, {n_experts})")
+    if weights is None:
+        return ids, None
+    if not isinstance(weights, np.ndarray) or not np.issubdtype(weights.dtype, np.floating):
+        raise TypeError(f"weights must be a float numpy array, got {getattr(weights, 'dtype', type(weights))}")
+    if weights.shape != ids.shape:
+        raise ValueError(f"weights has shape {weights.shape}, expected {ids.shape} (as ids)")
+    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    if not np.isfinite(weights).all():
+        raise ValueError("weights hold NaN or inf")
+    return ids, weights
+
+
+def _check_out(out, shape):
+    if out is None:
+        return np.empty(shape, np.float32)
+    if not isinstance(out, np.ndarray) or out.dtype != np.float32:
+        raise TypeError(f"out must be a float32 numpy array, got {getattr(out, 'dtype', type(out))}")
+    if out.shape != shape:
+        raise ValueError(f"out has shape {out.shape}, expected {shape}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out must be C-contiguous and writeable")
+    return out
+
+
+_NO_BIAS = np.zeros((1, 1), np.float32)
+
+
+def _zeros_aligned(rows, width):
+    a = _aligned(max(rows, 1) * width).reshape(max(rows, 1), width)
+    a[:] = 0.0
+    return a
+
+
+def _chunks():
+    # A few chunks per thread, handed out one at a time: a thread that is
+    # descheduled (shared machines) delays one small chunk, not half the work.
+    return 4 * nb.get_num_threads()
+
+
+def _check_tiles(tiles):
+    if tiles is None:
+        return TILES.astuple()
+    if not isinstance(tiles, Tiles):
+        raise TypeError(f"tiles must be a Tiles, got {type(tiles).__name__}")
+    return tiles.astuple()
+
+
+def mul_mat_id_cpu(w: ExpertTensor, x: np.ndarray, ids: np.ndarray, *, tiles: Tiles | None = None) -> np.ndarray:
+    """ggml_mul_mat_id on the CPU: ``y[t, j] = W[ids[t, j]] @ x[t]`` -> float32 ``[T, k, rows]``.
+
+    ``x`` is ``[T, cols]`` (one input per token, as for gate/up) or ``[T, k, cols]``
+    (one per slot, as for down).
+    """
+    raw, wtype = _check_tensor("w", w)
+    tl = _check_tiles(tiles)
+    if not isinstance(x, np.ndarray) or x.ndim not in (2, 3):
+        raise ValueError(f"x must be [n_tokens, {w.cols}] or [n_tokens, k, {w.cols}]")
+    _check_x(x, w.cols, ndim=x.ndim)
+    ids, _ = _check_routing(ids, x.shape[0], w.n_experts)
+    n, k = ids.shape
+    if x.ndim == 3 and x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} slots per token, ids has k={k}")
+    if n == 0:
+        return np.zeros((0, k, w.rows), np.float32)
+    pairs, starts, used, pos = _bucket(ids, w.n_experts)
+    X = _gather(np.ascontiguousarray(x.reshape(-1, w.cols)), pairs, k, _pad(w.cols), x.ndim == 3)
+    Y = _zeros_aligned(pairs.size, _pad(w.rows))
+    with nb.parallel_chunksize(1):
+        _grouped(raw, raw, wtype, w.rows, w.cols, X, starts, used, _NO_BIAS, _NO_BIAS, -1, Y, tl, _chunks())
+    return Y[pos, :w.rows].reshape(n, k, w.rows)
+
+
+def expert_matmul_cpu(w: ExpertTensor, e: int, x: np.ndarray, *, tiles: Tiles | None = None) -> np.ndarray:
+    """One expert, one matrix: ``y = W[e] @ x`` for each row of ``x`` -> float32 ``[n, rows]``.
+
+    ``x`` is float32 ``[n, cols]`` (or ``[cols]``, giving ``[rows]``).
+    """
+    _check_tensor("w", w)
+    if not isinstance(e, (int, np.integer)) or isinstance(e, bool):
+        raise TypeError(f"e must be an int, got {type(e).__name__}")
+    if not 0 <= e < w.n_experts:
+        raise ValueError(f"expert {e} is out of range [0, {w.n_experts})")
+    vec = isinstance(x, np.ndarray) and x.ndim == 1
+    x2 = x[None] if vec else x
+    _check_x(x2, w.cols)
+    y = mul_mat_id_cpu(w, x2, np.full((x2.shape[0], 1), e, np.int64), tiles=tiles)[:, 0]
+    return y[0] if vec else y
+
+
+def moe_ffn_cpu(layer: MoELayer, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+                out: np.ndarray | None = None, *, tiles: Tiles | None = None) -> np.ndarray:
+    """The MoE FFN of one layer on the CPU, given its routing -> float32 ``[n_tokens, n_embd]``.
+
+    ``ids`` int ``[n_tokens, k]`` expert ids, ``weights`` float ``[n_tokens, k]``;
+    ``out[t] = sum_j weights[t, j] * expert_ids[t, j](x[t])``, summed in j order.
+    ``tiles`` overrides the blocking (default ``TILES``); results do not depend on it
+    beyond float32 rounding.
+    """
+    if not isinstance(layer, MoELayer):
+        raise TypeError(f"layer must be a MoELayer, got {type(layer).__name__}")
+    graw, gtype = _check_tensor("gate", layer.gate)
+    uraw, utype = _check_tensor("up", layer.up)
+    draw, dtype_ = _check_tensor("down", layer.down)
+    E, D, F = layer.n_experts, layer.n_embd, layer.n_ff
+    if gtype != utype:
+        raise ValueError("gate and up experts must share one type")
+    for name, t, shape in (("gate", layer.gate, (E, F, D)), ("up", layer.up, (E, F, D)),
+                           ("down", layer.down, (E, D, F))):
+        if (t.n_experts, t.rows, t.cols) != shape:
+            raise ValueError(f"{name} experts are {(t.n_experts, t.rows, t.cols)}, expected {shape}")
+    if layer.activation not in _ACT_CODE:
+        raise ValueError(f"unknown activation {layer.activation!r}")
+    tl = _check_tiles(tiles)
+    _check_x(x, D)
+    ids, weights = _check_routing(ids, x.shape[0], E, weights)
+    out = _check_out(out, (x.shape[0], D))
+    biases = []
+    for name, b, shape in (("gate_b", layer.gate_b, (E, F)), ("up_b", layer.up_b, (E, F)),
+                           ("down_b", layer.down_b, (E, D))):
+        if b is None:
+            b = np.zeros(shape, np.float32)
+        elif not isinstance(b, np.ndarray) or b.dtype != np.float32 or b.shape != shape:
+            raise ValueError(f"{name} must be float32 {shape}, got {getattr(b, 'dtype', None)} "
+                             f"{getattr(b, 'shape', None)}")
+        biases.append(np.ascontiguousarray(b))
+    n, k = ids.shape
+    if n == 0:
+        return out
+    pairs, starts, used, pos = _bucket(ids, E)
+    X = _gather(np.ascontiguousarray(x), pairs, k, _pad(D), False)
+    H = _zeros_aligned(pairs.size, _pad(F))
+    Y = _zeros_aligned(pairs.size, _pad(D))
+    with nb.parallel_chunksize(1):
+        _grouped(graw, uraw, gtype, F, D, X, starts, used, biases[0], biases[1], _ACT_CODE[layer.activation], H,
+                 tl, _chunks())
+        _grouped(draw, draw, dtype_, D, F, H, starts, used, _NO_BIAS, _NO_BIAS, -1, Y, tl, _chunks())
+    _combine(Y, pos, weights, ids, biases[2], out)
+    return out

@@ -1,0 +1,334 @@
+"""CPU expert path (hybrid/cpu.py) against the float64 reference and gguf's decoders."""
+import numba as nb
+import numpy as np
+import pytest
+from gguf import quants
+from gguf.constants import GGMLQuantizationType as T
+from hypothesis import given, settings, strategies as st
+
+from hybrid import cpu, cpu_ir
+from hybrid.layer import ExpertTensor, random_layer
+from hybrid.reference import moe_reference, route_reference, router_logits_reference, silu_gated, swiglu_oai
+from quant import mxfp4
+
+TYPES = [T.MXFP4, T.Q8_0, T.F16, T.BF16, T.F32]
+TOL = 1e-5
+
+
+def rel_err(ours, ref):
+    return np.abs(ours - ref).max() / np.abs(ref).max()
+
+
+def routed(layer, x):
+    ids, w = route_reference(router_logits_reference(layer, x), layer.k, layer.gating, layer.renormalize)
+    return ids, w.astype(np.float32)
+
+
+def check_layer(layer, x, ids=None, w=None):
+    if ids is None:
+        ids, w = routed(layer, x)
+    ours = cpu.moe_ffn_cpu(layer, x, ids, w)
+    assert ours.dtype == np.float32 and ours.shape == x.shape
+    assert rel_err(ours, moe_reference(layer, x, ids, w)) < TOL
+    return ours
+
+
+def rand_x(n, d, seed=0, scale=1.0):
+    return (scale * np.random.default_rng(seed).standard_normal((n, d))).astype(np.float32)
+
+
+@pytest.mark.parametrize("wtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("gpt_oss", [True, False], ids=["swiglu_oai", "silu"])
+def test_types_and_activations(wtype, gpt_oss):
+    # n_ff = 96: one full and one partial row tile; 23 tokens, skewed routing: experts
+    # with many tokens (tile path) and with few (direct kernels for MXFP4).
+    layer = random_layer(64, 96, 8, 3, wtype=wtype, gpt_oss=gpt_oss, seed=1, skew=1.5)
+    x = rand_x(23, 64, seed=2)
+    ids, w = routed(layer, x)
+    counts = np.bincount(ids.ravel(), minlength=8)
+    assert counts.max() >= cpu.TILES.tile_min and 0 < counts.min() < 8
+    check_layer(layer, x, ids, w)
+
+
+@pytest.mark.parametrize("wtype", [T.MXFP4, T.F32], ids=lambda t: t.name)
+def test_long_rows_cross_k_chunks(wtype):
+    # 1088 columns = 34 blocks: crosses kc_direct (32 blocks) and kc_tile (960 columns);
+    # the down matrix has 1088 rows = 17 row tiles. 9 tokens on one expert: chunked direct path.
+    layer = random_layer(1088, 160, 4, 2, wtype=wtype, seed=3)
+    x = rand_x(30, 1088, seed=4)
+    for n in (1, 3, 30):  # direct kernels; at 30 tokens (7, 14, 14, 25 per expert) both paths
+        check_layer(layer, x[:n])
+    check_layer(layer, x[:9], np.full((9, 2), [1, 3], np.int32), np.full((9, 2), 0.5, np.float32))
+
+
+def test_odd_sizes_for_unquantised_types():
+    # F32/F16 rows need not be multiples of 32: 40 columns, 50 rows.
+    for wtype in (T.F32, T.F16, T.BF16):
+        check_layer(random_layer(40, 50, 5, 2, wtype=wtype, seed=5), rand_x(9, 40, seed=6))
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+def test_k_from_1_to_8(k):
+    layer = random_layer(64, 64, 8, k, seed=10 + k)
+    check_layer(layer, rand_x(11, 64, seed=k))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7, 8, 9, 14, 15, 19, 20, 21, 45])
+def test_every_token_to_one_expert(n):
+    # n covers each direct kernel width (1..8), groups of 8 plus a rest, and the tile path (>= 20).
+    layer = random_layer(96, 128, 6, 1, seed=7)
+    x = rand_x(n, 96, seed=n)
+    ids = np.full((n, 1), 4, np.int32)
+    ours = check_layer(layer, x, ids, np.ones((n, 1), np.float32))
+    assert np.isfinite(ours).all()
+
+
+def test_one_token_and_unused_experts():
+    layer = random_layer(64, 64, 8, 2, seed=8)
+    x = rand_x(1, 64, seed=9)
+    ids = np.array([[6, 2]], np.int32)  # experts 0, 1, 3, 4, 5, 7 get no token
+    check_layer(layer, x, ids, np.array([[0.7, 0.3]], np.float32))
+
+
+@pytest.mark.parametrize("tiles", [cpu.Tiles(rows=4, kc_direct=1, kc_tile=32, tile_min=1),
+                                   cpu.Tiles(rows=8, kc_direct=3, kc_tile=64, tile_min=100),
+                                   cpu.Tiles(rows=12, kc_direct=2, kc_tile=96, tile_min=5)])
+@pytest.mark.parametrize("wtype", [T.MXFP4, T.Q8_0, T.F16], ids=lambda t: t.name)
+def test_any_tiling_gives_the_same_result(tiles, wtype):
+    # Small tiles: many row tiles, K chunks and (tile_min) both paths; partial last tiles.
+    layer = random_layer(160, 96, 5, 2, wtype=wtype, seed=29)
+    x = rand_x(30, 160, seed=30)
+    ids, w = routed(layer, x)
+    ours = cpu.moe_ffn_cpu(layer, x, ids, w, tiles=tiles)
+    assert rel_err(ours, moe_reference(layer, x, ids, w)) < TOL
+    assert rel_err(cpu.mul_mat_id_cpu(layer.gate, x, ids, tiles=tiles),
+                   cpu.mul_mat_id_cpu(layer.gate, x, ids)) < TOL
+
+
+def test_bad_tiles():
+    for kw in (dict(rows=6), dict(kc_tile=48), dict(kc_direct=0), dict(tile_min=-1), dict(rows=2.0)):
+        with pytest.raises(ValueError, match="Tiles"):
+            cpu.Tiles(**kw)
+    layer = random_layer(32, 32, 2, 1)
+    with pytest.raises(TypeError, match="Tiles"):
+        cpu.moe_ffn_cpu(layer, rand_x(1, 32), np.zeros((1, 1), np.int32), np.ones((1, 1), np.float32),
+                        tiles=(64, 32, 960, 12))
+
+
+def test_read_only_weights():
+    # GGUF memory maps are read-only; the path never writes weights.
+    layer = random_layer(64, 96, 6, 2, seed=26)
+    for t in (layer.gate, layer.up, layer.down):
+        t.data.flags.writeable = False
+    check_layer(layer, rand_x(5, 64, seed=27))
+
+
+def test_reads_only_used_experts():
+    # Unused experts poisoned with NaN: the output must not change.
+    layer = random_layer(64, 96, 6, 2, wtype=T.F32, seed=11)
+    x = rand_x(7, 64, seed=12)
+    ids, w = routed(layer, x)
+    clean = cpu.moe_ffn_cpu(layer, x, ids, w)
+    for t in (layer.gate, layer.up, layer.down):
+        t.data[np.setdiff1d(np.arange(6), ids)] = np.nan
+    assert np.array_equal(cpu.moe_ffn_cpu(layer, x, ids, w), clean)
+
+
+def test_clamps_of_swiglu_oai_are_exercised():
+    layer = random_layer(64, 64, 4, 2, seed=13)
+    x = rand_x(16, 64, seed=14, scale=25.0)  # gate/up far outside [-7, 7]
+    ids, w = routed(layer, x)
+    g = x @ layer.gate.dequantize(int(ids[0, 0])).T
+    assert np.abs(g).max() > 7
+    check_layer(layer, x, ids, w)
+
+
+def test_deterministic_across_runs_and_threads():
+    layer = random_layer(64, 128, 8, 4, seed=15)
+    x = rand_x(40, 64, seed=16)
+    ids, w = routed(layer, x)
+    first = cpu.moe_ffn_cpu(layer, x, ids, w)
+    n0 = nb.get_num_threads()
+    try:
+        for n in {1, n0}:
+            nb.set_num_threads(n)
+            assert np.array_equal(cpu.moe_ffn_cpu(layer, x, ids, w), first)
+    finally:
+        nb.set_num_threads(n0)
+
+
+def test_out_argument_and_zero_tokens():
+    layer = random_layer(64, 64, 4, 2, seed=17)
+    x = rand_x(5, 64, seed=18)
+    ids, w = routed(layer, x)
+    out = np.full((5, 64), np.nan, np.float32)
+    assert cpu.moe_ffn_cpu(layer, x, ids, w, out=out) is out
+    assert rel_err(out, moe_reference(layer, x, ids, w)) < TOL
+    empty = cpu.moe_ffn_cpu(layer, x[:0], ids[:0], w[:0])
+    assert empty.shape == (0, 64)
+
+
+@given(n=st.integers(0, 12), e=st.integers(2, 6), k=st.integers(1, 3), seed=st.integers(0, 2 ** 16),
+       gpt_oss=st.booleans())
+@settings(max_examples=25, deadline=None)
+def test_property_random_routing(n, e, k, seed, gpt_oss):
+    k = min(k, e)
+    layer = random_layer(32, 64, e, k, gpt_oss=gpt_oss, seed=seed)
+    rng = np.random.default_rng(seed)
+    x = rand_x(n, 32, seed=seed)
+    ids = rng.integers(0, e, (n, k)).astype(np.int32)  # any ids, repeats within a token included
+    w = rng.random((n, k)).astype(np.float32)
+    ours = cpu.moe_ffn_cpu(layer, x, ids, w)
+    if n:
+        assert rel_err(ours, moe_reference(layer, x, ids, w)) < TOL
+
+
+@pytest.mark.parametrize("wtype", TYPES, ids=lambda t: t.name)
+def test_expert_matmul(wtype):
+    layer = random_layer(96, 64, 3, 1, wtype=wtype, seed=19)
+    w = layer.gate
+    x = rand_x(6, 96, seed=20)
+    ref = x.astype(np.float64) @ w.dequantize(2).astype(np.float64).T
+    assert rel_err(cpu.expert_matmul_cpu(w, 2, x), ref) < TOL
+    y1 = cpu.expert_matmul_cpu(w, 2, x[0])
+    assert y1.shape == (64,) and rel_err(y1, ref[0]) < TOL
+
+
+def test_mul_mat_id_per_slot_inputs():
+    layer = random_layer(64, 96, 5, 3, seed=21)
+    x = rand_x(4 * 3, 96, seed=22).reshape(4, 3, 96)
+    ids = np.array([[0, 4, 2], [4, 4, 1], [3, 0, 2], [1, 2, 3]], np.int32)
+    y = cpu.mul_mat_id_cpu(layer.down, x, ids)
+    ref = np.stack([[layer.down.dequantize(ids[t, j]).astype(np.float64) @ x[t, j] for j in range(3)]
+                    for t in range(4)])
+    assert y.shape == (4, 3, 64) and rel_err(y, ref) < TOL
+
+
+def test_bad_inputs():
+    layer = random_layer(64, 64, 4, 2, seed=23)
+    x = rand_x(3, 64)
+    ids, w = routed(layer, x)
+    f = cpu.moe_ffn_cpu
+    with pytest.raises(ValueError, match="shape"):
+        f(layer, rand_x(3, 32), ids, w)
+    with pytest.raises(TypeError, match="float32"):
+        f(layer, x.astype(np.float64), ids, w)
+    with pytest.raises(ValueError, match="NaN"):
+        bad = x.copy()
+        bad[1, 5] = np.nan
+        f(layer, bad, ids, w)
+    for v in (-1, 4):
+        bad = ids.copy()
+        bad[2, 1] = v
+        with pytest.raises(ValueError, match=r"ids\[2, 1\] = %d is out of range" % v):
+            f(layer, x, bad, w)
+    with pytest.raises(TypeError, match="integer"):
+        f(layer, x, ids.astype(np.float32), w)
+    with pytest.raises(ValueError, match="ids has shape"):
+        f(layer, x, ids[:2], w[:2])
+    with pytest.raises(ValueError, match="weights has shape"):
+        f(layer, x, ids, w[:, :1])
+    with pytest.raises(ValueError, match="weights hold NaN"):
+        f(layer, x, ids, np.full_like(w, np.nan))
+    with pytest.raises(ValueError, match="out has shape"):
+        f(layer, x, ids, w, out=np.empty((3, 63), np.float32))
+    with pytest.raises(TypeError, match="MoELayer"):
+        f("layer", x, ids, w)
+    with pytest.raises(ValueError, match="out of range"):
+        cpu.expert_matmul_cpu(layer.gate, 4, x)
+    with pytest.raises(ValueError, match="shape"):
+        cpu.expert_matmul_cpu(layer.gate, 0, rand_x(2, 65))
+    with pytest.raises(NotImplementedError, match="not supported"):
+        cpu.expert_matmul_cpu(ExpertTensor(np.zeros((1, 2, 36), np.uint8), int(T.Q4_0), 2, 64), 0, rand_x(1, 64))
+
+
+# ------------------------------------------------------------ decoders and per-ISA kernels
+def _tile_of(t: ExpertTensor, e=0):
+    rows, cols = t.rows, t.cols
+    tile = np.full(((rows + 3) // 4 * 4) * cols, 7.0, np.float32)
+    cpu._decode_tile(t.raw, cpu._TYPE_CODE[T(t.ggml_type)], e, 0, rows, 0, cols, tile, cols, cols)
+    return tile[:rows * cols].reshape(rows, cols), tile[rows * cols:]
+
+
+@pytest.mark.parametrize("wtype", [T.F16, T.BF16])
+def test_half_decoders_exhaustive(wtype):
+    bits = np.arange(2 ** 16, dtype=np.uint16).reshape(1, 256, 256)
+    t = ExpertTensor(bits.view(np.float16) if wtype == T.F16 else bits, int(wtype), 256, 256)
+    ours, _ = _tile_of(t)
+    ref = quants.dequantize(bits.view(np.uint8).reshape(256, 512), wtype).reshape(256, 256)
+    same = (ours == ref) | (np.isnan(ours) & np.isnan(ref))
+    assert same.all()
+
+
+@given(data=st.binary(min_size=2 * 5 * 17, max_size=2 * 5 * 17))
+@settings(max_examples=60, deadline=None)
+def test_mxfp4_tile_decode_matches_reference(data):
+    raw = np.frombuffer(data, np.uint8).reshape(1, 2, 5 * 17).copy()
+    ours, pad = _tile_of(ExpertTensor(raw, int(T.MXFP4), 2, 160))
+    assert np.array_equal(ours, mxfp4.dequantize(raw[0]))  # -0.0 == 0.0; inf where the reference has inf
+    assert (pad == 0).all()  # rows rounded up to the kernel's 4 are zero
+
+
+def test_q8_0_decode_matches_gguf():
+    rng = np.random.default_rng(24)
+    raw = quants.quantize(rng.standard_normal((3, 5, 64)).astype(np.float32), T.Q8_0)
+    t = ExpertTensor(raw, int(T.Q8_0), 5, 64)
+    for e in range(3):
+        assert np.array_equal(_tile_of(t, e)[0], quants.dequantize(raw[e], T.Q8_0))
+
+
+@nb.njit
+def _act_harness(h, u, gb, ub, swiglu):
+    if swiglu:
+        cpu._act_swiglu(h, 0, u, 0, gb, 0, ub, 0, h.size // cpu.W)
+    else:
+        cpu._act_silu(h, 0, u, 0, gb, 0, ub, 0, h.size // cpu.W)
+
+
+@pytest.mark.parametrize("swiglu", [True, False], ids=["swiglu_oai", "silu"])
+def test_activation_kernel(swiglu):
+    # Vector exp and the clamps over a wide range, biases added first.
+    rng = np.random.default_rng(28)
+    g = np.concatenate([np.linspace(-120, 120, 4096), rng.standard_normal(4096) * 4]).astype(np.float32)
+    u = np.concatenate([rng.standard_normal(4096) * 30, rng.standard_normal(4096)]).astype(np.float32)
+    gb, ub = (rng.standard_normal(g.size) * 0.1).astype(np.float32), (rng.standard_normal(g.size) * 0.1).astype(np.float32)
+    h = g.copy()
+    _act_harness(h, u, gb, ub, swiglu)
+    f = swiglu_oai if swiglu else silu_gated
+    ref = f(g.astype(np.float64) + gb, u.astype(np.float64) + ub)
+    assert np.allclose(h, ref, rtol=2e-6, atol=1e-6 * np.abs(ref).max())
+
+
+def _isa_harness(isa, R, T_):
+    dot, dec = cpu_ir.make_mx_dot(R, T_, isa), cpu_ir.make_mx_decode(isa)
+
+    @nb.njit
+    def run(raw, x, out, tile, nblk):
+        rows, wst = raw.shape[0], raw.shape[1]
+        for r in range(0, rows, R):
+            for t in range(0, x.shape[0], T_):
+                dot(raw, r * wst, wst, nblk, x, t * x.shape[1], x.shape[1], out, t * rows + r, rows)
+            for i in range(R):
+                dec(raw, (r + i) * wst, nblk, tile, (r + i) * nblk * 32)
+    return run
+
+
+@pytest.mark.parametrize("isa", cpu_ir.ISAS)
+def test_isa_kernels(isa):
+    """Every lookup variant (the host runs only its best one) decodes and multiplies right."""
+    if isa not in cpu_ir.supported_isas():
+        pytest.skip(f"{isa} not on this CPU")
+    rng = np.random.default_rng(25)
+    w = rng.standard_normal((8, 96)).astype(np.float32)
+    w[0, :32] = 0.0  # exponent 0 block
+    raw = mxfp4.quantize(w)
+    raw[1, 0] = 1  # subnormal scale
+    x = rng.standard_normal((8, 96)).astype(np.float32)
+    dq = mxfp4.dequantize(raw)
+    ref = x.astype(np.float64) @ dq.astype(np.float64).T
+    for R, T_ in ((2, 8), (4, 1)):
+        out = np.zeros((8, 8), np.float32)
+        tile = np.zeros(8 * 96, np.float32)
+        _isa_harness(isa, R, T_)(raw, x, out.reshape(-1), tile, 3)
+        assert rel_err(out, ref) < TOL
+        assert np.array_equal(tile.reshape(8, 96), dq)
