@@ -9,7 +9,7 @@ Host modes (``HOST_MODES``):
   the other. Costs a CPU memcpy, needs no pinning of the model.
 - ``pageable``: plain copies from the memory map (the driver stages them
   synchronously): the slow baseline.
-``auto`` tries pinned, then falls back to staged, and reports the choice.
+``auto`` tries pinned, then staged, then pageable, and reports the choice.
 """
 from __future__ import annotations
 
@@ -61,7 +61,13 @@ class HostMemory:
                 log.info(self.note)
         self._stage = None
         if self.mode == "staged":
-            self._stage = [cuda.pinned_array(self.stage_bytes, np.uint8) for _ in range(2)]
+            try:
+                self._stage = [cuda.pinned_array(self.stage_bytes, np.uint8) for _ in range(2)]
+            except Exception as exc:
+                if mode == "staged":
+                    raise RuntimeError(f"could not allocate the pinned staging buffer: {exc}") from exc
+                self.mode, self.note = "pageable", f"{self.note}; staging failed too ({exc}): pageable copies"
+                log.warning(self.note)
             self._stage_ev = [None, None]
             self._half = 0
 

@@ -1,0 +1,79 @@
+"""Host memory modes: copies land byte-exact, and failed pinning falls back cleanly."""
+import numpy as np
+import pytest
+from numba import cuda
+
+from hybrid import transfer
+from hybrid.transfer import HostMemory
+
+pytestmark = pytest.mark.skipif(not cuda.is_available(), reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")
+
+
+def arrays():
+    rng = np.random.default_rng()
+    return [rng.integers(0, 256, (5, 3, 34), dtype=np.uint8),
+            rng.standard_normal((5, 7)).astype(np.float32)]
+
+
+@pytest.mark.parametrize("mode", ["pinned", "staged", "pageable", "auto"])
+def test_ranges_copy_exactly_in_every_mode(mode):
+    host = arrays()
+    mem = HostMemory(host, mode=mode, stage_bytes=40)  # tiny stage: many chunks through both halves
+    assert mem.mode == ("pinned" if mode == "auto" else mode)
+    s = cuda.stream()
+    for i, a in enumerate(host):
+        flat = a.reshape(-1)
+        per = flat.size // 5
+        dev = cuda.to_device(np.zeros(3 * per, a.dtype))
+        mem.copy(i, dev, 1 * per, 0, 2 * per, s)  # experts 1..2 into slots 0..1
+        mem.copy(i, dev, 4 * per, 2 * per, per, s)  # expert 4 into slot 2
+        s.synchronize()
+        got = dev.copy_to_host()
+        assert np.array_equal(got.view(np.uint8), np.concatenate([flat[per:3 * per], flat[4 * per:]]).view(np.uint8))
+    mem.close()
+
+
+def test_failed_pinning_falls_back_to_staged(monkeypatch):
+    def no_pinning(*a, **k):
+        raise MemoryError("cannot page-lock 60 GB")
+    small = cuda.pinned_array
+
+    def small_only(shape, dtype=np.float64, **k):
+        if np.prod(shape) * np.dtype(dtype).itemsize > 1 << 20:
+            raise MemoryError("no pinned memory left")
+        return small(shape, dtype, **k)
+
+    monkeypatch.setattr(cuda, "pinned", no_pinning)
+    monkeypatch.setattr(cuda, "pinned_array", small_only)
+    big = [np.ones(2 << 20, np.uint8)]
+    mem = HostMemory(big, mode="auto", stage_bytes=1 << 16)
+    assert mem.mode == "staged" and "pinning failed" in mem.note
+    with pytest.raises(RuntimeError, match="could not pin"):
+        HostMemory(big, mode="pinned")
+    # Not even the staging buffer: plain pageable copies, still correct.
+    mem = HostMemory(big, mode="auto", stage_bytes=2 << 20)
+    assert mem.mode == "pageable" and "staging failed" in mem.note
+    dev = cuda.device_array(16, np.uint8)
+    mem.copy(0, dev, 5, 0, 16, 0)
+    assert (dev.copy_to_host() == 1).all()
+    with pytest.raises(RuntimeError, match="staging buffer"):
+        HostMemory(big, mode="staged", stage_bytes=2 << 20)
+
+
+def test_registration_failure_copies_into_pinned_memory(monkeypatch):
+    def no_register(*a, **k):
+        raise RuntimeError("read-only mapping")
+    monkeypatch.setattr(cuda, "pinned", no_register)
+    host = arrays()
+    mem = HostMemory(host, mode="auto")
+    assert mem.mode == "pinned" and "copied" in mem.note
+    assert all(np.array_equal(a.reshape(-1), b) for a, b in zip(host, mem.arrays))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="host mode"):
+        HostMemory(arrays(), mode="fast")
+    with pytest.raises(ValueError, match="stage_bytes"):
+        HostMemory(arrays(), mode="staged", stage_bytes=0)
+    with pytest.raises(ValueError, match="contiguous"):
+        transfer.flat_bytes(np.zeros((4, 4))[:, ::2])
