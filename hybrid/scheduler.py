@@ -29,6 +29,7 @@ from .cpu import moe_ffn_cpu
 from .layer import MoELayer
 from .residency import SlotPool
 from .stats import Stats, TensorRecord, UbatchRecord
+from .transfer import HOST_MODES
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,11 @@ class HybridMoE:
         if not layers or not all(isinstance(l, MoELayer) for l in layers):
             raise TypeError("layers must be a non-empty list of MoELayer")
         first = layers[0]
-        for l in layers:
-            if (l.n_experts, l.n_embd, l.n_ff, l.gate.ggml_type, l.down.ggml_type) != (
-                    first.n_experts, first.n_embd, first.n_ff, first.gate.ggml_type, first.down.ggml_type):
-                raise ValueError("all layers must share n_experts, n_embd, n_ff and expert types")
+        # Device buffers and host copy offsets are laid out once, from the first layer.
+        shape = lambda l: (l.n_experts, l.n_embd, l.n_ff, l.k, l.gate.ggml_type, l.up.ggml_type,  # noqa: E731
+                           l.down.ggml_type, l.gate_b is None, l.up_b is None, l.down_b is None)
+        if any(shape(l) != shape(first) for l in layers):
+            raise ValueError("all layers must share n_experts, n_embd, n_ff, k, expert types and biases")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if layout not in LAYOUTS:
@@ -88,6 +90,8 @@ class HybridMoE:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         if device_bytes is not None and (not isinstance(device_bytes, (int, np.integer)) or device_bytes <= 0):
             raise ValueError(f"device_bytes must be a positive int or None, got {device_bytes!r}")
+        if host not in HOST_MODES:
+            raise ValueError(f"host mode must be one of {HOST_MODES}, got {host!r}")
         if cache_bytes and layout == "natural":
             layout = "compact"  # a cache is a pool of slots; natural offsets cannot hold several layers
         self.layers = layers
@@ -108,8 +112,11 @@ class HybridMoE:
                                  f"{E} experts, device_bytes is {device_bytes:,}; use layout='compact'")
             self.pool = None
         else:
-            budget = cache_bytes or device_bytes or E * self.expert_bytes
-            self.n_slots = min(E, budget // self.expert_bytes) if not cache_bytes else budget // self.expert_bytes
+            budgets = [b for b in (cache_bytes, device_bytes) if b]
+            budget = min(budgets) if budgets else E * self.expert_bytes
+            self.n_slots = budget // self.expert_bytes
+            if not cache_bytes:
+                self.n_slots = min(E, self.n_slots)  # without a cache, one layer's experts at most
             if self.n_slots < 1:
                 raise ValueError(f"{budget:,} bytes of device memory cannot hold one expert "
                                  f"({self.expert_bytes:,} bytes for its {len(self.roles)} tensors)")

@@ -144,7 +144,13 @@ def test_bad_arguments(layers):
     with pytest.raises(ValueError, match="cannot hold one expert"):
         HybridMoE(layers, device="cpu", layout="compact", device_bytes=10)
     with pytest.raises(ValueError, match="host mode"):
-        HybridMoE(layers, device="sim", host="fast")
+        HybridMoE(layers, device="cpu", host="fast")
+    odd = random_layer(**{**SHAPE, "k": 3}, seed=9)
+    with pytest.raises(ValueError, match="share"):
+        HybridMoE([layers[0], odd], device="cpu")
+    plain = random_layer(**SHAPE, gpt_oss=False, seed=9)  # no biases
+    with pytest.raises(ValueError, match="share"):
+        HybridMoE([layers[0], plain], device="cpu")
     with pytest.raises(ValueError, match="needs NUMBA_ENABLE_CUDASIM|selects the simulator"):
         resolve_device("cuda")
     moe = HybridMoE(layers, device="cpu")
