@@ -216,8 +216,8 @@ def _gate_up_kernel(cfg: TileConfig, wtype: int, activation: str, has_bias: bool
             cuda.syncthreads()
 
         for i in range(TM):
-            if i < nr:
-                p = ps[PO + ty + i * RS]
+            p = ps[PO + ty + i * RS]
+            if i < nr and 0 <= p < sentinel:  # padding is never written, wherever it sits
                 for j in range(TN):
                     if j < nc:
                         col = col0 + tx + j * CS
@@ -309,8 +309,8 @@ def _down_kernel(cfg: TileConfig, wtype: int, has_bias: bool):
             cuda.syncthreads()
 
         for i in range(TM):
-            if i < nr:
-                p = ps[PO + ty + i * RS]
+            p = ps[PO + ty + i * RS]
+            if i < nr and 0 <= p < sentinel:
                 wp = weights[p]
                 for j in range(TN):
                     if j < nc:
@@ -384,6 +384,11 @@ def _check_buckets(b):
         raise ValueError("Buckets: pairs, tile_expert and offsets do not agree with block_size")
     if P and (b.pairs.min() < 0 or b.pairs.max() > b.sentinel):
         raise ValueError(f"Buckets.pairs hold values outside [0, {b.sentinel}]")
+    # The kernels take a tile's real pairs to come first: padding only at its tail.
+    live = (b.pairs < b.sentinel).reshape(-1, bs)
+    if P and (live[:, 1:] & ~live[:, :-1]).any():
+        tile = int(np.argmax((live[:, 1:] & ~live[:, :-1]).any(axis=1)))
+        raise ValueError(f"Buckets.pairs: tile {tile} has padding before a real pair")
     real = b.pairs[::bs] < b.sentinel if P else np.zeros(0, bool)
     te = b.tile_expert[real]
     if te.size and (te.min() < 0 or te.max() >= E):

@@ -316,3 +316,14 @@ def test_bad_buckets_and_tiles_raise():
         K.TileConfig(block_pairs=64, block_cols=128, k_chunk=64, thread_rows=8, thread_cols=8)
     with pytest.raises(ValueError, match="positive int"):
         K.TileConfig(block_pairs=0)
+
+
+def test_padding_inside_a_tile_is_rejected():
+    # The kernels take the real pairs of a tile to come first (padding only at
+    # its tail): a hand-built layout with a sentinel before a real pair would
+    # make them write act/y at row n_tokens*k, past the end.
+    bad = bucket(np.array([[0, 1], [1, 2]], np.int32), 4, 4)
+    t = bad.offsets[1] // 4  # expert 1's tile: pairs [1, 2, pad, pad]
+    bad.pairs[t * 4:t * 4 + 4] = [1, bad.sentinel, bad.sentinel, 2]
+    with pytest.raises(ValueError, match="padding"):
+        K.DeviceBuckets.from_host(bad)
