@@ -14,7 +14,9 @@ Host modes (``HOST_MODES``):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import mmap
 
 import numpy as np
 from numba import cuda
@@ -72,18 +74,32 @@ class HostMemory:
             self._half = 0
 
     def _pin(self, arrays):
-        out, copied = [], 0
-        for a in arrays:
+        """Page-lock every span of memory the arrays live in, each span once.
+
+        Tensors of one GGUF file sit back to back and share pages at their edges;
+        registering them one by one would fail on the second ('already
+        registered'), so spans that touch a common page are merged first.
+        Where a span cannot be registered (a read-only memory map, say), its
+        arrays are copied into pinned memory instead.
+        """
+        spans = _spans(arrays)
+        failed = set()
+        for lo, hi, members in spans:
             try:
-                self._stack.enter_context(cuda.pinned(a))
-                out.append(a)
+                self._stack.enter_context(cuda.pinned(_raw_view(lo, hi)))
             except Exception:
-                # Read-only memory maps cannot always be registered: copy instead.
+                failed.update(members)
+        out, copied = [], 0
+        for i, a in enumerate(arrays):
+            if i in failed:
                 p = cuda.pinned_array(a.shape, a.dtype)
                 p[...] = a
-                out.append(p)
+                a = p
                 copied += a.nbytes
-        note = "pinned in place" if not copied else f"copied {copied / 1e9:.2f} GB into pinned memory"
+            out.append(a)
+        note = f"pinned in place ({len(spans)} span{'s' if len(spans) > 1 else ''})"
+        if copied:
+            note += f"; copied {copied / 1e9:.2f} GB that could not be registered into pinned memory"
         return out, note
 
     def close(self):
@@ -109,6 +125,27 @@ class HostMemory:
             ev.record(stream)
             self._stage_ev[h] = ev
             self._half = 1 - h
+
+
+def _spans(arrays, page=mmap.PAGESIZE):
+    """``(start, end, member indices)`` of the memory spans holding ``arrays``, merged
+    where they share a page."""
+    order = sorted(range(len(arrays)), key=lambda i: arrays[i].ctypes.data)
+    spans = []
+    for i in order:
+        a = arrays[i]
+        lo, hi = a.ctypes.data, a.ctypes.data + a.nbytes
+        if spans and lo // page <= (spans[-1][1] - 1) // page:
+            spans[-1][1] = max(spans[-1][1], hi)
+            spans[-1][2].append(i)
+        else:
+            spans.append([lo, hi, [i]])
+    return [(lo, hi, members) for lo, hi, members in spans]
+
+
+def _raw_view(lo, hi) -> np.ndarray:
+    """A uint8 array over memory ``[lo, hi)`` that something else keeps alive."""
+    return np.ctypeslib.as_array((ctypes.c_uint8 * (hi - lo)).from_address(lo))
 
 
 def device_buffer(n_elems: int, dtype) -> "cuda.devicearray.DeviceNDArray":

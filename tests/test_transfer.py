@@ -77,3 +77,24 @@ def test_bad_arguments():
         HostMemory(arrays(), mode="staged", stage_bytes=0)
     with pytest.raises(ValueError, match="contiguous"):
         transfer.flat_bytes(np.zeros((4, 4))[:, ::2])
+
+
+def test_tensors_sharing_pages_are_pinned_as_one_span(monkeypatch):
+    # Tensors of one GGUF file sit back to back: registering each would hit pages
+    # registered already. One span per run of touching tensors; separate buffers apart.
+    pinned = []
+    real = cuda.pinned
+
+    def spy(a):
+        pinned.append((a.ctypes.data, a.nbytes))
+        return real(a)
+    monkeypatch.setattr(cuda, "pinned", spy)
+    blob = np.random.default_rng().integers(0, 256, (1 << 20) + 100, dtype=np.uint8)  # own mmap: own pages
+    parts = [blob[:5000], blob[5000:9000].view(np.float32), blob[9000:]]  # share pages at 4096 and 8192
+    other = np.ones(1 << 18, np.float32)
+    mem = HostMemory(parts + [other], mode="pinned")
+    assert mem.mode == "pinned" and "2 spans" in mem.note
+    assert sorted(pinned) == sorted([(blob.ctypes.data, blob.nbytes), (other.ctypes.data, other.nbytes)])
+    for a, b in zip(mem.arrays, parts + [other]):
+        assert a.ctypes.data == b.ctypes.data  # in place, no copies
+
