@@ -1,4 +1,6 @@
 """Host memory modes: copies land byte-exact, and failed pinning falls back cleanly."""
+import mmap
+
 import numpy as np
 import pytest
 from numba import cuda
@@ -89,9 +91,13 @@ def test_tensors_sharing_pages_are_pinned_as_one_span(monkeypatch):
         pinned.append((a.ctypes.data, a.nbytes))
         return real(a)
     monkeypatch.setattr(cuda, "pinned", spy)
-    blob = np.random.default_rng().integers(0, 256, (1 << 20) + 100, dtype=np.uint8)  # own mmap: own pages
+    def own_pages(n):  # an anonymous map: nothing else shares its pages
+        return np.frombuffer(mmap.mmap(-1, n), np.uint8)
+    blob = own_pages(3 * 4096 + 100)
+    blob[:] = np.random.default_rng().integers(0, 256, blob.size, dtype=np.uint8)
     parts = [blob[:5000], blob[5000:9000].view(np.float32), blob[9000:]]  # share pages at 4096 and 8192
-    other = np.ones(1 << 18, np.float32)
+    other = own_pages(256).view(np.float32)
+    other[:] = 1.0
     mem = HostMemory(parts + [other], mode="pinned")
     assert mem.mode == "pinned" and "2 spans" in mem.note
     assert sorted(pinned) == sorted([(blob.ctypes.data, blob.nbytes), (other.ctypes.data, other.nbytes)])
