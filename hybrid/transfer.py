@@ -88,7 +88,10 @@ class HostMemory:
             try:
                 self._stack.enter_context(cuda.pinned(_raw_view(lo, hi)))
             except Exception:
-                failed.update(members)
+                try:
+                    self._register_read_only(lo, hi - lo)
+                except Exception:
+                    failed.update(members)
         out, copied = [], 0
         for i, a in enumerate(arrays):
             if i in failed:
@@ -101,6 +104,15 @@ class HostMemory:
         if copied:
             note += f"; copied {copied / 1e9:.2f} GB that could not be registered into pinned memory"
         return out, note
+
+    def _register_read_only(self, ptr, size):
+        # A GGUF memory map is read-only: the driver registers it only with
+        # CU_MEMHOSTREGISTER_READ_ONLY, which numba's cuda.pinned does not pass.
+        if _simulator():
+            raise RuntimeError("no driver under the simulator")
+        from numba.cuda.cudadrv.driver import binding, driver
+        driver.cuMemHostRegister(ptr, size, binding.CU_MEMHOSTREGISTER_READ_ONLY)
+        self._stack.callback(driver.cuMemHostUnregister, ptr)
 
     def close(self):
         self._stack.close()
@@ -125,6 +137,11 @@ class HostMemory:
             ev.record(stream)
             self._stage_ev[h] = ev
             self._half = 1 - h
+
+
+def _simulator() -> bool:
+    import numba
+    return bool(numba.config.ENABLE_CUDASIM)
 
 
 def _spans(arrays, page=mmap.PAGESIZE):
