@@ -33,6 +33,7 @@ from quant import types as qtypes
 
 from .cpu_ir import W, best_isa, make_act, make_f32_dot, make_mx_decode, make_mx_dot
 from .layer import ExpertTensor, MoELayer
+from .routing import bucket
 
 __all__ = ["moe_ffn_cpu", "mul_mat_id_cpu", "expert_matmul_cpu", "Tiles", "TILES", "ISA"]
 
@@ -218,28 +219,14 @@ def _item(raw, wtype, e, r0, nr, cols, X, p0, n, out, ooff, ost, tile, tiles):
             t += T_
 
 
-@nb.njit(cache=True)
 def _bucket(ids, n_experts):
-    """Pairs t*k+j grouped by expert, tokens ascending: (pairs, starts[E+1], used, pos[T*k])."""
-    n, k = ids.shape
-    counts = np.zeros(n_experts, np.int64)
-    for t in range(n):
-        for j in range(k):
-            counts[ids[t, j]] += 1
-    starts = np.zeros(n_experts + 1, np.int64)
-    for e in range(n_experts):
-        starts[e + 1] = starts[e] + counts[e]
-    fill = starts[:-1].copy()
-    pairs = np.empty(n * k, np.int64)
-    pos = np.empty(n * k, np.int64)
-    for t in range(n):
-        for j in range(k):
-            e = ids[t, j]
-            pairs[fill[e]] = t * k + j
-            pos[t * k + j] = fill[e]
-            fill[e] += 1
-    used = np.nonzero(counts)[0]
-    return pairs, starts, used, pos
+    """Pairs t*k+j grouped by expert (routing's buckets) as int64, plus the position
+    of each pair in that order: (pairs, starts[E+1], used, pos[T*k])."""
+    bk = bucket(ids, n_experts)
+    pairs = bk.pairs.astype(np.int64)
+    pos = np.empty_like(pairs)
+    pos[pairs] = np.arange(pairs.size)
+    return pairs, bk.offsets.astype(np.int64), bk.used.astype(np.int64), pos
 
 
 @nb.njit(cache=True)
