@@ -23,6 +23,7 @@ import numpy as np
 from numba import cuda
 
 from hybrid import kernels as K
+from hybrid.copyplan import CostModel
 from hybrid.layer import ExpertTensor, MoELayer, random_layer
 from hybrid.reference import moe_reference
 from hybrid.routing import bucket, route
@@ -143,7 +144,8 @@ def bench_link(tiny, device):
     print(f"\npinned host-to-device peak: {peak:.1f} GB/s (one {'1 MiB' if tiny else '1 GiB'} copy, x3)")
     variants = {"all": dict(policy="all"), "used": dict(policy="used", overlap=False),
                 "used+overlap": dict(policy="used"),
-                "used+cache": dict(policy="used", cache_bytes=n_layers * L.n_experts * per_expert // 2)}
+                "used+cache": dict(policy="used", cache_bytes=n_layers * L.n_experts * per_expert // 2),
+                "used+merge": dict(policy="used", merge=CostModel(latency_s=10e-6, bandwidth_Bps=peak * 1e9))}
     tiles = K.TileConfig(4, 32, 32, 1, 8) if tiny else None
     print("\n| ubatch | variant | MoE t/s | speedup vs all | GB copied/ubatch | copy GB/s | of pinned peak |")
     print("|---:|---|---:|---:|---:|---:|---:|")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .copyplan import CostModel
+
 from .model import GGUFError, ensure_default_model, load
 
 MAX_TOKENS = 1 << 20  # a sanity bound on -p: hidden states are held in RAM
@@ -27,6 +29,8 @@ VARIANTS = {
     "used+overlap": dict(policy="used", overlap=True),
     "used+compact": dict(policy="used", layout="compact", overlap=True),
     "used+cache": dict(policy="used", overlap=True, cache=True),
+    # A gap is copied when that costs less than one more copy: 10 us per copy at 25 GB/s (PCIe 4 x16).
+    "used+merge": dict(policy="used", overlap=True, merge=CostModel(latency_s=10e-6, bandwidth_Bps=25e9)),
 }
 CPU_NOTE = ("no GPU: the experts run on the CPU and copies are only planned and counted; "
             "times are CPU times")

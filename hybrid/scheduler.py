@@ -67,11 +67,14 @@ class HybridMoE:
     that many bytes of VRAM across ubatches and layers (compact slots, LRU).
     ``device_bytes`` bounds the expert slots when there is no cache: too small
     for a ubatch's experts means rounds (compact) or a clear error (natural).
+    ``merge`` (a ``copyplan.CostModel``, natural layout only) also copies a gap
+    of unused experts when that is cheaper than one more copy.
     """
 
     def __init__(self, layers, *, device="auto", policy="used", layout="natural", host="auto",
                  cache_bytes=0, device_bytes=None, min_offload_batch=MIN_OFFLOAD_BATCH,
-                 overlap=True, tiles=None, stats: Stats | None = None):
+                 overlap=True, merge: copyplan.CostModel | None = None, tiles=None,
+                 stats: Stats | None = None):
         layers = list(layers)
         if not layers or not all(isinstance(l, MoELayer) for l in layers):
             raise TypeError("layers must be a non-empty list of MoELayer")
@@ -94,9 +97,11 @@ class HybridMoE:
             raise ValueError(f"host mode must be one of {HOST_MODES}, got {host!r}")
         if cache_bytes and layout == "natural":
             layout = "compact"  # a cache is a pool of slots; natural offsets cannot hold several layers
+        if merge is not None and (layout != "natural" or not isinstance(merge, copyplan.CostModel)):
+            raise ValueError("merge takes a copyplan.CostModel and the natural layout without a cache")
         self.layers = layers
         self.device = resolve_device(device)
-        self.policy, self.layout, self.overlap = policy, layout, bool(overlap)
+        self.policy, self.layout, self.overlap, self.merge = policy, layout, bool(overlap), merge
         self.cache_bytes, self.min_offload_batch = int(cache_bytes), int(min_offload_batch)
         self.stats = stats if stats is not None else Stats()
         self._ubatch = 0
@@ -201,7 +206,7 @@ class HybridMoE:
         E = L.n_experts
         want = np.arange(E, dtype=np.int32) if self.policy == "all" else bk.used
         if self.pool is None:  # natural: slot = expert id, one round
-            p = copyplan.plan(want, 1, E, "natural")
+            p = copyplan.plan(want, self.expert_bytes, E, "natural", cost=self.merge)
             return [Round(want, np.arange(E, dtype=np.int32), p.first, p.last, p.first, 0)]
         rounds = []
         for i in range(0, want.size, self.n_slots):

@@ -42,6 +42,7 @@ CONFIGS = [
     dict(policy="used"),
     dict(policy="used", overlap=False),
     dict(policy="used", layout="compact"),
+    dict(policy="used", merge=copyplan.CostModel(latency_s=1.0, bandwidth_Bps=1e9)),  # merges every gap
     dict(policy="used", host="staged"),
     dict(policy="used", host="pageable"),
     dict(policy="used", cache_bytes=5 * 1),  # replaced below by a real size
@@ -72,6 +73,8 @@ def test_every_configuration_matches_the_reference(layers, cfg):
     assert all(r.path == "offload" for r in stats.records)
     if "device_bytes" in cfg:
         assert max(r.rounds for r in stats.records) > 1
+    if "merge" in cfg:  # one copy per tensor, from the first used expert to the last
+        assert all(t.copies == 1 for r in stats.records for t in r.tensors)
 
 
 def test_all_and_used_give_identical_bits_and_used_copies_less(layers):
@@ -145,6 +148,8 @@ def test_bad_arguments(layers):
         HybridMoE(layers, device="cpu", layout="compact", device_bytes=10)
     with pytest.raises(ValueError, match="host mode"):
         HybridMoE(layers, device="cpu", host="fast")
+    with pytest.raises(ValueError, match="merge"):
+        HybridMoE(layers, device="cpu", layout="compact", merge=copyplan.CostModel(1e-5, 1e10))
     odd = random_layer(**{**SHAPE, "k": 3}, seed=9)
     with pytest.raises(ValueError, match="share"):
         HybridMoE([layers[0], odd], device="cpu")
