@@ -14,6 +14,8 @@ import time
 import numpy as np
 from numba import cuda
 
+from quant.types import type_name
+
 from . import kernels
 from .transfer import HostMemory, device_buffer
 
@@ -23,6 +25,10 @@ class DeviceEngine:
         self.layers = layers
         self.roles = [(name, nbytes) for name, nbytes, _ in roles]
         first = layers[0]
+        for t in (first.gate, first.up, first.down):
+            if int(t.ggml_type) not in kernels.SUPPORTED:
+                raise ValueError(f"the CUDA kernels read {', '.join(type_name(s) for s in kernels.SUPPORTED)} "
+                                 f"experts, not {type_name(t.ggml_type)}; use device='cpu' for this model")
         self.n_embd, self.n_ff, self.k = first.n_embd, first.n_ff, first.k
         self.tiles = tiles or kernels.TileConfig()
         # Host arrays: every layer's tensors, role by role, as flat views.

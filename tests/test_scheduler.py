@@ -148,6 +148,10 @@ def test_bad_arguments(layers):
         HybridMoE(layers, device="cpu", layout="compact", device_bytes=10)
     with pytest.raises(ValueError, match="host mode"):
         HybridMoE(layers, device="cpu", host="fast")
+    from gguf.constants import GGMLQuantizationType as T
+    f16 = [random_layer(**SHAPE, wtype=T.F16, seed=9)]
+    with pytest.raises(ValueError, match="not F16; use device='cpu'"):
+        HybridMoE(f16, device="sim")
     with pytest.raises(ValueError, match="merge"):
         HybridMoE(layers, device="cpu", layout="compact", merge=copyplan.CostModel(1e-5, 1e10))
     odd = random_layer(**{**SHAPE, "k": 3}, seed=9)
