@@ -240,9 +240,7 @@ def warm_up(moe, x, ub):
     for part in (x[:ub], x[:1]):
         for i in range(len(moe.layers)):
             moe.forward(i, part, ubatch=-1)
-    moe.stats.clear()
-    if moe.pool is not None:
-        moe.pool.clear()
+    moe.reset()
     return time.perf_counter() - t0
 
 

@@ -137,6 +137,13 @@ class HybridMoE:
     def host_mode(self) -> str:
         return self.engine.host.mode if self.engine else "none"
 
+    def reset(self) -> None:
+        """Forget statistics and every resident expert (start a new prompt cold)."""
+        self.stats.clear()
+        self._ubatch = 0
+        if self.pool is not None:
+            self.pool.clear()
+
     def close(self):
         if self.engine:
             self.engine.close()

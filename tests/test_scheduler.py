@@ -111,6 +111,12 @@ def test_cache_hits_skip_copies(layers):
     first, second = stats.records[:2], stats.records[2:]
     assert all(r.hits == 0 for r in first) and all(r.hits == r.used and r.bytes == 0 for r in second)
     assert np.array_equal(outs[0][0], outs[1][0])
+    with HybridMoE(layers[:1], device="cpu", cache_bytes=12 * per_expert, min_offload_batch=1) as moe:
+        moe.forward(0, x)
+        moe.reset()  # a new prompt starts cold: nothing resident, no stats
+        assert moe.stats.records == []
+        moe.forward(0, x)
+        assert moe.stats.records[0].hits == 0 and moe.stats.records[0].bytes > 0
 
 
 def test_unused_slots_poisoned_with_nan_change_nothing(layers):
