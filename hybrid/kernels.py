@@ -116,6 +116,21 @@ def _silu_mul(g, u):
     return g / (_ONE + math.exp(-g)) * u
 
 
+@cuda.jit(device=True, inline=True)
+def _extent(ps, row0, rs, tm, sentinel, col0, cs, tn, n_cols):
+    """How many of a thread's strided rows hold real pairs (they come first in a
+    tile) and how many of its strided columns lie inside the matrix."""
+    nr = 0
+    for i in range(tm):
+        if ps[row0 + i * rs] < sentinel:
+            nr = i + 1
+    nc = 0
+    for j in range(tn):
+        if col0 + j * cs < n_cols:
+            nc = j + 1
+    return nr, nc
+
+
 # ------------------------------------------------------------------ kernel factories
 
 @functools.lru_cache(maxsize=None)
@@ -170,14 +185,7 @@ def _gate_up_kernel(cfg: TileConfig, wtype: int, activation: str, has_bias: bool
         # its columns j < nc inside n_ff. Only the epilogue looks at them: the
         # zero-filled padding in shared memory is cheaper to multiply than to
         # predicate, and a thread with no real row or column skips the loop.
-        nr = 0
-        for i in range(TM):
-            if ps[PO + ty + i * RS] < sentinel:
-                nr = i + 1
-        nc = 0
-        for j in range(TN):
-            if col0 + tx + j * CS < n_ff:
-                nc = j + 1
+        nr, nc = _extent(ps, PO + ty, RS, TM, sentinel, col0 + tx, CS, TN, n_ff)
         # Unsigned shared offsets: numba skips its negative-index fix-up.
         xo = _U(XO + ty)
         go = _U(GO + tx)
@@ -270,14 +278,7 @@ def _down_kernel(cfg: TileConfig, wtype: int, has_bias: bool):
         for r in range(tid, BM, NT):
             ps[PO + r] = pairs[tile * BM + r]
         cuda.syncthreads()
-        nr = 0  # real rows, columns inside n_embd: as in gate_up
-        for i in range(TM):
-            if ps[PO + ty + i * RS] < sentinel:
-                nr = i + 1
-        nc = 0
-        for j in range(TN):
-            if col0 + tx + j * CS < n_embd:
-                nc = j + 1
+        nr, nc = _extent(ps, PO + ty, RS, TM, sentinel, col0 + tx, CS, TN, n_embd)  # as in gate_up
         xo = _U(XO + ty)
         wo = _U(WO + tx)
 
