@@ -226,6 +226,10 @@ def slot_runs(experts, slots):
     slots = np.asarray(slots)
     if experts.shape != slots.shape or experts.ndim != 1:
         raise ValueError(f"experts {experts.shape} and slots {slots.shape} must be 1-D of one length")
+    if not (np.issubdtype(experts.dtype, np.integer) and np.issubdtype(slots.dtype, np.integer)):
+        raise TypeError(f"experts and slots must be integer arrays, got {experts.dtype} and {slots.dtype}")
+    if experts.size and max(int(experts.max()), int(slots.max())) > np.iinfo(np.int32).max:
+        raise ValueError("expert ids and slots must fit int32")
     if experts.size:
         if np.any(np.diff(experts) <= 0):
             raise ValueError("experts must be sorted and unique")

@@ -248,3 +248,17 @@ def test_slot_runs_cover_each_placement_once(nu, data):
     # maximal: neighbouring copies could not have been one
     for i in range(len(first) - 1):
         assert not (first[i + 1] == last[i] + 1 and dst[i + 1] == dst[i] + last[i] - first[i] + 1)
+
+
+def test_slot_runs_rejects_bad_input():
+    from hybrid.copyplan import slot_runs
+    with pytest.raises(TypeError, match="integer"):
+        slot_runs(np.array([1.5, 2.0]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="sorted"):
+        slot_runs(np.array([2, 1]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="non-negative"):
+        slot_runs(np.array([0, 1]), np.array([-1, 0]))
+    with pytest.raises(ValueError, match="int32"):
+        slot_runs(np.array([0, 2**40]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="one length"):
+        slot_runs(np.array([0, 1]), np.array([0]))
