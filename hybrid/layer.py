@@ -82,6 +82,8 @@ class MoELayer:
             raise ValueError(f"gating must be one of {GATINGS}, got {self.gating!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)):
+            raise TypeError(f"k must be an int, got {type(self.k).__name__}")
         if not 1 <= self.k <= E:
             raise ValueError(f"k={self.k} must be in [1, n_experts={E}]")
         _check_f32("router_w", self.router_w, (E, D))
