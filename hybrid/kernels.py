@@ -117,6 +117,21 @@ def _silu_mul(g, u):
 
 
 @cuda.jit(device=True, inline=True)
+def _tile_slot(pairs, tile_expert, slots, tile, bm, sentinel, n_slots):
+    """The weight slot a tile reads, or -1 to skip it: an all-padding tile, or an
+    expert or slot outside the buffers (a device slot map is not checked on the host)."""
+    if pairs[tile * bm] >= sentinel:
+        return -1
+    e = tile_expert[tile]
+    if e < 0 or e >= slots.shape[0]:
+        return -1
+    s = slots[e]
+    if s < 0 or s >= n_slots:
+        return -1
+    return s
+
+
+@cuda.jit(device=True, inline=True)
 def _extent(ps, row0, rs, tm, sentinel, col0, cs, tn, n_cols):
     """How many of a thread's strided rows hold real pairs (they come first in a
     tile) and how many of its strided columns lie inside the matrix."""
@@ -162,14 +177,9 @@ def _gate_up_kernel(cfg: TileConfig, wtype: int, activation: str, has_bias: bool
         sentinel = act.shape[0]
         n_ff = act.shape[1]
         K = x.shape[1]
-        if pairs[tile * BM] >= sentinel:
-            return  # an all-padding tile (block-uniform: before any barrier)
-        e = tile_expert[tile]
-        if e < 0 or e >= slots.shape[0]:
-            return
-        s = slots[e]
-        if s < 0 or s >= wg.shape[0] or s >= wu.shape[0]:
-            return
+        s = _tile_slot(pairs, tile_expert, slots, tile, BM, sentinel, min(wg.shape[0], wu.shape[0]))
+        if s < 0:
+            return  # block-uniform, before any barrier
 
         # Dynamic shared memory, one buffer seen as float32 and int32:
         # [tables | pair ids (BM) | token rows (BM) | tile (BK rows of ST words)].
@@ -263,13 +273,8 @@ def _down_kernel(cfg: TileConfig, wtype: int, has_bias: bool):
         sentinel = y.shape[0]
         n_embd = y.shape[1]
         K = act.shape[1]
-        if pairs[tile * BM] >= sentinel:
-            return
-        e = tile_expert[tile]
-        if e < 0 or e >= slots.shape[0]:
-            return
-        s = slots[e]
-        if s < 0 or s >= wd.shape[0]:
+        s = _tile_slot(pairs, tile_expert, slots, tile, BM, sentinel, wd.shape[0])
+        if s < 0:
             return
 
         sm = cuda.shared.array(0, types.float32)  # [tables | pair ids | tile], as in gate_up
