@@ -375,30 +375,27 @@ def test_unsupported_expert_type(tmp_path):
         load(p)
 
 
+def _set_keys(path, **values):
+    """Edit integer metadata in place through gguf's reader (r+ maps the file writable)."""
+    r = GGUFReader(path, "r+")
+    for key, v in values.items():
+        r.fields[key.replace("__", ".")].parts[-1][0] = v
+    r.data.flush()
+
+
 def test_shapes_disagree_with_metadata(tmp_path):
     p = _write_moe(tmp_path / "k.gguf", "qwen3moe", _qwen_layers(1, T.Q8_0, T.Q8_0))
-    # Edit metadata values in place through gguf's reader (r+ maps the file writable).
-    r = GGUFReader(p, "r+")
-    r.fields["qwen3moe.expert_used_count"].parts[-1][0] = 9
-    r.data.flush()
-    del r
+    _set_keys(p, qwen3moe__expert_used_count=9)
     with pytest.raises(GGUFError, match="expert_used_count = 9 is not in 1..8"):
         load(p)
-    r = GGUFReader(p, "r+")
-    r.fields["qwen3moe.expert_used_count"].parts[-1][0] = 2
-    r.fields["qwen3moe.expert_feed_forward_length"].parts[-1][0] = 64
-    r.data.flush()
-    del r
+    _set_keys(p, qwen3moe__expert_used_count=2, qwen3moe__expert_feed_forward_length=64)
     with pytest.raises(GGUFError, match=r"ffn_gate_exps.weight has shape \(8, 32, 64\).*expected \(8, 64, 64"):
         load(p)
 
 
 def test_block_count_below_the_tensors_is_not_a_partial_model(tmp_path):
     p = _write_moe(tmp_path / "n.gguf", "qwen3moe", _qwen_layers(3, T.Q8_0, T.Q8_0))
-    r = GGUFReader(p, "r+")
-    r.fields["qwen3moe.block_count"].parts[-1][0] = 2
-    r.data.flush()
-    del r
+    _set_keys(p, qwen3moe__block_count=2)
     with pytest.raises(GGUFError, match=r"block_count is 2 but the file has tensors of later blocks: blk\.2"):
         load(p)
 
