@@ -39,7 +39,7 @@ def check_paths(tiny, device):
     layers = [random_layer(D, F, E, k, seed=i, index=i, skew=2.0) for i in range(2)]
     x = np.random.default_rng(1).standard_normal((T, D)).astype(np.float32)
     refs = [moe_reference(L, x) for L in layers]
-    per_expert = sum(t.slab_bytes for t in (layers[0].gate, layers[0].up, layers[0].down)) + 4 * (2 * F + D)
+    per_expert = layers[0].expert_bytes
     configs = [dict(policy="all"), dict(policy="used"), dict(policy="used", overlap=False),
                dict(layout="compact"), dict(host="staged"), dict(host="pageable"),
                dict(cache_bytes=E * 2 * per_expert), dict(layout="compact", device_bytes=2 * per_expert)]
@@ -139,7 +139,7 @@ def bench_link(tiny, device):
     rng = np.random.default_rng(2)
     layers = synthetic_layers(tiny, n_layers, rng)
     L = layers[0]
-    per_expert = sum(t.slab_bytes for t in (L.gate, L.up, L.down)) + 4 * (2 * L.n_ff + L.n_embd)
+    per_expert = L.expert_bytes
     peak = pinned_peak(1 << 20 if tiny else 1 << 30)
     print(f"\npinned host-to-device peak: {peak:.1f} GB/s (one {'1 MiB' if tiny else '1 GiB'} copy, x3)")
     variants = {"all": dict(policy="all"), "used": dict(policy="used", overlap=False),

@@ -21,9 +21,8 @@ from .transfer import HostMemory, device_buffer
 
 
 class DeviceEngine:
-    def __init__(self, layers, roles, n_slots, *, host="auto", tiles=None):
+    def __init__(self, layers, n_slots, *, host="auto", tiles=None):
         self.layers = layers
-        self.roles = [(name, nbytes) for name, nbytes, _ in roles]
         first = layers[0]
         for t in (first.gate, first.up, first.down):
             if int(t.ggml_type) not in kernels.SUPPORTED:
@@ -31,18 +30,17 @@ class DeviceEngine:
                                  f"experts, not {type_name(t.ggml_type)}; use device='cpu' for this model")
         self.n_embd, self.n_ff, self.k = first.n_embd, first.n_ff, first.k
         self.tiles = tiles or kernels.TileConfig()
-        # Host arrays: every layer's tensors, role by role, as flat views.
-        from .scheduler import _roles
-        arrays = [arr for L in layers for _, _, arr in _roles(L)]
-        self.host = HostMemory(arrays, mode=host)
+        # Host arrays: every layer's copied tensors, layer by layer, in copy order.
+        roles = first.copied()
+        self.host = HostMemory([c.host for L in layers for c in L.copied()], mode=host)
         self._index = {id(L): i for i, L in enumerate(layers)}
         self.n_slots = n_slots
         self.dev = []  # per role: (flat device buffer, elements per expert, shaped view for kernels)
-        for (name, nbytes, arr) in roles:
-            per = nbytes // arr.itemsize
-            flat = device_buffer(n_slots * per, arr.dtype)
-            self.dev.append((flat, per, flat.reshape((n_slots,) + arr.shape[1:])))
-        self._views = {name: view for (name, _), (_, _, view) in zip(self.roles, self.dev)}
+        for c in roles:
+            per = c.slab_bytes // c.host.itemsize
+            flat = device_buffer(n_slots * per, c.host.dtype)
+            self.dev.append((flat, per, flat.reshape((n_slots,) + c.host.shape[1:])))
+        self._views = {c.role: view for c, (_, _, view) in zip(roles, self.dev)}
         self.copy_stream = cuda.stream()
         self.compute_stream = cuda.stream()
         self._scratch = {}
@@ -60,7 +58,7 @@ class DeviceEngine:
 
     def copy_range(self, layer_pos, first, last, dst_slot):
         """Every tensor's experts ``first..last`` into slots from ``dst_slot``, on the copy stream."""
-        n_roles = len(self.roles)
+        n_roles = len(self.dev)
         for r, (flat, per, _) in enumerate(self.dev):
             self.host.copy(layer_pos * n_roles + r, flat, int(first) * per, int(dst_slot) * per,
                            (int(last) - int(first) + 1) * per, self.copy_stream)

@@ -54,6 +54,17 @@ class ExpertTensor:
         return qtypes.dequantize(self.raw[expert], self.ggml_type, (self.rows, self.cols))
 
 
+@dataclass(frozen=True)
+class Copied:
+    """One tensor copied per expert: its role (attribute), GGUF name, host array
+    ``[n_experts, ...]`` and bytes per expert."""
+
+    role: str
+    name: str
+    host: np.ndarray
+    slab_bytes: int
+
+
 @dataclass
 class MoELayer:
     """Router and experts of one layer.
@@ -114,6 +125,21 @@ class MoELayer:
         """Expert tensors by their GGUF names, in copy order."""
         return {f"blk.{self.index}.ffn_{n}_exps.weight": t
                 for n, t in (("gate", self.gate), ("up", self.up), ("down", self.down))}
+
+    def copied(self) -> list[Copied]:
+        """Every tensor the device needs per expert, in copy order: weights, then biases."""
+        out = [Copied(n, f"blk.{self.index}.ffn_{n}_exps.weight", t.raw, t.slab_bytes)
+               for n, t in (("gate", self.gate), ("up", self.up), ("down", self.down))]
+        for n in ("gate", "up", "down"):
+            b = getattr(self, f"{n}_b")
+            if b is not None:
+                out.append(Copied(f"{n}_b", f"blk.{self.index}.ffn_{n}_exps.bias", b, b[0].nbytes))
+        return out
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes one expert occupies on the device: all its weights and biases."""
+        return sum(c.slab_bytes for c in self.copied())
 
 
 def _check_f32(name, a, shape, optional=False):

@@ -107,8 +107,8 @@ class HybridMoE:
         self._ubatch = 0
 
         E = first.n_experts
-        self.roles = _roles(first)
-        self.expert_bytes = sum(nbytes for _, nbytes, _ in self.roles)  # one expert, every tensor
+        self.roles = first.copied()
+        self.expert_bytes = first.expert_bytes  # one expert, every tensor
         if layout == "natural":
             self.n_slots = E
             need = E * self.expert_bytes
@@ -129,7 +129,7 @@ class HybridMoE:
         self.engine = None
         if self.device in ("cuda", "sim"):
             from .engine import DeviceEngine
-            self.engine = DeviceEngine(layers, self.roles, self.n_slots, host=host, tiles=tiles)
+            self.engine = DeviceEngine(layers, self.n_slots, host=host, tiles=tiles)
             log.info("host memory: %s %s", self.engine.host.mode, self.engine.host.note)
         log.info("device: %s, policy %s, layout %s, %d slots", self.device, policy, layout, self.n_slots)
 
@@ -231,9 +231,8 @@ class HybridMoE:
         n_copies = sum(r.first.size for r in rounds)
         n_exp = sum(int((r.last - r.first + 1).sum()) for r in rounds)
         hits = sum(r.hits for r in rounds)
-        names = L.tensors()
-        for (role, nbytes, _), name in zip(self.roles, _role_names(L, names)):
-            rec.tensors.append(TensorRecord(name, rec.used, L.n_experts, n_copies, n_exp * nbytes, hits))
+        for c in L.copied():
+            rec.tensors.append(TensorRecord(c.name, rec.used, L.n_experts, n_copies, n_exp * c.slab_bytes, hits))
 
 
 class Round:
@@ -243,24 +242,6 @@ class Round:
         self.experts, self.slot_map = experts, slot_map
         self.first, self.last, self.dst_slot = first, last, dst_slot
         self.hits = hits
-
-
-def _roles(L: MoELayer):
-    """(attribute, bytes per expert, host array [E, ...]) for every tensor copied per expert."""
-    roles = [(n, t.slab_bytes, t.raw) for n, t in (("gate", L.gate), ("up", L.up), ("down", L.down))]
-    for n in ("gate_b", "up_b", "down_b"):
-        b = getattr(L, n)
-        if b is not None:
-            roles.append((n, b.shape[1] * 4, b))
-    return roles
-
-
-def _role_names(L: MoELayer, names: dict):
-    out = list(names)
-    for n in ("gate_b", "up_b", "down_b"):
-        if getattr(L, n) is not None:
-            out.append(f"blk.{L.index}.ffn_{n[:-2]}_exps.bias")
-    return out
 
 
 def _check_hidden(x, n_embd):

@@ -51,8 +51,7 @@ CONFIGS = [
 
 
 def sized(cfg, layers):
-    L = layers[0]
-    per_expert = sum(t.slab_bytes for t in (L.gate, L.up, L.down)) + 4 * (2 * L.n_ff + L.n_embd)
+    per_expert = layers[0].expert_bytes
     cfg = dict(cfg)
     if "cache_bytes" in cfg:
         cfg["cache_bytes"] = 6 * per_expert
@@ -105,8 +104,7 @@ def test_stats_equal_the_copy_plan(layers):
 
 def test_cache_hits_skip_copies(layers):
     x = hidden(5, seed=4)
-    L = layers[0]
-    per_expert = sum(t.slab_bytes for t in (L.gate, L.up, L.down)) + 4 * (2 * L.n_ff + L.n_embd)
+    per_expert = layers[0].expert_bytes
     outs, stats = run(layers, [x, x], device="sim", cache_bytes=12 * per_expert)
     first, second = stats.records[:2], stats.records[2:]
     assert all(r.hits == 0 for r in first) and all(r.hits == r.used and r.bytes == 0 for r in second)
