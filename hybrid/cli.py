@@ -321,10 +321,10 @@ def save_heatmap(counts: np.ndarray, n_experts: int, path, title: str = "", laye
 
 def cmd_info(args):
     model = open_model(args.model)
-    per_ub = sum(t.slab_bytes for t in model.layers[0].tensors().values()) * model.n_experts
+    per_ub = model.layers[0].expert_bytes * model.n_experts
     print(f"{model.path}\n")
     print(model.describe(per_layer=args.per_layer))
-    print(f"\ncopy-all moves {per_ub / 1e6:.2f} MB of expert weights per MoE layer and ubatch "
+    print(f"\ncopy-all moves {per_ub / 1e6:.2f} MB of expert weights and biases per MoE layer and ubatch "
           f"({per_ub * len(model.layers) / 1e6:.2f} MB for all {len(model.layers)} layers)")
 
 

@@ -87,7 +87,7 @@ def test_info_reports_the_model(capsys, small):
     for s in ("gpt-oss", "blocks 2 (MoE 2)", "n_embd 64", "experts 8, used 2", "MXFP4", "Q8_0",
               "blk.1.ffn_down_exps.weight"):
         assert s in out
-    per_layer = 8 * sum(t.raw[0].nbytes for t in load(small).layers[0].tensors().values())
+    per_layer = 8 * expert_bytes(load(small).layers[0])  # what run copies per layer: weights and biases
     assert number(out, r"copy-all moves ([\d.]+) MB") == pytest.approx(per_layer / 1e6, abs=0.005)
 
 
