@@ -273,16 +273,13 @@ def _model_line(model) -> str:
 
 def usage_counts(layers, x: np.ndarray, ub: int) -> np.ndarray:
     """Experts used, int ``[n_layers, n_ubatches]``: the routing the scheduler does, nothing else."""
-    from .routing import bucket, route
+    from .routing import bucket
 
     parts = ubatches(x.shape[0], ub)
     out = np.zeros((len(layers), len(parts)), np.int64)
     for li, L in enumerate(layers):
         for u, (s, e) in enumerate(parts):
-            logits = x[s:e] @ L.router_w.T
-            if L.router_b is not None:
-                logits += L.router_b
-            ids, _ = route(logits, L.k, L.gating, L.renormalize)
+            ids, _ = L.route(x[s:e])
             out[li, u] = bucket(ids, L.n_experts).used.size
     return out
 

@@ -121,6 +121,16 @@ class MoELayer:
     def n_ff(self) -> int:
         return self.gate.rows
 
+    def route(self, x: np.ndarray):
+        """Router logits of hidden states ``x`` (float32 [n_tokens, n_embd]), then top-k:
+        ``(ids int32 [n_tokens, k], weights float32 [n_tokens, k])``."""
+        from .routing import route
+
+        logits = x @ self.router_w.T
+        if self.router_b is not None:
+            logits += self.router_b
+        return route(logits, self.k, self.gating, self.renormalize)
+
     def tensors(self) -> dict[str, ExpertTensor]:
         """Expert tensors by their GGUF names, in copy order."""
         return {f"blk.{self.index}.ffn_{n}_exps.weight": t

@@ -170,10 +170,7 @@ class HybridMoE:
                            path="cpu", policy=self.policy, used=0, n_experts=E)
         # 1. route
         t0 = time.perf_counter()
-        logits = x @ L.router_w.T
-        if L.router_b is not None:
-            logits += L.router_b
-        ids, weights = routing.route(logits, L.k, L.gating, L.renormalize)
+        ids, weights = L.route(x)
         block = self.engine.tiles.block_pairs if self.engine else 1
         bk = routing.bucket(ids, E, block_size=block)
         rec.used = int(bk.used.size)
