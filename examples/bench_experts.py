@@ -1,7 +1,7 @@
 """CPU expert path at gpt-oss-20b shapes: one expert matrix (ggml_mul_mat_id) and the whole MoE FFN.
 
 n_embd = n_ff = 2880, 32 MXFP4 experts, k = 4, routing from the gpt-oss-20b
-synthetic router (hybrid.traffic). Weights are random MXFP4 bytes (speed does
+synthetic router (hybrid.moe.traffic). Weights are random MXFP4 bytes (speed does
 not depend on the values). Prints markdown tables: ours, a numpy read of the
 same weight bytes (the memory bound, one thread), dequantise-then-numpy-matmul,
 and llama.cpp's CPU backend on a 2-core Zen 3 (from the task brief).
@@ -19,9 +19,9 @@ import numba
 import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 
-from hybrid import cpu, traffic
-from hybrid.layer import ExpertTensor, MoELayer
-from hybrid.routing import route
+from hybrid.moe import cpu, traffic
+from hybrid.moe.layer import ExpertTensor, MoELayer
+from hybrid.moe.routing import route
 from quant import mxfp4
 
 D = F = 2880

@@ -18,9 +18,9 @@ import time
 import numba
 import numpy as np
 
-from hybrid.copyplan import CostModel, plan, plan_for
-from hybrid.routing import bucket, route
-from hybrid.traffic import PRESETS, calibration_table, format_calibration, synthetic_logits
+from hybrid.moe.copyplan import CostModel, plan, plan_for
+from hybrid.moe.routing import bucket, route
+from hybrid.moe.traffic import PRESETS, calibration_table, format_calibration, synthetic_logits
 
 UBATCHES = (128, 256, 512, 1024, 2048)
 PCIE = CostModel(latency_s=10e-6, bandwidth_Bps=25e9)  # ~PCIe 4.0 x16, pinned

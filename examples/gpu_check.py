@@ -22,13 +22,14 @@ import time
 import numpy as np
 from numba import cuda
 
-from hybrid import kernels as K
-from hybrid.copyplan import CostModel
-from hybrid.layer import ExpertTensor, MoELayer, random_layer
-from hybrid.reference import moe_reference
-from hybrid.routing import bucket, route
-from hybrid.scheduler import HybridMoE
-from hybrid.traffic import synthetic_logits
+from hybrid.moe import kernels as K
+from hybrid.moe.copyplan import CostModel
+from hybrid.moe.layer import ExpertTensor, MoELayer
+from hybrid.model.tiny import random_layer
+from hybrid.moe.reference import moe_reference
+from hybrid.moe.routing import bucket, route
+from hybrid.moe.scheduler import HybridMoE
+from hybrid.moe.traffic import synthetic_logits
 
 H100_FP32_TFLOPS = 67.0  # SXM5 datasheet figure (non-tensor FP32)
 

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from hybrid.model import GGUFError, ensure_default_model, load
-from hybrid.reference import route_reference, router_logits_reference
+from hybrid.moe.reference import route_reference, router_logits_reference
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("path", nargs="?", help="GGUF file, or the first part of a split model")

@@ -5,13 +5,14 @@
 
 Needs matplotlib (``pip install 'hybrid-moe[plot]'``). Routing only: the
 experts are not run, so any model size is quick. Hidden states are synthetic
-(see ``hybrid.cli.synthetic_hidden``) unless ``--hidden`` gives real ones.
+(see ``hybrid.moe.traffic.synthetic_hidden``) unless ``--hidden`` gives real ones.
 """
 import argparse
 
 import numpy as np
 
-from hybrid.cli import CLIError, save_heatmap, synthetic_hidden, usage_counts
+from hybrid.moe.traffic import synthetic_hidden, usage_counts
+from hybrid.report import ReportError, save_heatmap
 from hybrid.model import ensure_default_model, load
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -35,6 +36,6 @@ name = model.metadata.get("general.name") or model.path.name
 try:
     path = save_heatmap(counts, model.n_experts, args.out, f"{name}: experts used per ubatch of {args.ub}",
                         [L.index for L in model.layers])
-except CLIError as e:  # matplotlib missing, or the file cannot be written
+except ReportError as e:  # matplotlib missing, or the file cannot be written
     raise SystemExit(f"error: {e}")
 print(f"wrote {path}")

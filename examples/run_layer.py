@@ -4,7 +4,7 @@
     python examples/run_layer.py -m gpt-oss-20b-mxfp4.gguf --layer 3 -n 512
     python examples/run_layer.py --hidden states.npy              # float [n_tokens, n_embd]
 
-Hidden states are synthetic unless given (``hybrid.cli.synthetic_hidden``):
+Hidden states are synthetic unless given (``hybrid.moe.traffic.synthetic_hidden``):
 not the model's activations, but they route like any input does. ``--device auto`` uses a GPU when there is one,
 else the CPU (copies are then planned and counted, not made).
 """
@@ -12,10 +12,10 @@ import argparse
 
 import numpy as np
 
-from hybrid.cli import synthetic_hidden
+from hybrid.moe.traffic import synthetic_hidden
 from hybrid.model import ensure_default_model, load
-from hybrid.reference import moe_reference
-from hybrid.scheduler import HybridMoE
+from hybrid.moe.reference import moe_reference
+from hybrid.moe.scheduler import HybridMoE
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("-m", "--model", help="GGUF file (default: the built-in tiny gpt-oss)")

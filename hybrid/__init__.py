@@ -6,14 +6,14 @@
         y = moe.forward(0, x)          # x: float32 [n_tokens, n_embd]
         print(moe.stats.report())
 """
-from .copyplan import CopyPlan, CostModel, plan
-from .layer import ExpertTensor, MoELayer, random_layer
-from .model import GGUFError, Model, ensure_default_model, load, write_tiny
-from .reference import moe_reference
-from .routing import Buckets, bucket, route
-from .scheduler import HybridMoE, resolve_device
-from .stats import Stats
-from .traffic import PRESETS, synthetic_logits
+from .model import GGUFError, Model, ensure_default_model, load, random_layer, write_tiny
+from .moe.copyplan import CopyPlan, CostModel, plan
+from .moe.layer import ExpertTensor, MoELayer
+from .moe.reference import moe_reference
+from .moe.routing import Buckets, bucket, route
+from .moe.scheduler import HybridMoE, resolve_device
+from .moe.stats import Stats
+from .moe.traffic import PRESETS, synthetic_logits
 
 __all__ = [
     "Buckets", "CopyPlan", "CostModel", "ExpertTensor", "GGUFError", "HybridMoE", "Model", "MoELayer",

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .copyplan import CostModel
-
 from .model import GGUFError, ensure_default_model, load
+from .moe.copyplan import CostModel
+from .moe.traffic import synthetic_hidden, ubatches, usage_counts
+from .report import ReportError, bench_table, save_heatmap, usage_report
 
 MAX_TOKENS = 1 << 20  # a sanity bound on -p: hidden states are held in RAM
 # Bench variants: what each column runs. "all" is llama.cpp before PR #15346,
@@ -163,24 +164,6 @@ def open_model(path):
                        f"{e.strerror or e}") from None
 
 
-def synthetic_hidden(n_tokens: int, n_embd: int, seed: int = 0, topic_len: float = 32.0) -> np.ndarray:
-    """Made-up hidden states float32 ``[n_tokens, n_embd]``, RMS 1 per token (as after a norm).
-
-    Not a model's activations. Tokens come in topics (runs of geometric length,
-    mean ``topic_len``) that share a direction, so consecutive tokens route
-    alike, as real prompts do; the result does not depend on the ubatch size.
-    """
-    rng = np.random.default_rng([seed, 0x4849])
-    n_topics = max(1, int(np.ceil(2 * n_tokens / topic_len)) + 1)
-    lengths = rng.geometric(1.0 / topic_len, n_topics)
-    topic = np.repeat(np.arange(n_topics), lengths)
-    topic = np.concatenate([topic, np.full(max(0, n_tokens - topic.size), n_topics - 1)])[:n_tokens]
-    centres = rng.standard_normal((n_topics, n_embd))
-    x = 0.8 * centres[topic] + 0.6 * rng.standard_normal((n_tokens, n_embd))
-    x /= np.sqrt(np.mean(x * x, axis=1, keepdims=True))
-    return x.astype(np.float32)
-
-
 def load_hidden(path, n_embd: int) -> np.ndarray:
     """Hidden states from a ``.npy`` file: a float array ``[n_tokens, n_embd]``, finite."""
     try:
@@ -217,14 +200,10 @@ def hidden_states(args, n_embd) -> tuple[np.ndarray, str]:
         f"hidden states: SYNTHETIC (random, seed {args.seed}), not the model's own activations")
 
 
-def ubatches(n_tokens: int, ub: int):
-    return [(s, min(s + ub, n_tokens)) for s in range(0, n_tokens, ub)]
-
-
 # ------------------------------------------------------------------ running
 
 def make_backend(layers, args, **kw):
-    from .scheduler import HybridMoE
+    from .moe.scheduler import HybridMoE
     try:
         return HybridMoE(layers, device=args.device, host=args.host,
                          min_offload_batch=args.min_offload_batch, **kw)
@@ -269,49 +248,6 @@ def describe_device(moe) -> str:
 def _model_line(model) -> str:
     return (f"model: {model.path} ({model.metadata.get('general.name') or model.arch}, {model.arch}, "
             f"{len(model.layers)} MoE layers, {model.n_experts} experts, k={model.k}, n_embd {model.n_embd})")
-
-
-def usage_counts(layers, x: np.ndarray, ub: int) -> np.ndarray:
-    """Experts used, int ``[n_layers, n_ubatches]``: the routing the scheduler does, nothing else."""
-    from .routing import bucket
-
-    parts = ubatches(x.shape[0], ub)
-    out = np.zeros((len(layers), len(parts)), np.int64)
-    for li, L in enumerate(layers):
-        for u, (s, e) in enumerate(parts):
-            ids, _ = L.route(x[s:e])
-            out[li, u] = bucket(ids, L.n_experts).used.size
-    return out
-
-
-def save_heatmap(counts: np.ndarray, n_experts: int, path, title: str = "", layer_ids=None) -> Path:
-    """A heatmap of ``counts`` [layers, ubatches] (experts used) saved to ``path``."""
-    try:  # the object API: no pyplot, so no global backend is chosen for the caller
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise CLIError("the heatmap needs matplotlib: pip install 'hybrid-moe[plot]' "
-                       "(or pip install matplotlib)") from None
-    n_layers, n_ub = counts.shape
-    layer_ids = list(range(n_layers)) if layer_ids is None else list(layer_ids)
-    fig = Figure(figsize=(min(2 + 0.5 * n_ub, 16), min(1.5 + 0.3 * n_layers, 14)))
-    ax = fig.subplots()
-    im = ax.imshow(counts, aspect="auto", cmap="viridis", vmin=0, vmax=n_experts, interpolation="nearest")
-    fig.colorbar(im, ax=ax, label=f"experts used (of {n_experts})")
-    ax.set_xlabel("ubatch")
-    ax.set_ylabel("layer")
-    ax.set_yticks(range(n_layers), [str(i) for i in layer_ids])
-    if n_ub * n_layers <= 400:  # numbers in the cells while they stay readable
-        for (i, j), v in np.ndenumerate(counts):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                    color="white" if v < 0.6 * n_experts else "black")
-    ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    try:
-        fig.savefig(path)
-    except OSError as e:
-        raise CLIError(f"cannot write {path}: {e.strerror or e}") from None
-    return path
 
 
 # ------------------------------------------------------------------ commands
@@ -362,25 +298,8 @@ def cmd_run(args):
     print("time per step (s): " + ", ".join(f"{s} {v:.3f}" for s, v in steps.items()))
 
 
-def usage_report(stats, parts) -> list[str]:
-    """PR #15346's usage lines for the last ubatch, or for the last offloaded one when the
-    last ran on the CPU (a short tail: the CPU path copies nothing)."""
-    offloaded = [r.ubatch for r in stats.records if r.path == "offload"]
-    if not offloaded:
-        return ["experts used: no ubatch was offloaded (all below --min-offload-batch), no copies"]
-    u = max(offloaded)
-    s, e = parts[u]
-    head = f"experts used, ubatch {u} ({e - s} tokens)"
-    if u != len(parts) - 1:
-        n_last = parts[-1][1] - parts[-1][0]
-        head += f"; the last ubatch ({n_last} tokens) ran on the CPU"
-    else:
-        head += ", the last"
-    return [head + ":"] + stats.usage_lines(u)
-
-
 def cmd_bench(args):
-    from .scheduler import resolve_device
+    from .moe.scheduler import resolve_device
     model = open_model(args.model)
     x, source = hidden_states(args, model.n_embd)
     n = x.shape[0]
@@ -422,30 +341,6 @@ def cmd_bench(args):
         print(f"\nused+cache: {cache_bytes / 2**20:.1f} MiB of VRAM cache")
 
 
-def bench_table(model_name, n_prompt, rows, variants, device="cuda") -> str:
-    """PR #15346's table: t/s per variant with speedups over ``all``, then MB and copies per token.
-
-    ``rows``: ``(ubatch, {variant: {"tps", "mb", "copies"}})``; times not from a GPU are labelled.
-    """
-    tag = {"cpu": " (CPU)", "sim": " (sim)"}.get(device, "")
-    cols = ["model", "ubatch", "test"]
-    for v in variants:
-        cols.append(f"t/s {v}{tag}")
-        if v != "all" and "all" in variants:
-            cols.append("speedup" if v == "used" else f"speedup {v}")
-    cols += [f"MB/token {v}" for v in variants] + [f"copies/token {v}" for v in variants]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(cols) - 3)) + "|"]
-    for ub, res in rows:
-        cells = [model_name, str(ub), f"pp{n_prompt}"]
-        for v in variants:
-            cells.append(f"{res[v]['tps']:.1f}")
-            if v != "all" and "all" in variants:
-                cells.append(f"{res[v]['tps'] / res['all']['tps']:.2f}x")
-        cells += [f"{res[v]['mb']:.4f}" for v in variants] + [f"{res[v]['copies']:.3f}" for v in variants]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def cmd_usage(args):
     model = open_model(args.model)
     x, source = hidden_states(args, model.n_embd)
@@ -472,6 +367,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except CLIError as e:
+    except (CLIError, ReportError) as e:
         fail(str(e))
     return 0

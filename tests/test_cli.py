@@ -11,10 +11,11 @@ import sys
 import numpy as np
 import pytest
 
-from hybrid import cli
+from hybrid import cli, report
+from hybrid.moe import traffic
 from hybrid.cli import main
 from hybrid.model import load, write_tiny
-from hybrid.reference import route_reference, router_logits_reference
+from hybrid.moe.reference import route_reference, router_logits_reference
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 needs_sim = pytest.mark.skipif(not SIM, reason="needs NUMBA_ENABLE_CUDASIM=1")
@@ -111,7 +112,7 @@ def test_run_cpu_usage_lines_and_bytes(capsys, small):
     assert len(lines) == 3 * len(model.layers)
     # the last ubatch ran on the CPU (copies nothing): the lines are the last offloaded one's
     assert "experts used, ubatch 1 (32 tokens); the last ubatch (16 tokens) ran on the CPU:" in out
-    x = cli.synthetic_hidden(p, model.n_embd, 7)[32:64]
+    x = traffic.synthetic_hidden(p, model.n_embd, 7)[32:64]
     for line in lines:
         blk, _, used, total = USAGE_RE.match(line).groups()
         layer = model.layers[int(blk)]
@@ -132,7 +133,7 @@ def test_run_used_copies_less_and_cache_hits(capsys, small):
     used_b = copied_bytes(used)
     cached = run_cli(capsys, *args, "--cache-mb", 1)  # room for every expert of both layers
     model = load(small)
-    x = cli.synthetic_hidden(128, model.n_embd, 0)
+    x = traffic.synthetic_hidden(128, model.n_embd, 0)
     want = sum(ref_used(L, x[s:s + 32]) * expert_bytes(L) for L in model.layers for s in range(0, 128, 32))
     assert used_b == want < all_b
     assert number(cached, r"cache hits: (\d+)") > 0
@@ -230,7 +231,7 @@ def test_usage_table_matches_reference(capsys, small):
     out = run_cli(capsys, "usage", "-m", small, "-p", 50, "-ub", 16, "--seed", 2)
     head, rows = parse_table(out)
     assert head == ["layer", "ub0", "ub1", "ub2", "ub3", "mean"] and len(rows) == 2
-    x = cli.synthetic_hidden(50, model.n_embd, 2)
+    x = traffic.synthetic_hidden(50, model.n_embd, 2)
     for layer, row in zip(model.layers, rows):
         want = [ref_used(layer, x[s:s + 16]) for s in range(0, 50, 16)]
         assert row[0] == str(layer.index) and [int(v) for v in row[1:5]] == want
@@ -297,11 +298,11 @@ def test_device_errors(capsys, small):
 # ------------------------------------------------------------------ helpers and entry point
 
 def test_synthetic_hidden():
-    a = cli.synthetic_hidden(300, 64, seed=1)
+    a = traffic.synthetic_hidden(300, 64, seed=1)
     assert a.dtype == np.float32 and a.shape == (300, 64) and np.isfinite(a).all()
     assert np.allclose(np.sqrt((a.astype(np.float64) ** 2).mean(axis=1)), 1.0, atol=1e-5)
-    assert np.array_equal(a, cli.synthetic_hidden(300, 64, seed=1))
-    assert not np.allclose(a, cli.synthetic_hidden(300, 64, seed=2))
+    assert np.array_equal(a, traffic.synthetic_hidden(300, 64, seed=1))
+    assert not np.allclose(a, traffic.synthetic_hidden(300, 64, seed=2))
     # topics: neighbours are more alike than tokens far apart
     cos = lambda u, v: (u * v).sum(1) / 64  # noqa: E731  (RMS 1 rows)
     assert cos(a[:-1], a[1:]).mean() > cos(a[:150], a[150:]).mean() + 0.2
@@ -309,7 +310,7 @@ def test_synthetic_hidden():
 
 def test_bench_table_columns():
     rows = [(128, {"all": dict(tps=100.0, mb=2.0, copies=0.5), "used": dict(tps=150.0, mb=1.0, copies=0.75)})]
-    head, body = parse_table(cli.bench_table("m", 512, rows, ["all", "used"]))
+    head, body = parse_table(report.bench_table("m", 512, rows, ["all", "used"]))
     assert head == ["model", "ubatch", "test", "t/s all", "t/s used", "speedup", "MB/token all",
                     "MB/token used", "copies/token all", "copies/token used"]
     assert body == [["m", "128", "pp512", "100.0", "150.0", "1.50x", "2.0000", "1.0000", "0.500", "0.750"]]

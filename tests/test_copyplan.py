@@ -1,9 +1,9 @@
-"""hybrid.copyplan: ranges, copy lists (natural/compact, padding, merging), plan_for."""
+"""hybrid.moe.copyplan: ranges, copy lists (natural/compact, padding, merging), plan_for."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from hybrid.copyplan import CopyPlan, CostModel, plan, plan_for, ranges
+from hybrid.moe.copyplan import CopyPlan, CostModel, plan, plan_for, ranges
 
 
 def _runs_py(used):
@@ -231,7 +231,7 @@ def test_plan_rejects_bad_input():
 @settings(max_examples=60, deadline=None)
 @given(used_sets, st.data())
 def test_slot_runs_cover_each_placement_once(nu, data):
-    from hybrid.copyplan import slot_runs
+    from hybrid.moe.copyplan import slot_runs
     n, s = nu
     experts = np.array(sorted(s), np.int32)
     # slots: a permutation of a slot range, with some consecutive stretches
@@ -251,7 +251,7 @@ def test_slot_runs_cover_each_placement_once(nu, data):
 
 
 def test_slot_runs_rejects_bad_input():
-    from hybrid.copyplan import slot_runs
+    from hybrid.moe.copyplan import slot_runs
     with pytest.raises(TypeError, match="integer"):
         slot_runs(np.array([1.5, 2.0]), np.array([0, 1]))
     with pytest.raises(ValueError, match="sorted"):

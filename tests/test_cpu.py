@@ -1,4 +1,4 @@
-"""CPU expert path (hybrid/cpu.py) against the float64 reference and gguf's decoders."""
+"""CPU expert path (hybrid/moe/cpu.py) against the float64 reference and gguf's decoders."""
 import numba as nb
 import numpy as np
 import pytest
@@ -6,9 +6,10 @@ from gguf import quants
 from gguf.constants import GGMLQuantizationType as T
 from hypothesis import given, settings, strategies as st
 
-from hybrid import cpu, cpu_ir
-from hybrid.layer import ExpertTensor, random_layer
-from hybrid.reference import moe_reference, route_reference, router_logits_reference, silu_gated, swiglu_oai
+from hybrid.moe import cpu, cpu_ir
+from hybrid.moe.layer import ExpertTensor
+from hybrid.model.tiny import random_layer
+from hybrid.moe.reference import moe_reference, route_reference, router_logits_reference, silu_gated, swiglu_oai
 from quant import mxfp4
 
 TYPES = [T.MXFP4, T.Q8_0, T.F16, T.BF16, T.F32]

@@ -1,4 +1,4 @@
-"""hybrid.kernels on the simulator against the float64 reference (same routing).
+"""hybrid.moe.kernels on the simulator against the float64 reference (same routing).
 
 Shapes are tiny: the simulator runs every GPU thread as a Python thread.
 """
@@ -9,10 +9,10 @@ from gguf.constants import GGMLQuantizationType as T
 from hypothesis import given, settings, strategies as st
 from numba import cuda
 
-from hybrid import kernels as K
+from hybrid.moe import kernels as K
 from hybrid import random_layer
-from hybrid.reference import moe_reference, router_logits_reference
-from hybrid.routing import bucket, route
+from hybrid.moe.reference import moe_reference, router_logits_reference
+from hybrid.moe.routing import bucket, route
 
 pytestmark = pytest.mark.skipif(not cuda.is_available(), reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")
 

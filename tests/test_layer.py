@@ -4,7 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from hybrid.layer import random_layer
+from hybrid.model.tiny import random_layer
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,11 @@ from gguf import GGUFReader, GGUFWriter, quants
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from hybrid.layer import ExpertTensor, random_layer
+from hybrid.moe.layer import ExpertTensor
+from hybrid.model.tiny import random_layer
 from hybrid.model import (GGUFError, default_model_path, ensure_default_model, load, split_paths,
                           tiny_layers, write_tiny)
-from hybrid.reference import moe_reference, route_reference, router_logits_reference
+from hybrid.moe.reference import moe_reference, route_reference, router_logits_reference
 
 TINY = dict(n_layers=4, n_embd=128, n_ff=128, n_experts=16, k=4, seed=3)
 

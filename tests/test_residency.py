@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from hybrid.residency import SlotPool
+from hybrid.moe.residency import SlotPool
 
 
 def test_non_persistent_pool_packs_in_id_order():

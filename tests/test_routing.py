@@ -1,11 +1,11 @@
-"""hybrid.routing against the float64 reference and bucket's layout invariants."""
+"""hybrid.moe.routing against the float64 reference and bucket's layout invariants."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from hybrid.reference import route_reference
-from hybrid.routing import Buckets, bucket, route
+from hybrid.moe.reference import route_reference
+from hybrid.moe.routing import Buckets, bucket, route
 
 
 def _logits(rng, t, e, scale=3.0):

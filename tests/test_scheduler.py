@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from hybrid import copyplan
-from hybrid.kernels import TileConfig
-from hybrid.layer import random_layer
-from hybrid.reference import moe_reference
-from hybrid.scheduler import HybridMoE, resolve_device
+from hybrid.moe import copyplan
+from hybrid.moe.kernels import TileConfig
+from hybrid.model.tiny import random_layer
+from hybrid.moe.reference import moe_reference
+from hybrid.moe.scheduler import HybridMoE, resolve_device
 
 SHAPE = dict(n_embd=32, n_ff=64, n_experts=6, k=2)
 # Few threads per block: the simulator runs each as a Python thread.
@@ -90,7 +90,7 @@ def test_stats_equal_the_copy_plan(layers):
     x = hidden(7, seed=3)
     _, stats = run(layers[:1], [x], device="sim", policy="used")
     L = layers[0]
-    from hybrid.routing import bucket, route
+    from hybrid.moe.routing import bucket, route
     logits = x @ L.router_w.T + L.router_b
     ids, _ = route(logits, L.k, L.gating)
     used = bucket(ids, L.n_experts).used
@@ -184,7 +184,7 @@ def test_bad_arguments(layers):
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from hybrid.engine import _groups  # noqa: E402
+from hybrid.moe.engine import _groups  # noqa: E402
 
 
 @settings(max_examples=200, deadline=None)

@@ -1,12 +1,12 @@
-"""hybrid.traffic: synthetic routing calibrated to PR #15346's expert-use lists."""
+"""hybrid.moe.traffic: synthetic routing calibrated to PR #15346's expert-use lists."""
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from hybrid.routing import route
-from hybrid.traffic import (PRESETS, TrafficPreset, calibration_table, format_calibration,
+from hybrid.moe.routing import route
+from hybrid.moe.traffic import (PRESETS, TrafficPreset, calibration_table, format_calibration,
                             synthetic_logits, used_experts)
 
 PR_TEXT = Path("/work/shared/reference/llama.cpp-pr-15346.txt")

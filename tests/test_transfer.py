@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from numba import cuda
 
-from hybrid import transfer
-from hybrid.transfer import HostMemory
+from hybrid.moe import transfer
+from hybrid.moe.transfer import HostMemory
 
 pytestmark = pytest.mark.skipif(not cuda.is_available(), reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")
 

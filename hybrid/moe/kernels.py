@@ -1,4 +1,4 @@
-"""Grouped MoE expert kernels (numba-cuda) over the bucket layout of ``hybrid.routing``.
+"""Grouped MoE expert kernels (numba-cuda) over the bucket layout of ``hybrid.moe.routing``.
 
 A launch covers tiles ``[tile_begin, tile_end)`` of a ``Buckets`` layout: each
 tile is ``block_pairs`` (token, slot) pairs of one expert. Blocks map to
@@ -380,7 +380,7 @@ class DeviceBuckets:
 
 def _check_buckets(b):
     if not isinstance(b, Buckets):
-        raise TypeError(f"expected hybrid.routing.Buckets, got {type(b).__name__}")
+        raise TypeError(f"expected hybrid.moe.routing.Buckets, got {type(b).__name__}")
     P, bs, E = b.pairs.shape[0], b.block_size, b.n_experts
     for name in ("pairs", "tile_expert", "offsets"):
         a = getattr(b, name)

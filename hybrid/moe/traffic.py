@@ -161,3 +161,36 @@ def format_calibration(name, rows) -> str:
              "| ubatch | mean | min | max | of |", "|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['ubatch']} | {r['mean']:.1f} | {r['min']} | {r['max']} | {r['n_experts']} |" for r in rows]
     return "\n".join(lines)
+
+
+def synthetic_hidden(n_tokens: int, n_embd: int, seed: int = 0, topic_len: float = 32.0) -> np.ndarray:
+    """Made-up hidden states float32 ``[n_tokens, n_embd]``, RMS 1 per token (as after a norm).
+
+    Not a model's activations. Tokens come in topics (runs of geometric length,
+    mean ``topic_len``) that share a direction, so consecutive tokens route
+    alike, as real prompts do; the result does not depend on the ubatch size.
+    """
+    rng = np.random.default_rng([seed, 0x4849])
+    n_topics = max(1, int(np.ceil(2 * n_tokens / topic_len)) + 1)
+    lengths = rng.geometric(1.0 / topic_len, n_topics)
+    topic = np.repeat(np.arange(n_topics), lengths)
+    topic = np.concatenate([topic, np.full(max(0, n_tokens - topic.size), n_topics - 1)])[:n_tokens]
+    centres = rng.standard_normal((n_topics, n_embd))
+    x = 0.8 * centres[topic] + 0.6 * rng.standard_normal((n_tokens, n_embd))
+    x /= np.sqrt(np.mean(x * x, axis=1, keepdims=True))
+    return x.astype(np.float32)
+
+
+def ubatches(n_tokens: int, ub: int):
+    return [(s, min(s + ub, n_tokens)) for s in range(0, n_tokens, ub)]
+
+
+def usage_counts(layers, x: np.ndarray, ub: int) -> np.ndarray:
+    """Experts used, int ``[n_layers, n_ubatches]``: the routing the scheduler does, nothing else."""
+    parts = ubatches(x.shape[0], ub)
+    out = np.zeros((len(layers), len(parts)), np.int64)
+    for li, L in enumerate(layers):
+        for u, (s, e) in enumerate(parts):
+            ids, _ = L.route(x[s:e])
+            out[li, u] = bucket(ids, L.n_experts).used.size
+    return out

@@ -161,39 +161,3 @@ def _check_f32(name, a, shape, optional=False):
         raise TypeError(f"{name} must be a float32 numpy array, got {getattr(a, 'dtype', type(a))}")
     if a.shape != shape:
         raise ValueError(f"{name} has shape {a.shape}, expected {shape}")
-
-
-def random_layer(n_embd=64, n_ff=64, n_experts=8, k=2, *, wtype=None, gpt_oss=True,
-                 seed=0, index=0, skew=1.0) -> MoELayer:
-    """A layer of random weights, quantised to ``wtype`` (default MXFP4).
-
-    ``skew`` adds a per-expert router bias (Zipf-like), so routing favours some
-    experts as real routers do; 0 gives unbiased routing.
-    """
-    from gguf import quants
-    from gguf.constants import GGMLQuantizationType as T
-
-    wtype = T.MXFP4 if wtype is None else T(int(wtype))
-    rng = np.random.default_rng(seed)
-
-    def experts(rows, cols):
-        w = (rng.standard_normal((n_experts, rows, cols)) / np.sqrt(cols)).astype(np.float32)
-        if wtype == T.MXFP4:
-            from quant import mxfp4
-            data = mxfp4.quantize(w)
-        elif wtype == T.F32:
-            data = w
-        else:
-            data = np.ascontiguousarray(quants.quantize(w, wtype))
-        return ExpertTensor(data, int(wtype), rows, cols)
-
-    rank = rng.permutation(n_experts) + 1
-    router_b = (skew * -np.log(rank)).astype(np.float32)
-    bias = (lambda *s: (0.1 * rng.standard_normal(s)).astype(np.float32)) if gpt_oss else (lambda *s: None)
-    return MoELayer(
-        router_w=(rng.standard_normal((n_experts, n_embd)) / np.sqrt(n_embd)).astype(np.float32),
-        router_b=router_b if gpt_oss or skew else None,
-        gate=experts(n_ff, n_embd), up=experts(n_ff, n_embd), down=experts(n_embd, n_ff),
-        gate_b=bias(n_experts, n_ff), up_b=bias(n_experts, n_ff), down_b=bias(n_experts, n_embd),
-        k=k, gating="softmax_topk" if gpt_oss else "topk_softmax_all",
-        activation="swiglu_oai" if gpt_oss else "silu", index=index)

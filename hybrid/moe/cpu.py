@@ -1,6 +1,6 @@
 """CPU expert path: one MoE layer's FFN on the host, reading expert weights in place.
 
-Tokens are grouped by expert (pairs t*k+j, as hybrid.routing buckets them) and
+Tokens are grouped by expert (pairs t*k+j, as hybrid.moe.routing buckets them) and
 gathered into aligned rows. Work is cut into items (expert e, tile of
 ``Tiles.rows`` output rows): an item computes its rows for every token routed
 to e, so each weight byte comes from RAM once per call and is reused from
