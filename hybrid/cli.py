@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from .model import GGUFError, ensure_default_model, load
-from .moe.copyplan import CostModel
+from .moe.copyplan import LAYOUTS, CostModel
+from .moe.scheduler import DEVICES, MIN_OFFLOAD_BATCH, POLICIES
+from .moe.transfer import HOST_MODES
 from .moe.traffic import synthetic_hidden, ubatches, usage_counts
 from .report import ReportError, bench_table, save_heatmap, usage_report
 
@@ -111,11 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(p_default=p_default)
 
     def device(p):
-        p.add_argument("--device", default="auto", choices=("auto", "cuda", "sim", "cpu"),
+        p.add_argument("--device", default="auto", choices=DEVICES,
                        help="auto: cuda when a GPU is present, else cpu (sim needs NUMBA_ENABLE_CUDASIM=1)")
-        p.add_argument("--host", default="auto", choices=("auto", "pinned", "staged", "pageable"),
+        p.add_argument("--host", default="auto", choices=HOST_MODES,
                        help="host memory for the copies (auto: pinned, else staged)")
-        p.add_argument("--min-offload-batch", type=nonneg, default=32,
+        p.add_argument("--min-offload-batch", type=nonneg, default=MIN_OFFLOAD_BATCH,
                        help="smaller batches run on the CPU (llama.cpp: 32)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -126,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="prompt processing through every MoE layer, ubatch by ubatch")
     common(p, 2048, 512)
     device(p)
-    p.add_argument("--policy", default="used", choices=("all", "used"),
+    p.add_argument("--policy", default="used", choices=POLICIES,
                    help="copy every expert (llama.cpp before PR #15346) or only the used ones")
-    p.add_argument("--layout", default="natural", choices=("natural", "compact"),
+    p.add_argument("--layout", default="natural", choices=LAYOUTS,
                    help="device slot = expert id (natural) or packed slots (compact)")
     p.add_argument("--cache-mb", type=_mb, default=0.0, help="VRAM cache for experts across ubatches (MiB)")
     p.add_argument("--device-mb", type=_mb, default=None, help="bound on the expert slots in VRAM (MiB)")

@@ -32,6 +32,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from quant import types as qtypes
 
 from .cpu_ir import W, best_isa, make_act, make_f32_dot, make_mx_decode, make_mx_dot
+from .activation import ACT_CODE, silu_f32, swiglu_oai_f32
 from .layer import ExpertTensor, MoELayer
 from .routing import bucket
 
@@ -64,7 +65,6 @@ ALIGN = 64         # bytes; every float buffer row starts on a cache line
 
 _MX_BYTES = GGML_QUANT_SIZES[T.MXFP4][1]
 _TYPE_CODE = {T.F32: 0, T.F16: 1, T.BF16: 2, T.Q8_0: 3, T.MXFP4: 4}
-_ACT_CODE = {"swiglu_oai": 0, "silu": 1}
 
 # Chosen once: numba caches compiled code per CPU, so the kernels must depend on the host alone.
 ISA = best_isa()
@@ -77,7 +77,9 @@ _mx_decode = make_mx_decode(ISA)
 F32_R = 4  # float32 tile kernel rows; tokens F32_T, largest first
 F32_T = (6, 4, 2, 1) if W == 16 else (3, 2, 1, 1)
 _f32_a, _f32_b, _f32_c, _f32_d = (make_f32_dot(F32_R, t) for t in F32_T)
-_act_swiglu, _act_silu = make_act(0), make_act(1)
+_SWIGLU, _SILU = ACT_CODE["swiglu_oai"], ACT_CODE["silu"]
+_act_swiglu, _act_silu = make_act(_SWIGLU), make_act(_SILU)
+_swiglu_oai, _silu = nb.njit(inline="always")(swiglu_oai_f32), nb.njit(inline="always")(silu_f32)
 
 
 # ---------------------------------------------------------------- numba helpers
@@ -272,11 +274,9 @@ def _gather(x, pairs, k, width, slot_rows):
 
 @nb.njit(inline="always")
 def _act(g, u, act):
-    if act == 0:  # swiglu_oai: g' = min(g, 7), u' = clamp(u, -7, 7), g' * sigmoid(1.702 g') * (u' + 1)
-        g = min(g, np.float32(7.0))
-        u = min(max(u, np.float32(-7.0)), np.float32(7.0))
-        return g / (np.float32(1.0) + np.exp(np.float32(-1.702) * g)) * (u + np.float32(1.0))
-    return g / (np.float32(1.0) + np.exp(-g)) * u
+    if act == _SWIGLU:
+        return _swiglu_oai(g, u)
+    return _silu(g, u)
 
 
 @nb.njit(parallel=True, cache=True)
@@ -311,7 +311,7 @@ def _grouped(graw, uraw, wtype, rows, cols, X, starts, used, gb, ub, act, H, til
                 nv = nr // W  # whole vectors in the IR kernel, the rest (unquantised types) here
                 for t in range(n):
                     ho = (p0 + t) * H.shape[1] + r0
-                    if nv and act == 0:
+                    if nv and act == _SWIGLU:
                         _act_swiglu(hflat, ho, U, t * rt, gb, e * gb.shape[1] + r0, ub, e * ub.shape[1] + r0, nv)
                     elif nv:
                         _act_silu(hflat, ho, U, t * rt, gb, e * gb.shape[1] + r0, ub, e * ub.shape[1] + r0, nv)
@@ -498,7 +498,7 @@ def moe_ffn_cpu(layer: MoELayer, x: np.ndarray, ids: np.ndarray, weights: np.nda
                            ("down", layer.down, (E, D, F))):
         if (t.n_experts, t.rows, t.cols) != shape:
             raise ValueError(f"{name} experts are {(t.n_experts, t.rows, t.cols)}, expected {shape}")
-    if layer.activation not in _ACT_CODE:
+    if layer.activation not in ACT_CODE:
         raise ValueError(f"unknown activation {layer.activation!r}")
     tl = _check_tiles(tiles)
     _check_x(x, D)
@@ -521,7 +521,7 @@ def moe_ffn_cpu(layer: MoELayer, x: np.ndarray, ids: np.ndarray, weights: np.nda
     H = _zeros_aligned(pairs.size, _pad(F))
     Y = _zeros_aligned(pairs.size, _pad(D))
     with nb.parallel_chunksize(1):
-        _grouped(graw, uraw, gtype, F, D, X, starts, used, biases[0], biases[1], _ACT_CODE[layer.activation], H,
+        _grouped(graw, uraw, gtype, F, D, X, starts, used, biases[0], biases[1], ACT_CODE[layer.activation], H,
                  tl, _chunks())
         _grouped(draw, draw, dtype_, D, F, H, starts, used, _NO_BIAS, _NO_BIAS, -1, Y, tl, _chunks())
     _combine(Y, pos, weights, ids, biases[2], out)

@@ -17,6 +17,8 @@ from numba.extending import intrinsic
 
 from quant import mxfp4
 
+from .activation import ACT_CODE, SWIGLU_ALPHA, SWIGLU_LIMIT
+
 _MX_BYTES = GGML_QUANT_SIZES[T.MXFP4][1]
 
 ISAS = ("generic", "avx2", "avx512")
@@ -335,10 +337,12 @@ def _build_act(module, act):
         at = [b.shl(b.add(o, k), _c64(2)) for o in (ho, uo, go, ubo)]
         g = b.fadd(_load(b, h, at[0], VF), _load(b, gb, at[2], VF))
         v = b.fadd(_load(b, u, at[1], VF), _load(b, ub, at[3], VF))
-        if act == 0:  # swiglu_oai: g' = min(g, 7), u' = clamp(u, -7, 7); g' * sigmoid(1.702 g') * (u' + 1)
-            g = b.call(_vfn(b, "llvm.minnum", VF, 2), [g, c(7.0)])
-            v = b.call(_vfn(b, "llvm.minnum", VF, 2), [b.call(_vfn(b, "llvm.maxnum", VF, 2), [v, c(-7.0)]), c(7.0)])
-            a = b.fmul(b.fdiv(g, b.fadd(c(1.0), _exp(b, b.fmul(g, c(-1.702)), VF))), b.fadd(v, c(1.0)))
+        if act == ACT_CODE["swiglu_oai"]:  # hybrid.moe.activation; clamps by compare+select keep NaN
+            lim = c(SWIGLU_LIMIT)
+            g = b.select(b.fcmp_ordered(">", g, lim), lim, g)
+            v = b.select(b.fcmp_ordered(">", v, lim), lim, b.select(b.fcmp_ordered("<", v, c(-SWIGLU_LIMIT)),
+                                                                     c(-SWIGLU_LIMIT), v))
+            a = b.fmul(b.fdiv(g, b.fadd(c(1.0), _exp(b, b.fmul(g, c(-SWIGLU_ALPHA)), VF))), b.fadd(v, c(1.0)))
         else:  # silu(g) * u
             a = b.fmul(b.fdiv(g, b.fadd(c(1.0), _exp(b, b.fsub(c(0.0), g), VF))), v)
         _store(b, a, h, at[0])

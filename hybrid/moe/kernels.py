@@ -20,7 +20,6 @@ Public API: ``TileConfig``, ``DeviceBuckets.from_host``, ``moe_launch``,
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,17 +29,15 @@ from numba import cuda, types
 from quant import cuda as qc
 from quant import types as qtypes
 
+from .activation import check as check_activation, silu_f32, swiglu_oai_f32
 from .routing import Buckets, bucket
 
-ACTIVATIONS = ("swiglu_oai", "silu")
 SUPPORTED = (int(T.MXFP4), int(T.Q8_0), int(T.F32))
 
 _F32 = np.float32
 _U = np.uint64
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
-_ALPHA = np.float32(1.702)
-_LIMIT = np.float32(7.0)
 _SMEM_LIMIT = 48 * 1024  # static shared memory per block
 
 
@@ -104,16 +101,8 @@ class TileConfig:
 
 # ------------------------------------------------------------------ device helpers
 
-@cuda.jit(device=True, inline=True)
-def _swiglu_oai(g, u):
-    g = min(g, _LIMIT)
-    u = min(max(u, -_LIMIT), _LIMIT)
-    return g / (_ONE + math.exp(-_ALPHA * g)) * (u + _ONE)
-
-
-@cuda.jit(device=True, inline=True)
-def _silu_mul(g, u):
-    return g / (_ONE + math.exp(-g)) * u
+_swiglu_oai = cuda.jit(device=True, inline=True)(swiglu_oai_f32)
+_silu_mul = cuda.jit(device=True, inline=True)(silu_f32)
 
 
 @cuda.jit(device=True, inline=True)
@@ -486,8 +475,7 @@ def moe_launch(x_d, bk_d, tile_begin, tile_end, slots_d, gate_d, up_d, down_d, g
         raise TypeError(f"tiles must be a TileConfig, got {type(tiles).__name__}")
     if not isinstance(bk_d, DeviceBuckets):
         raise TypeError(f"bk_d must be a DeviceBuckets, got {type(bk_d).__name__}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_activation(activation=activation)
     n_embd, n_ff, k = _int("n_embd", n_embd), _int("n_ff", n_ff), _int("k", k)
     tile_begin, tile_end = _int("tile_begin", tile_begin), _int("tile_end", tile_end)
     h = bk_d.host

@@ -13,8 +13,8 @@ import numpy as np
 
 from quant import types as qtypes
 
-GATINGS = ("softmax_topk", "topk_softmax_all")
-ACTIVATIONS = ("swiglu_oai", "silu")
+from . import activation
+
 
 
 @dataclass
@@ -89,10 +89,7 @@ class MoELayer:
 
     def __post_init__(self):
         E, D, F = self.n_experts, self.n_embd, self.n_ff
-        if self.gating not in GATINGS:
-            raise ValueError(f"gating must be one of {GATINGS}, got {self.gating!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        activation.check(self.gating, self.activation)
         if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)):
             raise TypeError(f"k must be an int, got {type(self.k).__name__}")
         if not 1 <= self.k <= E:

@@ -1,14 +1,13 @@
 """Float64 numpy reference of routing and the MoE block: what tests check against.
 
 Written for clarity, not speed: every step in float64, experts dequantised whole.
-See DESIGN.md section 2 for the gpt-oss formulas.
+The formulas are in docs/design.md; the activations in ``activation``.
 """
 from __future__ import annotations
 
 import numpy as np
 
-SWIGLU_ALPHA = 1.702
-SWIGLU_LIMIT = 7.0
+from .activation import SWIGLU_ALPHA, SWIGLU_LIMIT, silu as silu_gated, swiglu_oai  # noqa: F401
 
 
 def route_reference(logits, k, gating="softmax_topk", renormalize=False):
@@ -29,16 +28,6 @@ def route_reference(logits, k, gating="softmax_topk", renormalize=False):
     else:
         raise ValueError(f"unknown gating {gating!r}")
     return ids.astype(np.int32), w
-
-
-def swiglu_oai(g, u):
-    g = np.minimum(g, SWIGLU_LIMIT)
-    u = np.clip(u, -SWIGLU_LIMIT, SWIGLU_LIMIT)
-    return g / (1.0 + np.exp(-SWIGLU_ALPHA * g)) * (u + 1.0)
-
-
-def silu_gated(g, u):
-    return g / (1.0 + np.exp(-g)) * u
 
 
 def router_logits_reference(layer, x):

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import numba as nb
 import numpy as np
 
-GATINGS = ("softmax_topk", "topk_softmax_all")
+from . import activation
+
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -103,8 +104,7 @@ def route(logits, k, gating="softmax_topk", renormalize=False):
     ``"topk_softmax_all"`` (Mixtral/Qwen3-MoE): softmax over all experts, the
     selected probabilities, renormalised to sum 1 if ``renormalize``.
     """
-    if gating not in GATINGS:
-        raise ValueError(f"gating must be one of {GATINGS}, got {gating!r}")
+    activation.check(gating=gating)
     z = _check_logits(logits, k)
     k = int(k)
     n_tok = z.shape[0]
