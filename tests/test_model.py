@@ -81,7 +81,7 @@ def test_tiny_routing_is_skewed(tiny):
 
 
 def _independent_moe(reader_tensors, blk, x, k):
-    """gpt-oss MoE from gguf's reader and gguf.quants, float64, written out from DESIGN.md."""
+    """gpt-oss MoE from gguf's reader and gguf.quants, float64, written out from docs/design.md (section 4)."""
     t = lambda n: reader_tensors[f"blk.{blk}.{n}"].data  # noqa: E731
     deq = lambda n: quants.dequantize(t(n), T.MXFP4).astype(np.float64)  # noqa: E731
     Wg, Wu, Wd = deq("ffn_gate_exps.weight"), deq("ffn_up_exps.weight"), deq("ffn_down_exps.weight")

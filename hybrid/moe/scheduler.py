@@ -1,6 +1,6 @@
 """One ubatch through one MoE layer: route, plan, copy, compute, record.
 
-``HybridMoE.forward`` reads top-down as the data flow of DESIGN.md section 3:
+``HybridMoE.forward`` reads top-down as the data flow of docs/design.md section 5:
 
 1. route   router logits on the host, then Numba top-k, weights and buckets;
 2. plan    which experts the device needs (``all`` or ``used``) and where they
