@@ -335,6 +335,55 @@ def _reduce_kernel(y, k, out):
         out[t, c] = acc
 
 
+# ------------------------------------------------------------------ variants (for compile checks)
+
+# The launch configuration assumes this many resident blocks of each grouped
+# kernel per SM (one block's global loads and decode hide behind another's
+# FMAs); waves are sized from it, and the ptxas check holds the kernels to it.
+MIN_BLOCKS_PER_SM = 2
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compiled kernel: its name, dispatcher, argument types, block size and dynamic shared bytes."""
+
+    name: str
+    kernel: object
+    signature: tuple
+    threads: int
+    shared_bytes: int
+    min_blocks_per_sm: int
+
+
+def variants(cfg: TileConfig | None = None, full: bool = True) -> list[Variant]:
+    """Every kernel the launches can build for ``cfg``, with the argument types
+    ``moe_launch``/``moe_reduce`` pass (C-contiguous arrays, int64 scalars).
+
+    ``full=False`` keeps one gate+up build per expert type, together still
+    covering both activations and both bias settings (and every down build).
+    """
+    cfg = TileConfig() if cfg is None else cfg
+    A = lambda dt, nd: types.Array(dt, nd, "C")  # noqa: E731
+    f32, i32, i64, u8 = types.float32, types.int32, types.int64, types.uint8
+    wt = {int(T.MXFP4): A(u8, 3), int(T.Q8_0): A(u8, 3), int(T.F32): A(f32, 3)}
+    out = []
+    gate_up = [(t, a, b) for t in SUPPORTED for a in ("swiglu_oai", "silu") for b in (True, False)]
+    if not full:
+        gate_up = [(int(T.MXFP4), "swiglu_oai", True), (int(T.Q8_0), "silu", False), (int(T.F32), "swiglu_oai", False)]
+    for t, act, bias in gate_up:
+        sig = (A(f32, 2), A(i32, 1), A(i32, 1), i64, A(i32, 1), i64, wt[t], wt[t], A(f32, 2), A(f32, 2), A(f32, 2))
+        out.append(Variant(f"gate_up {qtypes.type_name(t)} {act}{' bias' if bias else ''}",
+                           _gate_up_kernel(cfg, t, act, bias), sig, cfg.threads, cfg.shared_for(2),
+                           MIN_BLOCKS_PER_SM))
+    for t in SUPPORTED:
+        for bias in (True, False):
+            sig = (A(f32, 2), A(i32, 1), A(i32, 1), i64, A(i32, 1), wt[t], A(f32, 2), A(f32, 1), A(f32, 2))
+            out.append(Variant(f"down {qtypes.type_name(t)}{' bias' if bias else ''}", _down_kernel(cfg, t, bias),
+                               sig, cfg.threads, cfg.shared_for(1), MIN_BLOCKS_PER_SM))
+    out.append(Variant("reduce", _reduce_kernel, (A(f32, 2), i64, A(f32, 2)), _REDUCE_THREADS, 0, 1))
+    return out
+
+
 # ------------------------------------------------------------------ buckets on the device
 
 @dataclass

@@ -1,0 +1,75 @@
+"""The CUDA kernels compiled for real GPUs (sm_80, sm_90) with the machine's CUDA toolkit, no GPU needed.
+
+numba-cuda's compiler (not the simulator) lowers every kernel to PTX, ptxas
+assembles it; ptxas must report no spills, and the registers and shared memory
+must let as many blocks share an SM as the launch configuration assumes
+(``kernels.MIN_BLOCKS_PER_SM``). The suite checks one gate+up build per expert
+type (together every activation and bias setting) and every down build, from one
+PTX per kernel; ``HYBRID_PTX_ALL=1`` checks every variant with PTX per arch.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+import kernel_report  # noqa: E402
+
+TOOLKIT = kernel_report.find_toolkit()
+pytestmark = pytest.mark.skipif(TOOLKIT is None, reason="no CUDA toolkit (ptxas, libNVVM, libdevice; set CUDA_HOME)")
+
+
+@pytest.fixture(scope="module")
+def report():
+    full = os.environ.get("HYBRID_PTX_ALL") == "1"
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    args = [sys.executable, str(ROOT / "examples" / "kernel_report.py"), "--json", "--arch", "80,90"]
+    args += [] if full else ["--subset", "--shared-ptx"]
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
+
+
+def test_every_kernel_compiles_for_both_archs(report):
+    names = {row["kernel"] for row in report["rows"]}
+    for t in ("MXFP4", "Q8_0", "F32"):
+        assert any(n.startswith(f"gate_up {t}") for n in names)
+        assert {f"down {t}", f"down {t} bias"} <= names
+    assert "reduce" in names
+    assert {row["arch"] for row in report["rows"]} == {"sm_80", "sm_90"}
+
+
+def test_no_spills_and_no_stack(report):
+    for row in report["rows"]:
+        assert (row["spill_stores"], row["spill_loads"], row["stack"]) == (0, 0, 0), row
+
+
+def test_occupancy_the_launch_assumes(report):
+    for row in report["rows"]:
+        assert row["blocks_per_sm"] >= row["assumed_blocks_per_sm"], row
+
+
+def test_occupancy_model():
+    # 128 threads at 128 registers: 4096 registers a warp, 16 warps, 4 blocks.
+    o = kernel_report.occupancy(90, 128, 22 * 1024, 128)
+    assert o["blocks_per_sm"] == 4 and o["limited_by"] == "registers" and o["occupancy"] == 0.25
+    assert kernel_report.occupancy(80, 32, 100 * 1024, 128)["limited_by"] == "shared memory"
+
+
+def test_sass_mix_finds_the_hot_loop():
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   LDS R2, [R3] ;
+        /*0020*/                   FFMA R4, R2, R2, R4 ;
+        /*0030*/                   FFMA R5, R2, R2, R5 ;
+        /*0040*/               @P0 BRA `(.L_x_1) ;
+        /*0050*/                   EXIT ;
+"""
+    m = kernel_report.sass_mix(sass)
+    assert m["kernel"]["total"] == 6 and m["kernel"]["ffma"] == 2
+    assert m["hot_loop"]["total"] == 4 and m["hot_loop"]["ffma_share"] == 0.5 and m["hot_loop"]["lds_sts"] == 1
