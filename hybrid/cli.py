@@ -1,4 +1,4 @@
-"""The command line: ``python -m hybrid {info,run,bench,usage}`` (also ``hybrid-moe``).
+"""The command line: ``python -m hybrid {info,run,bench,usage,doctor}`` (also ``hybrid-moe``).
 
 Flags follow llama.cpp where they mean the same: ``-m`` model, ``-p`` prompt
 tokens, ``-ub`` ubatch size. Without ``-m`` every command uses the built-in
@@ -97,7 +97,7 @@ def _variant_list(s):
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="hybrid", description="MoE layers of GGUF models on a small GPU, experts in host RAM "
                  "(used-expert offload after llama.cpp PR #15346).")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{info,run,bench,usage}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{info,run,bench,usage,doctor}")
     pos, nonneg = _int_type(1), _int_type(0)
 
     def common(p, p_default, ub_default, ub_type=pos, ub_help="ubatch size (tokens)"):
@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, 2048, 512)
     p.add_argument("--plot", metavar="FILE.png", help="save a heatmap (needs matplotlib: pip install "
                    "'hybrid-moe[plot]')")
+    p = sub.add_parser("doctor", help="GPU, driver, CUDA libraries, a pinned vs pageable copy; what to install")
+    p.add_argument("--copy-mb", type=nonneg, default=256, help="size of the copy test (MiB; 0 skips it)")
     return ap
 
 
@@ -362,7 +364,15 @@ def cmd_usage(args):
         print(f"\nheatmap: {path}")
 
 
-COMMANDS = {"info": cmd_info, "run": cmd_run, "bench": cmd_bench, "usage": cmd_usage}
+def cmd_doctor(args):
+    from .doctor import diagnose, render
+    d = diagnose(copy_mb=args.copy_mb)
+    print("\n".join(render(d)))
+    if not d.ready:
+        raise SystemExit(1)
+
+
+COMMANDS = {"info": cmd_info, "run": cmd_run, "bench": cmd_bench, "usage": cmd_usage, "doctor": cmd_doctor}
 
 
 def main(argv=None) -> int:

@@ -324,3 +324,43 @@ def test_python_m_hybrid(small):
     bad = subprocess.run([sys.executable, "-m", "hybrid", "run", "-p", "0"], capture_output=True, text=True,
                          env=env, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------------------------ doctor
+
+def test_doctor_without_a_gpu_says_so_and_what_to_install(monkeypatch, capsys):
+    from hybrid import doctor
+    monkeypatch.setattr(doctor, "_libraries", lambda: {"nvrtc": None, "nvJitLink": None, "cudart": "/x/libcudart.so",
+                                                       "nvvm": "/x/libnvvm.so"})
+    d = doctor.diagnose(copy_mb=0)
+    assert not d.ready and d.gpu is None and d.copy is None
+    text = "\n".join(doctor.render(d))
+    assert "nvrtc MISSING" in text and "fix:" in text
+    if d.simulator:  # the suite runs with the simulator on: doctor names it
+        assert "NUMBA_ENABLE_CUDASIM=1" in text and "simulator: ON" in text
+    else:
+        assert "pip install 'hybrid-moe[cuda" in text
+    # Through the command line: clean output, exit code 1, no traceback.
+    with pytest.raises(SystemExit) as e:
+        main(["doctor", "--copy-mb", "0"])
+    assert e.value.code == 1
+    out, err = capsys.readouterr()
+    assert "not ready for --device cuda" in out and "Traceback" not in err
+
+
+def test_doctor_picks_the_extra_from_the_driver():
+    from hybrid.doctor import extra_for
+    assert extra_for((13, 0)) == "cuda13" and extra_for((12, 8)) == "cuda12" and extra_for(None) == "cuda12"
+
+
+def test_doctor_without_the_simulator_in_a_subprocess():
+    # No driver on a CI machine: doctor must still end cleanly, naming what is missing.
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    r = subprocess.run([sys.executable, "-m", "hybrid", "doctor", "--copy-mb", "0"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.returncode in (0, 1)
+    assert ("ready: --device cuda" in r.stdout) if r.returncode == 0 else ("fix:" in r.stdout)
