@@ -104,3 +104,39 @@ def test_tensors_sharing_pages_are_pinned_as_one_span(monkeypatch):
     for a, b in zip(mem.arrays, parts + [other]):
         assert a.ctypes.data == b.ctypes.data  # in place, no copies
 
+
+
+def test_a_pin_that_fails_part_way_rolls_back_what_it_registered(monkeypatch):
+    # auto mode: the first span registers, the second cannot be registered nor
+    # copied into pinned memory; the first must be unregistered again before
+    # the staged fallback starts, so nothing stays page-locked behind its back.
+    import contextlib
+    live = []
+
+    @contextlib.contextmanager
+    def first_only(a):
+        if live or a.nbytes < 4096:
+            raise RuntimeError("cannot register")
+        live.append(a.ctypes.data)
+        try:
+            yield a
+        finally:
+            live.remove(a.ctypes.data)
+
+    real_pinned_array = cuda.pinned_array
+
+    def no_big_pinned(shape, dtype=np.float64, **k):
+        if np.prod(shape) * np.dtype(dtype).itemsize > 1 << 12:
+            raise MemoryError("no pinned memory left")
+        return real_pinned_array(shape, dtype, **k)
+
+    monkeypatch.setattr(cuda, "pinned", first_only)
+    monkeypatch.setattr(cuda, "pinned_array", no_big_pinned)
+    blobs = [np.frombuffer(mmap.mmap(-1, 3 * 4096), np.uint8) for _ in range(2)]  # two separate spans
+    mem = HostMemory(blobs, mode="auto", stage_bytes=1024)
+    assert mem.mode == "staged" and "pinning failed" in mem.note
+    assert live == []  # the span registered first was unregistered
+    mem.close()
+    with pytest.raises(RuntimeError, match="could not pin"):
+        HostMemory(blobs, mode="pinned")
+    assert live == []

@@ -84,45 +84,51 @@ class HostMemory:
         """
         spans = _spans(arrays)
         failed = set()
-        for lo, hi, members in spans:
-            try:
-                self._stack.enter_context(cuda.pinned(_raw_view(lo, hi)))
-            except Exception:
+        # Registrations go on a stack of their own: if anything below fails, the
+        # spans already registered are unregistered before the fallback mode starts.
+        with contextlib.ExitStack() as stack:
+            for lo, hi, members in spans:
                 try:
-                    self._register_read_only(lo, hi - lo)
+                    stack.enter_context(cuda.pinned(_raw_view(lo, hi)))
                 except Exception:
-                    failed.update(members)
-        out, copied = [], 0
-        for i, a in enumerate(arrays):
-            if i in failed:
-                p = cuda.pinned_array(a.shape, a.dtype)
-                p[...] = a
-                a = p
-                copied += a.nbytes
-            out.append(a)
+                    try:
+                        self._register_read_only(stack, lo, hi - lo)
+                    except Exception:
+                        failed.update(members)
+            out, copied = [], 0
+            for i, a in enumerate(arrays):
+                if i in failed:
+                    p = cuda.pinned_array(a.shape, a.dtype)
+                    p[...] = a
+                    a = p
+                    copied += a.nbytes
+                out.append(a)
+            self._stack.enter_context(stack.pop_all())
         note = f"pinned in place ({len(spans)} span{'s' if len(spans) > 1 else ''})"
         if copied:
             note += f"; copied {copied / 1e9:.2f} GB that could not be registered into pinned memory"
         return out, note
 
-    def _register_read_only(self, ptr, size):
+    def _register_read_only(self, stack, ptr, size):
         # A GGUF memory map is read-only: the driver registers it only with
         # CU_MEMHOSTREGISTER_READ_ONLY, which numba's cuda.pinned does not pass.
         if _simulator():
             raise RuntimeError("no driver under the simulator")
         from numba.cuda.cudadrv.driver import binding, driver
         driver.cuMemHostRegister(ptr, size, binding.CU_MEMHOSTREGISTER_READ_ONLY)
-        self._stack.callback(driver.cuMemHostUnregister, ptr)
+        stack.callback(driver.cuMemHostUnregister, ptr)
 
     def close(self):
         self._stack.close()
 
-    def copy(self, i: int, dev_flat, src: int, dst: int, n: int, stream) -> None:
-        """Enqueue ``host[i][src:src+n] -> dev_flat[dst:dst+n]`` (element offsets) on ``stream``."""
+    def copy(self, i: int, dev_flat, src: int, dst: int, n: int, stream) -> int:
+        """Enqueue ``host[i][src:src+n] -> dev_flat[dst:dst+n]`` (element offsets) on ``stream``;
+        returns the bytes enqueued."""
         host = self.arrays[i]
         if self._stage is None:
             dev_flat[dst:dst + n].copy_to_device(host[src:src + n], stream=stream)
-            return
+            return n * host.itemsize
+        done = 0
         item = host.itemsize
         step = self.stage_bytes // item
         for off in range(0, n, step):
@@ -133,10 +139,12 @@ class HostMemory:
             buf = self._stage[h][:m * item].view(host.dtype)
             buf[...] = host[src + off:src + off + m]
             dev_flat[dst + off:dst + off + m].copy_to_device(buf, stream=stream)
+            done += m * item
             ev = self._stage_ev[h] or cuda.event()
             ev.record(stream)
             self._stage_ev[h] = ev
             self._half = 1 - h
+        return done
 
 
 def _simulator() -> bool:
