@@ -184,37 +184,121 @@ def test_bad_arguments(layers):
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from hybrid.moe.engine import _groups  # noqa: E402
+from hybrid.moe.engine import fill_tiles, waves  # noqa: E402
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sets(st.integers(0, 15), min_size=1), st.data())
-def test_property_each_launch_waits_for_the_copy_of_its_experts(used, data):
+@given(st.sets(st.integers(0, 15), min_size=1), st.integers(1, 6), st.data())
+def test_property_each_wave_waits_for_the_copies_of_its_experts(used, min_tiles, data):
     # The simulator copies synchronously, so ordering is checked on the plan of launches:
-    # every expert's tiles are launched exactly once, after the event of the range that copies it.
+    # every expert's tiles are launched exactly once, after the event of the range that
+    # copies it; waves hold at least min_tiles tiles (but the last) and wait for no copy
+    # later than the last one their experts need.
     experts = np.array(sorted(used), np.int32)
     missing = [e for e in experts.tolist() if data.draw(st.booleans())]  # the rest are cache hits
-    runs, events = [], []
+    runs = []
     for e in missing:
         if runs and runs[-1][1] == e - 1 and data.draw(st.booleans()):
             runs[-1][1] = e
         else:
             runs.append([e, e])
-    events = [(f, l, object()) for f, l in runs]
+    events = [(f, l, i) for i, (f, l) in enumerate(runs)]  # event = its index in copy order
     counts = np.zeros(16, np.int64)
     counts[experts] = np.random.default_rng(len(experts)).integers(1, 3, experts.size)  # unused: no tiles
     tile_of = np.concatenate([[0], np.cumsum(counts)])
+    need = {e: next((i for f, l, i in events if f <= e <= l), None) for e in experts.tolist()}
     for overlap in (True, False):
         launched = {}
-        seen = []
-        for lo, hi, ev in _groups(experts, tile_of, events, overlap):
-            seen.append(ev)
+        waited = -1  # the compute stream is in order: waits accumulate
+        out = waves(experts, tile_of, events, overlap, min_tiles)
+        for n, (lo, hi, ev) in enumerate(out):
+            if ev is not None:
+                waited = max(waited, ev)
             for t in range(lo, hi):
                 assert t not in launched
-                launched[t] = seen.copy()
+                launched[t] = waited
+            if overlap:
+                if n < len(out) - 1:
+                    assert hi - lo >= min_tiles
+                wave_needs = [need[e] for e in experts.tolist() if lo <= tile_of[e] < hi and need[e] is not None]
+                assert ev == (max(wave_needs) if wave_needs else None)
         for e in experts.tolist():
-            need = next((ev for f, l, ev in events if f <= e <= l), None)
             for t in range(tile_of[e], tile_of[e + 1]):
                 assert t in launched
-                if need is not None:  # waits accumulate on the in-order compute stream
-                    assert need in launched[t] or (not overlap and events[-1][2] in launched[t])
+                if need[e] is not None:
+                    assert launched[t] >= need[e]
+        if not overlap:
+            assert len(out) == 1
+
+
+def test_waves_fill_the_gpu():
+    tiles = TileConfig()  # 64 columns per block
+    assert fill_tiles(tiles, 2880, 132) == 6  # 45 blocks a tile, 264 blocks to fill an H100 twice over
+    assert fill_tiles(tiles, 64, 1) == 2 and fill_tiles(tiles, 2880, 1) == 1
+
+
+# ------------------------------------------------------------------ the copy record
+
+@pytest.mark.parametrize("cfg", [dict(), dict(layout="compact", device_bytes=2), dict(cache_bytes=4),
+                                 dict(host="staged"), dict(merge=copyplan.CostModel(1.0, 1e9))],
+                         ids=["natural", "rounds", "cache", "staged", "merge"])
+def test_the_engine_executes_the_plan_and_stats_count_what_it_enqueued(layers, cfg, monkeypatch):
+    cfg = {k: v * layers[0].expert_bytes if k in ("device_bytes", "cache_bytes") else v for k, v in cfg.items()}
+    L = layers[0]
+    with HybridMoE(layers[:1], device="sim", min_offload_batch=1, tiles=TILES, **cfg) as moe:
+        plans, calls = [], []
+        real_plan, real_copy = moe._plan, moe.engine.host.copy
+        monkeypatch.setattr(moe, "_plan", lambda *a: plans.append(real_plan(*a)) or plans[-1])
+
+        def spy(i, dev, src, dst, n, stream):
+            calls[-1].append((i, src, dst, n))
+            return real_copy(i, dev, src, dst, n, stream)
+        monkeypatch.setattr(moe.engine.host, "copy", spy)
+        for seed in (11, 12):  # two ubatches: with a cache the second hits
+            calls.append([])
+            moe.forward(0, hidden(6, seed=seed))
+        assert len(plans) == len(calls) == len(moe.stats.records) == 2
+        for rounds, sent, rec in zip(plans, calls, moe.stats.records):
+            # The copies enqueued are the plan's rows, each for every tensor, in order.
+            expect = [(t, f * per, d * per, (l - f + 1) * per) for r in rounds
+                      for f, l, d in zip(r.first.tolist(), r.last.tolist(), r.dst_slot.tolist())
+                      for t, (_, per, _) in enumerate(moe.engine.dev)]
+            assert sent == expect
+            # The statistics are what was enqueued, tensor by tensor.
+            for t, (tr, c) in enumerate(zip(rec.tensors, L.copied())):
+                mine = [x for x in sent if x[0] == t]
+                assert tr.name == c.name
+                assert (tr.copies, tr.bytes) == (len(mine), sum(x[3] for x in mine) * c.host.itemsize)
+        if "cache_bytes" in cfg:
+            assert moe.stats.records[1].bytes < moe.stats.records[0].bytes
+
+
+def test_cpu_target_counts_the_plan_as_the_engine_would_enqueue(layers):
+    x = hidden(6, seed=13)
+    _, s_cpu = run(layers[:1], [x], device="cpu", layout="compact", device_bytes=2 * layers[0].expert_bytes)
+    _, s_sim = run(layers[:1], [x], device="sim", layout="compact", device_bytes=2 * layers[0].expert_bytes)
+    key = lambda s: [(t.name, t.copies, t.bytes) for r in s.records for t in r.tensors]  # noqa: E731
+    assert key(s_cpu) == key(s_sim) and s_sim.records[0].rounds > 1
+
+
+def test_forward_routed_validates_the_routing(layers):
+    x = hidden(4, seed=14)
+    ids = np.array([[0, 1], [1, 2], [2, 3], [3, 4]], np.int32)
+    w = np.full((4, 2), 0.5, np.float32)
+    with HybridMoE(layers[:1], device="cpu", min_offload_batch=1) as moe:
+        out = moe.forward_routed(0, x, ids, w)
+        assert rel_err(out, moe_reference(layers[0], x, ids, w)) < 1e-5
+        with pytest.raises(ValueError, match="ids must be"):
+            moe.forward_routed(0, x, ids[:, :1], w)
+        with pytest.raises(ValueError, match="outside"):
+            moe.forward_routed(0, x, ids + 5, w)
+        with pytest.raises(ValueError, match="repeat"):
+            moe.forward_routed(0, x, np.zeros_like(ids), w)
+        with pytest.raises(ValueError, match="weights must be float32"):
+            moe.forward_routed(0, x, ids, w.astype(np.float64))
+        bad = w.copy()
+        bad[0, 0] = np.inf
+        with pytest.raises(ValueError, match="NaN or inf"):
+            moe.forward_routed(0, x, ids, bad)
+    with pytest.raises(ValueError, match="launch_tiles"):
+        HybridMoE(layers[:1], device="sim", launch_tiles=0)

@@ -1,11 +1,22 @@
 """The device side of the scheduler: buffers, streams, copies and kernel launches.
 
-Copies run on ``copy_stream``; after each range of experts (all of the
-layer's tensors for that range) an event is recorded. Kernels run on
-``compute_stream``; with ``overlap`` each group of experts waits only for the
-event of the range that brought it, so the first experts compute while later
-ones are still crossing the link. Before a round overwrites slots, the copy
-stream waits for the compute already enqueued (a slot may still be read).
+A round's copy rows ``(first, last, dst_slot)`` (expert units, from the copy
+plan) are executed as they are: for each row, each of the layer's tensors
+``host[first*per : (last+1)*per] -> dev[dst_slot*per : ...]`` on
+``copy_stream``, then an event. The engine counts what it enqueued (copies and
+bytes per tensor) and returns it: the statistics record that, not the plan.
+
+Kernels run on ``compute_stream`` in waves: runs of experts whose tiles give
+enough blocks to fill the GPU (``MIN_BLOCKS_PER_SM`` per SM), each wave waiting
+only on the last copy event its experts need, so the first experts compute
+while later ones are still crossing the link, and no launch leaves most of the
+GPU idle. ``launch_tiles=1`` gives one launch per copy range (the old way).
+
+The copy stream waits only for what can conflict: the kernels of earlier
+rounds or layers still reading the slots it will overwrite. Uploads of the
+hidden states, routing weights, buckets and slot maps go on the compute stream
+from pinned buffers, after the first round's copies are enqueued, so the
+experts never queue behind them.
 """
 from __future__ import annotations
 
@@ -21,79 +32,107 @@ from .transfer import HostMemory, device_buffer
 
 
 class DeviceEngine:
-    def __init__(self, layers, n_slots, *, host="auto", tiles=None):
+    def __init__(self, layers, n_slots, *, host="auto", tiles=None, launch_tiles=None):
         self.layers = layers
         first = layers[0]
         for t in (first.gate, first.up, first.down):
             if int(t.ggml_type) not in kernels.SUPPORTED:
                 raise ValueError(f"the CUDA kernels read {', '.join(type_name(s) for s in kernels.SUPPORTED)} "
                                  f"experts, not {type_name(t.ggml_type)}; use device='cpu' for this model")
+        if launch_tiles is not None and (isinstance(launch_tiles, bool) or not isinstance(launch_tiles, int)
+                                         or launch_tiles < 1):
+            raise ValueError(f"launch_tiles must be a positive int or None, got {launch_tiles!r}")
         self.n_embd, self.n_ff, self.k = first.n_embd, first.n_ff, first.k
         self.tiles = tiles or kernels.TileConfig()
         # Host arrays: every layer's copied tensors, layer by layer, in copy order.
-        roles = first.copied()
+        self.roles = first.copied()
         self.host = HostMemory([c.host for L in layers for c in L.copied()], mode=host)
         self._index = {id(L): i for i, L in enumerate(layers)}
         self.n_slots = n_slots
         self.dev = []  # per role: (flat device buffer, elements per expert, shaped view for kernels)
-        for c in roles:
+        for c in self.roles:
             per = c.slab_bytes // c.host.itemsize
             flat = device_buffer(n_slots * per, c.host.dtype)
             self.dev.append((flat, per, flat.reshape((n_slots,) + c.host.shape[1:])))
-        self._views = {c.role: view for c, (_, _, view) in zip(roles, self.dev)}
+        self._views = {c.role: view for c, (_, _, view) in zip(self.roles, self.dev)}
         self.copy_stream = cuda.stream()
         self.compute_stream = cuda.stream()
         self._scratch = {}
+        self.launch_tiles = launch_tiles or fill_tiles(self.tiles, self.n_ff, _sm_count())
 
     def close(self):
         self.host.close()
 
     def _buffers(self, T):
+        """Device scratch and pinned upload buffers for ``T`` tokens (kept for the last T).
+
+        Uploads copy into preallocated device arrays (no allocation, which could
+        synchronise the device, per ubatch); each round gets its own slot-map pair,
+        since a pinned buffer must not be rewritten before its copy has run.
+        """
         if T not in self._scratch:
-            k, D, F = self.k, self.n_embd, self.n_ff
-            self._scratch = {T: (cuda.device_array((T * k, F), np.float32),
-                                 cuda.device_array((T * k, D), np.float32),
-                                 cuda.device_array((T, D), np.float32))}
+            k, D, F, bs, E = self.k, self.n_embd, self.n_ff, self.tiles.block_pairs, self.layers[0].n_experts
+            P = T * k + E * (bs - 1)  # pairs padded to whole tiles, at most
+            pin, dev = cuda.pinned_array, cuda.device_array
+            self._scratch = {T: dict(
+                act=dev((T * k, F), np.float32), y=dev((T * k, D), np.float32), out=dev((T, D), np.float32),
+                out_h=pin((T, D), np.float32), x=(pin((T, D), np.float32), dev((T, D), np.float32)),
+                w=(pin(T * k, np.float32), dev(T * k, np.float32)), pairs=(pin(P, np.int32), dev(P, np.int32)),
+                tile_expert=(pin(P // bs, np.int32), dev(P // bs, np.int32)), slots=[])}
         return self._scratch[T]
 
-    def copy_range(self, layer_pos, first, last, dst_slot):
-        """Every tensor's experts ``first..last`` into slots from ``dst_slot``, on the copy stream."""
+    def _slot_map(self, buf, i, slot_map):
+        while len(buf["slots"]) <= i:
+            n = slot_map.shape[0]
+            buf["slots"].append((cuda.pinned_array(n, np.int32), cuda.device_array(n, np.int32)))
+        return _upload(buf["slots"][i], slot_map, self.compute_stream)
+
+    def _copy_rows(self, layer_pos, first, last, dst_slot, enqueued):
+        """Execute copy-plan rows: every tensor's experts ``first..last`` into slots from
+        ``dst_slot``, on the copy stream; returns one event per row and counts what was
+        enqueued into ``enqueued`` ([tensor] -> [copies, bytes])."""
         n_roles = len(self.dev)
-        for r, (flat, per, _) in enumerate(self.dev):
-            self.host.copy(layer_pos * n_roles + r, flat, int(first) * per, int(dst_slot) * per,
-                           (int(last) - int(first) + 1) * per, self.copy_stream)
+        events = []
+        for f, l, s in zip(first.tolist(), last.tolist(), dst_slot.tolist()):
+            for r, (flat, per, _) in enumerate(self.dev):
+                nbytes = self.host.copy(layer_pos * n_roles + r, flat, f * per, s * per, (l - f + 1) * per,
+                                        self.copy_stream)
+                enqueued[r, 0] += 1
+                enqueued[r, 1] += nbytes
+            events.append((f, l, _event(self.copy_stream)))
+        return events
 
     def run(self, L, x, weights, bk, rounds, *, overlap, times):
+        """Copy and compute every round; returns ``(out float32 [T, n_embd], enqueued int64 [tensors, 2])``
+        where ``enqueued[r] = (copies, bytes)`` of the layer's tensor ``r`` (``L.copied()`` order)."""
         pos = self._index[id(L)]
         cs, ps = self.copy_stream, self.compute_stream
         T = x.shape[0]
-        act_d, y_d, out_d = self._buffers(T)
-        x_d = cuda.to_device(x, stream=ps)
-        w_d = cuda.to_device(weights, stream=ps)
-        bk_d = kernels.DeviceBuckets.from_host(bk, stream=ps)
-        bs = bk.block_size
-        tile_of = bk.offsets // bs  # first tile of each expert; tile_of[e+1] ends it
-        spans = []  # (start, end) event pairs of every round's copies and kernels, timed at the end
+        buf = self._buffers(T)
+        enqueued = np.zeros((len(self.dev), 2), np.int64)
+        tile_of = bk.offsets // bk.block_size  # first tile of each expert; tile_of[e+1] ends it
+        spans = []  # (step, start, end) events of every round's copies and kernels, timed at the end
         t_host = time.perf_counter()
-        for rnd in rounds:
-            # The copy stream must not overwrite slots that enqueued kernels still read.
+        uploaded = None
+        for i, rnd in enumerate(rounds):
+            # The copy stream must not overwrite slots that enqueued kernels still read
+            # (earlier rounds, earlier layers); the uploads below are not among them.
             _event(ps).wait(cs)
-            slots_d = cuda.to_device(rnd.slot_map, stream=ps)
             c0 = _event(cs)
-            events = []
-            for f, l, s in zip(rnd.first.tolist(), rnd.last.tolist(), rnd.dst_slot.tolist()):
-                self.copy_range(pos, f, l, s)
-                events.append((f, l, _event(cs)))
+            events = self._copy_rows(pos, rnd.first, rnd.last, rnd.dst_slot, enqueued)
             spans.append(("copy", c0, _event(cs)))
+            if uploaded is None:  # after the first copies are enqueued: they never wait for these
+                uploaded = self._upload(buf, x, weights, bk)
+            slots_d = self._slot_map(buf, i, rnd.slot_map)
             k0 = _event(ps)
-            for t_lo, t_hi, ev in _groups(rnd.experts, tile_of, events, overlap):
+            for t_lo, t_hi, ev in waves(rnd.experts, tile_of, events, overlap, self.launch_tiles):
                 if ev is not None:
                     ev.wait(ps)
                 if t_hi > t_lo:
-                    self._launch(L, x_d, w_d, bk_d, t_lo, t_hi, slots_d, act_d, y_d, T)
+                    self._launch(L, uploaded, t_lo, t_hi, slots_d, buf, T)
             spans.append(("compute", k0, _event(ps)))
-        kernels.moe_reduce(y_d, out_d, self.k, stream=ps)
-        out = out_d.copy_to_host(stream=ps)
+        kernels.moe_reduce(buf["y"], buf["out"], self.k, stream=ps)
+        buf["out"].copy_to_host(buf["out_h"], stream=ps)
         t_wait = time.perf_counter()
         ps.synchronize()
         cs.synchronize()
@@ -104,14 +143,35 @@ class DeviceEngine:
             # The simulator has no device clock (-1): it copies and computes while
             # enqueueing, so the host time of the whole call is all there is.
             times[step] += ms / 1e3 if ms >= 0 else (t_wait - t_host) / len(spans)
-        return out
+        return buf["out_h"].copy(), enqueued
 
-    def _launch(self, L, x_d, w_d, bk_d, t_lo, t_hi, slots_d, act_d, y_d, T):
+    def _upload(self, buf, x, weights, bk):
+        """Hidden states, routing weights and buckets to the device on the compute stream, via pinned buffers."""
+        ps = self.compute_stream
+        P, nt = bk.pairs.shape[0], bk.tile_expert.shape[0]
+        x_d = _upload(buf["x"], x, ps)
+        w_d = _upload(buf["w"], weights.reshape(-1), ps)
+        pairs = _upload(buf["pairs"], bk.pairs, ps, P)
+        tile_expert = _upload(buf["tile_expert"], bk.tile_expert, ps, nt)
+        return x_d, w_d, kernels.DeviceBuckets(bk, pairs, tile_expert)
+
+    def _launch(self, L, uploaded, t_lo, t_hi, slots_d, buf, T):
         v = self._views
+        x_d, w_d, bk_d = uploaded
         kernels.moe_launch(x_d, bk_d, t_lo, t_hi, slots_d, v["gate"], v["up"], v["down"],
-                           v.get("gate_b"), v.get("up_b"), v.get("down_b"), w_d, act_d, y_d,
+                           v.get("gate_b"), v.get("up_b"), v.get("down_b"), w_d, buf["act"], buf["y"],
                            n_embd=self.n_embd, n_ff=self.n_ff, k=self.k, activation=L.activation,
                            tiles=self.tiles, stream=self.compute_stream)
+
+
+def _upload(pair, host, stream, n=None):
+    """``host`` -> the pinned buffer -> its device twin (the first ``n`` elements), async on ``stream``."""
+    pinned, dev = pair
+    if n is not None:
+        pinned, dev = pinned[:n], dev[:n]
+    pinned[...] = host
+    dev.copy_to_device(pinned, stream=stream)
+    return dev
 
 
 def _event(stream):
@@ -120,28 +180,52 @@ def _event(stream):
     return ev
 
 
-def _groups(experts, tile_of, events, overlap):
-    """Tile ranges to launch, each with the event it waits for (None: already resident).
+def _sm_count() -> int:
+    try:
+        return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+    except Exception:  # the simulator's device has no attributes
+        return 1
 
-    ``experts`` is sorted; runs of experts that share a copy event (or that are
-    all hits) become one launch. Without overlap, one launch after the last event.
+
+def fill_tiles(tiles: kernels.TileConfig, n_cols: int, n_sms: int) -> int:
+    """Tiles per launch that give every SM ``MIN_BLOCKS_PER_SM`` blocks of the gate+up kernel
+    (``n_cols`` output columns: ``ceil(n_cols / block_cols)`` blocks per tile)."""
+    col_blocks = -(-n_cols // tiles.block_cols)
+    return max(1, -(-n_sms * kernels.MIN_BLOCKS_PER_SM // col_blocks))
+
+
+def waves(experts, tile_of, events, overlap, min_tiles):
+    """Tile ranges to launch, each with the copy event it waits for (None: all resident).
+
+    ``experts`` is sorted; ``events`` is ``[(first, last, event)]`` in the order
+    the copies were enqueued (ascending experts). A wave is a run of experts
+    holding at least ``min_tiles`` tiles, cut only where the copy event changes,
+    and waits for the last event any of its experts needs (the copy stream is in
+    order, so the earlier ones are done too). Without overlap: one launch after
+    the last event.
     """
+    if not experts.size:
+        return []
     if not overlap:
         last_ev = events[-1][2] if events else None
-        return [(int(tile_of[experts[0]]), int(tile_of[experts[-1] + 1]), last_ev)] if experts.size else []
+        return [(int(tile_of[experts[0]]), int(tile_of[experts[-1] + 1]), last_ev)]
     out = []
     ei = 0
-    cur_lo = cur_ev = None
+    lo = need = need_ev = cur_ev = None
     prev = None
     for e in experts.tolist():
         while ei < len(events) and events[ei][1] < e:
             ei += 1
-        ev = events[ei][2] if ei < len(events) and events[ei][0] <= e <= events[ei][1] else None
-        if cur_lo is None or ev is not cur_ev:
-            if cur_lo is not None:
-                out.append((int(tile_of[cur_lo]), int(tile_of[prev + 1]), cur_ev))
-            cur_lo, cur_ev = e, ev
+        idx = ei if ei < len(events) and events[ei][0] <= e <= events[ei][1] else None
+        ev = events[idx][2] if idx is not None else None
+        if lo is not None and ev is not cur_ev and tile_of[prev + 1] - tile_of[lo] >= min_tiles:
+            out.append((int(tile_of[lo]), int(tile_of[prev + 1]), need_ev))
+            lo = need = need_ev = None
+        if lo is None:
+            lo = e
+        if idx is not None and (need is None or idx > need):
+            need, need_ev = idx, ev
+        cur_ev = ev
         prev = e
-    if cur_lo is not None:
-        out.append((int(tile_of[cur_lo]), int(tile_of[prev + 1]), cur_ev))
+    out.append((int(tile_of[lo]), int(tile_of[prev + 1]), need_ev))
     return out

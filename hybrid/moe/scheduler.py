@@ -6,12 +6,16 @@
 2. plan    which experts the device needs (``all`` or ``used``) and where they
            go: the natural layout (slot = expert id, PR #15346) or slots from
            a pool that can keep experts resident across ubatches (LRU cache);
-3. copy    one async copy per contiguous range on a copy stream, each range
-           followed by an event;
-4. compute grouped kernels on the compute stream, each group of experts
-           waiting only on its own range's event, so compute overlaps the
-           remaining copies; the top-k sum reduced without atomics;
-5. record  used experts, copies, bytes, cache hits and times into ``Stats``.
+3. copy    the engine executes the plan's rows: one async copy per row and
+           tensor on a copy stream, each row followed by an event;
+4. compute grouped kernels on the compute stream in waves that fill the GPU,
+           each waiting only on the last copy event it needs, so compute
+           overlaps the remaining copies; the top-k sum reduced without atomics;
+5. record  used experts, cache hits, times, and the copies and bytes the
+           engine reports it enqueued (the CPU target: the plan's, "planned").
+
+``forward_routed`` starts at step 2 with a routing given (tests, or a model
+runner that routes elsewhere).
 
 Batches below ``min_offload_batch`` tokens run on the CPU path. The ``cpu``
 target plans and counts the copies it would make but computes on the CPU.
@@ -68,13 +72,15 @@ class HybridMoE:
     ``device_bytes`` bounds the expert slots when there is no cache: too small
     for a ubatch's experts means rounds (compact) or a clear error (natural).
     ``merge`` (a ``copyplan.CostModel``, natural layout only) also copies a gap
-    of unused experts when that is cheaper than one more copy.
+    of unused experts when that is cheaper than one more copy. ``launch_tiles``:
+    at least this many tiles per kernel launch (None: enough to fill the GPU;
+    1: one launch per copy range).
     """
 
     def __init__(self, layers, *, device="auto", policy="used", layout="natural", host="auto",
                  cache_bytes=0, device_bytes=None, min_offload_batch=MIN_OFFLOAD_BATCH,
                  overlap=True, merge: copyplan.CostModel | None = None, tiles=None,
-                 stats: Stats | None = None):
+                 launch_tiles: int | None = None, stats: Stats | None = None):
         layers = list(layers)
         if not layers or not all(isinstance(l, MoELayer) for l in layers):
             raise TypeError("layers must be a non-empty list of MoELayer")
@@ -129,7 +135,7 @@ class HybridMoE:
         self.engine = None
         if self.device in ("cuda", "sim"):
             from .engine import DeviceEngine
-            self.engine = DeviceEngine(layers, self.n_slots, host=host, tiles=tiles)
+            self.engine = DeviceEngine(layers, self.n_slots, host=host, tiles=tiles, launch_tiles=launch_tiles)
             log.info("host memory: %s %s", self.engine.host.mode, self.engine.host.note)
         log.info("device: %s, policy %s, layout %s, %d slots", self.device, policy, layout, self.n_slots)
 
@@ -156,25 +162,52 @@ class HybridMoE:
 
     def forward(self, layer, x: np.ndarray, ubatch: int | None = None) -> np.ndarray:
         """The MoE output float32 ``[n_tokens, n_embd]`` of ``layer`` (index or MoELayer) for ``x``."""
-        if isinstance(layer, (int, np.integer)):
-            if not 0 <= layer < len(self.layers):
-                raise ValueError(f"layer {layer} outside [0, {len(self.layers)})")
-            L = self.layers[layer]
-        elif any(layer is l for l in self.layers):
-            L = layer
-        else:
-            raise ValueError("layer is not one of this backend's layers")
+        L = self._layer(layer)
         x = _check_hidden(x, L.n_embd)
-        T, E = x.shape[0], L.n_experts
-        rec = UbatchRecord(layer=L.index, ubatch=self._ubatch if ubatch is None else ubatch, n_tokens=T,
-                           path="cpu", policy=self.policy, used=0, n_experts=E)
         # 1. route
         t0 = time.perf_counter()
         ids, weights = L.route(x)
+        return self._forward(L, x, ids, weights, ubatch, time.perf_counter() - t0)
+
+    def forward_routed(self, layer, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+                       ubatch: int | None = None) -> np.ndarray:
+        """As ``forward``, with the routing given: ``ids`` int [T, k] (distinct per token, in
+        ``[0, n_experts)``) and ``weights`` float32 [T, k] (finite)."""
+        L = self._layer(layer)
+        x = _check_hidden(x, L.n_embd)
+        T, k = x.shape[0], L.k
+        if not isinstance(ids, np.ndarray) or not np.issubdtype(ids.dtype, np.integer) or ids.shape != (T, k):
+            raise ValueError(f"ids must be an int array [{T}, {k}], got {getattr(ids, 'dtype', type(ids))} "
+                             f"{getattr(ids, 'shape', '')}")
+        if ids.min() < 0 or ids.max() >= L.n_experts:
+            raise ValueError(f"ids hold expert ids outside [0, {L.n_experts})")
+        if k > 1 and (np.diff(np.sort(ids, axis=1), axis=1) == 0).any():
+            raise ValueError("ids repeat an expert within a token")
+        if not isinstance(weights, np.ndarray) or weights.dtype != np.float32 or weights.shape != (T, k):
+            raise ValueError(f"weights must be float32 [{T}, {k}], got {getattr(weights, 'dtype', type(weights))} "
+                             f"{getattr(weights, 'shape', '')}")
+        if not np.isfinite(weights).all():
+            raise ValueError("weights hold NaN or inf")
+        return self._forward(L, x, np.ascontiguousarray(ids, np.int32), np.ascontiguousarray(weights), ubatch, 0.0)
+
+    def _layer(self, layer) -> MoELayer:
+        if isinstance(layer, (int, np.integer)):
+            if not 0 <= layer < len(self.layers):
+                raise ValueError(f"layer {layer} outside [0, {len(self.layers)})")
+            return self.layers[layer]
+        if any(layer is l for l in self.layers):
+            return layer
+        raise ValueError("layer is not one of this backend's layers")
+
+    def _forward(self, L, x, ids, weights, ubatch, t_route):
+        T, E = x.shape[0], L.n_experts
+        rec = UbatchRecord(layer=L.index, ubatch=self._ubatch if ubatch is None else ubatch, n_tokens=T,
+                           path="cpu", policy=self.policy, used=0, n_experts=E)
+        t0 = time.perf_counter()
         block = self.engine.tiles.block_pairs if self.engine else 1
         bk = routing.bucket(ids, E, block_size=block)
         rec.used = int(bk.used.size)
-        rec.times["route"] = time.perf_counter() - t0
+        rec.times["route"] = t_route + time.perf_counter() - t0
 
         offload = T >= self.min_offload_batch
         if offload:
@@ -185,7 +218,7 @@ class HybridMoE:
                 t0 = time.perf_counter()
                 rounds = self._plan(L, bk)
                 rec.times["plan"] = time.perf_counter() - t0
-            self._record_copies(rec, L, rounds)
+            self._record_copies(rec, L, rounds, planned(L, rounds))
             t0 = time.perf_counter()
             out = moe_ffn_cpu(L, x, ids, weights)
             rec.times["compute"] = time.perf_counter() - t0
@@ -195,10 +228,10 @@ class HybridMoE:
         t0 = time.perf_counter()
         rounds = self._plan(L, bk)
         rec.times["plan"] = time.perf_counter() - t0
-        # 3-4. copy and compute, round by round
-        out = self.engine.run(L, x, weights, bk, rounds, overlap=self.overlap, times=rec.times)
+        # 3-4. copy and compute, round by round; the engine reports what it enqueued
+        out, enqueued = self.engine.run(L, x, weights, bk, rounds, overlap=self.overlap, times=rec.times)
         # 5. record
-        self._record_copies(rec, L, rounds)
+        self._record_copies(rec, L, rounds, enqueued)
         self.stats.add(rec)
         return out
 
@@ -222,14 +255,20 @@ class HybridMoE:
             rounds.append(Round(experts, slot_map, first, last, dst, int((~miss).sum())))
         return rounds
 
-    def _record_copies(self, rec: UbatchRecord, L: MoELayer, rounds) -> None:
-        """One TensorRecord per copied tensor; no rounds (the CPU path) means no copies."""
+    def _record_copies(self, rec: UbatchRecord, L: MoELayer, rounds, copies) -> None:
+        """One TensorRecord per copied tensor from ``copies[r] = (copies, bytes)``: what the
+        engine enqueued, or on the CPU target what it would have (``planned``)."""
         rec.rounds = len(rounds)
-        n_copies = sum(r.first.size for r in rounds)
-        n_exp = sum(int((r.last - r.first + 1).sum()) for r in rounds)
         hits = sum(r.hits for r in rounds)
-        for c in L.copied():
-            rec.tensors.append(TensorRecord(c.name, rec.used, L.n_experts, n_copies, n_exp * c.slab_bytes, hits))
+        for c, (n, nbytes) in zip(L.copied(), copies):
+            rec.tensors.append(TensorRecord(c.name, rec.used, L.n_experts, int(n), int(nbytes), hits))
+
+
+def planned(L: MoELayer, rounds) -> np.ndarray:
+    """``[tensor] -> (copies, bytes)`` the rounds' copy rows make: one copy per row and tensor."""
+    n_rows = sum(r.first.size for r in rounds)
+    n_exp = sum(int((r.last - r.first + 1).sum()) for r in rounds)
+    return np.array([(n_rows, n_exp * c.slab_bytes) for c in L.copied()], np.int64).reshape(-1, 2)
 
 
 class Round:
