@@ -1,5 +1,8 @@
 """hybrid.moe.kernels on the simulator against the float64 reference (same routing).
 
+Whole layers go through the scheduler's own device path (``HybridMoE.forward_routed``
+on ``device="sim"``: plan, copies, waves of launches, reduce), so the tests run
+the code a GPU runs; ``moe_launch`` is also driven directly over copy ranges.
 Shapes are tiny: the simulator runs every GPU thread as a Python thread.
 """
 
@@ -13,6 +16,7 @@ from hybrid.moe import kernels as K
 from hybrid import random_layer
 from hybrid.moe.reference import moe_reference, router_logits_reference
 from hybrid.moe.routing import bucket, route
+from hybrid.moe.scheduler import HybridMoE
 
 pytestmark = pytest.mark.skipif(not cuda.is_available(), reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")
 
@@ -32,8 +36,20 @@ def _rel_err(out, ref):
     return np.abs(out - ref).max() / np.abs(ref).max()
 
 
+def device_ffn(layer, x, ids, w, *, layout="natural", tiles=None, poison=None, launch_tiles=None):
+    """The layer's experts on the device for a given routing, through the scheduler's path.
+    ``poison`` (a byte) first fills every device slot, so tests can prove unused slots
+    are never read (0xFF bytes are NaN)."""
+    with HybridMoE([layer], device="sim", min_offload_batch=1, tiles=tiles, layout=layout,
+                   launch_tiles=launch_tiles) as moe:
+        if poison is not None:
+            for flat, _, _ in moe.engine.dev:
+                flat.copy_to_device(np.full(flat.shape[0] * flat.dtype.itemsize, poison, np.uint8).view(flat.dtype))
+        return moe.forward_routed(0, x, ids, w)
+
+
 def _check(layer, x, ids, w, **kw):
-    out = K.moe_ffn_cuda(layer, x, ids, w, **kw)
+    out = device_ffn(layer, x, ids, w, **kw)
     ref = moe_reference(layer, x, ids, w)
     assert out.dtype == np.float32 and out.shape == ref.shape
     assert np.isfinite(out).all()
@@ -113,9 +129,10 @@ def runs():
     layer = random_layer(64, 64, 8, 2, seed=9, skew=3.0)
     x, ids, w = _routed(layer, 4, seed=9)
     assert np.unique(ids).size < layer.n_experts  # some experts get no tokens
-    out = {(layout, poison): K.moe_ffn_cuda(layer, x, ids, w, tiles=SMALL, layout=layout, poison=poison)
+    out = {(layout, poison): device_ffn(layer, x, ids, w, tiles=SMALL, layout=layout, poison=poison)
            for layout in ("natural", "compact") for poison in (0x00, 0xFF)}
-    out["again"] = K.moe_ffn_cuda(layer, x, ids, w, tiles=SMALL, poison=0x00)
+    out["again"] = device_ffn(layer, x, ids, w, tiles=SMALL, poison=0x00)
+    out["per_range"] = device_ffn(layer, x, ids, w, tiles=SMALL, launch_tiles=1)  # one launch per copy range
     return layer, x, ids, w, out
 
 
@@ -142,6 +159,11 @@ def test_compact_equals_natural_bitwise(runs):
 def test_two_runs_bit_identical(runs):
     *_, out = runs
     np.testing.assert_array_equal(_bits(out["again"]), _bits(out["natural", 0]))
+
+
+def test_waves_and_per_range_launches_bit_identical(runs):
+    *_, out = runs
+    np.testing.assert_array_equal(_bits(out["per_range"]), _bits(out["natural", 0]))
 
 
 # ------------------------------------------------------------------ moe_launch over copy ranges
@@ -194,7 +216,7 @@ def test_launch_per_copy_range_then_reduce(launched):
     K.moe_reduce(d["y_d"], out_d, layer.k)
     out = out_d.copy_to_host()
     assert _rel_err(out, moe_reference(layer, x, ids, w)) < 1e-5
-    np.testing.assert_array_equal(_bits(out), _bits(K.moe_ffn_cuda(layer, x, ids, w, tiles=SMALL)))
+    np.testing.assert_array_equal(_bits(out), _bits(device_ffn(layer, x, ids, w, tiles=SMALL)))
 
 
 def test_device_slot_outside_buffer_is_skipped(launched):
@@ -211,13 +233,11 @@ def test_device_slot_outside_buffer_is_skipped(launched):
     assert (y[skipped] == MARK).all() and np.isfinite(y[~skipped]).all() and (y[~skipped] != MARK).all()
 
 
-def test_empty_ranges_and_no_tokens(launched):
+def test_empty_ranges(launched):
     layer, x, ids, w = launched
     bk, d, kw = _device_setup(layer, ids, w, x, SMALL)
     _launch(d, kw, 2, 2, np.arange(layer.n_experts, dtype=np.int32))
     assert (d["y_d"].copy_to_host() == MARK).all()
-    empty = K.moe_ffn_cuda(layer, x[:0], ids[:0], w[:0], tiles=SMALL)
-    assert empty.shape == (0, layer.n_embd) and empty.dtype == np.float32
 
 
 # ------------------------------------------------------------------ bad inputs
@@ -277,19 +297,19 @@ def test_bad_inputs_raise(launched):
         K.moe_reduce(d["y_d"], cuda.device_array((3, layer.n_embd), np.float32), layer.k)
 
 
-def test_bad_convenience_inputs_raise(launched):
+def test_bad_device_path_inputs_raise(launched):
     layer, x, ids, w = launched
     with pytest.raises(ValueError, match="layout"):
-        K.moe_ffn_cuda(layer, x, ids, w, layout="sparse")
-    with pytest.raises(ValueError, match="x must be float32"):
-        K.moe_ffn_cuda(layer, x.astype(np.float64), ids, w)
+        device_ffn(layer, x, ids, w, layout="sparse")
+    with pytest.raises(TypeError, match="float32"):
+        device_ffn(layer, x.astype(np.float64), ids, w)
     with pytest.raises(ValueError, match="ids must be"):
-        K.moe_ffn_cuda(layer, x, ids[:, :1], w)
-    with pytest.raises(ValueError, match="expert id 8"):
-        K.moe_ffn_cuda(layer, x, np.full_like(ids, 8), w, tiles=SMALL)
+        device_ffn(layer, x, ids[:, :1], w)
+    with pytest.raises(ValueError, match="outside"):
+        device_ffn(layer, x, np.full_like(ids, 8), w, tiles=SMALL)
     f16 = random_layer(32, 32, 4, 2, wtype=T.F16)
-    with pytest.raises(NotImplementedError, match="F16"):
-        K.moe_ffn_cuda(f16, x[:, :32].copy(), ids % 4, w)
+    with pytest.raises(ValueError, match="F16"):
+        device_ffn(f16, x[:, :32].copy(), ids % 4, w)
 
 
 def test_bad_buckets_and_tiles_raise():

@@ -14,8 +14,9 @@ expert ``e``: the same kernels serve the natural layout (slot = expert id) and
 compact slots. A block never touches a slot other than its tile's expert, and
 tiles that hold only padding return before reading any weight.
 
-Public API: ``TileConfig``, ``DeviceBuckets.from_host``, ``moe_launch``,
-``moe_reduce`` (for the scheduler) and ``moe_ffn_cuda`` (upload, run, return).
+Public API: ``TileConfig``, ``DeviceBuckets``, ``moe_launch``, ``moe_reduce``
+(driven by ``engine.DeviceEngine``, the one host-side device path) and
+``variants`` (every kernel build, for the compile checks).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from quant import cuda as qc
 from quant import types as qtypes
 
 from .activation import check as check_activation, silu_f32, swiglu_oai_f32
-from .routing import Buckets, bucket
+from .routing import Buckets
 
 SUPPORTED = (int(T.MXFP4), int(T.Q8_0), int(T.F32))
 
@@ -604,78 +605,3 @@ def moe_reduce(y_d, out_d, k, stream=0):
     n = T_ * D
     if n:
         _reduce_kernel[qc.grid_blocks(n, _REDUCE_THREADS), _REDUCE_THREADS, stream](y_d, k, out_d)
-
-
-# ------------------------------------------------------------------ convenience
-
-def moe_ffn_cuda(layer, x, ids, weights, *, layout="natural", tiles=None, poison=None, stream=0):
-    """One MoE layer's experts on the device for routed tokens; returns float32 [T, n_embd].
-
-    Uploads only the experts ``ids`` uses, through a slot map: ``layout="natural"``
-    puts expert e in slot e of a buffer of all E experts, ``"compact"`` in
-    slots 0..U-1. ``poison`` (a byte) first fills every device slot, so tests
-    can prove unused slots are never read (0xFF bytes are NaN).
-    """
-    from .layer import MoELayer
-
-    if not isinstance(layer, MoELayer):
-        raise TypeError(f"layer must be a MoELayer, got {type(layer).__name__}")
-    if layout not in ("natural", "compact"):
-        raise ValueError(f"layout must be 'natural' or 'compact', got {layout!r}")
-    tiles = TileConfig() if tiles is None else tiles
-    if not isinstance(tiles, TileConfig):
-        raise TypeError(f"tiles must be a TileConfig, got {type(tiles).__name__}")
-    for t in (layer.gate, layer.down):
-        if int(t.ggml_type) not in SUPPORTED:
-            raise NotImplementedError(f"moe_ffn_cuda: expert type {qtypes.type_name(t.ggml_type)} is not supported "
-                                      f"(supported: {', '.join(qtypes.type_name(s) for s in SUPPORTED)})")
-    E, D, F, k = layer.n_experts, layer.n_embd, layer.n_ff, layer.k
-    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != D:
-        raise ValueError(f"x must be float32 [n_tokens, {D}], got {getattr(x, 'dtype', type(x))} "
-                         f"{getattr(x, 'shape', '')}")
-    T_ = x.shape[0]
-    if not isinstance(ids, np.ndarray) or ids.shape != (T_, k):
-        raise ValueError(f"ids must be [{T_}, {k}], got {getattr(ids, 'shape', type(ids))}")
-    if not isinstance(weights, np.ndarray) or weights.shape != (T_, k):
-        raise ValueError(f"weights must be [{T_}, {k}], got {getattr(weights, 'shape', type(weights))}")
-    if T_ == 0:
-        return np.zeros((0, D), np.float32)
-    bk = bucket(ids, E, tiles.block_pairs)
-    used = bk.used
-    if layout == "natural":
-        slots = np.arange(E, dtype=np.int32)
-        n_slots = E
-    else:
-        slots = np.full(E, -1, np.int32)
-        slots[used] = np.arange(used.size, dtype=np.int32)
-        n_slots = used.size
-
-    def upload(host):  # host [E, ...] -> device [n_slots, ...], used experts only
-        dev = cuda.device_array((n_slots,) + host.shape[1:], host.dtype, stream=stream)
-        if poison is not None:
-            fill = np.full(dev.shape, 0, host.dtype)
-            fill.view(np.uint8)[...] = poison
-            dev.copy_to_device(fill, stream=stream)
-        for e in used.tolist():
-            dev[slots[e]:slots[e] + 1].copy_to_device(host[e:e + 1], stream=stream)
-        return dev
-
-    def upload_bias(b):
-        return None if b is None else upload(b)
-
-    ws = [upload(t.raw) for t in (layer.gate, layer.up, layer.down)]
-    bs = [upload_bias(b) for b in (layer.gate_b, layer.up_b, layer.down_b)]
-    if (bs[0] is None) != (bs[1] is None):  # one of gate/up biases: the kernel wants both
-        zeros = upload(np.zeros((E, F), np.float32))
-        bs[0] = bs[0] if bs[0] is not None else zeros
-        bs[1] = bs[1] if bs[1] is not None else zeros
-    x_d = cuda.to_device(np.ascontiguousarray(x), stream=stream)
-    w_d = cuda.to_device(np.ascontiguousarray(weights, np.float32).reshape(-1), stream=stream)
-    bk_d = DeviceBuckets.from_host(bk, stream=stream)
-    act_d = cuda.device_array((T_ * k, F), np.float32, stream=stream)
-    y_d = cuda.device_array((T_ * k, D), np.float32, stream=stream)
-    out_d = cuda.device_array((T_, D), np.float32, stream=stream)
-    moe_launch(x_d, bk_d, 0, bk_d.n_tiles, slots, *ws, *bs, w_d, act_d, y_d,
-               n_embd=D, n_ff=F, k=k, activation=layer.activation, tiles=tiles, stream=stream)
-    moe_reduce(y_d, out_d, k, stream=stream)
-    return out_d.copy_to_host(stream=stream)
