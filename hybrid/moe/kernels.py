@@ -140,30 +140,30 @@ def _extent(ps, row0, rs, tm, sentinel, col0, cs, tn, n_cols):
 
 @functools.lru_cache(maxsize=None)
 def _gate_up_kernel(cfg: TileConfig, wtype: int, activation: str, has_bias: bool):
-    # Tiling: block (blockIdx.x, blockIdx.y) = (tile of BM pairs of one expert,
-    # BN columns of n_ff). Per K step of BK, one shared tile [BK][BM | BN | BN]
-    # holds the BM rows of x (gathered by token) and the decoded BN x BK slices
-    # of Wg and Wu, all transposed (reduction index first; odd row length
-    # against bank conflicts). Each thread accumulates TM x TN outputs of g and
-    # of u at rows ty + i*RS, columns tx + j*CS (a warp reads consecutive
-    # words). The activation is fused in the epilogue.
     BM, BN, BK, TM, TN = cfg.block_pairs, cfg.block_cols, cfg.k_chunk, cfg.thread_rows, cfg.thread_cols
-    RS, CS = BM // TM, BN // TN
-    NT, ACC = RS * CS, TM * TN
-    ST = cfg.row_words(2)  # words per shared tile row: x | gate | up
+    ROW_STRIDE, COL_STRIDE = BM // TM, BN // TN
+    THREADS, ACC = ROW_STRIDE * COL_STRIDE, TM * TN
+    ROW_WORDS = cfg.row_words(2)  # words per shared tile row: x | gate | up
     # Shared offsets (words): pair ids, their token rows (x row, -1 for padding), tile.
-    PO, TO, XO = qc.TABLES, qc.TABLES + BM, qc.TABLES + 2 * BM
-    GO, UO = XO + BM, XO + BM + BN
-    decode = qc.tile_decoder(wtype, BN, BK, NT, ST)
+    offs_pairs, offs_tokens, offs_x = qc.TABLES, qc.TABLES + BM, qc.TABLES + 2 * BM
+    offs_gate, offs_up = offs_x + BM, offs_x + BM + BN
+    decode = qc.tile_decoder(wtype, BN, BK, THREADS, ROW_WORDS)
     act_fn = _swiglu_oai if activation == "swiglu_oai" else _silu_mul
 
     @cuda.jit
     def gate_up(x, pairs, tile_expert, tile0, slots, k, wg, wu, bg, bu, act):
+        """Tiling: block (blockIdx.x, blockIdx.y) = (tile of BM pairs of one expert, BN
+        columns of n_ff). Per K step of BK, one shared tile [BK][BM | BN | BN] holds the
+        BM rows of x (gathered by token, at offs_x) and the decoded BN x BK slices of Wg
+        (offs_gate) and Wu (offs_up), all transposed: reduction index first, rows of
+        ROW_WORDS words (odd, against bank conflicts). Each thread accumulates TM x TN
+        outputs of g and of u at rows ty + i*ROW_STRIDE, columns tx + j*COL_STRIDE (a warp
+        reads consecutive words); the activation is fused in the epilogue."""
         tile = tile0 + cuda.blockIdx.x
         col0 = cuda.blockIdx.y * BN
         tid = cuda.threadIdx.x
-        ty = tid // CS
-        tx = tid - ty * CS
+        ty = tid // COL_STRIDE
+        tx = tid - ty * COL_STRIDE
         sentinel = act.shape[0]
         n_ff = act.shape[1]
         K = x.shape[1]
@@ -172,24 +172,24 @@ def _gate_up_kernel(cfg: TileConfig, wtype: int, activation: str, has_bias: bool
             return  # block-uniform, before any barrier
 
         # Dynamic shared memory, one buffer seen as float32 and int32:
-        # [tables | pair ids (BM) | token rows (BM) | tile (BK rows of ST words)].
+        # [tables | pair ids (BM) | token rows (BM) | tile (BK rows of ROW_WORDS words)].
         sm = cuda.shared.array(0, types.float32)
         ps = cuda.shared.array(0, types.int32)
-        qc.load_tables(sm, tid, NT)
-        for r in range(tid, BM, NT):
+        qc.load_tables(sm, tid, THREADS)
+        for r in range(tid, BM, THREADS):
             p = pairs[tile * BM + r]
-            ps[PO + r] = p
-            ps[TO + r] = p // k if p < sentinel else -1  # one division per row, not per element
+            ps[offs_pairs + r] = p
+            ps[offs_tokens + r] = p // k if p < sentinel else -1  # one division per row, not per element
         cuda.syncthreads()
         # Real pairs come first in a tile: this thread's rows i < nr are real,
         # its columns j < nc inside n_ff. Only the epilogue looks at them: the
         # zero-filled padding in shared memory is cheaper to multiply than to
         # predicate, and a thread with no real row or column skips the loop.
-        nr, nc = _extent(ps, PO + ty, RS, TM, sentinel, col0 + tx, CS, TN, n_ff)
+        nr, nc = _extent(ps, offs_pairs + ty, ROW_STRIDE, TM, sentinel, col0 + tx, COL_STRIDE, TN, n_ff)
         # Unsigned shared offsets: numba skips its negative-index fix-up.
-        xo = _U(XO + ty)
-        go = _U(GO + tx)
-        uo = _U(UO + tx)
+        row_x = _U(offs_x + ty)
+        col_gate = _U(offs_gate + tx)
+        col_up = _U(offs_up + tx)
 
         acc_g = cuda.local.array(ACC, np.float32)
         acc_u = cuda.local.array(ACC, np.float32)
@@ -198,37 +198,37 @@ def _gate_up_kernel(cfg: TileConfig, wtype: int, activation: str, has_bias: bool
             acc_g[i] = _ZERO
             acc_u[i] = _ZERO
         for k0 in range(0, K, BK):
-            for i in range(tid, BM * BK, NT):
+            for i in range(tid, BM * BK, THREADS):
                 idx = _U(i)
                 r = idx // _U(BK)
                 c = idx - r * _U(BK)
-                t = ps[_U(TO) + r]
+                t = ps[_U(offs_tokens) + r]
                 v = _ZERO
                 if t >= 0 and c < _U(K - k0):
                     v = x[_U(t), _U(k0) + c]
-                sm[_U(XO) + c * _U(ST) + r] = v
-            decode(wg, s, col0, n_ff, k0, K, sm, GO, tid, sm)
-            decode(wu, s, col0, n_ff, k0, K, sm, UO, tid, sm)
+                sm[_U(offs_x) + c * _U(ROW_WORDS) + r] = v
+            decode(wg, s, col0, n_ff, k0, K, sm, offs_gate, tid, sm)
+            decode(wu, s, col0, n_ff, k0, K, sm, offs_up, tid, sm)
             cuda.syncthreads()
             if nr > 0 and nc > 0:
                 for kk in range(BK):
-                    r = _U(kk * ST)
+                    r = _U(kk * ROW_WORDS)
                     for i in range(TM):
-                        a[i] = sm[r + xo + _U(i * RS)]
+                        a[i] = sm[r + row_x + _U(i * ROW_STRIDE)]
                     for j in range(TN):
-                        gv = sm[r + go + _U(j * CS)]
-                        uv = sm[r + uo + _U(j * CS)]
+                        gv = sm[r + col_gate + _U(j * COL_STRIDE)]
+                        uv = sm[r + col_up + _U(j * COL_STRIDE)]
                         for i in range(TM):
                             acc_g[i * TN + j] += a[i] * gv
                             acc_u[i * TN + j] += a[i] * uv
             cuda.syncthreads()
 
         for i in range(TM):
-            p = ps[PO + ty + i * RS]
+            p = ps[offs_pairs + ty + i * ROW_STRIDE]
             if i < nr and 0 <= p < sentinel:  # padding is never written, wherever it sits
                 for j in range(TN):
                     if j < nc:
-                        col = col0 + tx + j * CS
+                        col = col0 + tx + j * COL_STRIDE
                         g = acc_g[i * TN + j]
                         u = acc_u[i * TN + j]
                         if has_bias:
@@ -241,25 +241,25 @@ def _gate_up_kernel(cfg: TileConfig, wtype: int, activation: str, has_bias: bool
 
 @functools.lru_cache(maxsize=None)
 def _down_kernel(cfg: TileConfig, wtype: int, has_bias: bool):
-    # Tiling: block = (tile of BM pairs, BN columns of n_embd). Per K step of BK
-    # (over n_ff), the shared tile [BK][BM | BN] holds rows act[p] of the tile's
-    # pairs and the decoded BN x BK slice of Wd, transposed as in gate_up; each
-    # thread accumulates TM x TN outputs. Epilogue: bias, then the routing weight.
     BM, BN, BK, TM, TN = cfg.block_pairs, cfg.block_cols, cfg.k_chunk, cfg.thread_rows, cfg.thread_cols
-    RS, CS = BM // TM, BN // TN
-    NT, ACC = RS * CS, TM * TN
-    ST = cfg.row_words(1)  # words per shared tile row: act | down
-    PO, XO = qc.TABLES, qc.TABLES + 2 * BM  # same layout as gate_up (token rows unused)
-    WO = XO + BM
-    decode = qc.tile_decoder(wtype, BN, BK, NT, ST)
+    ROW_STRIDE, COL_STRIDE = BM // TM, BN // TN
+    THREADS, ACC = ROW_STRIDE * COL_STRIDE, TM * TN
+    ROW_WORDS = cfg.row_words(1)  # words per shared tile row: act | down
+    offs_pairs, offs_x = qc.TABLES, qc.TABLES + 2 * BM  # same layout as gate_up (token rows unused)
+    offs_w = offs_x + BM
+    decode = qc.tile_decoder(wtype, BN, BK, THREADS, ROW_WORDS)
 
     @cuda.jit
     def down(act, pairs, tile_expert, tile0, slots, wd, bd, weights, y):
+        """Tiling: block = (tile of BM pairs, BN columns of n_embd). Per K step of BK (over
+        n_ff), the shared tile [BK][BM | BN] holds rows act[p] of the tile's pairs (offs_x)
+        and the decoded BN x BK slice of Wd (offs_w), transposed as in gate_up; each thread
+        accumulates TM x TN outputs. Epilogue: bias, then the routing weight."""
         tile = tile0 + cuda.blockIdx.x
         col0 = cuda.blockIdx.y * BN
         tid = cuda.threadIdx.x
-        ty = tid // CS
-        tx = tid - ty * CS
+        ty = tid // COL_STRIDE
+        tx = tid - ty * COL_STRIDE
         sentinel = y.shape[0]
         n_embd = y.shape[1]
         K = act.shape[1]
@@ -269,48 +269,48 @@ def _down_kernel(cfg: TileConfig, wtype: int, has_bias: bool):
 
         sm = cuda.shared.array(0, types.float32)  # [tables | pair ids | tile], as in gate_up
         ps = cuda.shared.array(0, types.int32)
-        qc.load_tables(sm, tid, NT)
-        for r in range(tid, BM, NT):
-            ps[PO + r] = pairs[tile * BM + r]
+        qc.load_tables(sm, tid, THREADS)
+        for r in range(tid, BM, THREADS):
+            ps[offs_pairs + r] = pairs[tile * BM + r]
         cuda.syncthreads()
-        nr, nc = _extent(ps, PO + ty, RS, TM, sentinel, col0 + tx, CS, TN, n_embd)  # as in gate_up
-        xo = _U(XO + ty)
-        wo = _U(WO + tx)
+        nr, nc = _extent(ps, offs_pairs + ty, ROW_STRIDE, TM, sentinel, col0 + tx, COL_STRIDE, TN, n_embd)  # as in gate_up
+        row_x = _U(offs_x + ty)
+        col_w = _U(offs_w + tx)
 
         acc = cuda.local.array(ACC, np.float32)
         a = cuda.local.array(TM, np.float32)
         for i in range(ACC):
             acc[i] = _ZERO
         for k0 in range(0, K, BK):
-            for i in range(tid, BM * BK, NT):
+            for i in range(tid, BM * BK, THREADS):
                 idx = _U(i)
                 r = idx // _U(BK)
                 c = idx - r * _U(BK)
-                p = ps[_U(PO) + r]
+                p = ps[_U(offs_pairs) + r]
                 v = _ZERO
                 if p < sentinel and c < _U(K - k0):
                     v = act[_U(p), _U(k0) + c]
-                sm[_U(XO) + c * _U(ST) + r] = v
-            decode(wd, s, col0, n_embd, k0, K, sm, WO, tid, sm)
+                sm[_U(offs_x) + c * _U(ROW_WORDS) + r] = v
+            decode(wd, s, col0, n_embd, k0, K, sm, offs_w, tid, sm)
             cuda.syncthreads()
             if nr > 0 and nc > 0:
                 for kk in range(BK):
-                    r = _U(kk * ST)
+                    r = _U(kk * ROW_WORDS)
                     for i in range(TM):
-                        a[i] = sm[r + xo + _U(i * RS)]
+                        a[i] = sm[r + row_x + _U(i * ROW_STRIDE)]
                     for j in range(TN):
-                        wv = sm[r + wo + _U(j * CS)]
+                        wv = sm[r + col_w + _U(j * COL_STRIDE)]
                         for i in range(TM):
                             acc[i * TN + j] += a[i] * wv
             cuda.syncthreads()
 
         for i in range(TM):
-            p = ps[PO + ty + i * RS]
+            p = ps[offs_pairs + ty + i * ROW_STRIDE]
             if i < nr and 0 <= p < sentinel:
                 wp = weights[p]
                 for j in range(TN):
                     if j < nc:
-                        col = col0 + tx + j * CS
+                        col = col0 + tx + j * COL_STRIDE
                         v = acc[i * TN + j]
                         if has_bias:
                             v += bd[s, col]
@@ -324,8 +324,9 @@ _REDUCE_THREADS = 256
 
 @cuda.jit
 def _reduce_kernel(y, k, out):
-    # Grid-stride, one output element per step; the k slots are summed in j
-    # order, so the result does not depend on scheduling (no atomics).
+    """Tiling: grid-stride over the T x n_embd outputs, one element per step; its k
+    pair rows are summed in j order, so the result does not depend on scheduling
+    (no atomics)."""
     n_embd = out.shape[1]
     for i in range(cuda.grid(1), out.shape[0] * n_embd, cuda.gridsize(1)):
         t = i // n_embd
