@@ -3,14 +3,18 @@
     python examples/gpu_check.py            # real GPU, gpt-oss shapes (< 5 min on an H100)
     NUMBA_ENABLE_CUDASIM=1 python examples/gpu_check.py --tiny   # simulator smoke test
 
-1. correctness: every policy x layout x host mode x cache x overlap through
-   HybridMoE on the device, against the float64 reference; all configurations
-   must give identical bits (they run the same kernels on the same data);
+0. doctor: GPU, driver, CUDA libraries, VRAM, pinned vs pageable copy;
+1. correctness: every policy x layout x host mode x cache x overlap (waves
+   and per-range launches) through HybridMoE on the device, against the
+   float64 reference; all configurations must give identical bits (they run
+   the same kernels on the same data);
 2. kernels: grouped MoE FLOP/s per ubatch (all experts resident) at gpt-oss-20b
    and -120b shapes, against the card's FP32 peak;
 3. link: one large pinned host-to-device copy (the peak), then copy-all vs
-   used-only vs used+overlap vs used+cache at gpt-oss-120b layer shapes with
-   skewed synthetic routing, ubatch 128..2048: MoE-layer t/s and achieved GB/s.
+   used-only vs used+overlap (waves, pinned) vs used+per-range (one launch per
+   copy range) vs used+staged (pinned double buffer) vs used+cache vs used+merge
+   at gpt-oss-120b layer shapes with skewed synthetic routing, ubatch
+   128..2048: MoE-layer t/s, achieved GB/s, and the kernel launches per layer.
 Prints markdown tables; exits non-zero if a correctness check fails.
 """
 from __future__ import annotations
@@ -43,7 +47,8 @@ def check_paths(tiny, device):
     per_expert = layers[0].expert_bytes
     configs = [dict(policy="all"), dict(policy="used"), dict(policy="used", overlap=False),
                dict(layout="compact"), dict(host="staged"), dict(host="pageable"),
-               dict(cache_bytes=E * 2 * per_expert), dict(layout="compact", device_bytes=2 * per_expert)]
+               dict(cache_bytes=E * 2 * per_expert), dict(layout="compact", device_bytes=2 * per_expert),
+               dict(launch_tiles=1)]
     print("| configuration | layer | max rel err vs float64 | identical to first |")
     print("|---|---|---:|---|")
     ok, first = True, None
@@ -145,6 +150,8 @@ def bench_link(tiny, device):
     print(f"\npinned host-to-device peak: {peak:.1f} GB/s (one {'1 MiB' if tiny else '1 GiB'} copy, x3)")
     variants = {"all": dict(policy="all"), "used": dict(policy="used", overlap=False),
                 "used+overlap": dict(policy="used"),
+                "used+per-range": dict(policy="used", launch_tiles=1),
+                "used+staged": dict(policy="used", host="staged"),
                 "used+cache": dict(policy="used", cache_bytes=n_layers * L.n_experts * per_expert // 2),
                 "used+merge": dict(policy="used", merge=CostModel(latency_s=10e-6, bandwidth_Bps=peak * 1e9))}
     tiles = K.TileConfig(4, 32, 32, 1, 8) if tiny else None
@@ -159,35 +166,54 @@ def bench_link(tiny, device):
     rows = {}
     for name, cfg in variants.items():  # one backend per variant: the host memory is pinned once
         with HybridMoE(layers, device=device, min_offload_batch=1, tiles=tiles, **cfg) as moe:
+            launches = count_launches(moe)
             for T, xs in prompts.items():
                 for i in range(n_layers):  # warm-up: compile, first touch
                     moe.forward(i, xs[0])
                 moe.reset()  # cold cache: each prompt starts with nothing resident
+                launches[0] = 0
                 t = time.perf_counter()
                 for x in xs:
                     for i in range(n_layers):
                         moe.forward(i, x)
                     moe.end_ubatch()
-                rows[T, name] = (len(xs) * T / (time.perf_counter() - t), moe.stats.totals(), len(xs))
-    print("\n| ubatch | variant | MoE t/s | speedup vs all | GB copied/ubatch | copy GB/s | of pinned peak |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+                rows[T, name] = (len(xs) * T / (time.perf_counter() - t), moe.stats.totals(), len(xs),
+                                 launches[0] / (len(xs) * n_layers), moe.host_mode)
+    print("\n| ubatch | variant | host | MoE t/s | speedup vs all | GB copied/ubatch | copy GB/s | of pinned peak "
+          "| launches/layer |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
     for T in prompts:
         for name in variants:
-            tps, tot, n = rows[T, name]
+            tps, tot, n, per_layer, host = rows[T, name]
             gb = tot["bytes"] / n / 1e9
             gbs = tot["bytes"] / max(tot["times"]["copy"], 1e-9) / 1e9  # device time of the copies
-            print(f"| {T} | {name} | {tps:.1f} | {tps / rows[T, 'all'][0]:.2f}x | {gb:.2f} | {gbs:.1f} | "
-                  f"{gbs / peak:.0%} |")
+            print(f"| {T} | {name} | {host} | {tps:.1f} | {tps / rows[T, 'all'][0]:.2f}x | {gb:.2f} | {gbs:.1f} | "
+                  f"{gbs / peak:.0%} | {per_layer:.1f} |")
+
+
+def count_launches(moe):
+    """Counts the engine's grouped launches (gate+up and down pairs) in ``[0]``."""
+    box = [0]
+    real = moe.engine._launch
+
+    def counted(*a, **k):
+        box[0] += 1
+        return real(*a, **k)
+    moe.engine._launch = counted
+    return box
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="small shapes (simulator smoke test)")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: paths,kernels,link")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: doctor,paths,kernels,link")
     a = ap.parse_args()
     device = "sim" if a.tiny else "cuda"
     skip = set(filter(None, a.skip.split(",")))
     ok = True
+    if "doctor" not in skip:
+        from hybrid.doctor import diagnose, render
+        print("\n".join(render(diagnose(copy_mb=0 if a.tiny else 256))) + "\n")
     if "paths" not in skip:
         ok = check_paths(a.tiny, device)
         print(f"\ncorrectness: {'PASS' if ok else 'FAIL'}")

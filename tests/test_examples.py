@@ -17,5 +17,7 @@ def test_gpu_check_tiny_runs_on_the_simulator():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| gpt-oss-120b | 4 |" in r.stdout
-    for variant in ("all", "used", "used+overlap", "used+cache", "used+merge"):
+    for variant in ("all", "used", "used+overlap", "used+per-range", "used+staged", "used+cache", "used+merge"):
         assert f"| {variant} |" in r.stdout
+    assert "| 8 | used+staged | staged |" in r.stdout
+    assert "simulator: ON" in r.stdout  # the doctor section runs and says where it is
