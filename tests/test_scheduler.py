@@ -302,3 +302,14 @@ def test_forward_routed_validates_the_routing(layers):
             moe.forward_routed(0, x, ids, bad)
     with pytest.raises(ValueError, match="launch_tiles"):
         HybridMoE(layers[:1], device="sim", launch_tiles=0)
+
+
+@pytest.mark.parametrize("host", ["staged", "pinned"])
+def test_a_failed_copy_surfaces_in_forward(layers, host, monkeypatch):
+    # staged copies run on a host thread; its error must reach the caller, not hang it.
+    with HybridMoE(layers[:1], device="sim", min_offload_batch=1, tiles=TILES, host=host) as moe:
+        def broken(*a, **k):
+            raise OSError("read error in the memory map")
+        monkeypatch.setattr(moe.engine.host, "copy", broken)
+        with pytest.raises(OSError, match="read error"):
+            moe.forward(0, hidden(6, seed=15))

@@ -12,6 +12,12 @@ only on the last copy event its experts need, so the first experts compute
 while later ones are still crossing the link, and no launch leaves most of the
 GPU idle. ``launch_tiles=1`` gives one launch per copy range (the old way).
 
+Where a copy costs host time (``staged``: a memcpy from the memory map into
+one half of the pinned double buffer while the DMA drains the other;
+``pageable``: the driver stages it), the rows run on a host thread and the
+compute stream launches each wave as soon as the rows it needs are enqueued,
+so host copying of later experts overlaps the kernels of earlier ones.
+
 The copy stream waits only for what can conflict: the kernels of earlier
 rounds or layers still reading the slots it will overwrite. Uploads of the
 hidden states, routing weights, buckets and slot maps go on the compute stream
@@ -20,6 +26,7 @@ experts never queue behind them.
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -87,20 +94,22 @@ class DeviceEngine:
             buf["slots"].append((cuda.pinned_array(n, np.int32), cuda.device_array(n, np.int32)))
         return _upload(buf["slots"][i], slot_map, self.compute_stream)
 
-    def _copy_rows(self, layer_pos, first, last, dst_slot, enqueued):
+    def _copy_rows(self, layer_pos, first, last, dst_slot, enqueued, rows):
         """Execute copy-plan rows: every tensor's experts ``first..last`` into slots from
-        ``dst_slot``, on the copy stream; returns one event per row and counts what was
-        enqueued into ``enqueued`` ([tensor] -> [copies, bytes])."""
+        ``dst_slot``, on the copy stream; after each row its event goes to ``rows``, and
+        what was enqueued is counted into ``enqueued`` ([tensor] -> [copies, bytes])."""
         n_roles = len(self.dev)
-        events = []
-        for f, l, s in zip(first.tolist(), last.tolist(), dst_slot.tolist()):
-            for r, (flat, per, _) in enumerate(self.dev):
-                nbytes = self.host.copy(layer_pos * n_roles + r, flat, f * per, s * per, (l - f + 1) * per,
-                                        self.copy_stream)
-                enqueued[r, 0] += 1
-                enqueued[r, 1] += nbytes
-            events.append((f, l, _event(self.copy_stream)))
-        return events
+        try:
+            for i, (f, l, s) in enumerate(zip(first.tolist(), last.tolist(), dst_slot.tolist())):
+                for r, (flat, per, _) in enumerate(self.dev):
+                    nbytes = self.host.copy(layer_pos * n_roles + r, flat, f * per, s * per, (l - f + 1) * per,
+                                            self.copy_stream)
+                    enqueued[r, 0] += 1
+                    enqueued[r, 1] += nbytes
+                rows.put(i, _event(self.copy_stream))
+            rows.finish(_event(self.copy_stream))
+        except BaseException as e:  # handed to the thread that waits on the rows
+            rows.fail(e)
 
     def run(self, L, x, weights, bk, rounds, *, overlap, times):
         """Copy and compute every round; returns ``(out float32 [T, n_embd], enqueued int64 [tensors, 2])``
@@ -114,23 +123,35 @@ class DeviceEngine:
         spans = []  # (step, start, end) events of every round's copies and kernels, timed at the end
         t_host = time.perf_counter()
         uploaded = None
+        threaded = self.host.mode in ("staged", "pageable")  # copies that cost host time
         for i, rnd in enumerate(rounds):
             # The copy stream must not overwrite slots that enqueued kernels still read
             # (earlier rounds, earlier layers); the uploads below are not among them.
             _event(ps).wait(cs)
             c0 = _event(cs)
-            events = self._copy_rows(pos, rnd.first, rnd.last, rnd.dst_slot, enqueued)
-            spans.append(("copy", c0, _event(cs)))
-            if uploaded is None:  # after the first copies are enqueued: they never wait for these
-                uploaded = self._upload(buf, x, weights, bk)
-            slots_d = self._slot_map(buf, i, rnd.slot_map)
-            k0 = _event(ps)
-            for t_lo, t_hi, ev in waves(rnd.experts, tile_of, events, overlap, self.launch_tiles):
-                if ev is not None:
-                    ev.wait(ps)
-                if t_hi > t_lo:
-                    self._launch(L, uploaded, t_lo, t_hi, slots_d, buf, T)
-            spans.append(("compute", k0, _event(ps)))
+            rows = _Rows(rnd.first.size)
+            args = (pos, rnd.first, rnd.last, rnd.dst_slot, enqueued, rows)
+            worker = threading.Thread(target=self._copy_rows, args=args, daemon=True) if threaded else None
+            if worker:
+                worker.start()
+            else:
+                self._copy_rows(*args)
+            try:
+                if uploaded is None:  # after the first copies are enqueued: they never wait for these
+                    uploaded = self._upload(buf, x, weights, bk)
+                slots_d = self._slot_map(buf, i, rnd.slot_map)
+                k0 = _event(ps)
+                ranges = [(f, l, j) for j, (f, l) in enumerate(zip(rnd.first.tolist(), rnd.last.tolist()))]
+                for t_lo, t_hi, need in waves(rnd.experts, tile_of, ranges, overlap, self.launch_tiles):
+                    if need is not None:
+                        rows.get(need).wait(ps)  # the row's event, once the copy thread has recorded it
+                    if t_hi > t_lo:
+                        self._launch(L, uploaded, t_lo, t_hi, slots_d, buf, T)
+                spans.append(("compute", k0, _event(ps)))
+            finally:
+                if worker:
+                    worker.join()  # this round's copies are all enqueued before the next touches the stream
+            spans.append(("copy", c0, rows.get_end()))
         kernels.moe_reduce(buf["y"], buf["out"], self.k, stream=ps)
         buf["out"].copy_to_host(buf["out_h"], stream=ps)
         t_wait = time.perf_counter()
@@ -162,6 +183,47 @@ class DeviceEngine:
                            v.get("gate_b"), v.get("up_b"), v.get("down_b"), w_d, buf["act"], buf["y"],
                            n_embd=self.n_embd, n_ff=self.n_ff, k=self.k, activation=L.activation,
                            tiles=self.tiles, stream=self.compute_stream)
+
+
+class _Rows:
+    """The events of a round's copy rows as the copy thread records them; ``get`` blocks
+    until row ``i``'s event exists (an event waited on before it is recorded would
+    not order anything) and re-raises the copy thread's error."""
+
+    def __init__(self, n):
+        self._events = [None] * n
+        self._end = None
+        self._error = None
+        self._cond = threading.Condition()
+
+    def put(self, i, ev):
+        with self._cond:
+            self._events[i] = ev
+            self._cond.notify_all()
+
+    def finish(self, ev):
+        with self._cond:
+            self._end = ev
+            self._cond.notify_all()
+
+    def fail(self, e):
+        with self._cond:
+            self._error = e
+            self._cond.notify_all()
+
+    def _wait(self, ready):
+        with self._cond:
+            self._cond.wait_for(lambda: self._error is not None or ready())
+            if self._error is not None:
+                raise self._error
+
+    def get(self, i):
+        self._wait(lambda: self._events[i] is not None)
+        return self._events[i]
+
+    def get_end(self):
+        self._wait(lambda: self._end is not None)
+        return self._end
 
 
 def _upload(pair, host, stream, n=None):
@@ -197,7 +259,8 @@ def fill_tiles(tiles: kernels.TileConfig, n_cols: int, n_sms: int) -> int:
 def waves(experts, tile_of, events, overlap, min_tiles):
     """Tile ranges to launch, each with the copy event it waits for (None: all resident).
 
-    ``experts`` is sorted; ``events`` is ``[(first, last, event)]`` in the order
+    ``experts`` is sorted; ``events`` is ``[(first, last, event)]`` (an event or
+    a token for one, such as the row's index) in the order
     the copies were enqueued (ascending experts). A wave is a run of experts
     holding at least ``min_tiles`` tiles, cut only where the copy event changes,
     and waits for the last event any of its experts needs (the copy stream is in

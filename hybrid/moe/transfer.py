@@ -6,10 +6,12 @@ Host modes (``HOST_MODES``):
   directly, so copies are truly asynchronous.
 - ``staged``: a small pinned double buffer; the CPU copies a chunk of the
   planned range from the memory map into one half while the DMA engine drains
-  the other. Costs a CPU memcpy, needs no pinning of the model.
+  the other. Costs a CPU memcpy, needs no pinning of the model; the engine
+  runs these copies on a host thread so kernels launch meanwhile.
 - ``pageable``: plain copies from the memory map (the driver stages them
-  synchronously): the slow baseline.
-``auto`` tries pinned, then staged, then pageable, and reports the choice.
+  synchronously; on a host thread too): the slow baseline.
+``auto`` tries pinned, then staged, then pageable, and reports the choice; a
+pin that fails part-way unregisters what it had registered first.
 """
 from __future__ import annotations
 
