@@ -32,9 +32,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-# Real compiler, not the simulator: before numba is imported.
-os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
-
 # Per-SM limits (CUDA occupancy calculator, compute capability 8.0 and 9.0).
 ARCH = {
     80: dict(regs=65536, warps=64, blocks=32, smem=167936, smem_block_max=166912, reserved=1024),
@@ -142,6 +139,9 @@ def sass_mix(sass: str) -> dict:
 
 
 def compile_all(archs, full=True, cfg=None, shared_ptx=False):
+    import numba
+    if numba.config.ENABLE_CUDASIM:
+        raise SystemExit("kernel_report needs numba's real CUDA compiler: run it without NUMBA_ENABLE_CUDASIM")
     tk = find_toolkit()
     if tk is None:
         raise SystemExit("no CUDA toolkit found (ptxas, libNVVM, libdevice): set CUDA_HOME")
@@ -226,5 +226,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # The real compiler, not the simulator: before numba is imported (only when run
+    # as a script; the tests import this module for its helpers).
+    os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(main())
