@@ -300,8 +300,9 @@ def test_forward_routed_validates_the_routing(layers):
         bad[0, 0] = np.inf
         with pytest.raises(ValueError, match="NaN or inf"):
             moe.forward_routed(0, x, ids, bad)
-    with pytest.raises(ValueError, match="launch_tiles"):
-        HybridMoE(layers[:1], device="sim", launch_tiles=0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="launch_tiles"):
+            HybridMoE(layers[:1], device="cpu", launch_tiles=bad)
 
 
 @pytest.mark.parametrize("host", ["staged", "pinned"])

@@ -46,9 +46,7 @@ class DeviceEngine:
             if int(t.ggml_type) not in kernels.SUPPORTED:
                 raise ValueError(f"the CUDA kernels read {', '.join(type_name(s) for s in kernels.SUPPORTED)} "
                                  f"experts, not {type_name(t.ggml_type)}; use device='cpu' for this model")
-        if launch_tiles is not None and (isinstance(launch_tiles, bool) or not isinstance(launch_tiles, int)
-                                         or launch_tiles < 1):
-            raise ValueError(f"launch_tiles must be a positive int or None, got {launch_tiles!r}")
+        assert launch_tiles is None or launch_tiles >= 1  # checked by HybridMoE
         self.n_embd, self.n_ff, self.k = first.n_embd, first.n_ff, first.k
         self.tiles = tiles or kernels.TileConfig()
         # Host arrays: every layer's copied tensors, layer by layer, in copy order.

@@ -101,6 +101,9 @@ class HybridMoE:
             raise ValueError(f"device_bytes must be a positive int or None, got {device_bytes!r}")
         if host not in HOST_MODES:
             raise ValueError(f"host mode must be one of {HOST_MODES}, got {host!r}")
+        if launch_tiles is not None and (isinstance(launch_tiles, (bool, np.bool_))
+                                         or not isinstance(launch_tiles, (int, np.integer)) or launch_tiles < 1):
+            raise ValueError(f"launch_tiles must be a positive int or None, got {launch_tiles!r}")
         if cache_bytes and layout == "natural":
             layout = "compact"  # a cache is a pool of slots; natural offsets cannot hold several layers
         if merge is not None and (layout != "natural" or not isinstance(merge, copyplan.CostModel)):
@@ -135,7 +138,8 @@ class HybridMoE:
         self.engine = None
         if self.device in ("cuda", "sim"):
             from .engine import DeviceEngine
-            self.engine = DeviceEngine(layers, self.n_slots, host=host, tiles=tiles, launch_tiles=launch_tiles)
+            self.engine = DeviceEngine(layers, self.n_slots, host=host, tiles=tiles,
+                                       launch_tiles=None if launch_tiles is None else int(launch_tiles))
             log.info("host memory: %s %s", self.engine.host.mode, self.engine.host.note)
         log.info("device: %s, policy %s, layout %s, %d slots", self.device, policy, layout, self.n_slots)
 
