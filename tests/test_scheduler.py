@@ -314,3 +314,15 @@ def test_a_failed_copy_surfaces_in_forward(layers, host, monkeypatch):
         monkeypatch.setattr(moe.engine.host, "copy", broken)
         with pytest.raises(OSError, match="read error"):
             moe.forward(0, hidden(6, seed=15))
+
+
+def test_expert_copies_are_enqueued_before_the_uploads(layers, monkeypatch):
+    # The hidden states, weights and buckets go up on the compute stream after the
+    # first round's copies are enqueued: the experts never queue behind them.
+    with HybridMoE(layers[:1], device="sim", min_offload_batch=1, tiles=TILES) as moe:
+        log = []
+        real_copy, real_upload = moe.engine.host.copy, moe.engine._upload
+        monkeypatch.setattr(moe.engine.host, "copy", lambda *a: log.append("copy") or real_copy(*a))
+        monkeypatch.setattr(moe.engine, "_upload", lambda *a: log.append("upload") or real_upload(*a))
+        moe.forward(0, hidden(6, seed=16))
+    assert log.count("upload") == 1 and log[0] == "copy" and log.index("upload") == len(log) - 1
