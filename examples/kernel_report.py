@@ -216,11 +216,12 @@ def main(argv=None):
     for r in rows:
         nil = dict(ffma_share=float("nan"), ffma="-", lds_sts="-", int_addr="-", other=0, fp_other=0, ldg_stg=0)
         k, ml = (r["sass"]["kernel"], r["sass"]["hot_loop"]) if r["sass"] else (nil, nil)
+        rest = ml["other"] + ml["fp_other"] + ml["ldg_stg"] if r["sass"] else "-"
         fpw = f"{r['ffma_per_decoded_weight']:.0f}" if "ffma_per_decoded_weight" in r else "-"
         print(f"| {r['kernel']} | {r['arch']} | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} | "
               f"{r['shared_bytes']} | {r['threads']} | {r['blocks_per_sm']} ({r['limited_by']}) | "
               f"{r['occupancy']:.0%} | {k['ffma_share']:.0%} / {ml['ffma_share']:.0%} | "
-              f"{ml['ffma']}, {ml['lds_sts']}, {ml['int_addr']}, {ml['other'] + ml['fp_other'] + ml['ldg_stg'] if r['sass'] else '-'} | "
+              f"{ml['ffma']}, {ml['lds_sts']}, {ml['int_addr']}, {rest} | "
               f"{fpw} |")
     return 0
 

@@ -47,6 +47,7 @@ class CopyPlan:
     nbytes: np.ndarray  # int64
     first: np.ndarray  # int32 first expert of the copy
     last: np.ndarray  # int32 last expert of the copy (merged gaps included)
+    dst_slot: np.ndarray  # int32 device slot of ``first`` (the row's experts follow)
     slot: np.ndarray  # int32 [E] device slot of each expert after the plan, -1 if absent
     device_bytes: int  # size the device buffer must have
     pad_tail: bool = False
@@ -91,29 +92,32 @@ def _runs(used, slab, merge, latency, bandwidth):
     return first[:r + 1].copy(), last[:r + 1].copy()
 
 
+def extents(first, last, dst_slot, unit):
+    """``(src, dst, n)`` int64 of copy rows ``(first, last, dst_slot)`` (expert units) for a
+    tensor of ``unit`` bytes or elements per expert: ``host[src:src+n] -> dev[dst:dst+n]``.
+
+    The one computation of what a row moves: the plan's byte offsets, the
+    engine's copies and the counts of the CPU target all come from here.
+    """
+    f = np.asarray(first, np.int64)
+    return f * unit, np.asarray(dst_slot, np.int64) * unit, (np.asarray(last, np.int64) - f + 1) * unit
+
+
 @nb.njit(cache=True)
-def _offsets(first, last, n_exp, slab, compact, pad_tail):
-    # Host offsets are always e * slab; device offsets equal them (natural) or
-    # follow the running count of experts copied (compact).
+def _slots(first, last, n_exp, compact):
+    # Device slots equal the expert ids (natural) or follow the running count
+    # of experts copied (compact).
     r = first.shape[0]
-    src = np.empty(r, np.int64)
-    dst = np.empty(r, np.int64)
-    nbytes = np.empty(r, np.int64)
+    dst_slot = np.empty(r, np.int32)
     slot = np.full(n_exp, -1, np.int32)
-    pad = min(slab, PAD_BYTES)
     base = 0
     for i in range(r):
         n = last[i] - first[i] + 1
-        src[i] = first[i] * slab
-        dst[i] = base * slab if compact else src[i]
-        nbytes[i] = n * slab
-        if pad_tail and last[i] < n_exp - 1:
-            nbytes[i] += pad
+        dst_slot[i] = base if compact else first[i]
         for j in range(n):
-            slot[first[i] + j] = base + j if compact else first[i] + j
+            slot[first[i] + j] = dst_slot[i] + j
         base += n
-    device = base * slab if compact else n_exp * slab
-    return src, dst, nbytes, slot, device
+    return dst_slot, slot, base if compact else n_exp
 
 
 def _check_pos_int(name, v, lo=1):
@@ -180,8 +184,12 @@ def plan(used, slab_bytes, n_experts, layout="natural", pad_tail=False, cost=Non
 def _build(layout, slab, n_exp, first, last, pad_tail):
     if n_exp * slab > np.iinfo(np.int64).max:
         raise ValueError(f"{n_exp} experts x {slab} bytes overflow int64 byte offsets")
-    src, dst, nbytes, slot, device = _offsets(first, last, n_exp, slab, layout == "compact", pad_tail)
-    return CopyPlan(layout, slab, n_exp, src, dst, nbytes, first, last, slot, int(device), pad_tail)
+    dst_slot, slot, n_slots = _slots(first, last, n_exp, layout == "compact")
+    src, dst, nbytes = extents(first, last, dst_slot, slab)
+    if pad_tail:  # PR #15346: min(slab, 512) bytes past every run but one ending at the last expert
+        nbytes = nbytes + np.where(last < n_exp - 1, min(slab, PAD_BYTES), 0)
+    return CopyPlan(layout, slab, n_exp, src, dst, nbytes, first, last, dst_slot, slot, int(n_slots) * slab,
+                    pad_tail)
 
 
 def plan_for(p: CopyPlan, slab_bytes) -> CopyPlan:

@@ -34,7 +34,7 @@ from numba import cuda
 
 from quant.types import type_name
 
-from . import kernels
+from . import copyplan, kernels
 from .transfer import HostMemory, device_buffer
 
 
@@ -98,10 +98,11 @@ class DeviceEngine:
         what was enqueued is counted into ``enqueued`` ([tensor] -> [copies, bytes])."""
         n_roles = len(self.dev)
         try:
-            for i, (f, l, s) in enumerate(zip(first.tolist(), last.tolist(), dst_slot.tolist())):
-                for r, (flat, per, _) in enumerate(self.dev):
-                    nbytes = self.host.copy(layer_pos * n_roles + r, flat, f * per, s * per, (l - f + 1) * per,
-                                            self.copy_stream)
+            rows_of = [copyplan.extents(first, last, dst_slot, per) for _, per, _ in self.dev]  # elements
+            for i in range(first.size):
+                for r, (flat, _, _) in enumerate(self.dev):
+                    src, dst, n = (int(a[i]) for a in rows_of[r])
+                    nbytes = self.host.copy(layer_pos * n_roles + r, flat, src, dst, n, self.copy_stream)
                     enqueued[r, 0] += 1
                     enqueued[r, 1] += nbytes
                 rows.put(i, _event(self.copy_stream))

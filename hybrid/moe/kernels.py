@@ -273,7 +273,8 @@ def _down_kernel(cfg: TileConfig, wtype: int, has_bias: bool):
         for r in range(tid, BM, THREADS):
             ps[offs_pairs + r] = pairs[tile * BM + r]
         cuda.syncthreads()
-        nr, nc = _extent(ps, offs_pairs + ty, ROW_STRIDE, TM, sentinel, col0 + tx, COL_STRIDE, TN, n_embd)  # as in gate_up
+        # as in gate_up
+        nr, nc = _extent(ps, offs_pairs + ty, ROW_STRIDE, TM, sentinel, col0 + tx, COL_STRIDE, TN, n_embd)
         row_x = _U(offs_x + ty)
         col_w = _U(offs_w + tx)
 

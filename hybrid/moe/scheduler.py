@@ -248,7 +248,7 @@ class HybridMoE:
         want = np.arange(E, dtype=np.int32) if self.policy == "all" else bk.used
         if self.pool is None:  # natural: slot = expert id, one round
             p = copyplan.plan(want, self.expert_bytes, E, "natural", cost=self.merge)
-            return [Round(want, np.arange(E, dtype=np.int32), p.first, p.last, p.first, 0)]
+            return [Round(want, np.arange(E, dtype=np.int32), p.first, p.last, p.dst_slot, 0)]
         rounds = []
         for i in range(0, want.size, self.n_slots):
             experts = want[i:i + self.n_slots]
@@ -271,8 +271,8 @@ class HybridMoE:
 def planned(L: MoELayer, rounds) -> np.ndarray:
     """``[tensor] -> (copies, bytes)`` the rounds' copy rows make: one copy per row and tensor."""
     n_rows = sum(r.first.size for r in rounds)
-    n_exp = sum(int((r.last - r.first + 1).sum()) for r in rounds)
-    return np.array([(n_rows, n_exp * c.slab_bytes) for c in L.copied()], np.int64).reshape(-1, 2)
+    return np.array([(n_rows, sum(int(copyplan.extents(r.first, r.last, r.dst_slot, c.slab_bytes)[2].sum())
+                                  for r in rounds)) for c in L.copied()], np.int64).reshape(-1, 2)
 
 
 class Round:
