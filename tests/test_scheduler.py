@@ -233,8 +233,9 @@ def test_property_each_wave_waits_for_the_copies_of_its_experts(used, min_tiles,
 
 def test_waves_fill_the_gpu():
     tiles = TileConfig()  # 64 columns per block
-    assert fill_tiles(tiles, 2880, 132) == 6  # 45 blocks a tile, 264 blocks to fill an H100 twice over
-    assert fill_tiles(tiles, 64, 1) == 2 and fill_tiles(tiles, 2880, 1) == 1
+    # 45 blocks a tile at n_ff 2880; 132 SMs x 8 blocks = 1056 blocks: 24 tiles, 4 waves of ~90 tiles
+    assert fill_tiles(tiles, 2880, 132) == 24
+    assert fill_tiles(tiles, 64, 1) == 8 and fill_tiles(tiles, 2880, 1) == 1
 
 
 # ------------------------------------------------------------------ the copy record

@@ -7,7 +7,7 @@ plan) are executed as they are: for each row, each of the layer's tensors
 bytes per tensor) and returns it: the statistics record that, not the plan.
 
 Kernels run on ``compute_stream`` in waves: runs of experts whose tiles give
-enough blocks to fill the GPU (``MIN_BLOCKS_PER_SM`` per SM), each wave waiting
+enough blocks to fill the GPU (``WAVE_BLOCKS_PER_SM`` per SM), each wave waiting
 only on the last copy event its experts need, so the first experts compute
 while later ones are still crossing the link, and no launch leaves most of the
 GPU idle. ``launch_tiles=1`` gives one launch per copy range (the old way).
@@ -249,10 +249,10 @@ def _sm_count() -> int:
 
 
 def fill_tiles(tiles: kernels.TileConfig, n_cols: int, n_sms: int) -> int:
-    """Tiles per launch that give every SM ``MIN_BLOCKS_PER_SM`` blocks of the gate+up kernel
+    """Tiles per launch that give every SM ``WAVE_BLOCKS_PER_SM`` blocks of the gate+up kernel
     (``n_cols`` output columns: ``ceil(n_cols / block_cols)`` blocks per tile)."""
     col_blocks = -(-n_cols // tiles.block_cols)
-    return max(1, -(-n_sms * kernels.MIN_BLOCKS_PER_SM // col_blocks))
+    return max(1, -(-n_sms * kernels.WAVE_BLOCKS_PER_SM // col_blocks))
 
 
 def waves(experts, tile_of, events, overlap, min_tiles):

@@ -342,8 +342,14 @@ def _reduce_kernel(y, k, out):
 
 # The launch configuration assumes this many resident blocks of each grouped
 # kernel per SM (one block's global loads and decode hide behind another's
-# FMAs); waves are sized from it, and the ptxas check holds the kernels to it.
+# FMAs); the ptxas check holds the kernels to it.
 MIN_BLOCKS_PER_SM = 2
+# Blocks per SM a wave of launches carries: at least two rounds of full
+# residency (ptxas gives the MXFP4 kernels 4 resident blocks on sm_90, 3 on
+# sm_80), so the tail of a wave, when the in-order stream leaves SMs idle, is a
+# small part of it; at gpt-oss shapes on an H100 a layer at ubatch 512 is a
+# handful of waves.
+WAVE_BLOCKS_PER_SM = 4 * MIN_BLOCKS_PER_SM
 
 
 @dataclass(frozen=True)
