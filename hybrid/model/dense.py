@@ -20,6 +20,7 @@ __all__ = ["Dense", "TYPES"]
 TYPES = tuple(qtypes.DEQUANTIZERS)  # F32, F16, BF16, Q8_0, MXFP4
 _TILE_BYTES = 1 << 21  # decoded float32 tile: fits in L2/L3
 _DIRECT_MAX_TOKENS = 4  # up to this many tokens, Q8_0 runs in the direct kernel
+_PARALLEL_BYTES = 1 << 18  # smaller matrices run on one thread
 
 
 class Dense:
@@ -80,26 +81,40 @@ def _half(lo, hi):
     return -v if h & 0x8000 else v
 
 
-@nb.njit(parallel=True, cache=True)
-def _q8_0_matmul(x, raw, out):
+@nb.njit(cache=True, inline="always")
+def _q8_0_row(x, raw, r, out):
     # Q8_0 block: float16 scale d, 32 int8 q; y[t, r] = sum_b d_b * sum_j q_bj x[t, 32 b + j].
-    n_tok = x.shape[0]
-    rows = raw.shape[0]
     n_blocks = x.shape[1] // 32
-    for r in nb.prange(rows):
-        for t in range(n_tok):
-            acc = np.float32(0.0)
-            for b in range(n_blocks):
-                o = b * 34
-                d = _half(raw[r, o], raw[r, o + 1])
-                s = np.float32(0.0)
-                for j in range(32):
-                    q = np.int32(raw[r, o + 2 + j])
-                    if q > 127:
-                        q -= 256
-                    s += np.float32(q) * x[t, b * 32 + j]
-                acc += d * s
-            out[t, r] = acc
+    for t in range(x.shape[0]):
+        acc = np.float32(0.0)
+        for b in range(n_blocks):
+            o = b * 34
+            d = _half(raw[r, o], raw[r, o + 1])
+            s = np.float32(0.0)
+            for j in range(32):
+                q = np.int32(raw[r, o + 2 + j])
+                if q > 127:
+                    q -= 256
+                s += np.float32(q) * x[t, b * 32 + j]
+            acc += d * s
+        out[t, r] = acc
+
+
+@nb.njit(parallel=True, cache=True)
+def _q8_0_matmul_par(x, raw, out):
+    for r in nb.prange(raw.shape[0]):
+        _q8_0_row(x, raw, r, out)
+
+
+@nb.njit(cache=True)
+def _q8_0_matmul_one(x, raw, out):
+    for r in range(raw.shape[0]):
+        _q8_0_row(x, raw, r, out)
+
+
+def _q8_0_matmul(x, raw, out):
+    # Waking the thread pool costs more than a small matrix takes on one core.
+    (_q8_0_matmul_par if raw.size >= _PARALLEL_BYTES else _q8_0_matmul_one)(x, raw, out)
 
 
 assert GGML_QUANT_SIZES[T.Q8_0] == (32, 34)  # the layout _q8_0_matmul reads

@@ -121,7 +121,7 @@ def tiny_vocab(n_vocab: int, pre: str = "gpt-4o"):
 
 
 def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_experts=32, k=4, seed=0,
-               n_vocab=1024, n_head=4, n_head_kv=2, head_dim=32, skew=2.0, n_swa=128, tokenizer=True,
+               n_vocab=1024, n_head=4, n_head_kv=2, head_dim=32, skew=2.0, n_swa=128, tokenizer=None,
                expert_type=None, dense_type=T.Q8_0, split_max_tensors=0) -> Path:
     """Write a small MoE GGUF laid out like the real files; returns the path to load.
 
@@ -131,7 +131,7 @@ def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_expe
     norms, no biases, no sinks, full attention, Q8_0 experts by default. ``skew``
     biases each gpt-oss router towards a few experts, as real routing is.
     ``tokenizer``: a byte-level BPE trained on ``CORPUS`` (``tiny_vocab``) with a chat
-    template. ``split_max_tensors`` > 0 writes ``NAME-0000i-of-0000N.gguf`` parts.
+    template; None: one when ``n_vocab`` has room for it (256 bytes + specials). ``split_max_tensors`` > 0 writes ``NAME-0000i-of-0000N.gguf`` parts.
     """
     if arch not in TINY_PRE:
         raise ValueError(f"write_tiny: arch must be one of {tuple(TINY_PRE)}, got {arch!r}")
@@ -143,6 +143,8 @@ def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_expe
     if n_head % n_head_kv or n_vocab < 1:
         raise ValueError("write_tiny: n_head must be a multiple of n_head_kv, n_vocab >= 1")
     path = Path(path)
+    if tokenizer is None:
+        tokenizer = n_vocab >= 256 + len(TINY_SPECIALS)
     vocab = tiny_vocab(n_vocab, TINY_PRE[arch]) if tokenizer else None
     rng = np.random.default_rng([seed, 1])
     f32 = lambda *s, scale=0.1: (scale * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
@@ -243,6 +245,11 @@ def default_model_path() -> Path:
     return Path(folder) / "tiny-gpt-oss-32x4-tok.gguf"
 
 
+# The built-in model's vocabulary: every token the trainer learns from CORPUS and
+# the specials, no reserved padding (random weights would otherwise print it).
+BUILTIN_VOCAB = 611
+
+
 def ensure_default_model() -> Path:
     """The tiny model's path, written on first use (temp file + rename: readers never see half a file)."""
     path = default_model_path()
@@ -256,7 +263,7 @@ def ensure_default_model() -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".tiny-gpt-oss.", suffix=".gguf.tmp", dir=path.parent)
     os.close(fd)
     try:
-        write_tiny(tmp)
+        write_tiny(tmp, n_vocab=BUILTIN_VOCAB)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is an ordinary file
         os.replace(tmp, path)
     finally:
