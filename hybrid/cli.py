@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--moe-only", action="store_true", help="feed the MoE layers alone with synthetic "
                        "(or --hidden) hidden states: the kernel benchmark mode")
         p.add_argument("-b", "--batch-size", type=pos, default=2048, help="logical batch (default 2048)")
-        p.add_argument("-r", "--repetitions", type=pos, default=1, help=argparse.SUPPRESS)
+        p.add_argument("-r", "--repetitions", type=pos, default=1, help="bench: runs of each test (default 1)"
+                       if p.prog.endswith("bench") else argparse.SUPPRESS)
 
     p = sub.add_parser("run", help="a prompt through the whole model, then generation (or --moe-only)")
     common(p, 2048, 512)
@@ -555,7 +556,8 @@ def _summary(tr, g, t_warm, logits_out=None):
         offl = [u for u in prompt_ubs if any(r.path == "offload" for r in st.records if r.ubatch == u)]
         u = max(offl) if offl else prompt_ubs[-1]
         n_tok = next(r.n_tokens for r in st.records if r.ubatch == u)
-        how = ("offloaded" if offl else f"CPU path: below {moe.min_offload_batch} tokens, nothing copied")
+        how = ((("offload path, copies planned" if moe.device == "cpu" else "offloaded")) if offl
+               else f"CPU path: below {moe.min_offload_batch} tokens, nothing copied")
         print(f"experts used, prompt ubatch {u} ({n_tok} tokens, {how}):")
         print("\n".join(st.usage_lines(u)))
     t = st.totals()
@@ -626,7 +628,8 @@ def cmd_bench(args):
                 for tkn in gen[:args.n_gen]:
                     tr.decode_one_token(int(tkn))
                 tg.append(args.n_gen / (time.perf_counter() - t0))
-        common = [name, f"{model.file_bytes / 2**30:.2f} GiB", f"{params / 1e9:.2f} B" if params >= 1e8
+        size = sum(t.nbytes for t in model.tensors.values())  # llama-bench's size: tensor data
+        common = [name, f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.2f} MiB", f"{params / 1e9:.2f} B" if params >= 1e8
                   else f"{params / 1e6:.2f} M", backend, str(numba.get_num_threads()), str(ub)]
         rows.append(common + [f"pp{n_p}", _tps(pp)])
         if args.n_gen:
