@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--min-offload-batch", type=nonneg, default=MIN_OFFLOAD_BATCH,
                        help="smaller batches run on the CPU (llama.cpp: 32)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("-t", "--threads", type=pos, default=None,
+                       help="CPU threads of the Numba kernels (default: all cores); BLAS gets one")
 
     p = sub.add_parser("info", help="architecture, layers, experts, types, sizes")
     p.add_argument("-m", "--model", help="GGUF file (default: the built-in tiny gpt-oss)")
@@ -652,9 +654,27 @@ def _tps(v):
 COMMANDS = {"info": cmd_info, "run": cmd_run, "bench": cmd_bench, "usage": cmd_usage}
 
 
+def set_threads(n):
+    """Numba kernels on ``n`` threads (None: all cores), numpy's BLAS on one.
+
+    Both thread pools spin-wait after each parallel region; sharing the cores they
+    slow each other down many times over (measured 10-30x on 2 cores), so the
+    Numba kernels get the cores and the BLAS calls between them run on one thread.
+    """
+    import numba
+    from threadpoolctl import threadpool_limits
+    if n is not None:
+        if n > numba.config.NUMBA_NUM_THREADS:
+            raise CLIError(f"-t {n}: at most {numba.config.NUMBA_NUM_THREADS} threads (NUMBA_NUM_THREADS)")
+        numba.set_num_threads(n)
+    threadpool_limits(1, user_api="blas")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("run", "bench"):
+            set_threads(args.threads)
         COMMANDS[args.command](args)
     except (CLIError, ReportError) as e:
         fail(str(e))

@@ -51,33 +51,38 @@ def rope_neox(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out
 
 
-def attention(q, k, v, q_pos, k_pos, scale, n_swa=0, sinks=None) -> np.ndarray:
+def attention(q, k, v, q_pos, k_pos, scale, n_swa=0, sinks=None, chunk=128) -> np.ndarray:
     """Causal grouped-query attention, float32 ``[n_tokens, n_head * head_dim_v]``.
 
-    q ``[T, n_head, d]``; k, v ``[n_keys, n_head_kv, d]`` at positions ``k_pos``.
-    A key at p0 is masked for the query at p1 when p0 > p1, or (sliding window)
-    p1 - p0 >= n_swa. ``sinks`` ``[n_head]``: one extra logit per head that takes
-    probability and carries no value.
+    q ``[T, n_head, d]`` at positions ``q_pos``; k, v ``[n_keys, n_head_kv, d]`` at
+    ascending positions ``k_pos``. A key at p0 is masked for the query at p1 when
+    p0 > p1, or (sliding window) p1 - p0 >= n_swa. ``sinks`` ``[n_head]``: one extra
+    logit per head that takes probability and carries no value. Queries go in
+    chunks, each against only the keys some query of the chunk can see.
     """
     T, H, _ = q.shape
     Hkv, dv = k.shape[1], v.shape[2]
     r = H // Hkv
-    dq = q_pos[:, None] - k_pos[None, :]
-    allowed = dq >= 0
-    if n_swa:
-        allowed &= dq < n_swa
-    neg = np.where(allowed, np.float32(0), np.float32(-np.inf))
     out = np.empty((T, H, dv), np.float32)
-    for g in range(Hkv):
-        qg = np.ascontiguousarray(q[:, g * r:(g + 1) * r].transpose(1, 0, 2))  # [r, T, d]
-        s = np.matmul(qg, k[:, g].T) * np.float32(scale) + neg  # [r, T, n_keys]
-        m = s.max(axis=-1)
-        if sinks is not None:
-            sk = sinks[g * r:(g + 1) * r, None]
-            m = np.maximum(m, sk)
-        p = np.exp(s - m[..., None])
-        den = p.sum(axis=-1)
-        if sinks is not None:
-            den += np.exp(sk - m)
-        out[:, g * r:(g + 1) * r] = (np.matmul(p, v[:, g]) / den[..., None]).transpose(1, 0, 2)
+    for a in range(0, T, chunk):
+        b = min(T, a + chunk)
+        k0 = int(np.searchsorted(k_pos, q_pos[a] - n_swa + 1)) if n_swa else 0
+        k1 = int(np.searchsorted(k_pos, q_pos[b - 1], side="right"))
+        dq = q_pos[a:b, None] - k_pos[None, k0:k1]
+        allowed = dq >= 0
+        if n_swa:
+            allowed &= dq < n_swa
+        neg = np.where(allowed, np.float32(0), np.float32(-np.inf))
+        for g in range(Hkv):
+            qg = np.ascontiguousarray(q[a:b, g * r:(g + 1) * r].transpose(1, 0, 2))  # [r, n, d]
+            s = np.matmul(qg, k[k0:k1, g].T) * np.float32(scale) + neg  # [r, n, keys]
+            m = s.max(axis=-1)
+            if sinks is not None:
+                sk = sinks[g * r:(g + 1) * r, None]
+                m = np.maximum(m, sk)
+            p = np.exp(s - m[..., None])
+            den = p.sum(axis=-1)
+            if sinks is not None:
+                den += np.exp(sk - m)
+            out[a:b, g * r:(g + 1) * r] = (np.matmul(p, v[k0:k1, g]) / den[..., None]).transpose(1, 0, 2)
     return out.reshape(T, H * dv)
