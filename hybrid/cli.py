@@ -131,12 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-m", "--model", help="GGUF file, or the first part of a split model "
                        "(default: the built-in tiny gpt-oss)")
         p.add_argument("-p", "--n-prompt", type=pos, default=None,
-                       help=f"prompt tokens (default {p_default}; with --hidden: the file's tokens)")
+                       help=f"prompt tokens: random ids through the whole model, synthetic hidden states "
+                            f"with --moe-only (default {p_default}; with --hidden: the file's tokens)")
         p.add_argument("-ub", "--ubatch-size", type=ub_type, default=ub_default,
                        help=ub_help if ub_default is None else f"{ub_help} (default {ub_default})")
         p.add_argument("--hidden", metavar="FILE.npy", help="hidden states, float [n_tokens, n_embd] "
                        "(default: synthetic)")
-        p.add_argument("--seed", type=nonneg, default=0, help="seed of the synthetic hidden states")
+        p.add_argument("--seed", type=nonneg, default=0, help="seed of the random prompt ids, synthetic hidden states and sampling")
         p.set_defaults(p_default=p_default)
 
     def device(p):
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                        if p.prog.endswith("bench") else argparse.SUPPRESS)
 
     p = sub.add_parser("run", help="a prompt through the whole model, then generation (or --moe-only)")
-    common(p, 2048, 512)
+    common(p, "text; --moe-only: 2048", 512)
     device(p)
     whole(p)
     src = p.add_mutually_exclusive_group()
@@ -423,6 +424,7 @@ def _moe_only(args) -> bool:
 
 def cmd_run(args):
     if _moe_only(args):
+        args.p_default = 2048
         return cmd_run_moe(args)
     from .model.generate import generate
 
