@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=ub_help if ub_default is None else f"{ub_help} (default {ub_default})")
         p.add_argument("--hidden", metavar="FILE.npy", help="hidden states, float [n_tokens, n_embd] "
                        "(default: synthetic)")
-        p.add_argument("--seed", type=nonneg, default=0, help="seed of the random prompt ids, synthetic hidden states and sampling")
+        p.add_argument("--seed", type=nonneg, default=0,
+                       help="seed of the random prompt ids, synthetic hidden states and sampling")
         p.set_defaults(p_default=p_default)
 
     def device(p):
@@ -453,7 +454,8 @@ def cmd_run(args):
             out_text.clear()
 
     if args.n_predict:
-        print(f"\ngenerated ({'greedy' if args.temp == 0 else f'temp {args.temp}, top-p {args.top_p}, seed {args.seed}'}"
+        how = "greedy" if args.temp == 0 else f"temp {args.temp}, top-p {args.top_p}, seed {args.seed}"
+        print(f"\ngenerated ({how}"
               + (f"; {model.metadata.get('general.name')}: {RANDOM_NOTE}" if _is_builtin(model) else "") + "):")
     try:
         g = generate(tr, prompt, args.n_predict, temp=args.temp, top_p=args.top_p, seed=args.seed,
@@ -560,8 +562,10 @@ def _summary(tr, g, t_warm, logits_out=None):
         offl = [u for u in prompt_ubs if any(r.path == "offload" for r in st.records if r.ubatch == u)]
         u = max(offl) if offl else prompt_ubs[-1]
         n_tok = next(r.n_tokens for r in st.records if r.ubatch == u)
-        how = ((("offload path, copies planned" if moe.device == "cpu" else "offloaded")) if offl
-               else f"CPU path: below {moe.min_offload_batch} tokens, nothing copied")
+        if not offl:
+            how = f"CPU path: below {moe.min_offload_batch} tokens, nothing copied"
+        else:
+            how = "offload path, copies planned" if moe.device == "cpu" else "offloaded"
         print(f"experts used, prompt ubatch {u} ({n_tok} tokens, {how}):")
         print("\n".join(st.usage_lines(u)))
     t = st.totals()
@@ -633,8 +637,9 @@ def cmd_bench(args):
                     tr.decode_one_token(int(tkn))
                 tg.append(args.n_gen / (time.perf_counter() - t0))
         size = sum(t.nbytes for t in model.tensors.values())  # llama-bench's size: tensor data
-        common = [name, f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.2f} MiB", f"{params / 1e9:.2f} B" if params >= 1e8
-                  else f"{params / 1e6:.2f} M", backend, str(numba.get_num_threads()), str(ub)]
+        common = [name, f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.2f} MiB",
+                  f"{params / 1e9:.2f} B" if params >= 1e8 else f"{params / 1e6:.2f} M", backend,
+                  str(numba.get_num_threads()), str(ub)]
         rows.append(common + [f"pp{n_p}", _tps(pp)])
         if args.n_gen:
             rows.append(common + [f"tg{args.n_gen}", _tps(tg)])

@@ -36,7 +36,8 @@ class Dense:
             raise ValueError(f"tensor {name}: a dense weight must be 2-D, got shape {self.shape}")
         rows, cols = self.shape
         self.row_bytes = qtypes.row_nbytes(self.ggml_type, cols)
-        self.raw = raw.view(np.uint8).reshape(rows, self.row_bytes)
+        # a plain ndarray view of the map: np.memmap's per-slice bookkeeping costs more than a small matmul
+        self.raw = raw.view(np.ndarray).view(np.uint8).reshape(rows, self.row_bytes)
         self.tile = max(8, _TILE_BYTES // (4 * cols))
 
     @property

@@ -92,7 +92,8 @@ def load_blocks(model, cfg: Config) -> list[Block]:
         if cfg.sinks:
             b.sinks = _vector(model, p + "attn_sinks.weight", H)
         if cfg.qk_norm:
-            b.q_norm, b.k_norm = _vector(model, p + "attn_q_norm.weight", d), _vector(model, p + "attn_k_norm.weight", d)
+            b.q_norm = _vector(model, p + "attn_q_norm.weight", d)
+            b.k_norm = _vector(model, p + "attn_k_norm.weight", d)
         blocks.append(b)
     return blocks
 

@@ -131,7 +131,8 @@ def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_expe
     norms, no biases, no sinks, full attention, Q8_0 experts by default. ``skew``
     biases each gpt-oss router towards a few experts, as real routing is.
     ``tokenizer``: a byte-level BPE trained on ``CORPUS`` (``tiny_vocab``) with a chat
-    template; None: one when ``n_vocab`` has room for it (256 bytes + specials). ``split_max_tensors`` > 0 writes ``NAME-0000i-of-0000N.gguf`` parts.
+    template; None: one when ``n_vocab`` has room for it (256 bytes + specials).
+    ``split_max_tensors`` > 0 writes ``NAME-0000i-of-0000N.gguf`` parts.
     """
     if arch not in TINY_PRE:
         raise ValueError(f"write_tiny: arch must be one of {tuple(TINY_PRE)}, got {arch!r}")
