@@ -427,8 +427,6 @@ def cmd_run(args):
     if _moe_only(args):
         args.p_default = 2048
         return cmd_run_moe(args)
-    from .model.generate import generate
-
     model = open_model(args.model)
     tok = _tokenizer(model, needed=args.tokens is None and args.n_prompt is None)
     prompt, source = _prompt_tokens(args, model, tok)
@@ -436,6 +434,12 @@ def cmd_run(args):
     tr = _transformer(model, args, n_ctx, args.ubatch_size, policy=args.policy, layout=args.layout,
                       cache_bytes=int(args.cache_mb * 2**20), overlap=not args.no_overlap,
                       device_bytes=None if args.device_mb is None else int(args.device_mb * 2**20))
+    with tr.moe:
+        _run_whole(args, model, tok, prompt, source, tr)
+
+
+def _run_whole(args, model, tok, prompt, source, tr):
+    from .model.generate import generate
     print(_model_line(model))
     print(describe_device(tr.moe))
     print(f"prompt: {len(prompt)} tokens ({source}); context {tr.n_ctx}, batch {tr.n_batch}, "
@@ -528,9 +532,10 @@ def _prompt_tokens(args, model, tok):
     return ids, f"text {shown!r}" + (", chat template" if args.chat else "")
 
 
-def _transformer(model, args, n_ctx, ubatch, **kw):
+def _transformer(model, args, n_ctx, ubatch, moe=None, **kw):
+    """A Transformer over ``moe`` (default: a new backend from the flags and ``kw``)."""
     from .model.forward import Transformer
-    moe = make_backend(model.layers, args, **kw)
+    moe = moe if moe is not None else make_backend(model.layers, args, **kw)
     try:
         return Transformer(model, moe, n_ctx=n_ctx, n_batch=args.batch_size, n_ubatch=ubatch)
     except GGUFError as e:
@@ -597,8 +602,6 @@ def cmd_bench(args):
         args.ubatch_size = args.ubatch_size or [128, 256, 512, 1024, 2048]
         args.p_default = 2048
         return cmd_bench_moe(args)
-    import numba
-
     from .model.config import read_config
     model = open_model(args.model)
     try:
@@ -618,31 +621,13 @@ def cmd_bench(args):
     name = f"{model.metadata.get('general.name') or model.path.name} ({model.arch})"
     print(_model_line(model))
     rows = []
-    for ub in sizes:
-        if ub > n_p:
-            print(f"skipped ubatch size {ub}: larger than -p {n_p}")
-            continue
-        tr = _transformer(model, args, n_p + args.n_gen, ub, policy="used")
-        backend = {"cpu": "CPU", "sim": "CUDA-sim", "cuda": "CUDA"}[tr.moe.device]
-        _warm_up(tr)
-        pp, tg = [], []
-        for _ in range(args.repetitions):
-            t0 = time.perf_counter()
-            tr.prefill(prompt, logits="last", progress=not args.no_progress)
-            pp.append(n_p / (time.perf_counter() - t0))
-            if args.n_gen:
-                tr.reset()  # llama-bench's tg<N>: N single-token decodes from an empty context
-                t0 = time.perf_counter()
-                for tkn in gen[:args.n_gen]:
-                    tr.decode_one_token(int(tkn))
-                tg.append(args.n_gen / (time.perf_counter() - t0))
-        size = sum(t.nbytes for t in model.tensors.values())  # llama-bench's size: tensor data
-        common = [name, f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.2f} MiB",
-                  f"{params / 1e9:.2f} B" if params >= 1e8 else f"{params / 1e6:.2f} M", backend,
-                  str(numba.get_num_threads()), str(ub)]
-        rows.append(common + [f"pp{n_p}", _tps(pp)])
-        if args.n_gen:
-            rows.append(common + [f"tg{args.n_gen}", _tps(tg)])
+    moe = make_backend(model.layers, args, policy="used")  # one backend: host memory is pinned once
+    with moe:
+        for ub in sizes:
+            if ub > n_p:
+                print(f"skipped ubatch size {ub}: larger than -p {n_p}")
+                continue
+            rows += _bench_ubatch(args, model, moe, ub, prompt, gen, name, params)
     head = ["model", "size", "params", "backend", "threads", "n_ubatch", "test", "t/s"]
     print()
     print("| " + " | ".join(head) + " |")
@@ -651,6 +636,31 @@ def cmd_bench(args):
         print("| " + " | ".join(r) + " |")
     if _is_builtin(model):
         print(f"\n{model.metadata.get('general.name')}: random weights; token ids drawn at random (seed {args.seed})")
+
+
+def _bench_ubatch(args, model, moe, ub, prompt, gen, name, params) -> list[list[str]]:
+    """llama-bench's pp<P> and tg<N> rows at ubatch ``ub``: each test ``-r`` times after a warm-up."""
+    import numba
+    n_p = len(prompt)
+    tr = _transformer(model, args, n_p + args.n_gen, ub, moe=moe)
+    backend = {"cpu": "CPU", "sim": "CUDA-sim", "cuda": "CUDA"}[moe.device]
+    _warm_up(tr)
+    pp, tg = [], []
+    for _ in range(args.repetitions):
+        t0 = time.perf_counter()
+        tr.prefill(prompt, logits="last", progress=not args.no_progress)
+        pp.append(n_p / (time.perf_counter() - t0))
+        if args.n_gen:
+            tr.reset()  # llama-bench's tg<N>: N single-token decodes from an empty context
+            t0 = time.perf_counter()
+            for tkn in gen[:args.n_gen]:
+                tr.decode_one_token(int(tkn))
+            tg.append(args.n_gen / (time.perf_counter() - t0))
+    size = sum(t.nbytes for t in model.tensors.values())  # llama-bench's size: tensor data
+    common = [name, f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.2f} MiB",
+              f"{params / 1e9:.2f} B" if params >= 1e8 else f"{params / 1e6:.2f} M", backend,
+              str(numba.get_num_threads()), str(ub)]
+    return [common + [f"pp{n_p}", _tps(pp)]] + ([common + [f"tg{args.n_gen}", _tps(tg)]] if args.n_gen else [])
 
 
 def _tps(v):
