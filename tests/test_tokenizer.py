@@ -88,6 +88,17 @@ def test_chat_template(tok):
     assert tok.encode(text)[0] == tok.tokens.index("<|start|>")
 
 
+def test_chat_template_features_real_templates_use():
+    tokens, merges, types = tiny_vocab(300, "gpt-4o")
+    tpl = ("{%- for m in messages %}{% if m.role == 'user' %}{{ m.content | tojson }}{% break %}{% endif %}"
+           "{% endfor %}{{ strftime_now('%Y') | length }}{% if not add_generation_prompt %}"
+           "{{ raise_exception('no') }}{% endif %}")
+    assert Tokenizer(tokens, merges, types, "gpt2", chat_template=tpl).chat("hi") == '"hi"4'
+    t = Tokenizer(tokens, merges, types, "gpt2", chat_template="{{ raise_exception('bad role') }}")
+    with pytest.raises(ValueError, match="bad role"):
+        t.chat("hi")
+
+
 @pytest.mark.parametrize("template", [
     "{{ ''.__class__.__mro__[1].__subclasses__() }}",  # the CVE-2024-34359 route
     "{% set x = [] %}{{ x.append(1) }}",  # the immutable sandbox: no mutation either
