@@ -208,3 +208,14 @@ def test_the_simulated_device_gives_the_cpu_targets_logits(tmp_path):
             out[device] = np.concatenate([tr.prefill(toks), tr.decode_one_token(int(toks[0]))[None]])
             assert {r.path for r in moe.stats.records} == {"offload"}
     close(out["sim"], out["cpu"], seed, rel=1e-5)
+
+
+def test_half_and_bfloat16_bits_decode_exactly():
+    from hybrid.model.dense import _bf16, _half
+    bits = np.arange(1 << 16, dtype=np.uint32)
+    lo, hi = (bits & 0xFF).astype(np.int64), (bits >> 8).astype(np.int64)
+    got_h = np.array([_half(a, b) for a, b in zip(lo, hi)], np.float32)
+    got_b = np.array([_bf16(a, b) for a, b in zip(lo, hi)], np.float32)
+    want_h = bits.astype(np.uint16).view(np.float16).astype(np.float32)
+    want_b = (bits << 16).view(np.float32)
+    assert np.array_equal(got_h, want_h, equal_nan=True) and np.array_equal(got_b, want_b, equal_nan=True)

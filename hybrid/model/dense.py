@@ -3,8 +3,8 @@
 ``Dense.matmul(x)`` is ``x @ W.T`` without ever decoding the whole matrix:
 - a batch of tokens decodes W a tile of rows at a time (``quant.types``, float32)
   and multiplies each tile with BLAS, so the decoded copy stays a few MB;
-- one to a few tokens (decode steps) with Q8_0 weights, the common dense type,
-  run a Numba kernel on the stored blocks: every weight byte is read once.
+- one to a few tokens (decode steps) run a Numba kernel on the stored bytes
+  (Q8_0, F16, BF16, MXFP4; F32 goes to BLAS): every weight byte is read once.
 ``Dense.rows(ids)`` decodes only the given rows (the embedding lookup).
 """
 from __future__ import annotations
@@ -13,14 +13,16 @@ import numba as nb
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from quant import types as qtypes
+from quant import mxfp4, types as qtypes
 
 __all__ = ["Dense", "TYPES"]
 
 TYPES = tuple(qtypes.DEQUANTIZERS)  # F32, F16, BF16, Q8_0, MXFP4
 _TILE_BYTES = 1 << 21  # decoded float32 tile: fits in L2/L3
-_DIRECT_MAX_TOKENS = 4  # up to this many tokens, Q8_0 runs in the direct kernel
+_DIRECT_MAX_TOKENS = 4  # up to this many tokens, the direct kernel
 _PARALLEL_BYTES = 1 << 18  # smaller matrices run on one thread
+_Q8_0, _F16, _BF16, _MXFP4 = range(4)  # what the direct kernel branches on
+_KIND = {T.Q8_0: _Q8_0, T.F16: _F16, T.BF16: _BF16, T.MXFP4: _MXFP4}
 
 
 class Dense:
@@ -55,8 +57,8 @@ class Dense:
             raise ValueError(f"{self.name}: input must be float32 [n, {cols}], got {x.dtype} {x.shape}")
         x = np.ascontiguousarray(x)
         out = np.empty((x.shape[0], rows), np.float32)
-        if self.ggml_type == T.Q8_0 and x.shape[0] <= _DIRECT_MAX_TOKENS:
-            _q8_0_matmul(x, self.raw, out)
+        if self.ggml_type in _KIND and x.shape[0] <= _DIRECT_MAX_TOKENS:
+            _direct(self.ggml_type, x, self.raw, out)
             return out
         if self.ggml_type == T.F32:
             return np.matmul(x, self.raw.view(np.float32).T, out=out)
@@ -83,39 +85,70 @@ def _half(lo, hi):
 
 
 @nb.njit(cache=True, inline="always")
-def _q8_0_row(x, raw, r, out):
-    # Q8_0 block: float16 scale d, 32 int8 q; y[t, r] = sum_b d_b * sum_j q_bj x[t, 32 b + j].
-    n_blocks = x.shape[1] // 32
-    for t in range(x.shape[0]):
-        acc = np.float32(0.0)
-        for b in range(n_blocks):
+def _bf16(lo, hi):
+    # bfloat16 = the top half of a float32: 8-bit exponent, 7-bit mantissa.
+    h = np.int32(lo) | (np.int32(hi) << 8)
+    e = (h >> 7) & 0xFF
+    m = h & 0x7F
+    if e == 0:
+        v = np.float32(m) * np.float32(2.0 ** -133)
+    elif e == 255:
+        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
+    else:
+        v = np.float32(128 + m) * np.float32(2.0 ** (e - 134))
+    return -v if h & 0x8000 else v
+
+
+@nb.njit(cache=True, inline="always")
+def _row_dot(kind, x, t, raw, r, kv, scales):
+    # One output: row r of the stored weights (type ``kind``) times token t of x, float32.
+    n = x.shape[1]
+    acc = np.float32(0.0)
+    if kind == _Q8_0:  # blocks of a float16 scale and 32 int8
+        for b in range(n // 32):
             o = b * 34
-            d = _half(raw[r, o], raw[r, o + 1])
             s = np.float32(0.0)
             for j in range(32):
                 q = np.int32(raw[r, o + 2 + j])
                 if q > 127:
                     q -= 256
                 s += np.float32(q) * x[t, b * 32 + j]
-            acc += d * s
-        out[t, r] = acc
+            acc += _half(raw[r, o], raw[r, o + 1]) * s
+    elif kind == _F16:
+        for j in range(n):
+            acc += _half(raw[r, 2 * j], raw[r, 2 * j + 1]) * x[t, j]
+    elif kind == _BF16:
+        for j in range(n):
+            acc += _bf16(raw[r, 2 * j], raw[r, 2 * j + 1]) * x[t, j]
+    else:  # MXFP4: an E8M0 scale and 16 bytes; low nibbles are elements 0..15, high 16..31
+        for b in range(n // 32):
+            o = b * 17
+            s = np.float32(0.0)
+            for j in range(16):
+                q = raw[r, o + 1 + j]
+                s += kv[q & 15] * x[t, b * 32 + j] + kv[q >> 4] * x[t, b * 32 + 16 + j]
+            acc += scales[raw[r, o]] * s
+    return acc
 
 
 @nb.njit(parallel=True, cache=True)
-def _q8_0_matmul_par(x, raw, out):
+def _direct_par(kind, x, raw, kv, scales, out):
     for r in nb.prange(raw.shape[0]):
-        _q8_0_row(x, raw, r, out)
+        for t in range(x.shape[0]):
+            out[t, r] = _row_dot(kind, x, t, raw, r, kv, scales)
 
 
 @nb.njit(cache=True)
-def _q8_0_matmul_one(x, raw, out):
+def _direct_one(kind, x, raw, kv, scales, out):
     for r in range(raw.shape[0]):
-        _q8_0_row(x, raw, r, out)
+        for t in range(x.shape[0]):
+            out[t, r] = _row_dot(kind, x, t, raw, r, kv, scales)
 
 
-def _q8_0_matmul(x, raw, out):
+def _direct(ggml_type, x, raw, out):
     # Waking the thread pool costs more than a small matrix takes on one core.
-    (_q8_0_matmul_par if raw.size >= _PARALLEL_BYTES else _q8_0_matmul_one)(x, raw, out)
+    fn = _direct_par if raw.size >= _PARALLEL_BYTES else _direct_one
+    fn(_KIND[ggml_type], x, raw, mxfp4.KVALUES_F32, mxfp4.SCALES, out)
 
 
-assert GGML_QUANT_SIZES[T.Q8_0] == (32, 34)  # the layout _q8_0_matmul reads
+assert GGML_QUANT_SIZES[T.Q8_0] == (32, 34) and GGML_QUANT_SIZES[T.MXFP4] == (32, 17)  # what _row_dot reads
