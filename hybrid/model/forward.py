@@ -19,6 +19,7 @@ import math
 import sys
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from ..moe.scheduler import HybridMoE
@@ -29,6 +30,8 @@ from .kvcache import KVCache
 from .ops import attention, rmsnorm, rope_cos_sin, rope_neox
 
 __all__ = ["Transformer", "Block"]
+
+_SMALL_STEP_BYTES = 1 << 20  # expert bytes a ubatch reads below which the layers run on one thread
 
 
 @dataclass
@@ -130,6 +133,8 @@ class Transformer:
             raise ValueError("moe must run the model's own MoE layers, one per block in order")
         self.cache = KVCache(cfg, self.n_ctx, self.n_ubatch)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        first = model.layers[0]
+        self._expert_step_bytes = first.k * first.expert_bytes  # what one token's MoE step reads
 
     @property
     def n_past(self) -> int:
@@ -197,11 +202,19 @@ class Transformer:
         T, pos0 = len(ids), cache.n_past
         pos = np.arange(pos0, pos0 + T)
         h = self.embd.rows(ids)
-        for il, b in enumerate(self.blocks):
-            x = rmsnorm(h, b.attn_norm, cfg.rms_eps)
-            h = h + self._attention(il, b, x, pos)
-            x = rmsnorm(h, b.ffn_norm, cfg.rms_eps)
-            h = h + self.moe.forward(il, x)
+        # A step too small to share: the CPU expert kernels' parallel regions would cost
+        # more in wake-ups and barriers than the work (tiny models' decode steps).
+        threads = numba.get_num_threads()
+        if T * self._expert_step_bytes < _SMALL_STEP_BYTES and threads > 1:
+            numba.set_num_threads(1)
+        try:
+            for il, b in enumerate(self.blocks):
+                x = rmsnorm(h, b.attn_norm, cfg.rms_eps)
+                h = h + self._attention(il, b, x, pos)
+                x = rmsnorm(h, b.ffn_norm, cfg.rms_eps)
+                h = h + self.moe.forward(il, x)
+        finally:
+            numba.set_num_threads(threads)
         self.moe.end_ubatch()
         cache.n_past = pos0 + T
         if want is None:
