@@ -336,6 +336,14 @@ def talker(tmp_path_factory):
                       n_experts=8, k=2, seed=6, n_vocab=400, n_swa=8)
 
 
+def test_info_describes_the_whole_model(capsys, talker, small):
+    out = run_cli(capsys, "info", "-m", talker)
+    assert "attention: 4 heads, 2 KV heads, head_dim 32, sinks, sliding window 8 on 1 of 2 layers" in out
+    assert "YaRN factor 32 (original context 4096)" in out
+    assert "tokenizer: byte-level BPE, pre-tokenizer 'gpt-4o', 400 tokens, chat template" in out
+    assert "tokenizer: none usable" in run_cli(capsys, "info", "-m", small)
+
+
 def test_run_text_through_the_whole_model(capsys, talker):
     from hybrid.model.forward import Transformer
     from hybrid.model.tokenizer import Tokenizer
