@@ -219,3 +219,9 @@ def test_half_and_bfloat16_bits_decode_exactly():
     want_h = bits.astype(np.uint16).view(np.float16).astype(np.float32)
     want_b = (bits << 16).view(np.float32)
     assert np.array_equal(got_h, want_h, equal_nan=True) and np.array_equal(got_b, want_b, equal_nan=True)
+
+
+def test_the_moe_backend_must_be_the_models_own(model, tmp_path):
+    other = load(write_tiny(tmp_path / "o.gguf", arch=model.arch, tokenizer=False, seed=9, **SHAPE))
+    with pytest.raises(ValueError, match="this model's own MoE layers"):
+        Transformer(model, HybridMoE(other.layers, device="cpu"))

@@ -129,8 +129,8 @@ class Transformer:
         self.output = (_dense(model, "output.weight", (cfg.n_vocab, cfg.n_embd))
                        if "output.weight" in model.tensors else self.embd)
         self.moe = moe if moe is not None else HybridMoE(model.layers, device=device, policy=policy)
-        if len(self.moe.layers) != cfg.n_layer or any(L.index != i for i, L in enumerate(self.moe.layers)):
-            raise ValueError("moe must run the model's own MoE layers, one per block in order")
+        if len(self.moe.layers) != cfg.n_layer or any(a is not b for a, b in zip(self.moe.layers, model.layers)):
+            raise ValueError("moe must run this model's own MoE layers (HybridMoE(model.layers, ...))")
         self.cache = KVCache(cfg, self.n_ctx, self.n_ubatch)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         first = model.layers[0]
@@ -161,11 +161,12 @@ class Transformer:
         ids = self.check_tokens(tokens)
         if logits not in ("all", "last"):
             raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
-        from tqdm import tqdm
-
+        bar = None
+        if progress:  # tqdm itself hides on a non-terminal
+            from tqdm import tqdm
+            bar = tqdm(total=len(ids), unit="tok", file=sys.stderr, leave=False, desc="prompt", disable=None)
         out = []
-        with tqdm(total=len(ids), unit="tok", file=sys.stderr, leave=False, desc="prompt",
-                  disable=None if progress else True) as bar:
+        try:
             for b0 in range(0, len(ids), self.n_batch):
                 batch = ids[b0:b0 + self.n_batch]
                 for u0 in range(0, len(batch), self.n_ubatch):
@@ -175,7 +176,11 @@ class Transformer:
                     y = self._ubatch(ub, want)
                     if y is not None:
                         out.append(y)
-                    bar.update(len(ub))
+                    if bar is not None:
+                        bar.update(len(ub))
+        finally:
+            if bar is not None:
+                bar.close()
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     def check_tokens(self, tokens) -> np.ndarray:
