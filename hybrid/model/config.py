@@ -17,8 +17,11 @@ __all__ = ["Config", "read_config", "ARCHS"]
 
 # What each architecture's graph has (llama.cpp src/models/openai-moe.cpp, qwen3moe.cpp).
 ARCHS = {
-    "gpt-oss": dict(qkv_bias=True, sinks=True, qk_norm=False, swa_pattern=2, ffn_norm="post_attention_norm"),
-    "qwen3moe": dict(qkv_bias=False, sinks=False, qk_norm=True, swa_pattern=None, ffn_norm="ffn_norm"),
+# kq_scale: 1/sqrt of n_rot (openai-moe.cpp) or of head_dim (qwen3moe.cpp); equal in the released files.
+    "gpt-oss": dict(qkv_bias=True, sinks=True, qk_norm=False, swa_pattern=2, ffn_norm="post_attention_norm",
+                    scale_by_rot=True),
+    "qwen3moe": dict(qkv_bias=False, sinks=False, qk_norm=True, swa_pattern=None, ffn_norm="ffn_norm",
+                     scale_by_rot=False),
 }
 ROPE_SCALINGS = ("none", "linear", "yarn")
 
@@ -50,6 +53,7 @@ class Config:
     sinks: bool
     qk_norm: bool
     ffn_norm: str  # name of the norm before the MoE block
+    kq_scale: float  # attention scores are q.k * kq_scale
 
     @property
     def n_gqa(self) -> int:
@@ -149,4 +153,5 @@ def read_config(model) -> Config:
         freq_scale=freq_scale, ext_factor=ext_factor, attn_factor=attn_factor,
         beta_fast=get(R.SCALING_YARN_BETA_FAST, float, 32.0), beta_slow=get(R.SCALING_YARN_BETA_SLOW, float, 1.0),
         n_ctx_orig=get(R.SCALING_ORIG_CTX_LEN, int, n_ctx_train, lo=1), n_swa=n_swa, swa_layers=swa,
-        qkv_bias=spec["qkv_bias"], sinks=spec["sinks"], qk_norm=spec["qk_norm"], ffn_norm=spec["ffn_norm"])
+        qkv_bias=spec["qkv_bias"], sinks=spec["sinks"], qk_norm=spec["qk_norm"], ffn_norm=spec["ffn_norm"],
+        kq_scale=1.0 / math.sqrt(n_rot if spec["scale_by_rot"] else head_dim))

@@ -15,7 +15,6 @@ lines are the model's own routing of the prompt.
 """
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 
@@ -132,7 +131,6 @@ class Transformer:
         if len(self.moe.layers) != cfg.n_layer or any(a is not b for a, b in zip(self.moe.layers, model.layers)):
             raise ValueError("moe must run this model's own MoE layers (HybridMoE(model.layers, ...))")
         self.cache = KVCache(cfg, self.n_ctx, self.n_ubatch)
-        self.scale = 1.0 / math.sqrt(cfg.head_dim)
         first = model.layers[0]
         self._expert_step_bytes = first.k * first.expert_bytes  # what one token's MoE step reads
 
@@ -247,7 +245,7 @@ class Transformer:
         self.cache.store(il, int(pos[0]), k, v)
         K, V, kpos = self.cache.window(il, int(pos[0]), T)
         n_swa = cfg.n_swa if cfg.swa_layers[il] else 0
-        a = attention(q, K, V, pos, kpos, self.scale, n_swa, b.sinks)
+        a = attention(q, K, V, pos, kpos, cfg.kq_scale, n_swa, b.sinks)
         o = b.wo.matmul(a)
         if b.bo is not None:
             o += b.bo
