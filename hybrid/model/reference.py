@@ -81,7 +81,8 @@ def forward_reference(model, tokens) -> np.ndarray:
             for t in range(n):
                 keys = [s for s in range(t + 1) if not (cfg.swa_layers[il] and t - s >= cfg.n_swa)]
                 # openai-moe.cpp scales by 1/sqrt(n_rot), qwen3moe.cpp by 1/sqrt(head_dim)
-                z = np.array([q[t, head] @ k[s, g] / math.sqrt(cfg.n_rot if cfg.arch == "gpt-oss" else d) for s in keys])
+                scale = 1 / math.sqrt(cfg.n_rot if cfg.arch == "gpt-oss" else d)
+                z = np.array([q[t, head] @ k[s, g] * scale for s in keys])
                 extra = [sinks[head]] if sinks is not None else []
                 m = max([z.max(), *extra])
                 e = np.exp(z - m)
