@@ -225,3 +225,13 @@ def test_the_moe_backend_must_be_the_models_own(model, tmp_path):
     other = load(write_tiny(tmp_path / "o.gguf", arch=model.arch, tokenizer=False, seed=9, **SHAPE))
     with pytest.raises(ValueError, match="this model's own MoE layers"):
         Transformer(model, HybridMoE(other.layers, device="cpu"))
+
+
+def test_rope_over_part_of_the_head(tmp_path):
+    # rope.dimension_count < key_length: the first n_rot dims rotate, the rest pass through.
+    m = load(write_tiny(tmp_path / "r.gguf", tokenizer=False, seed=2, **SHAPE))
+    m.metadata["gpt-oss.rope.dimension_count"] = 16
+    toks, seed = prompt(9)
+    got = Transformer(m, n_ctx=9, n_ubatch=4).prefill(toks)
+    close(got, forward_reference(m, toks), seed)
+    assert read_config(m).n_rot == 16
