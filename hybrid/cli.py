@@ -551,7 +551,9 @@ def _prompt_tokens(args, model, tok):
             text = tok.chat(text)
         except ValueError as e:
             raise CLIError(str(e)) from None
-    ids = tok.encode(text)
+    # A template that writes the BOS token itself must not get a second one.
+    bos_text = tok.tokens[tok.bos] if tok.bos is not None else None
+    ids = tok.encode(text, add_bos=False if args.chat and bos_text and text.startswith(bos_text) else None)
     if not ids:
         raise CLIError("the prompt is empty: no tokens to run")
     shown = text if len(text) <= 80 else text[:77] + "..."
