@@ -5,8 +5,11 @@
     with HybridMoE(model.layers, device="auto", policy="used") as moe:
         y = moe.forward(0, x)          # x: float32 [n_tokens, n_embd]
         print(moe.stats.report())
+
+The whole model: ``Transformer(model).prefill(ids)`` (logits), ``generate``, ``Tokenizer.from_model``.
 """
-from .model import GGUFError, Model, ensure_default_model, load, random_layer, write_tiny
+from .model import (GGUFError, Model, Tokenizer, Transformer, ensure_default_model, generate, load,
+                    random_layer, write_tiny)
 from .moe.copyplan import CopyPlan, CostModel, plan
 from .moe.layer import ExpertTensor, MoELayer
 from .moe.reference import moe_reference
@@ -17,6 +20,6 @@ from .moe.traffic import PRESETS, synthetic_logits
 
 __all__ = [
     "Buckets", "CopyPlan", "CostModel", "ExpertTensor", "GGUFError", "HybridMoE", "Model", "MoELayer",
-    "PRESETS", "Stats", "bucket", "ensure_default_model", "load", "moe_reference", "plan", "random_layer",
+    "PRESETS", "Stats", "Tokenizer", "Transformer", "bucket", "ensure_default_model", "generate", "load", "moe_reference", "plan", "random_layer",
     "resolve_device", "route", "synthetic_logits", "write_tiny",
 ]

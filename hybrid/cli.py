@@ -1,11 +1,13 @@
 """The command line: ``python -m hybrid {info,run,bench,usage,doctor}`` (also ``hybrid-moe``).
 
 Flags follow llama.cpp where they mean the same: ``-m`` model, ``-p`` prompt
-tokens, ``-ub`` ubatch size. Without ``-m`` every command uses the built-in
-tiny gpt-oss model. We run the MoE layers only, not attention: every MoE layer
-sees the same hidden states, read from ``--hidden`` or made up (synthetic).
-User errors (missing or bad files, bad numbers) end with one line on stderr
-and exit code 2.
+tokens, ``-n`` tokens to generate, ``-c`` context, ``-b``/``-ub`` batch and
+ubatch size. Without ``-m`` every command uses the built-in tiny gpt-oss model.
+``run`` and ``bench`` run the whole model (text, ``--tokens`` or ``-p`` random
+ids through every block); with ``--moe-only`` (or ``--hidden``) they feed the
+MoE layers alone with the same hidden states, read from ``--hidden`` or made up
+(synthetic), for kernel benchmarks. User errors (missing or bad files, bad
+numbers) end with one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -38,6 +40,9 @@ VARIANTS = {
 CPU_NOTE = ("no GPU: the experts run on the CPU and copies are only planned and counted; "
             "times are CPU times")
 SIM_NOTE = "numba-cuda simulator: results and copy counts are real, times are not"
+DEMO_PROMPT = ("Why is the sky blue? Light from the sun holds every colour, and the air scatters the short "
+               "wavelengths more than the long ones. At sunset the light travels through more air, so")
+RANDOM_NOTE = "its weights are random: the text below is noise, it shows that every layer runs"
 
 
 class CLIError(Exception):
@@ -78,6 +83,28 @@ def _mb(s):
     return v
 
 
+def _float_type(lo, hi=None, lo_open=False):
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+        if not np.isfinite(v) or v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{s} must be in {'(' if lo_open else '['}{lo}, {hi or 'inf'}]")
+        return v
+    return parse
+
+
+def _token_list(s):
+    try:
+        ids = [int(p) for p in s.replace(" ", "").split(",") if p]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of token ids") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("no token ids given")
+    return ids
+
+
 def _int_list(s):
     parts = [p for p in s.split(",") if p.strip()]
     if not parts:
@@ -104,12 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-m", "--model", help="GGUF file, or the first part of a split model "
                        "(default: the built-in tiny gpt-oss)")
         p.add_argument("-p", "--n-prompt", type=pos, default=None,
-                       help=f"prompt tokens (default {p_default}; with --hidden: the file's tokens)")
+                       help=f"prompt tokens: random ids through the whole model, synthetic hidden states "
+                            f"with --moe-only (default {p_default}; with --hidden: the file's tokens)")
         p.add_argument("-ub", "--ubatch-size", type=ub_type, default=ub_default,
-                       help=f"{ub_help} (default {ub_default})")
+                       help=ub_help if ub_default is None else f"{ub_help} (default {ub_default})")
         p.add_argument("--hidden", metavar="FILE.npy", help="hidden states, float [n_tokens, n_embd] "
                        "(default: synthetic)")
-        p.add_argument("--seed", type=nonneg, default=0, help="seed of the synthetic hidden states")
+        p.add_argument("--seed", type=nonneg, default=0,
+                       help="seed of the random prompt ids, synthetic hidden states and sampling")
         p.set_defaults(p_default=p_default)
 
     def device(p):
@@ -120,14 +149,36 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--min-offload-batch", type=nonneg, default=MIN_OFFLOAD_BATCH,
                        help="smaller batches run on the CPU (llama.cpp: 32)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("-t", "--threads", type=pos, default=None,
+                       help="CPU threads of the Numba kernels (default: all cores); BLAS gets one")
 
     p = sub.add_parser("info", help="architecture, layers, experts, types, sizes")
     p.add_argument("-m", "--model", help="GGUF file (default: the built-in tiny gpt-oss)")
     p.add_argument("--per-layer", action="store_true", help="list every expert tensor")
 
-    p = sub.add_parser("run", help="prompt processing through every MoE layer, ubatch by ubatch")
-    common(p, 2048, 512)
+    def whole(p):
+        p.add_argument("--moe-only", action="store_true", help="feed the MoE layers alone with synthetic "
+                       "(or --hidden) hidden states: the kernel benchmark mode")
+        p.add_argument("-b", "--batch-size", type=pos, default=2048, help="logical batch (default 2048)")
+        p.add_argument("-r", "--repetitions", type=pos, default=1, help="bench: runs of each test (default 1)"
+                       if p.prog.endswith("bench") else argparse.SUPPRESS)
+
+    p = sub.add_parser("run", help="a prompt through the whole model, then generation (or --moe-only)")
+    common(p, "text; --moe-only: 2048", 512)
     device(p)
+    whole(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help=f"prompt text (default: {DEMO_PROMPT[:30]!r}...)")
+    src.add_argument("-f", "--file", help="read the prompt text from a file")
+    src.add_argument("--tokens", type=_token_list, help="prompt as token ids, comma-separated (no tokenizer)")
+    p.add_argument("-n", "--n-predict", type=nonneg, default=32, help="tokens to generate (default 32; 0: "
+                   "prompt processing only)")
+    p.add_argument("-c", "--ctx-size", type=nonneg, default=0, help="context size (default: prompt + -n)")
+    p.add_argument("--temp", type=_float_type(0.0), default=0.0, help="temperature (default 0: greedy)")
+    p.add_argument("--top-p", type=_float_type(0.0, 1.0, lo_open=True), default=1.0, help="nucleus sampling")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the file's chat template")
+    p.add_argument("--logits-out", metavar="FILE.npy", help="save the prompt's logits, float32 "
+                   "[n_tokens, n_vocab]")
     p.add_argument("--policy", default="used", choices=POLICIES,
                    help="copy every expert (llama.cpp before PR #15346) or only the used ones")
     p.add_argument("--layout", default="natural", choices=LAYOUTS,
@@ -136,9 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-mb", type=_mb, default=None, help="bound on the expert slots in VRAM (MiB)")
     p.add_argument("--no-overlap", action="store_true", help="copy everything, then compute")
 
-    p = sub.add_parser("bench", help="copy-all vs used-only (and more) on the same input, a markdown table")
-    common(p, 2048, [128, 256, 512, 1024, 2048], ub_type=_int_list, ub_help="ubatch sizes, comma-separated")
+    p = sub.add_parser("bench", help="llama-bench's table: pp<P> and tg<N> of the whole model "
+                       "(--moe-only: copy-all vs used-only on the MoE layers)")
+    common(p, "512 (--moe-only: 2048)", None, ub_type=_int_list,
+           ub_help="ubatch sizes, comma-separated (default 512; --moe-only: 128,...,2048)")
     device(p)
+    whole(p)
+    p.add_argument("-n", "--n-gen", type=nonneg, default=128, help="tokens generated for tg<N> (default 128)")
     p.add_argument("--variants", type=_variant_list, default=None,
                    help=f"comma-separated, from {', '.join(VARIANTS)} (default: all,used,used+overlap "
                         "on a GPU, all,used otherwise)")
@@ -263,9 +318,35 @@ def cmd_info(args):
     print(model.describe(per_layer=args.per_layer))
     print(f"\ncopy-all moves {per_ub / 1e6:.2f} MB of expert weights and biases per MoE layer and ubatch "
           f"({per_ub * len(model.layers) / 1e6:.2f} MB for all {len(model.layers)} layers)")
+    print("\n" + whole_model_info(model))
 
 
-def cmd_run(args):
+def whole_model_info(model) -> str:
+    """Attention, RoPE and tokenizer as the whole-model runner reads them, or why it cannot."""
+    from .model.config import read_config
+    from .model.tokenizer import Tokenizer
+    try:
+        c = read_config(model)
+    except GGUFError as e:
+        return f"whole model: not runnable here ({e})"
+    swa = [i for i, s in enumerate(c.swa_layers) if s]
+    rope = f"RoPE NEOX base {c.rope_freq_base:g} over {c.n_rot} dims"
+    if c.ext_factor:
+        rope += f", YaRN factor {1 / c.freq_scale:g} (original context {c.n_ctx_orig})"
+    lines = [f"attention: {c.n_head} heads, {c.n_head_kv} KV heads, head_dim {c.head_dim}"
+             + (", sinks" if c.sinks else "") + (", q/k norm" if c.qk_norm else "")
+             + (f", sliding window {c.n_swa} on {len(swa)} of {c.n_layer} layers" if swa else ", full attention"),
+             f"{rope}; context {c.n_ctx_train}; vocabulary {c.n_vocab}"]
+    try:
+        tok = Tokenizer.from_model(model)
+        lines.append(f"tokenizer: byte-level BPE, pre-tokenizer {tok.pre!r}, {tok.n_vocab} tokens"
+                     + (", chat template" if tok.chat_template else ""))
+    except GGUFError as e:
+        lines.append(f"tokenizer: none usable ({e}); run takes --tokens or -p N")
+    return "\n".join(lines)
+
+
+def cmd_run_moe(args):
     model = open_model(args.model)
     x, source = hidden_states(args, model.n_embd)
     ub = min(args.ubatch_size, x.shape[0])
@@ -302,7 +383,7 @@ def cmd_run(args):
     print("time per step (s): " + ", ".join(f"{s} {v:.3f}" for s, v in steps.items()))
 
 
-def cmd_bench(args):
+def cmd_bench_moe(args):
     from .moe.scheduler import resolve_device
     model = open_model(args.model)
     x, source = hidden_states(args, model.n_embd)
@@ -364,6 +445,260 @@ def cmd_usage(args):
         print(f"\nheatmap: {path}")
 
 
+# ------------------------------------------------------------------ the whole model
+
+def _moe_only(args) -> bool:
+    return args.moe_only or bool(args.hidden)
+
+
+def cmd_run(args):
+    if _moe_only(args):
+        args.p_default = 2048
+        return cmd_run_moe(args)
+    model = open_model(args.model)
+    tok = _tokenizer(model, needed=args.tokens is None and args.n_prompt is None)
+    prompt, source = _prompt_tokens(args, model, tok)
+    n_ctx = args.ctx_size or len(prompt) + args.n_predict
+    tr = _transformer(model, args, n_ctx, args.ubatch_size, policy=args.policy, layout=args.layout,
+                      cache_bytes=int(args.cache_mb * 2**20), overlap=not args.no_overlap,
+                      device_bytes=None if args.device_mb is None else int(args.device_mb * 2**20))
+    with tr.moe:
+        _run_whole(args, model, tok, prompt, source, tr)
+
+
+def _run_whole(args, model, tok, prompt, source, tr):
+    from .model.generate import generate
+    print(_model_line(model))
+    print(describe_device(tr.moe))
+    print(f"prompt: {len(prompt)} tokens ({source}); context {tr.n_ctx}, batch {tr.n_batch}, "
+          f"ubatch {tr.n_ubatch}; policy {tr.moe.policy}")
+    t_warm = _warm_up(tr)
+    out_text = []
+
+    def show(t):  # stream the text; a token that ends inside a UTF-8 character waits for the next
+        if tok is None:
+            print(t, end=" ", flush=True)
+            return
+        out_text.append(t)
+        text = tok.decode(out_text)
+        if not text.endswith("\ufffd"):
+            print(text, end="", flush=True)
+            out_text.clear()
+
+    if args.n_predict:
+        how = "greedy" if args.temp == 0 else f"temp {args.temp}, top-p {args.top_p}, seed {args.seed}"
+        print(f"\ngenerated ({how}"
+              + (f"; {model.metadata.get('general.name')}: {RANDOM_NOTE}" if _is_builtin(model) else "") + "):")
+    try:
+        g = generate(tr, prompt, args.n_predict, temp=args.temp, top_p=args.top_p, seed=args.seed,
+                     stop=tok.stop if tok else (), on_token=show, all_logits=bool(args.logits_out),
+                     progress=not args.no_progress)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if args.n_predict:
+        print(f"\n[{len(g.tokens)} tokens, stopped: {g.stopped}]")
+    if args.logits_out:
+        try:
+            np.save(args.logits_out, g.prompt_logits.astype(np.float32))
+        except OSError as e:
+            raise CLIError(f"cannot write {args.logits_out}: {e.strerror or e}") from None
+    _summary(tr, g, t_warm, args.logits_out)
+
+
+def _is_builtin(model) -> bool:
+    return str(model.metadata.get("general.name", "")).startswith("tiny-")
+
+
+def _tokenizer(model, needed: bool):
+    from .model.tokenizer import Tokenizer
+    try:
+        return Tokenizer.from_model(model)
+    except GGUFError as e:
+        if needed:
+            raise CLIError(f"bad model: {e}") from None
+        return None
+
+
+def _prompt_tokens(args, model, tok):
+    """The prompt as token ids and a few words on where it came from."""
+    from .model.config import read_config
+    try:
+        n_vocab = read_config(model).n_vocab
+    except GGUFError as e:
+        raise CLIError(f"bad model: {e}") from None
+    if args.tokens is not None:
+        bad = [t for t in args.tokens if not 0 <= t < n_vocab]
+        if bad:
+            raise CLIError(f"--tokens: id {bad[0]} is outside the vocabulary [0, {n_vocab})")
+        return list(args.tokens), "--tokens"
+    text = args.prompt
+    if args.file:
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise CLIError(f"prompt file not found: {args.file}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise CLIError(f"cannot read {args.file}: {getattr(e, 'strerror', None) or e}") from None
+    if text is None and args.n_prompt is not None:  # llama-bench style: random ids
+        if args.n_prompt > MAX_TOKENS:
+            raise CLIError(f"-p {args.n_prompt} is more than {MAX_TOKENS} tokens")
+        rng = np.random.default_rng(args.seed)
+        return rng.integers(0, n_vocab, args.n_prompt).tolist(), f"{args.n_prompt} random token ids, seed {args.seed}"
+    if tok is None:
+        raise CLIError("the model has no tokenizer: give --tokens or -p N")
+    if text is None:
+        text = DEMO_PROMPT
+    if args.chat:
+        try:
+            text = tok.chat(text)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    # A template that writes the BOS token itself must not get a second one.
+    bos_text = tok.tokens[tok.bos] if tok.bos is not None else None
+    ids = tok.encode(text, add_bos=False if args.chat and bos_text and text.startswith(bos_text) else None)
+    if not ids:
+        raise CLIError("the prompt is empty: no tokens to run")
+    shown = text if len(text) <= 80 else text[:77] + "..."
+    return ids, f"text {shown!r}" + (", chat template" if args.chat else "")
+
+
+def _transformer(model, args, n_ctx, ubatch, moe=None, **kw):
+    """A Transformer over ``moe`` (default: a new backend from the flags and ``kw``)."""
+    from .model.forward import Transformer
+    moe = moe if moe is not None else make_backend(model.layers, args, **kw)
+    try:
+        return Transformer(model, moe, n_ctx=n_ctx, n_batch=args.batch_size, n_ubatch=ubatch)
+    except GGUFError as e:
+        raise CLIError(f"bad model: {e}") from None
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _warm_up(tr) -> float:
+    """Compile every kernel a run uses (a prompt ubatch and a decode step), then forget it."""
+    if tr.moe.device == "sim":  # simulator times mean nothing; spare the slow extra pass
+        return 0.0
+    t0 = time.perf_counter()
+    n = min(tr.n_ubatch, tr.n_ctx - 1, max(tr.moe.min_offload_batch, 1))
+    if n >= 1:
+        tr.prefill(np.zeros(n, np.int64), logits="last")
+        tr.decode_one_token(0)
+    else:
+        tr.prefill(np.zeros(1, np.int64), logits="last")
+    tr.reset()
+    return time.perf_counter() - t0
+
+
+def _summary(tr, g, t_warm, logits_out=None):
+    moe = tr.moe
+    st = moe.stats
+    prompt_ubs = list(range(_n_ubatches(tr, g.prompt_tokens)))  # the reset numbered them from 0
+    print()
+    if prompt_ubs:
+        offl = [u for u in prompt_ubs if any(r.path == "offload" for r in st.records if r.ubatch == u)]
+        u = max(offl) if offl else prompt_ubs[-1]
+        n_tok = next(r.n_tokens for r in st.records if r.ubatch == u)
+        if not offl:
+            how = f"CPU path: below {moe.min_offload_batch} tokens, nothing copied"
+        else:
+            how = "offload path, copies planned" if moe.device == "cpu" else "offloaded"
+        print(f"experts used, prompt ubatch {u} ({n_tok} tokens, {how}):")
+        print("\n".join(st.usage_lines(u)))
+    t = st.totals()
+    pp = g.prompt_tokens / g.t_prompt if g.t_prompt else 0.0
+    print("\nsummary:")
+    print(f"prompt: {g.prompt_tokens} tokens in {len(prompt_ubs)} ubatch(es), {g.t_prompt:.3f} s, "
+          f"pp {pp:.1f} t/s" + (" (CPU times)" if moe.device == "cpu" else " (simulator: not a speed)"
+                                 if moe.device == "sim" else ""))
+    if g.n_decoded:
+        print(f"generation: {len(g.tokens)} tokens, {g.n_decoded} decode steps in {g.t_gen:.3f} s, "
+              f"tg {g.n_decoded / g.t_gen:.1f} t/s")
+    if t_warm:
+        print(f"warm-up (JIT compile) {t_warm:.2f} s not counted")
+    print(f"layer-ubatches: {t['offloaded']} offloaded, {t['cpu']} on the CPU (< {moe.min_offload_batch} tokens)")
+    print(f"copies: {t['copies']}, copied: {t['bytes'] / 1e6:.3f} MB ({t['bytes']:,} B)"
+          + (f", cache hits: {t['hits']} experts" if moe.cache_bytes else "")
+          + (" (planned, not made: no GPU)" if moe.device == "cpu" else ""))
+    print(f"KV cache: {tr.cache.nbytes / 2**20:.2f} MiB for {tr.n_ctx} positions")
+    if logits_out:
+        print(f"prompt logits: {logits_out} (float32 [{g.prompt_tokens}, {tr.cfg.n_vocab}])")
+
+
+def _n_ubatches(tr, n):
+    return sum(-(-min(tr.n_batch, n - b) // tr.n_ubatch) for b in range(0, n, tr.n_batch))
+
+
+def cmd_bench(args):
+    if _moe_only(args):
+        args.ubatch_size = args.ubatch_size or [128, 256, 512, 1024, 2048]
+        args.p_default = 2048
+        return cmd_bench_moe(args)
+    from .model.config import read_config
+    model = open_model(args.model)
+    try:
+        n_vocab = read_config(model).n_vocab
+    except GGUFError as e:
+        raise CLIError(f"bad model: {e}") from None
+    n_p = 512 if args.n_prompt is None else args.n_prompt
+    if n_p > MAX_TOKENS:
+        raise CLIError(f"-p {n_p} is more than {MAX_TOKENS} tokens")
+    sizes = list(dict.fromkeys(args.ubatch_size or [512]))
+    if all(u > n_p for u in sizes):
+        raise CLIError(f"every ubatch size ({', '.join(map(str, sizes))}) exceeds -p {n_p}")
+    rng = np.random.default_rng(args.seed)
+    prompt = rng.integers(0, n_vocab, n_p)
+    gen = rng.integers(0, n_vocab, max(args.n_gen, 1))
+    params = sum(int(np.prod(t.shape)) for t in model.tensors.values())
+    name = f"{model.metadata.get('general.name') or model.path.name} ({model.arch})"
+    print(_model_line(model))
+    rows = []
+    moe = make_backend(model.layers, args, policy="used")  # one backend: host memory is pinned once
+    with moe:
+        for ub in sizes:
+            if ub > n_p:
+                print(f"skipped ubatch size {ub}: larger than -p {n_p}")
+                continue
+            rows += _bench_ubatch(args, model, moe, ub, prompt, gen, name, params)
+    head = ["model", "size", "params", "backend", "threads", "n_ubatch", "test", "t/s"]
+    print()
+    print("| " + " | ".join(head) + " |")
+    print("| " + " | ".join(["---"] * 4 + ["---:"] * 4) + " |")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    if _is_builtin(model):
+        print(f"\n{model.metadata.get('general.name')}: random weights; token ids drawn at random (seed {args.seed})")
+
+
+def _bench_ubatch(args, model, moe, ub, prompt, gen, name, params) -> list[list[str]]:
+    """llama-bench's pp<P> and tg<N> rows at ubatch ``ub``: each test ``-r`` times after a warm-up."""
+    import numba
+    n_p = len(prompt)
+    tr = _transformer(model, args, n_p + args.n_gen, ub, moe=moe)
+    backend = {"cpu": "CPU", "sim": "CUDA-sim", "cuda": "CUDA"}[moe.device]
+    _warm_up(tr)
+    pp, tg = [], []
+    for _ in range(args.repetitions):
+        t0 = time.perf_counter()
+        tr.prefill(prompt, logits="last", progress=not args.no_progress)
+        pp.append(n_p / (time.perf_counter() - t0))
+        if args.n_gen:
+            tr.reset()  # llama-bench's tg<N>: N single-token decodes from an empty context
+            t0 = time.perf_counter()
+            for tkn in gen[:args.n_gen]:
+                tr.decode_one_token(int(tkn))
+            tg.append(args.n_gen / (time.perf_counter() - t0))
+    size = sum(t.nbytes for t in model.tensors.values())  # llama-bench's size: tensor data
+    common = [name, f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.2f} MiB",
+              f"{params / 1e9:.2f} B" if params >= 1e8 else f"{params / 1e6:.2f} M", backend,
+              str(numba.get_num_threads()), str(ub)]
+    return [common + [f"pp{n_p}", _tps(pp)]] + ([common + [f"tg{args.n_gen}", _tps(tg)]] if args.n_gen else [])
+
+
+def _tps(v):
+    v = np.asarray(v)
+    return f"{v.mean():.2f} ± {v.std(ddof=1) if v.size > 1 else 0.0:.2f}"
+
+
 def cmd_doctor(args):
     from .doctor import diagnose, render
     d = diagnose(copy_mb=args.copy_mb)
@@ -375,9 +710,27 @@ def cmd_doctor(args):
 COMMANDS = {"info": cmd_info, "run": cmd_run, "bench": cmd_bench, "usage": cmd_usage, "doctor": cmd_doctor}
 
 
+def set_threads(n):
+    """Numba kernels on ``n`` threads (None: all cores), numpy's BLAS on one.
+
+    Both thread pools spin-wait after each parallel region; sharing the cores they
+    slow each other down many times over (measured 10-30x on 2 cores), so the
+    Numba kernels get the cores and the BLAS calls between them run on one thread.
+    """
+    import numba
+    from threadpoolctl import threadpool_limits
+    if n is not None:
+        if n > numba.config.NUMBA_NUM_THREADS:
+            raise CLIError(f"-t {n}: at most {numba.config.NUMBA_NUM_THREADS} threads (NUMBA_NUM_THREADS)")
+        numba.set_num_threads(n)
+    threadpool_limits(1, user_api="blas")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("run", "bench"):
+            set_threads(args.threads)
         COMMANDS[args.command](args)
     except (CLIError, ReportError) as e:
         fail(str(e))

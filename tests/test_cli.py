@@ -95,7 +95,7 @@ def test_info_reports_the_model(capsys, small):
 def test_without_m_the_builtin_model_is_written_and_used(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("HYBRID_MOE_CACHE", str(tmp_path))
     out = run_cli(capsys, "info")
-    assert (tmp_path / "tiny-gpt-oss-32x4.gguf").is_file()
+    assert (tmp_path / "tiny-gpt-oss-32x4-tok.gguf").is_file()
     assert "tiny-gpt-oss" in out and "experts 32, used 4" in out
 
 
@@ -104,8 +104,8 @@ def test_without_m_the_builtin_model_is_written_and_used(capsys, tmp_path, monke
 def test_run_cpu_usage_lines_and_bytes(capsys, small):
     model = load(small)
     p, ub = 80, 32  # three ubatches; the last (16 tokens) is below 32: the CPU path
-    out = run_cli(capsys, "run", "-m", small, "-p", p, "-ub", ub, "--policy", "all", "--device", "cpu",
-                  "--seed", 7, "--no-progress")
+    out = run_cli(capsys, "run", "--moe-only", "-m", small, "-p", p, "-ub", ub, "--policy", "all",
+                  "--device", "cpu", "--seed", 7, "--no-progress")
     assert "device: cpu, host memory: none" in out and "CPU times" in out
     assert "SYNTHETIC" in out and "not the model's own activations" in out
     lines = usage_lines(out)
@@ -126,7 +126,7 @@ def test_run_cpu_usage_lines_and_bytes(capsys, small):
 
 
 def test_run_used_copies_less_and_cache_hits(capsys, small):
-    args = ("run", "-m", small, "-p", 128, "-ub", 32, "--device", "cpu", "--no-progress")
+    args = ("run", "--moe-only", "-m", small, "-p", 128, "-ub", 32, "--device", "cpu", "--no-progress")
     all_b = copied_bytes(run_cli(capsys, *args, "--policy", "all"))
     used = run_cli(capsys, *args)
     assert "cache hits" not in used  # no cache: no hit count to report
@@ -173,7 +173,7 @@ def test_run_rejects_bad_hidden_files(capsys, small, tmp_path):
 
 @needs_sim
 def test_run_sim_matches_cpu_usage(capsys, micro):
-    args = ("run", "-m", micro, "-p", 6, "-ub", 6, "--min-offload-batch", 1, "--no-progress")
+    args = ("run", "--moe-only", "-m", micro, "-p", 6, "-ub", 6, "--min-offload-batch", 1, "--no-progress")
     sim = run_cli(capsys, *args, "--device", "sim")
     cpu = run_cli(capsys, *args, "--device", "cpu")
     assert "device: sim, host memory: pinned" in sim and "simulator" in sim
@@ -195,7 +195,7 @@ def parse_table(out):
 
 def test_bench_cpu_table(capsys, small):
     model = load(small)
-    out = run_cli(capsys, "bench", "-m", small, "-p", 64, "-ub", "32,64,128", "--device", "cpu",
+    out = run_cli(capsys, "bench", "--moe-only", "-m", small, "-p", 64, "-ub", "32,64,128", "--device", "cpu",
                   "--variants", "all,used,used+cache", "--no-progress")
     assert "skipped ubatch sizes larger than the prompt: 128" in out
     head, rows = parse_table(out)
@@ -216,7 +216,8 @@ def test_bench_cpu_table(capsys, small):
 
 @needs_sim
 def test_bench_sim(capsys, micro):
-    out = run_cli(capsys, "bench", "-m", micro, "-p", 5, "-ub", 5, "--device", "sim", "--min-offload-batch", 1,
+    out = run_cli(capsys, "bench", "--moe-only", "-m", micro, "-p", 5, "-ub", 5, "--device", "sim",
+                  "--min-offload-batch", 1,
                   "--no-progress")
     head, rows = parse_table(out)
     assert head[3:6] == ["t/s all (sim)", "t/s used (sim)", "speedup"] and len(rows) == 1
@@ -364,3 +365,91 @@ def test_doctor_without_the_simulator_in_a_subprocess():
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.returncode in (0, 1)
     assert ("ready: --device cuda" in r.stdout) if r.returncode == 0 else ("fix:" in r.stdout)
+
+
+# ------------------------------------------------------------------ the whole model
+
+@pytest.fixture(scope="module")
+def talker(tmp_path_factory):
+    """A small gpt-oss with a trained tokenizer and a window of 8: run and bench on text."""
+    return write_tiny(tmp_path_factory.mktemp("m") / "talker.gguf", n_layers=2, n_embd=64, n_ff=64,
+                      n_experts=8, k=2, seed=6, n_vocab=400, n_swa=8)
+
+
+def test_info_describes_the_whole_model(capsys, talker, small):
+    out = run_cli(capsys, "info", "-m", talker)
+    assert "attention: 4 heads, 2 KV heads, head_dim 32, sinks, sliding window 8 on 1 of 2 layers" in out
+    assert "YaRN factor 32 (original context 4096)" in out
+    assert "tokenizer: byte-level BPE, pre-tokenizer 'gpt-4o', 400 tokens, chat template" in out
+    assert "tokenizer: none usable" in run_cli(capsys, "info", "-m", small)
+
+
+def test_run_text_through_the_whole_model(capsys, talker):
+    from hybrid.model.forward import Transformer
+    from hybrid.model.tokenizer import Tokenizer
+    out = run_cli(capsys, "run", "-m", talker, "--prompt", "Why is the sky blue?", "-n", 5, "--no-progress")
+    model = load(talker)
+    ids = Tokenizer.from_model(model).encode("Why is the sky blue?")
+    assert f"prompt: {len(ids)} tokens (text 'Why is the sky blue?')" in out
+    assert "weights are random" in out and "[5 tokens, stopped: n]" in out
+    assert "experts used, prompt ubatch 0" in out and len(usage_lines(out)) == 6
+    assert number(out, r"generation: 5 tokens, (\d+) decode steps") == 4
+    assert number(out, r"pp ([\d.]+) t/s") > 0 and number(out, r"tg ([\d.]+) t/s") > 0
+    # the usage lines are the prompt's own routing: layer 0 sees rmsnorm(h + attention(h))
+    tr = Transformer(model, n_ctx=len(ids))
+    tr.prefill(ids)
+    want = {r.layer: r.used for r in tr.moe.stats.records}
+    for line in usage_lines(out):
+        blk, _, used, _ = USAGE_RE.match(line).groups()
+        assert int(used) == want[int(blk)]
+
+
+def test_run_tokens_and_logits_out(capsys, talker, tmp_path):
+    from hybrid.model.forward import Transformer
+    f = tmp_path / "logits.npy"
+    toks = [5, 17, 300, 2, 2, 9, 40, 41, 42, 43, 44]  # longer than the window
+    out = run_cli(capsys, "run", "-m", talker, "--tokens", ",".join(map(str, toks)), "-n", 0, "-ub", 4,
+                  "--logits-out", f, "--no-progress")
+    assert "prompt: 11 tokens (--tokens)" in out and "in 3 ubatch(es)" in out and "generated" not in out
+    got = np.load(f)
+    assert got.dtype == np.float32 and got.shape == (11, 400)
+    want = Transformer(load(talker), n_ctx=11, n_ubatch=4).prefill(toks)
+    assert np.array_equal(got, want)
+
+
+def test_run_file_chat_and_sampling(capsys, talker, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("Once upon a time\n", encoding="utf-8")
+    a = run_cli(capsys, "run", "-m", talker, "-f", f, "--chat", "-n", 6, "--temp", 0.8, "--top-p", 0.9,
+                "--seed", 1, "--no-progress")
+    assert "chat template" in a and "temp 0.8, top-p 0.9, seed 1" in a
+    b = run_cli(capsys, "run", "-m", talker, "-f", f, "--chat", "-n", 6, "--temp", 0.8, "--top-p", 0.9,
+                "--seed", 1, "--no-progress")
+    gen = lambda o: o.split("):\n", 1)[1].split("\n[", 1)[0]  # noqa: E731
+    assert gen(a) == gen(b)
+
+
+def test_run_whole_model_errors(capsys, talker, small, tmp_path):
+    fails(capsys, "run", "-m", talker, "--tokens", "1,400", match=r"id 400 is outside the vocabulary \[0, 400\)")
+    fails(capsys, "run", "-m", talker, "--tokens", "1,x", match="token ids")
+    fails(capsys, "run", "-m", talker, "--prompt", "Why is the sky blue?", "-c", 3, match="exceed the context of 3")
+    (tmp_path / "empty.txt").write_text("")
+    fails(capsys, "run", "-m", talker, "-f", tmp_path / "empty.txt", match="empty")
+    fails(capsys, "run", "-m", talker, "-f", tmp_path / "nope.txt", match="not found")
+    fails(capsys, "run", "-m", small, "--prompt", "hi", match="no tokenizer")
+    fails(capsys, "run", "-m", talker, "--top-p", 0, match="top-p")
+    fails(capsys, "run", "-m", talker, "--temp", -1, match="temp")
+    fails(capsys, "run", "-m", talker, "--tokens", "1,2", "--logits-out", tmp_path / "no" / "x.npy",
+          match="cannot write")
+    out = run_cli(capsys, "run", "-m", small, "-p", 40, "-n", 2, "--no-progress")  # no tokenizer: random ids
+    assert "40 random token ids" in out
+    assert "experts used, prompt ubatch 0 (40 tokens, offload path, copies planned)" in out
+
+
+def test_bench_whole_model_table(capsys, talker):
+    out = run_cli(capsys, "bench", "-m", talker, "-p", 40, "-n", 3, "-ub", "16,40,64", "--no-progress")
+    head, rows = parse_table(out)
+    assert head == ["model", "size", "params", "backend", "threads", "n_ubatch", "test", "t/s"]
+    assert [(r[5], r[6]) for r in rows] == [("16", "pp40"), ("16", "tg3"), ("40", "pp40"), ("40", "tg3")]
+    assert {r[3] for r in rows} == {"CPU"} and all(float(r[7].split(" ± ")[0]) > 0 for r in rows)
+    assert "skipped ubatch size 64" in out

@@ -421,7 +421,7 @@ def test_corrupt_header_bytes_never_crash(small, data):
 def test_default_model_is_written_once(tmp_path, monkeypatch):
     monkeypatch.setenv("HYBRID_MOE_CACHE", str(tmp_path / "cache"))
     p = default_model_path()
-    assert p == tmp_path / "cache" / "tiny-gpt-oss-32x4.gguf" and not p.exists()
+    assert p == tmp_path / "cache" / "tiny-gpt-oss-32x4-tok.gguf" and not p.exists()
     assert ensure_default_model() == p and p.is_file()
     assert sorted(x.name for x in p.parent.iterdir()) == [p.name]  # no temp files left
     mtime = p.stat().st_mtime_ns

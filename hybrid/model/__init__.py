@@ -1,6 +1,13 @@
-"""The model around the MoE layers: GGUF loading (``gguf``) and the built-in tiny model (``tiny``)."""
+"""The model around the MoE layers: GGUF loading (``gguf``), the whole forward (``config``, ``dense``,
+``ops``, ``kvcache``, ``forward``, ``generate``, float64 ``reference``), the tokenizer and the
+built-in tiny models (``tiny``)."""
+from .config import Config, read_config
+from .forward import Transformer
+from .generate import generate, sample
 from .gguf import ARCHS, EXPERT_TYPES, GGUFError, Model, TensorInfo, load, split_paths
 from .tiny import default_model_path, ensure_default_model, random_layer, tiny_layers, write_tiny
+from .tokenizer import Tokenizer
 
-__all__ = ["ARCHS", "EXPERT_TYPES", "GGUFError", "Model", "TensorInfo", "load", "split_paths",
-           "default_model_path", "ensure_default_model", "random_layer", "tiny_layers", "write_tiny"]
+__all__ = ["ARCHS", "EXPERT_TYPES", "Config", "GGUFError", "Model", "TensorInfo", "Tokenizer", "Transformer",
+           "default_model_path", "ensure_default_model", "generate", "load", "random_layer", "read_config",
+           "sample", "split_paths", "tiny_layers", "write_tiny"]

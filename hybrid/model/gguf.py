@@ -78,6 +78,7 @@ class _Reader(GGUFReader):
         self._path = Path(path)
         self._size = os.path.getsize(path)
         self.long_arrays: dict[str, int] = {}  # metadata arrays skipped, by key: their lengths
+        self.long_array_at: dict[str, tuple[int, int, int]] = {}  # key: (offset of item 0, item type, length)
         super().__init__(path, mode="r")
 
     def _build_fields(self, offs, count):
@@ -102,6 +103,7 @@ class _Reader(GGUFReader):
         if vtype != GGUFValueType.ARRAY or alen <= _MAX_META_ARRAY:
             return None
         pos += 16
+        start = pos
         if itype == GGUFValueType.STRING:
             for _ in range(alen):
                 if pos + 8 > self._size:
@@ -117,6 +119,7 @@ class _Reader(GGUFReader):
                             f"file has {self._size}")
         key = bytes(self.data[offs + 8:offs + 8 + klen]).decode("utf-8", errors="replace")
         self.long_arrays[key] = alen
+        self.long_array_at[key] = (start, itype, alen)
         return pos
 
     def _get(self, offset, dtype, count=1, override_order=None):
@@ -217,6 +220,7 @@ class Model:
         except Exception as e:
             raise GGUFError(f"{self.path}: corrupt metadata value: {e}") from e
         self.metadata_array_lengths = dict(self._readers[0].long_arrays)
+        self._long_at = dict(self._readers[0].long_array_at)
         self._check_split()
         self.tensors: dict[str, TensorInfo] = {}
         for part, reader in enumerate(self._readers):
@@ -320,6 +324,27 @@ class Model:
         norm = self.metadata.get(key(L.EXPERT_WEIGHTS_NORM))
         if a == "qwen3moe" and norm is not None:
             self.moe_config["renormalize"] = bool(norm)
+
+    def metadata_array(self, key: str):
+        """A metadata array in full, also the long ones ``metadata`` leaves out (parsed now, from
+        the memory map: a list of str for strings, else a numpy array); None when absent."""
+        if key not in self._long_at:
+            v = self.metadata.get(key)
+            if v is None or isinstance(v, list):
+                return v
+            self._fail(f"metadata key {key} is not an array")
+        start, itype, n = self._long_at[key]
+        data = self._readers[0].data
+        if itype != GGUFValueType.STRING:
+            dt = np.dtype(self._readers[0].gguf_scalar_to_np[GGUFValueType(itype)])
+            return np.asarray(data[start:start + n * dt.itemsize].view(dt))
+        mv, out, pos = memoryview(data), [], start
+        unpack = struct.Struct("<Q").unpack_from
+        for _ in range(n):  # offsets were checked against the file's end when the header was read
+            (ln,) = unpack(mv, pos)
+            out.append(bytes(mv[pos + 8:pos + 8 + ln]).decode("utf-8", errors="replace"))
+            pos += 8 + ln
+        return out
 
     # -- tensors --------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The built-in tiny models: random MoE layers and the small gpt-oss GGUF the demo runs.
+"""The built-in tiny models: random MoE layers and small gpt-oss / qwen3moe GGUFs (the demo runs one).
 
 Fixtures for the tests, the examples and ``make demo``: weights are random, so
 what such a model says means nothing; its routing is skewed as real routers are.
@@ -18,7 +18,7 @@ from quant import mxfp4
 from ..moe.layer import ExpertTensor, MoELayer
 from .gguf import GGUFError, load
 
-__all__ = ["random_layer", "tiny_layers", "write_tiny", "default_model_path", "ensure_default_model"]
+__all__ = ["random_layer", "tiny_layers", "tiny_vocab", "write_tiny", "default_model_path", "ensure_default_model"]
 
 
 def random_layer(n_embd=64, n_ff=64, n_experts=8, k=2, *, wtype=None, gpt_oss=True,
@@ -53,22 +53,90 @@ def random_layer(n_embd=64, n_ff=64, n_experts=8, k=2, *, wtype=None, gpt_oss=Tr
         activation="swiglu_oai" if gpt_oss else "silu", index=index)
 
 
-def tiny_layers(*, n_layers=4, n_embd=128, n_ff=128, n_experts=32, k=4, seed=0, skew=2.0) -> list[MoELayer]:
-    """The MoE layers ``write_tiny`` stores: MXFP4 experts, F32 router with popular experts."""
-    return [random_layer(n_embd, n_ff, n_experts, k, wtype=T.MXFP4, gpt_oss=True,
+def tiny_layers(*, n_layers=4, n_embd=128, n_ff=128, n_experts=32, k=4, seed=0, skew=2.0,
+                wtype=T.MXFP4) -> list[MoELayer]:
+    """The MoE layers ``write_tiny`` stores for gpt-oss: MXFP4 experts, F32 router with popular experts."""
+    return [random_layer(n_embd, n_ff, n_experts, k, wtype=wtype, gpt_oss=True,
                          seed=seed * 1009 + i, index=i, skew=skew) for i in range(n_layers)]
 
 
-def write_tiny(path, *, n_layers=4, n_embd=128, n_ff=128, n_experts=32, k=4, seed=0, n_vocab=1024,
-               n_head=4, n_head_kv=2, head_dim=32, skew=2.0, split_max_tensors=0) -> Path:
-    """Write a small gpt-oss GGUF laid out like the real files; returns the path to load.
+# Text the built-in tokenizer is trained on (written for this project): enough English for
+# merges of common words, so the demo prompt becomes a few dozen tokens rather than bytes.
+CORPUS = """\
+The sky is blue because air scatters short wavelengths of sunlight more than long ones.
+Light from the sun holds every colour; blue light is scattered across the whole sky, so
+wherever we look, some of it reaches our eyes. At sunset the light travels through more air,
+the blue is scattered away, and the sun looks red and orange.
+A mixture of experts is a layer with many small networks, the experts, and a router that
+sends each token to a few of them. Only the experts a token is routed to do any work, so a
+large model can run with the cost of a small one. The weights of the experts live in the
+memory of the host; the ones a batch of tokens uses are copied to the device before they
+are needed. Prompt processing reads the prompt in micro-batches, and each micro-batch goes
+through every layer of the model before the next one starts.
+Once upon a time there was a small model that wanted to speak. It had read only a few lines,
+and its weights were random, so what it said made no sense at all. Still, it tried, token by
+token, and the people who built it were happy to see that every layer worked as it should.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 16 32 64 128 256 512 1024 2048 4096.
+"""
+TINY_SPECIALS = ("<|endoftext|>", "<|start|>", "<|message|>", "<|end|>", "<|return|>")
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{% endfor %}"
+                      "{% if add_generation_prompt %}<|start|>assistant<|message|>{% endif %}")
+TINY_PRE = {"gpt-oss": "gpt-4o", "qwen3moe": "qwen2"}
 
-    Keys, tensor names, types and ggml shapes follow llama.cpp's converter for
-    gpt-oss (MXFP4 experts, Q8_0 matrices, F32 norms/biases/sinks/router), at
-    small sizes and without a tokenizer. ``skew`` biases each router towards a
-    few experts, as real gpt-oss routing is. ``split_max_tensors`` > 0 writes
-    ``NAME-0000i-of-0000N.gguf`` parts (the first is returned).
+
+def tiny_vocab(n_vocab: int, pre: str = "gpt-4o"):
+    """A byte-level BPE vocabulary trained on ``CORPUS``: ``(tokens, merges, token_types)``.
+
+    256 byte tokens, merges learned by ``tokenizers``' BpeTrainer (deterministic
+    for a fixed text), the special tokens, then reserved control tokens up to ``n_vocab``.
     """
+    import json
+
+    from gguf.constants import TokenType
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    from .tokenizer import PRE_TOKENIZERS
+
+    n_bpe = n_vocab - len(TINY_SPECIALS)
+    if n_bpe < 256:
+        raise ValueError(f"tiny_vocab: n_vocab = {n_vocab} cannot hold 256 byte tokens and "
+                         f"{len(TINY_SPECIALS)} special tokens")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=n_bpe, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS.splitlines(keepends=True), trainer)
+    model = json.loads(tok.to_str())["model"]
+    vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    types = [TokenType.NORMAL] * len(tokens)
+    tokens += list(TINY_SPECIALS)
+    types += [TokenType.CONTROL] * len(TINY_SPECIALS)
+    tokens += [f"<|reserved_{i}|>" for i in range(n_vocab - len(tokens))]
+    types += [TokenType.CONTROL] * (n_vocab - len(types))
+    return tokens, merges, [int(t) for t in types]
+
+
+def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_experts=32, k=4, seed=0,
+               n_vocab=1024, n_head=4, n_head_kv=2, head_dim=32, skew=2.0, n_swa=128, tokenizer=None,
+               expert_type=None, dense_type=T.Q8_0, split_max_tensors=0) -> Path:
+    """Write a small MoE GGUF laid out like the real files; returns the path to load.
+
+    ``arch="gpt-oss"``: keys, tensor names, types and ggml shapes follow llama.cpp's
+    converter for gpt-oss (MXFP4 experts, Q8_0 matrices, F32 norms/biases/sinks/router,
+    YaRN, sliding window ``n_swa`` on even layers). ``arch="qwen3moe"``: per-head q/k
+    norms, no biases, no sinks, full attention, Q8_0 experts by default. ``skew``
+    biases each gpt-oss router towards a few experts, as real routing is.
+    ``tokenizer``: a byte-level BPE trained on ``CORPUS`` (``tiny_vocab``) with a chat
+    template; None: one when ``n_vocab`` has room for it (256 bytes + specials).
+    ``split_max_tensors`` > 0 writes ``NAME-0000i-of-0000N.gguf`` parts.
+    """
+    if arch not in TINY_PRE:
+        raise ValueError(f"write_tiny: arch must be one of {tuple(TINY_PRE)}, got {arch!r}")
+    gpt_oss = arch == "gpt-oss"
     for name, v in (("n_embd", n_embd), ("n_ff", n_ff), ("n_head*head_dim", n_head * head_dim),
                     ("n_head_kv*head_dim", n_head_kv * head_dim)):
         if v <= 0 or v % mxfp4.QK:
@@ -76,34 +144,56 @@ def write_tiny(path, *, n_layers=4, n_embd=128, n_ff=128, n_experts=32, k=4, see
     if n_head % n_head_kv or n_vocab < 1:
         raise ValueError("write_tiny: n_head must be a multiple of n_head_kv, n_vocab >= 1")
     path = Path(path)
+    if tokenizer is None:
+        tokenizer = n_vocab >= 256 + len(TINY_SPECIALS)
+    vocab = tiny_vocab(n_vocab, TINY_PRE[arch]) if tokenizer else None
     rng = np.random.default_rng([seed, 1])
     f32 = lambda *s, scale=0.1: (scale * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
     norm = lambda n: (1.0 + f32(n)).astype(np.float32)  # noqa: E731
-    q8 = lambda *s: (quants.quantize(f32(*s, scale=1 / np.sqrt(s[-1])), T.Q8_0), T.Q8_0)  # noqa: E731
-    q, kv = n_head * head_dim, n_head_kv * head_dim
+    dense_type = T(int(dense_type))
 
-    tensors = [("token_embd.weight", q8(n_vocab, n_embd))]
-    for layer in tiny_layers(n_layers=n_layers, n_embd=n_embd, n_ff=n_ff, n_experts=n_experts, k=k,
-                             seed=seed, skew=skew):
+    def mat(*s):
+        w = f32(*s, scale=1 / np.sqrt(s[-1]))
+        if dense_type == T.F32:
+            return w
+        return (mxfp4.quantize(w) if dense_type == T.MXFP4 else quants.quantize(w, dense_type), dense_type)
+
+    q, kv = n_head * head_dim, n_head_kv * head_dim
+    etype = (T.MXFP4 if gpt_oss else T.Q8_0) if expert_type is None else T(int(expert_type))
+    if gpt_oss:
+        layers = tiny_layers(n_layers=n_layers, n_embd=n_embd, n_ff=n_ff, n_experts=n_experts, k=k,
+                             seed=seed, skew=skew, wtype=etype)
+    else:
+        layers = [random_layer(n_embd, n_ff, n_experts, k, wtype=etype, gpt_oss=False, seed=seed * 1009 + i,
+                               index=i, skew=0.0) for i in range(n_layers)]
+
+    tensors = [("token_embd.weight", mat(n_vocab, n_embd))]
+    for layer in layers:
         b = f"blk.{layer.index}."
-        tensors += [
-            (b + "attn_norm.weight", norm(n_embd)),
-            (b + "attn_q.weight", q8(q, n_embd)), (b + "attn_q.bias", f32(q)),
-            (b + "attn_k.weight", q8(kv, n_embd)), (b + "attn_k.bias", f32(kv)),
-            (b + "attn_v.weight", q8(kv, n_embd)), (b + "attn_v.bias", f32(kv)),
-            (b + "attn_output.weight", q8(n_embd, q)), (b + "attn_output.bias", f32(n_embd)),
-            (b + "attn_sinks.weight", f32(n_head, scale=1.0)),
-            (b + "post_attention_norm.weight", norm(n_embd)),
-            (b + "ffn_gate_inp.weight", layer.router_w), (b + "ffn_gate_inp.bias", layer.router_b),
-        ]
+        tensors += [(b + "attn_norm.weight", norm(n_embd)), (b + "attn_q.weight", mat(q, n_embd))]
+        tensors += [(b + "attn_q.bias", f32(q))] if gpt_oss else []
+        tensors += [(b + "attn_k.weight", mat(kv, n_embd))] + ([(b + "attn_k.bias", f32(kv))] if gpt_oss else [])
+        tensors += [(b + "attn_v.weight", mat(kv, n_embd))] + ([(b + "attn_v.bias", f32(kv))] if gpt_oss else [])
+        tensors += [(b + "attn_output.weight", mat(n_embd, q))]
+        if gpt_oss:
+            tensors += [(b + "attn_output.bias", f32(n_embd)), (b + "attn_sinks.weight", f32(n_head, scale=1.0)),
+                        (b + "post_attention_norm.weight", norm(n_embd))]
+        else:
+            tensors += [(b + "attn_q_norm.weight", norm(head_dim)), (b + "attn_k_norm.weight", norm(head_dim)),
+                        (b + "ffn_norm.weight", norm(n_embd))]
+        tensors += [(b + "ffn_gate_inp.weight", layer.router_w)]
+        if layer.router_b is not None:
+            tensors += [(b + "ffn_gate_inp.bias", layer.router_b)]
         for n, t, bias in (("gate", layer.gate, layer.gate_b), ("up", layer.up, layer.up_b),
                            ("down", layer.down, layer.down_b)):
-            tensors += [(b + f"ffn_{n}_exps.weight", (t.raw, t.ggml_type)), (b + f"ffn_{n}_exps.bias", bias)]
-    tensors += [("output_norm.weight", norm(n_embd)), ("output.weight", q8(n_vocab, n_embd))]
+            tensors += [(b + f"ffn_{n}_exps.weight", (t.raw, t.ggml_type))]
+            if bias is not None:
+                tensors += [(b + f"ffn_{n}_exps.bias", bias)]
+    tensors += [("output_norm.weight", norm(n_embd)), ("output.weight", mat(n_vocab, n_embd))]
 
-    w = GGUFWriter(path, "gpt-oss", split_max_tensors=split_max_tensors)
-    w.add_name("tiny-gpt-oss")
-    w.add_file_type(LlamaFileType.MOSTLY_MXFP4_MOE)
+    w = GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
+    w.add_name(f"tiny-{arch}")
+    w.add_file_type(LlamaFileType.MOSTLY_MXFP4_MOE if etype == T.MXFP4 else LlamaFileType.MOSTLY_Q8_0)
     w.add_quantization_version(GGML_QUANT_VERSION)
     w.add_block_count(n_layers)
     w.add_context_length(4096)
@@ -113,15 +203,30 @@ def write_tiny(path, *, n_layers=4, n_embd=128, n_ff=128, n_experts=32, k=4, see
     w.add_head_count_kv(n_head_kv)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_rope_freq_base(150000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_sliding_window(128)
+    w.add_layer_norm_rms_eps(1e-5 if gpt_oss else 1e-6)
     w.add_expert_count(n_experts)
     w.add_expert_used_count(k)
     w.add_expert_feed_forward_length(n_ff)
-    w.add_rope_scaling_type(RopeScalingType.YARN)
-    w.add_rope_scaling_factor(32.0)
-    w.add_rope_scaling_orig_ctx_len(4096)
+    if gpt_oss:
+        w.add_rope_freq_base(150000.0)
+        w.add_sliding_window(n_swa)
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(32.0)
+        w.add_rope_scaling_orig_ctx_len(4096)
+    else:
+        w.add_rope_freq_base(1000000.0)
+    if vocab is not None:
+        tokens, merges, types = vocab
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(TINY_PRE[arch])
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(tokens.index("<|start|>"))
+        w.add_eos_token_id(tokens.index("<|return|>"))
+        w.add_eot_token_id(tokens.index("<|end|>"))
+        w.add_add_bos_token(False)
+        w.add_chat_template(TINY_CHAT_TEMPLATE)
     for name, t in tensors:
         if isinstance(t, tuple):
             w.add_tensor(name, np.ascontiguousarray(t[0]), raw_dtype=t[1])
@@ -138,7 +243,12 @@ def default_model_path() -> Path:
     """Where the built-in tiny model lives: ``$HYBRID_MOE_CACHE`` or ``~/.cache/hybrid-moe``."""
     folder = os.environ.get("HYBRID_MOE_CACHE") or Path.home() / ".cache" / "hybrid-moe"
     # The name carries the shape, so a cache written by an older default is not reused.
-    return Path(folder) / "tiny-gpt-oss-32x4.gguf"
+    return Path(folder) / "tiny-gpt-oss-32x4-tok.gguf"
+
+
+# The built-in model's vocabulary: every token the trainer learns from CORPUS and
+# the specials, no reserved padding (random weights would otherwise print it).
+BUILTIN_VOCAB = 611
 
 
 def ensure_default_model() -> Path:
@@ -154,7 +264,7 @@ def ensure_default_model() -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".tiny-gpt-oss.", suffix=".gguf.tmp", dir=path.parent)
     os.close(fd)
     try:
-        write_tiny(tmp)
+        write_tiny(tmp, n_vocab=BUILTIN_VOCAB)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is an ordinary file
         os.replace(tmp, path)
     finally:

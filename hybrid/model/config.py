@@ -1,0 +1,157 @@
+"""The whole model's hyper-parameters, read from the file's keys as llama.cpp reads them.
+
+Key names come from ``gguf.constants.Keys``; defaults are llama.cpp's
+(``llama_model::load_hparams`` and ``llama_context``'s YaRN set-up). A key that
+is missing or out of range is a ``GGUFError`` naming it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from gguf.constants import Keys
+
+from .gguf import GGUFError
+
+__all__ = ["Config", "read_config", "ARCHS"]
+
+# What each architecture's graph has (llama.cpp src/models/openai-moe.cpp, qwen3moe.cpp).
+ARCHS = {
+# kq_scale: 1/sqrt of n_rot (openai-moe.cpp) or of head_dim (qwen3moe.cpp); equal in the released files.
+    "gpt-oss": dict(qkv_bias=True, sinks=True, qk_norm=False, swa_pattern=2, ffn_norm="post_attention_norm",
+                    scale_by_rot=True),
+    "qwen3moe": dict(qkv_bias=False, sinks=False, qk_norm=True, swa_pattern=None, ffn_norm="ffn_norm",
+                     scale_by_rot=False),
+}
+ROPE_SCALINGS = ("none", "linear", "yarn")
+
+
+@dataclass(frozen=True)
+class Config:
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_vocab: int
+    n_ctx_train: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    head_dim_v: int
+    n_rot: int  # leading dims of a head that RoPE rotates (NEOX pairs i, i + n_rot/2)
+    rms_eps: float
+    rope_freq_base: float
+    rope_freq_base_swa: float
+    freq_scale: float  # 1 / rope.scaling.factor
+    ext_factor: float  # YaRN ramp mix: 1 for yarn, else 0
+    attn_factor: float  # llama_context's yarn_attn_factor (before ggml's own mscale)
+    beta_fast: float
+    beta_slow: float
+    n_ctx_orig: int
+    n_swa: int  # sliding window (0: none)
+    swa_layers: tuple  # bool per layer
+    qkv_bias: bool
+    sinks: bool
+    qk_norm: bool
+    ffn_norm: str  # name of the norm before the MoE block
+    kq_scale: float  # attention scores are q.k * kq_scale
+
+    @property
+    def n_gqa(self) -> int:
+        return self.n_head // self.n_head_kv
+
+    def rope_base(self, il: int) -> float:
+        return self.rope_freq_base_swa if self.swa_layers[il] else self.rope_freq_base
+
+    def rope_corr_dims(self, base: float) -> tuple[float, float]:
+        """``ggml_rope_yarn_corr_dims``: the rotary dims between which YaRN ramps."""
+        def dim(beta):
+            return self.n_rot * math.log(self.n_ctx_orig / (beta * 2 * math.pi)) / (2 * math.log(base))
+        return max(0.0, math.floor(dim(self.beta_fast))), min(self.n_rot - 1.0, math.ceil(dim(self.beta_slow)))
+
+
+def read_config(model) -> Config:
+    """The ``Config`` of a loaded ``gguf.Model`` (its metadata and tensor shapes)."""
+    arch = model.arch
+    if arch not in ARCHS:
+        raise GGUFError(f"{model.path}: architecture {arch!r} has no whole-model graph here; "
+                        f"supported: {', '.join(ARCHS)}")
+    meta = model.metadata
+    k = lambda key: key.format(arch=arch)  # noqa: E731
+
+    def get(key, kind, default=None, lo=None, hi=None):
+        name = k(key)
+        v = meta.get(name, default)
+        if v is None:
+            raise GGUFError(f"{model.path}: metadata key {name} is missing")
+        if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+            raise GGUFError(f"{model.path}: metadata key {name} = {v!r} is not an integer")
+        if kind is float:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise GGUFError(f"{model.path}: metadata key {name} = {v!r} is not a finite number")
+            v = float(v)
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise GGUFError(f"{model.path}: metadata key {name} = {v!r} is out of range "
+                            f"[{lo}, {'inf' if hi is None else hi}]")
+        return v
+
+    L, A, R = Keys.LLM, Keys.Attention, Keys.Rope
+    n_layer = get(L.BLOCK_COUNT, int, lo=1)
+    n_embd = get(L.EMBEDDING_LENGTH, int, lo=1)
+    n_head = get(A.HEAD_COUNT, int, lo=1)
+    n_head_kv = get(A.HEAD_COUNT_KV, int, n_head, lo=1, hi=n_head)
+    if n_head % n_head_kv:
+        raise GGUFError(f"{model.path}: {k(A.HEAD_COUNT)} = {n_head} is not a multiple of "
+                        f"{k(A.HEAD_COUNT_KV)} = {n_head_kv}")
+    head_dim = get(A.KEY_LENGTH, int, n_embd // n_head, lo=2)
+    head_dim_v = get(A.VALUE_LENGTH, int, n_embd // n_head, lo=1)
+    n_rot = get(R.DIMENSION_COUNT, int, head_dim, lo=2, hi=head_dim)
+    if n_rot % 2:
+        raise GGUFError(f"{model.path}: {k(R.DIMENSION_COUNT)} = {n_rot} must be even")
+    n_ctx_train = get(L.CONTEXT_LENGTH, int, lo=1)
+    rms_eps = get(A.LAYERNORM_RMS_EPS, float, lo=0.0)
+    base = get(R.FREQ_BASE, float, 10000.0, lo=1e-6)
+
+    scaling = meta.get(k(R.SCALING_TYPE), "linear")
+    if scaling not in ROPE_SCALINGS:
+        raise GGUFError(f"{model.path}: {k(R.SCALING_TYPE)} = {scaling!r} is not supported "
+                        f"({', '.join(ROPE_SCALINGS)})")
+    factor = get(R.SCALING_FACTOR, float, 0.0, lo=0.0)
+    freq_scale = 1.0 if scaling == "none" or factor == 0.0 else 1.0 / factor
+    ext_factor = get(R.SCALING_YARN_EXT_FACTOR, float, 1.0 if scaling == "yarn" else 0.0, lo=0.0)
+    attn_factor = get(R.SCALING_YARN_ATTN_FACTOR, float, 1.0, lo=0.0)
+    if ext_factor != 0.0:  # llama_context: cancels ggml's own 1 + 0.1 ln(factor), see llama.cpp PR 17945
+        f = 1.0 / freq_scale
+        mscale = lambda m: 1.0 if f <= 1.0 else 0.1 * m * math.log(f) + 1.0  # noqa: E731
+        log_mul = get(R.SCALING_YARN_LOG_MUL, float, 0.0)
+        attn_factor = mscale(1.0) / mscale(log_mul) if log_mul != 0.0 else mscale(1.0)
+        attn_factor /= 1.0 + 0.1 * math.log(f)
+    attn_factor *= get(R.SCALING_ATTN_FACTOR, float, 1.0, lo=0.0)
+
+    spec = ARCHS[arch]
+    n_swa, swa = 0, (False,) * n_layer
+    if spec["swa_pattern"]:
+        n_swa = get(A.SLIDING_WINDOW, int, lo=1)
+        pat = meta.get(k(A.SLIDING_WINDOW_PATTERN), spec["swa_pattern"])
+        if isinstance(pat, list):  # one flag per layer
+            if len(pat) != n_layer:
+                raise GGUFError(f"{model.path}: {k(A.SLIDING_WINDOW_PATTERN)} has {len(pat)} entries, "
+                                f"expected {n_layer}")
+            swa = tuple(bool(p) for p in pat)
+        else:
+            p = get(A.SLIDING_WINDOW_PATTERN, int, spec["swa_pattern"], lo=0)
+            swa = tuple(p == 0 or il % p < p - 1 for il in range(n_layer))
+
+    emb = model.tensors.get("token_embd.weight")
+    if emb is None:
+        raise GGUFError(f"{model.path}: missing tensor token_embd.weight")
+    if len(emb.shape) != 2 or emb.shape[1] != n_embd:
+        raise GGUFError(f"{model.path}: token_embd.weight has shape {emb.shape}, expected [n_vocab, {n_embd}]")
+    return Config(
+        arch=arch, n_layer=n_layer, n_embd=n_embd, n_vocab=emb.shape[0], n_ctx_train=n_ctx_train,
+        n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, head_dim_v=head_dim_v, n_rot=n_rot,
+        rms_eps=rms_eps, rope_freq_base=base, rope_freq_base_swa=get(R.FREQ_BASE_SWA, float, base, lo=1e-6),
+        freq_scale=freq_scale, ext_factor=ext_factor, attn_factor=attn_factor,
+        beta_fast=get(R.SCALING_YARN_BETA_FAST, float, 32.0), beta_slow=get(R.SCALING_YARN_BETA_SLOW, float, 1.0),
+        n_ctx_orig=get(R.SCALING_ORIG_CTX_LEN, int, n_ctx_train, lo=1), n_swa=n_swa, swa_layers=swa,
+        qkv_bias=spec["qkv_bias"], sinks=spec["sinks"], qk_norm=spec["qk_norm"], ffn_norm=spec["ffn_norm"],
+        kq_scale=1.0 / math.sqrt(n_rot if spec["scale_by_rot"] else head_dim))

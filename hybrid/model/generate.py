@@ -1,0 +1,84 @@
+"""Generation: prefill the prompt, then one token at a time (greedy, or temperature + top-p).
+
+Decode steps are 1-token ubatches, so ``HybridMoE`` runs them on the CPU
+expert path, as llama.cpp does below its offload batch size.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["sample", "generate", "Generation"]
+
+
+def sample(logits: np.ndarray, temp: float = 0.0, top_p: float = 1.0, rng=None) -> int:
+    """Greedy when ``temp <= 0``; else softmax(logits / temp) cut to the smallest set of
+    tokens whose probability reaches ``top_p`` (nucleus), renormalised, then one draw."""
+    if temp <= 0:
+        return int(np.argmax(logits))
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    z = logits.astype(np.float64) / temp
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    cum = np.cumsum(p[order])
+    keep = order[:int(np.searchsorted(cum, top_p)) + 1]
+    q = p[keep] / p[keep].sum()
+    rng = rng if rng is not None else np.random.default_rng()
+    return int(keep[rng.choice(len(keep), p=q)])
+
+
+@dataclass
+class Generation:
+    prompt_tokens: int
+    tokens: list = field(default_factory=list)  # generated ids (the stop token not included)
+    stopped: str = ""  # "eos", "n", "context"
+    t_prompt: float = 0.0  # seconds
+    t_gen: float = 0.0
+    n_decoded: int = 0  # decode steps (1-token forwards) timed in t_gen
+    prompt_logits: np.ndarray | None = None  # [n_prompt, n_vocab] when asked for
+
+
+def generate(model, prompt, n: int, *, temp: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+             stop=(), on_token=None, all_logits: bool = False, progress: bool = False) -> Generation:
+    """Run ``prompt`` (token ids) through ``model`` (a ``Transformer``), then up to ``n`` tokens.
+
+    Stops at a token in ``stop`` (EOS and friends), after ``n`` tokens, or when the
+    context is full. ``on_token(id)`` is called for each generated token.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    if not temp >= 0:
+        raise ValueError(f"temp must be >= 0, got {temp}")
+    rng = np.random.default_rng(seed)
+    stop = {int(s) for s in stop}
+    t0 = time.perf_counter()
+    logits = model.prefill(prompt, logits="all" if all_logits else "last", progress=progress)
+    out = Generation(prompt_tokens=len(prompt), t_prompt=time.perf_counter() - t0,
+                     prompt_logits=logits if all_logits else None)
+    last = logits[-1]
+    t0 = time.perf_counter()
+    while True:
+        if len(out.tokens) >= n:
+            out.stopped = "n"
+            break
+        tok = sample(last, temp, top_p, rng)
+        if tok in stop:
+            out.stopped = "eos"
+            break
+        out.tokens.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if len(out.tokens) >= n:
+            out.stopped = "n"
+            break
+        if model.n_past >= model.n_ctx:
+            out.stopped = "context"
+            break
+        last = model.decode_one_token(tok)
+        out.n_decoded += 1
+    out.t_gen = time.perf_counter() - t0
+    return out

@@ -1,0 +1,50 @@
+"""The KV cache: per layer K and V of past positions, float32.
+
+Full-attention layers hold ``n_ctx`` positions. Sliding-window layers keep only
+their window, as llama.cpp's SWA cache does: a ring of ``n_swa + n_ubatch``
+slots, position p in slot ``p % size``. A ubatch of at most ``n_ubatch`` tokens
+writes its keys before attending, and the oldest key its first query needs is
+``n_swa - 1`` back, so the ring never overwrites a key still in use.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["KVCache"]
+
+
+class KVCache:
+    def __init__(self, cfg, n_ctx: int, n_ubatch: int):
+        self.n_ctx, self.n_ubatch = int(n_ctx), int(n_ubatch)
+        self.swa = [cfg.n_swa if s else 0 for s in cfg.swa_layers]
+        self.size = [min(self.n_ctx, w + self.n_ubatch) if w else self.n_ctx for w in self.swa]
+        self.k = [np.zeros((n, cfg.n_head_kv, cfg.head_dim), np.float32) for n in self.size]
+        self.v = [np.zeros((n, cfg.n_head_kv, cfg.head_dim_v), np.float32) for n in self.size]
+        self.n_past = 0  # positions 0..n_past-1 are stored
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k + self.v)
+
+    def clear(self):
+        self.n_past = 0
+
+    def store(self, il: int, pos0: int, k: np.ndarray, v: np.ndarray):
+        """Keys and values of positions ``pos0 .. pos0 + len(k) - 1`` for layer ``il``."""
+        n = k.shape[0]
+        if n > self.n_ubatch or pos0 + n > self.n_ctx:
+            raise ValueError(f"KV cache: {n} tokens at position {pos0} do not fit "
+                             f"(n_ctx {self.n_ctx}, n_ubatch {self.n_ubatch})")
+        slots = np.arange(pos0, pos0 + n) % self.size[il]
+        self.k[il][slots] = k
+        self.v[il][slots] = v
+
+    def window(self, il: int, pos0: int, n: int):
+        """Keys, values and their positions that queries ``pos0 .. pos0 + n - 1`` can see."""
+        end = pos0 + n
+        lo = max(0, pos0 - self.swa[il] + 1) if self.swa[il] else 0
+        if self.size[il] >= end:  # no wrap yet: a view, no gather
+            return self.k[il][lo:end], self.v[il][lo:end], np.arange(lo, end)
+        pos = np.arange(lo, end)
+        slots = pos % self.size[il]
+        return self.k[il][slots], self.v[il][slots], pos
