@@ -346,8 +346,12 @@ class DeviceBuckets:
     tile_expert: object  # device int32 [n_tiles]
 
     @classmethod
-    def from_host(cls, buckets: Buckets, stream=0) -> "DeviceBuckets":
-        _check_buckets(buckets)
+    def from_host(cls, buckets: Buckets, stream=0, *, check=True) -> "DeviceBuckets":
+        # check=False: buckets fresh from routing.bucket (the scheduler's own), not re-scanned per ubatch
+        if check:
+            _check_buckets(buckets)
+        else:
+            assert isinstance(buckets, Buckets)
         return cls(buckets, cuda.to_device(buckets.pairs, stream=stream),
                    cuda.to_device(buckets.tile_expert, stream=stream))
 
@@ -589,6 +593,13 @@ def moe_ffn_cuda(layer, x, ids, weights, *, layout="natural", tiles=None, poison
         raise ValueError(f"ids must be [{T_}, {k}], got {getattr(ids, 'shape', type(ids))}")
     if not isinstance(weights, np.ndarray) or weights.shape != (T_, k):
         raise ValueError(f"weights must be [{T_}, {k}], got {getattr(weights, 'shape', type(weights))}")
+    if not np.issubdtype(weights.dtype, np.floating):
+        raise TypeError(f"weights must be a float array, got {weights.dtype}")
+    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    if not np.isfinite(weights).all():  # as moe_ffn_cpu: routing weights are never NaN or inf
+        raise ValueError("weights hold NaN or inf")
+    if not np.isfinite(x).all():
+        raise ValueError("x holds NaN or inf")
     if T_ == 0:
         return np.zeros((0, D), np.float32)
     bk = bucket(ids, E, tiles.block_pairs)
