@@ -10,6 +10,7 @@ and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from .moe.copyplan import LAYOUTS, CostModel
 from .moe.scheduler import DEVICES, MIN_OFFLOAD_BATCH, POLICIES
 from .moe.transfer import HOST_MODES
 from .moe.traffic import synthetic_hidden, ubatches, usage_counts
-from .report import ReportError, bench_table, save_heatmap, usage_report
+from .report import ReportError, bench_table, heatmap_path, save_heatmap, usage_report
 
 MAX_TOKENS = 1 << 20  # a sanity bound on -p: hidden states are held in RAM
 # Bench variants: what each column runs. "all" is llama.cpp before PR #15346,
@@ -110,7 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--hidden", metavar="FILE.npy", help="hidden states, float [n_tokens, n_embd] "
                        "(default: synthetic)")
         p.add_argument("--seed", type=nonneg, default=0, help="seed of the synthetic hidden states")
+        check_tensors(p)
         p.set_defaults(p_default=p_default)
+
+    def check_tensors(p):
+        p.add_argument("--check-tensors", action="store_true", help="scan every tensor's data at load "
+                       "for NaN/inf and impossible MXFP4 scales (reads the whole file, as llama.cpp's flag)")
 
     def device(p):
         p.add_argument("--device", default="auto", choices=DEVICES,
@@ -124,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="architecture, layers, experts, types, sizes")
     p.add_argument("-m", "--model", help="GGUF file (default: the built-in tiny gpt-oss)")
     p.add_argument("--per-layer", action="store_true", help="list every expert tensor")
+    check_tensors(p)
 
     p = sub.add_parser("run", help="prompt processing through every MoE layer, ubatch by ubatch")
     common(p, 2048, 512)
@@ -154,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------ inputs
 
-def open_model(path):
+def open_model(path, check_tensors=False):
     try:
-        return load(path if path else ensure_default_model())
+        return load(path if path else ensure_default_model(), check_tensors=check_tensors)
     except FileNotFoundError as e:
         raise CLIError(str(e) if path else f"cannot write the built-in model: {e}") from None
     except GGUFError as e:
@@ -169,6 +176,7 @@ def open_model(path):
 def load_hidden(path, n_embd: int) -> np.ndarray:
     """Hidden states from a ``.npy`` file: a float array ``[n_tokens, n_embd]``, finite."""
     try:
+        _check_npy_header(path, n_embd)
         x = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise CLIError(f"hidden-state file not found: {path}") from None
@@ -183,6 +191,28 @@ def load_hidden(path, n_embd: int) -> np.ndarray:
     if not np.isfinite(x).all():
         raise CLIError(f"{path}: hidden states hold NaN or inf (after conversion to float32)")
     return x
+
+
+def _check_npy_header(path, n_embd):
+    """Shape and size from the header, against the file's size: a header that promises
+    more than the file holds must not make np.load allocate it."""
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise CLIError(f"{path}: .npy format version {version[0]}.{version[1]} is not supported (1.0, 2.0)")
+        have = os.fstat(f.fileno()).st_size - f.tell()
+    if len(shape) != 2 or shape[1] != n_embd or shape[0] < 1:
+        raise CLIError(f"{path}: hidden states must be [n_tokens, {n_embd}] (the model's n_embd), "
+                       f"got shape {list(shape)}")
+    need = shape[0] * shape[1] * dtype.itemsize  # Python ints: no overflow
+    if need > have:
+        raise CLIError(f"{path}: the header declares {list(shape)} {dtype} ({need:,} bytes of data), "
+                       f"the file holds {have:,}: truncated or corrupt")
 
 
 def hidden_states(args, n_embd) -> tuple[np.ndarray, str]:
@@ -255,7 +285,7 @@ def _model_line(model) -> str:
 # ------------------------------------------------------------------ commands
 
 def cmd_info(args):
-    model = open_model(args.model)
+    model = open_model(args.model, args.check_tensors)
     per_ub = model.layers[0].expert_bytes * model.n_experts
     print(f"{model.path}\n")
     print(model.describe(per_layer=args.per_layer))
@@ -264,7 +294,7 @@ def cmd_info(args):
 
 
 def cmd_run(args):
-    model = open_model(args.model)
+    model = open_model(args.model, args.check_tensors)
     x, source = hidden_states(args, model.n_embd)
     ub = min(args.ubatch_size, x.shape[0])
     mib = lambda v: None if v is None else int(v * 2**20)  # noqa: E731
@@ -277,9 +307,11 @@ def cmd_run(args):
         print(source)
         print("the same hidden states feed every MoE layer: this runs the MoE layers, not attention")
         parts = ubatches(x.shape[0], ub)
+        capped = args.cache_mb and moe.cache_bytes < int(args.cache_mb * 2**20)
         print(f"prompt: {x.shape[0]} tokens in {len(parts)} ubatch(es) of {ub}; policy {moe.policy}, "
               f"layout {moe.layout}, overlap {'on' if moe.overlap else 'off'}, "
-              f"cache {moe.cache_bytes / 2**20:g} MiB")
+              f"cache {moe.cache_bytes / 2**20:g} MiB"
+              + (f" (--cache-mb {args.cache_mb:g} capped: every expert of every layer fits)" if capped else ""))
         t_warm = warm_up(moe, x, ub)
         wall = run_prompt(moe, x, ub, progress=not args.no_progress)
         stats = moe.stats
@@ -302,7 +334,7 @@ def cmd_run(args):
 
 def cmd_bench(args):
     from .moe.scheduler import resolve_device
-    model = open_model(args.model)
+    model = open_model(args.model, args.check_tensors)
     x, source = hidden_states(args, model.n_embd)
     n = x.shape[0]
     try:
@@ -344,7 +376,8 @@ def cmd_bench(args):
 
 
 def cmd_usage(args):
-    model = open_model(args.model)
+    plot = heatmap_path(args.plot) if args.plot else None  # a bad path fails before the work
+    model = open_model(args.model, args.check_tensors)
     x, source = hidden_states(args, model.n_embd)
     ub = min(args.ubatch_size, x.shape[0])
     counts = usage_counts(model.layers, x, ub)
@@ -358,7 +391,7 @@ def cmd_usage(args):
         print(f"| {L.index} | " + " | ".join(map(str, row)) + f" | {row.mean():.1f} |")
     if args.plot:
         title = f"{model.metadata.get('general.name') or model.path.name}: experts used, ubatch {ub}"
-        path = save_heatmap(counts, model.n_experts, args.plot, title, [L.index for L in model.layers])
+        path = save_heatmap(counts, model.n_experts, plot, title, [L.index for L in model.layers])
         print(f"\nheatmap: {path}")
 
 
@@ -371,4 +404,6 @@ def main(argv=None) -> int:
         COMMANDS[args.command](args)
     except (CLIError, ReportError) as e:
         fail(str(e))
+    except MemoryError as e:  # a model or prompt larger than this machine: one line, not a traceback
+        fail(f"out of memory{': ' + str(e) if str(e) else ''}")
     return 0
