@@ -359,6 +359,8 @@ def cmd_bench(args):
         kw = dict(VARIANTS[v])
         kw["cache_bytes"] = cache_bytes if kw.pop("cache", False) else 0
         with make_backend(model.layers, args, **kw) as moe:
+            if kw["cache_bytes"]:
+                used_cache = moe.cache_bytes  # capped at every expert of every layer
             for ub in sizes:
                 warm_up(moe, x, ub)  # also resets: each size starts with a cold cache
                 wall = run_prompt(moe, x, ub, progress=not args.no_progress)
@@ -372,7 +374,9 @@ def cmd_bench(args):
               f"{'on the CPU' if device == 'cpu' else 'in the simulator'}, so t/s and speedup show no copy "
               "cost (noise only); MB and copies per token are what a GPU would move.")
     if "used+cache" in variants:
-        print(f"\nused+cache: {cache_bytes / 2**20:.1f} MiB of VRAM cache")
+        print(f"\nused+cache: {used_cache / 2**20:.1f} MiB of VRAM cache"
+              + (f" (--cache-mb {args.cache_mb:g} capped: every expert of every layer fits)"
+                 if used_cache < cache_bytes else ""))
 
 
 def cmd_usage(args):

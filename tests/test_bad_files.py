@@ -271,3 +271,6 @@ def test_huge_cache_is_capped_not_a_traceback(capsys, corpus):
     out, err = capsys.readouterr()
     assert "--cache-mb 1e+300 capped" in out and err.count("\n") <= 1
     assert re.search(r"cache 0\.\d+ MiB", out)
+    assert main(["bench", "-m", str(good), "-p", "8", "-ub", "8", "--device", "cpu", "--no-progress",
+                 "--variants", "used,used+cache", "--cache-mb", "1e300"]) == 0
+    assert "--cache-mb 1e+300 capped" in capsys.readouterr().out
