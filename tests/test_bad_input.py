@@ -25,7 +25,17 @@ from quant import check as qcheck
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 needs_sim = pytest.mark.skipif(not SIM, reason="needs NUMBA_ENABLE_CUDASIM=1")
-TARGETS = ["cpu", pytest.param("sim", marks=needs_sim)]
+
+
+def _gpu():
+    if SIM:
+        return False
+    from numba import cuda
+    return cuda.is_available()
+
+
+TARGETS = ["cpu", pytest.param("sim", marks=needs_sim),
+           pytest.param("cuda", marks=pytest.mark.skipif(not _gpu(), reason="needs a CUDA GPU"))]
 FLT_MAX = float(np.finfo(np.float32).max)
 
 
@@ -37,7 +47,7 @@ def tiles():
 def forward(layer, x, target):
     """The MoE output of ``layer`` through HybridMoE on ``target``, offloaded, with its routing."""
     ids, w = layer.route(x)
-    kw = dict(tiles=tiles()) if target == "sim" else {}
+    kw = dict(tiles=tiles()) if target == "sim" else {}  # (cuda: the default tiles)
     with HybridMoE([layer], device=target, min_offload_batch=1, **kw) as moe:
         out = moe.forward(0, x)
         assert moe.stats.records[0].path == "offload"
@@ -269,6 +279,29 @@ def test_cache_bytes_capped_at_what_the_model_can_use(layer, caplog):
     x = np.random.default_rng().standard_normal((40, 32)).astype(np.float32)
     ref = cpu.moe_ffn_cpu(layer, x, *layer.route(x))
     assert np.array_equal(moe.forward(0, x), ref)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_forward_checks_once_and_calls_inside_trust_it(layer, target, monkeypatch):
+    """Issue 9: the hidden states are checked for NaN once per ubatch, in forward; the CPU
+    path and the device buckets are not re-validated behind it."""
+    from hybrid.moe import kernels
+
+    def boom(*a, **k):
+        raise AssertionError("re-validated inside forward")
+    kw = dict(tiles=tiles()) if target == "sim" else {}
+    with HybridMoE([layer], device=target, min_offload_batch=8, **kw) as moe:
+        for name in ("_check_x", "_check_routing", "_check_tensor"):
+            monkeypatch.setattr(cpu, name, boom)
+        monkeypatch.setattr(kernels, "_check_buckets", boom)
+        for n in (3, 9):  # the CPU path, then offloaded
+            x = np.random.default_rng().standard_normal((n, 32)).astype(np.float32)
+            assert np.isfinite(moe.forward(0, x)).all()
+            x[-1, 0] = np.nan
+            with pytest.raises(ValueError, match="hidden states hold NaN"):
+                moe.forward(0, x)
+    with pytest.raises(AssertionError):  # the public entry points still check
+        cpu.moe_ffn_cpu(layer, x, *layer.route(np.nan_to_num(x)))
 
 
 def test_slot_runs_refuses_two_experts_in_one_slot():
