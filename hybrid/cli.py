@@ -234,6 +234,19 @@ def hidden_states(args, n_embd) -> tuple[np.ndarray, str]:
 
 # ------------------------------------------------------------------ running
 
+class _computing:
+    """Around the compute: a ValueError there comes from the data (a router whose logits
+    overflow float32 on these hidden states), not from the command line: one line."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if kind is not None and issubclass(kind, ValueError):
+            raise CLIError(f"cannot run this model on these hidden states: {e}") from None
+        return False
+
+
 def make_backend(layers, args, **kw):
     from .moe.scheduler import HybridMoE
     try:
@@ -312,8 +325,9 @@ def cmd_run(args):
               f"layout {moe.layout}, overlap {'on' if moe.overlap else 'off'}, "
               f"cache {moe.cache_bytes / 2**20:g} MiB"
               + (f" (--cache-mb {args.cache_mb:g} capped: every expert of every layer fits)" if capped else ""))
-        t_warm = warm_up(moe, x, ub)
-        wall = run_prompt(moe, x, ub, progress=not args.no_progress)
+        with _computing():
+            t_warm = warm_up(moe, x, ub)
+            wall = run_prompt(moe, x, ub, progress=not args.no_progress)
         stats = moe.stats
     print()
     print("\n".join(usage_report(stats, parts)))
@@ -362,8 +376,9 @@ def cmd_bench(args):
             if kw["cache_bytes"]:
                 used_cache = moe.cache_bytes  # capped at every expert of every layer
             for ub in sizes:
-                warm_up(moe, x, ub)  # also resets: each size starts with a cold cache
-                wall = run_prompt(moe, x, ub, progress=not args.no_progress)
+                with _computing():
+                    warm_up(moe, x, ub)  # also resets: each size starts with a cold cache
+                    wall = run_prompt(moe, x, ub, progress=not args.no_progress)
                 t = moe.stats.totals()
                 res[ub][v] = dict(tps=n / wall, mb=t["bytes"] / n / 1e6, copies=t["copies"] / n)
     rows = [(ub, res[ub]) for ub in sizes]
@@ -384,7 +399,8 @@ def cmd_usage(args):
     model = open_model(args.model, args.check_tensors)
     x, source = hidden_states(args, model.n_embd)
     ub = min(args.ubatch_size, x.shape[0])
-    counts = usage_counts(model.layers, x, ub)
+    with _computing():
+        counts = usage_counts(model.layers, x, ub)
     parts = ubatches(x.shape[0], ub)
     print(_model_line(model))
     print(source)
