@@ -266,6 +266,9 @@ def test_constructor_and_forward_refuse_wrong_types(layer):
         with pytest.raises(TypeError, match="bool"):
             moe.forward(flag, x)
     assert moe.forward(np.int64(1), x).shape == x.shape
+    for u in ("0", 1.0, True):
+        with pytest.raises(TypeError, match="ubatch"):
+            moe.forward(0, x, ubatch=u)
 
 
 def test_cache_bytes_capped_at_what_the_model_can_use(layer, caplog):

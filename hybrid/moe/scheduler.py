@@ -181,6 +181,8 @@ class HybridMoE:
             L = layer
         else:
             raise ValueError("layer is not one of this backend's layers")
+        if ubatch is not None and not _is_int(ubatch):
+            raise TypeError(f"ubatch must be an int or None, got {type(ubatch).__name__}")
         x = _check_hidden(x, L.n_embd)
         T, E = x.shape[0], L.n_experts
         rec = UbatchRecord(layer=L.index, ubatch=self._ubatch if ubatch is None else ubatch, n_tokens=T,
