@@ -12,6 +12,7 @@ numbers) end with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from .moe.copyplan import LAYOUTS, CostModel
 from .moe.scheduler import DEVICES, MIN_OFFLOAD_BATCH, POLICIES
 from .moe.transfer import HOST_MODES
 from .moe.traffic import synthetic_hidden, ubatches, usage_counts
-from .report import ReportError, bench_table, save_heatmap, usage_report
+from .report import ReportError, bench_table, heatmap_path, save_heatmap, usage_report
 
 MAX_TOKENS = 1 << 20  # a sanity bound on -p: hidden states are held in RAM
 # Bench variants: what each column runs. "all" is llama.cpp before PR #15346,
@@ -139,7 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: synthetic)")
         p.add_argument("--seed", type=nonneg, default=0,
                        help="seed of the random prompt ids, synthetic hidden states and sampling")
+        check_tensors(p)
         p.set_defaults(p_default=p_default)
+
+    def check_tensors(p):
+        p.add_argument("--check-tensors", action="store_true", help="scan every tensor's data at load "
+                       "for NaN/inf and impossible MXFP4 scales (reads the whole file, as llama.cpp's flag)")
 
     def device(p):
         p.add_argument("--device", default="auto", choices=DEVICES,
@@ -155,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="architecture, layers, experts, types, sizes")
     p.add_argument("-m", "--model", help="GGUF file (default: the built-in tiny gpt-oss)")
     p.add_argument("--per-layer", action="store_true", help="list every expert tensor")
+    check_tensors(p)
 
     def whole(p):
         p.add_argument("--moe-only", action="store_true", help="feed the MoE layers alone with synthetic "
@@ -195,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     whole(p)
     p.add_argument("-n", "--n-gen", type=nonneg, default=128, help="tokens generated for tg<N> (default 128)")
     p.add_argument("--variants", type=_variant_list, default=None,
-                   help=f"comma-separated, from {', '.join(VARIANTS)} (default: all,used,used+overlap "
+                   help=f"MoE-only mode (implies --moe-only): comma-separated, from {', '.join(VARIANTS)} "
+                        "(default: all,used,used+overlap "
                         "on a GPU, all,used otherwise)")
     p.add_argument("--cache-mb", type=_mb, default=0.0,
                    help="VRAM cache of used+cache (MiB; default: half of all the experts)")
@@ -211,9 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------ inputs
 
-def open_model(path):
+def open_model(path, check_tensors=False):
     try:
-        return load(path if path else ensure_default_model())
+        return load(path if path else ensure_default_model(), check_tensors=check_tensors)
     except FileNotFoundError as e:
         raise CLIError(str(e) if path else f"cannot write the built-in model: {e}") from None
     except GGUFError as e:
@@ -226,6 +234,7 @@ def open_model(path):
 def load_hidden(path, n_embd: int) -> np.ndarray:
     """Hidden states from a ``.npy`` file: a float array ``[n_tokens, n_embd]``, finite."""
     try:
+        _check_npy_header(path, n_embd)
         x = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise CLIError(f"hidden-state file not found: {path}") from None
@@ -240,6 +249,28 @@ def load_hidden(path, n_embd: int) -> np.ndarray:
     if not np.isfinite(x).all():
         raise CLIError(f"{path}: hidden states hold NaN or inf (after conversion to float32)")
     return x
+
+
+def _check_npy_header(path, n_embd):
+    """Shape and size from the header, against the file's size: a header that promises
+    more than the file holds must not make np.load allocate it."""
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise CLIError(f"{path}: .npy format version {version[0]}.{version[1]} is not supported (1.0, 2.0)")
+        have = os.fstat(f.fileno()).st_size - f.tell()
+    if len(shape) != 2 or shape[1] != n_embd or shape[0] < 1:
+        raise CLIError(f"{path}: hidden states must be [n_tokens, {n_embd}] (the model's n_embd), "
+                       f"got shape {list(shape)}")
+    need = shape[0] * shape[1] * dtype.itemsize  # Python ints: no overflow
+    if need > have:
+        raise CLIError(f"{path}: the header declares {list(shape)} {dtype} ({need:,} bytes of data), "
+                       f"the file holds {have:,}: truncated or corrupt")
 
 
 def hidden_states(args, n_embd) -> tuple[np.ndarray, str]:
@@ -260,6 +291,22 @@ def hidden_states(args, n_embd) -> tuple[np.ndarray, str]:
 
 
 # ------------------------------------------------------------------ running
+
+class _computing:
+    """Around the compute: a ValueError there comes from the data (a router whose logits
+    overflow float32 on these inputs), not from the command line: one line."""
+
+    def __init__(self, what="these hidden states"):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if kind is not None and issubclass(kind, ValueError):
+            raise CLIError(f"cannot run this model on {self.what}: {e}") from None
+        return False
+
 
 def make_backend(layers, args, **kw):
     from .moe.scheduler import HybridMoE
@@ -312,7 +359,7 @@ def _model_line(model) -> str:
 # ------------------------------------------------------------------ commands
 
 def cmd_info(args):
-    model = open_model(args.model)
+    model = open_model(args.model, args.check_tensors)
     per_ub = model.layers[0].expert_bytes * model.n_experts
     print(f"{model.path}\n")
     print(model.describe(per_layer=args.per_layer))
@@ -347,7 +394,7 @@ def whole_model_info(model) -> str:
 
 
 def cmd_run_moe(args):
-    model = open_model(args.model)
+    model = open_model(args.model, args.check_tensors)
     x, source = hidden_states(args, model.n_embd)
     ub = min(args.ubatch_size, x.shape[0])
     mib = lambda v: None if v is None else int(v * 2**20)  # noqa: E731
@@ -361,10 +408,10 @@ def cmd_run_moe(args):
         print("the same hidden states feed every MoE layer: this runs the MoE layers, not attention")
         parts = ubatches(x.shape[0], ub)
         print(f"prompt: {x.shape[0]} tokens in {len(parts)} ubatch(es) of {ub}; policy {moe.policy}, "
-              f"layout {moe.layout}, overlap {'on' if moe.overlap else 'off'}, "
-              f"cache {moe.cache_bytes / 2**20:g} MiB")
-        t_warm = warm_up(moe, x, ub)
-        wall = run_prompt(moe, x, ub, progress=not args.no_progress)
+              f"layout {moe.layout}, overlap {'on' if moe.overlap else 'off'}, " + _cache_note(args, moe))
+        with _computing():
+            t_warm = warm_up(moe, x, ub)
+            wall = run_prompt(moe, x, ub, progress=not args.no_progress)
         stats = moe.stats
     print()
     print("\n".join(usage_report(stats, parts)))
@@ -385,7 +432,7 @@ def cmd_run_moe(args):
 
 def cmd_bench_moe(args):
     from .moe.scheduler import resolve_device
-    model = open_model(args.model)
+    model = open_model(args.model, args.check_tensors)
     x, source = hidden_states(args, model.n_embd)
     n = x.shape[0]
     try:
@@ -410,9 +457,12 @@ def cmd_bench_moe(args):
         kw = dict(VARIANTS[v])
         kw["cache_bytes"] = cache_bytes if kw.pop("cache", False) else 0
         with make_backend(model.layers, args, **kw) as moe:
+            if kw["cache_bytes"]:
+                used_cache = moe.cache_bytes  # capped at every expert of every layer
             for ub in sizes:
-                warm_up(moe, x, ub)  # also resets: each size starts with a cold cache
-                wall = run_prompt(moe, x, ub, progress=not args.no_progress)
+                with _computing():
+                    warm_up(moe, x, ub)  # also resets: each size starts with a cold cache
+                    wall = run_prompt(moe, x, ub, progress=not args.no_progress)
                 t = moe.stats.totals()
                 res[ub][v] = dict(tps=n / wall, mb=t["bytes"] / n / 1e6, copies=t["copies"] / n)
     rows = [(ub, res[ub]) for ub in sizes]
@@ -423,14 +473,18 @@ def cmd_bench_moe(args):
               f"{'on the CPU' if device == 'cpu' else 'in the simulator'}, so t/s and speedup show no copy "
               "cost (noise only); MB and copies per token are what a GPU would move.")
     if "used+cache" in variants:
-        print(f"\nused+cache: {cache_bytes / 2**20:.1f} MiB of VRAM cache")
+        print(f"\nused+cache: {used_cache / 2**20:.1f} MiB of VRAM cache"
+              + (f" (--cache-mb {args.cache_mb:g} capped: every expert of every layer fits)"
+                 if used_cache < cache_bytes else ""))
 
 
 def cmd_usage(args):
-    model = open_model(args.model)
+    plot = heatmap_path(args.plot) if args.plot else None  # a bad path fails before the work
+    model = open_model(args.model, args.check_tensors)
     x, source = hidden_states(args, model.n_embd)
     ub = min(args.ubatch_size, x.shape[0])
-    counts = usage_counts(model.layers, x, ub)
+    with _computing():
+        counts = usage_counts(model.layers, x, ub)
     parts = ubatches(x.shape[0], ub)
     print(_model_line(model))
     print(source)
@@ -441,29 +495,37 @@ def cmd_usage(args):
         print(f"| {L.index} | " + " | ".join(map(str, row)) + f" | {row.mean():.1f} |")
     if args.plot:
         title = f"{model.metadata.get('general.name') or model.path.name}: experts used, ubatch {ub}"
-        path = save_heatmap(counts, model.n_experts, args.plot, title, [L.index for L in model.layers])
+        path = save_heatmap(counts, model.n_experts, plot, title, [L.index for L in model.layers])
         print(f"\nheatmap: {path}")
 
 
 # ------------------------------------------------------------------ the whole model
 
 def _moe_only(args) -> bool:
-    return args.moe_only or bool(args.hidden)
+    """The MoE layers alone on synthetic or given hidden states: asked for, or implied by
+    options only that mode has (--hidden; bench's --variants, PR #15346's table)."""
+    return args.moe_only or bool(args.hidden) or bool(getattr(args, "variants", None))
 
 
 def cmd_run(args):
     if _moe_only(args):
         args.p_default = 2048
         return cmd_run_moe(args)
-    model = open_model(args.model)
+    model = open_model(args.model, args.check_tensors)
     tok = _tokenizer(model, needed=args.tokens is None and args.n_prompt is None)
     prompt, source = _prompt_tokens(args, model, tok)
     n_ctx = args.ctx_size or len(prompt) + args.n_predict
     tr = _transformer(model, args, n_ctx, args.ubatch_size, policy=args.policy, layout=args.layout,
                       cache_bytes=int(args.cache_mb * 2**20), overlap=not args.no_overlap,
                       device_bytes=None if args.device_mb is None else int(args.device_mb * 2**20))
-    with tr.moe:
+    with tr.moe, _computing("this prompt"):
         _run_whole(args, model, tok, prompt, source, tr)
+
+
+def _cache_note(args, moe) -> str:
+    capped = args.cache_mb and moe.cache_bytes < int(args.cache_mb * 2**20)
+    return (f"cache {moe.cache_bytes / 2**20:g} MiB"
+            + (f" (--cache-mb {args.cache_mb:g} capped: every expert of every layer fits)" if capped else ""))
 
 
 def _run_whole(args, model, tok, prompt, source, tr):
@@ -471,7 +533,7 @@ def _run_whole(args, model, tok, prompt, source, tr):
     print(_model_line(model))
     print(describe_device(tr.moe))
     print(f"prompt: {len(prompt)} tokens ({source}); context {tr.n_ctx}, batch {tr.n_batch}, "
-          f"ubatch {tr.n_ubatch}; policy {tr.moe.policy}")
+          f"ubatch {tr.n_ubatch}; policy {tr.moe.policy}, layout {tr.moe.layout}, " + _cache_note(args, tr.moe))
     t_warm = _warm_up(tr)
     out_text = []
 
@@ -634,7 +696,7 @@ def cmd_bench(args):
         args.p_default = 2048
         return cmd_bench_moe(args)
     from .model.config import read_config
-    model = open_model(args.model)
+    model = open_model(args.model, args.check_tensors)
     try:
         n_vocab = read_config(model).n_vocab
     except GGUFError as e:
@@ -652,8 +714,9 @@ def cmd_bench(args):
     name = f"{model.metadata.get('general.name') or model.path.name} ({model.arch})"
     print(_model_line(model))
     rows = []
-    moe = make_backend(model.layers, args, policy="used")  # one backend: host memory is pinned once
-    with moe:
+    # one backend: host memory is pinned once
+    moe = make_backend(model.layers, args, policy="used", cache_bytes=int(args.cache_mb * 2**20))
+    with moe, _computing("these token ids"):
         for ub in sizes:
             if ub > n_p:
                 print(f"skipped ubatch size {ub}: larger than -p {n_p}")
@@ -734,4 +797,6 @@ def main(argv=None) -> int:
         COMMANDS[args.command](args)
     except (CLIError, ReportError) as e:
         fail(str(e))
+    except MemoryError as e:  # a model or prompt larger than this machine: one line, not a traceback
+        fail(f"out of memory{': ' + str(e) if str(e) else ''}")
     return 0

@@ -51,13 +51,37 @@ def usage_report(stats, parts) -> list[str]:
     return [head + ":"] + stats.usage_lines(u)
 
 
-def save_heatmap(counts: np.ndarray, n_experts: int, path, title: str = "", layer_ids=None) -> Path:
-    """A heatmap of ``counts`` [layers, ubatches] (experts used) saved to ``path``."""
+def _figure_class():
     try:  # the object API: no pyplot, so no global backend is chosen for the caller
         from matplotlib.figure import Figure
     except ImportError:
         raise ReportError("the heatmap needs matplotlib: pip install 'hybrid-moe[plot]' "
-                       "(or pip install matplotlib)") from None
+                          "(or pip install matplotlib)") from None
+    return Figure
+
+
+def heatmap_path(path) -> Path:
+    """The file ``save_heatmap`` writes for ``path``, checked before any work is done:
+    no extension means ``.png`` added; a folder or an image format matplotlib cannot
+    write is a ReportError."""
+    Figure = _figure_class()
+    path = Path(path)
+    if path.is_dir():
+        raise ReportError(f"{path} is a directory: give the heatmap's file name, e.g. {path / 'usage.png'}")
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise ReportError(f"{path}: cannot write a heatmap as {path.suffix!r}; image formats: "
+                          f"{', '.join('.' + f for f in sorted(formats))}")
+    return path
+
+
+def save_heatmap(counts: np.ndarray, n_experts: int, path, title: str = "", layer_ids=None) -> Path:
+    """A heatmap of ``counts`` [layers, ubatches] (experts used) saved to ``heatmap_path(path)``,
+    which it returns."""
+    path = heatmap_path(path)
+    Figure = _figure_class()
     n_layers, n_ub = counts.shape
     layer_ids = list(range(n_layers)) if layer_ids is None else list(layer_ids)
     fig = Figure(figsize=(min(2 + 0.5 * n_ub, 16), min(1.5 + 0.3 * n_layers, 14)))
@@ -73,9 +97,8 @@ def save_heatmap(counts: np.ndarray, n_experts: int, path, title: str = "", laye
                     color="white" if v < 0.6 * n_experts else "black")
     ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
     try:
-        fig.savefig(path)
+        fig.savefig(path, format=path.suffix[1:].lower())
     except OSError as e:
         raise ReportError(f"cannot write {path}: {e.strerror or e}") from None
     return path

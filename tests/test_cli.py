@@ -264,7 +264,7 @@ def test_model_errors(capsys, tmp_path, small):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(small.read_bytes()[:20_000])
     fails(capsys, "usage", "-m", cut, match="truncated")
-    fails(capsys, "info", "-m", tmp_path, match="not found")  # a folder
+    fails(capsys, "info", "-m", tmp_path, match="is a directory")  # a folder
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -7,6 +7,18 @@ until its pages are touched. Routers and biases are small and decoded to float32
 
 Every check a bad file can fail raises ``GGUFError`` (a ``ValueError``) naming
 the file and the problem, before anything reads past the end of the file.
+
+What loading checks and what it does not (the whole rule, also in the README):
+- always: the header, every tensor's type, shape and extent, the hyper-parameters,
+  and that the router weights and biases and the expert biases are finite (they
+  are small and decoded at load anyway);
+- never by default: the expert weights (60 GB on gpt-oss-120b: scanning them
+  would make loading cost a full read). ``load(path, check_tensors=True)``
+  scans every tensor's data once (``quant.check``: NaN/inf values or scales,
+  MXFP4 exponents no finite float32 weights quantise to) and names the first
+  bad block, as llama.cpp's ``--check-tensors`` does.
+Unchecked bad expert data is not hidden: a NaN reaching the compute comes out
+as NaN on every target (see ``hybrid.moe.activation``).
 """
 from __future__ import annotations
 
@@ -21,7 +33,7 @@ from gguf import GGUFReader
 from gguf.constants import (GGML_QUANT_SIZES, ExpertGatingFuncType, GGMLQuantizationType as T,
                             GGUFValueType, Keys)
 
-from quant import types as qtypes
+from quant import check as qcheck, types as qtypes
 
 from ..moe.layer import ExpertTensor, MoELayer
 
@@ -161,8 +173,12 @@ class _Reader(GGUFReader):
 
 
 def _open(path: Path) -> _Reader:
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"GGUF file not found: {path}")
+    if path.is_dir():
+        raise GGUFError(f"{path}: is a directory, not a GGUF file")
+    if not path.is_file():
+        raise GGUFError(f"{path}: not a regular file (a device, pipe or socket), not a GGUF file")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
@@ -211,7 +227,7 @@ class Model:
     lengths are in ``metadata_array_lengths``).
     """
 
-    def __init__(self, paths):
+    def __init__(self, paths, *, check_tensors: bool = False):
         self.paths = [Path(p) for p in paths]
         self._readers = [_open(p) for p in self.paths]
         try:
@@ -250,6 +266,8 @@ class Model:
                 self.layers.append(layer)
         if not self.layers:
             raise GGUFError(f"{self.path}: no MoE layers (no blk.N.ffn_gate_exps.weight tensors)")
+        if check_tensors:
+            self.check_tensors()
 
     # -- metadata -------------------------------------------------------------------
 
@@ -428,6 +446,20 @@ class Model:
         except (ValueError, TypeError) as e:
             self._fail(f"block {i}: {e}")
 
+    def check_tensors(self) -> None:
+        """Scan every tensor's data (reads the whole file once); GGUFError at the first bad block.
+
+        Types ``quant.check`` knows (F32, F16, BF16, Q8_0, MXFP4) are checked; others are skipped.
+        """
+        for info in self.tensors.values():
+            bad = qcheck.first_bad(self.raw(info.name), info.ggml_type)
+            if bad is not None:
+                at = [int(i) for i in np.unravel_index(bad[0], info.shape)]
+                where = (f"expert {at[0]}, row {at[1]}, column {at[2]}" if len(at) == 3
+                         else f"index {at}")
+                raise GGUFError(f"{self.paths[info.part]}: tensor {info.name!r} ({info.type_name}) holds {bad[1]} "
+                                f"at {where} (checked because check_tensors was asked for)")
+
     # -- reports --------------------------------------------------------------------
 
     @property
@@ -468,6 +500,12 @@ class Model:
                 f"n_embd={self.n_embd}, n_ff={self.n_ff}, experts={self.n_experts}, k={self.k})")
 
 
-def load(path) -> Model:
-    """Open a GGUF MoE model (the first part of a split model finds the others)."""
-    return Model(split_paths(path))
+def load(path, *, check_tensors: bool = False) -> Model:
+    """Open a GGUF MoE model (the first part of a split model finds the others).
+
+    Cheap at any size: expert weights are memory-mapped, not read. ``check_tensors``
+    also scans every tensor's data (a full read; see ``Model.check_tensors``).
+    """
+    if not isinstance(check_tensors, bool):
+        raise TypeError(f"check_tensors must be a bool, got {type(check_tensors).__name__}")
+    return Model(split_paths(path), check_tensors=check_tensors)

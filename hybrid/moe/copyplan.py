@@ -243,4 +243,9 @@ def slot_runs(experts, slots):
             raise ValueError("experts must be sorted and unique")
         if experts.min() < 0 or slots.min() < 0:
             raise ValueError("expert ids and slots must be non-negative")
+        order = np.argsort(slots, kind="stable")
+        dup = np.flatnonzero(np.diff(slots[order]) == 0)
+        if dup.size:  # two experts copied into one slot: the second would overwrite the first
+            a, b = experts[order[dup[0]]], experts[order[dup[0] + 1]]
+            raise ValueError(f"slots must be distinct: experts {a} and {b} both go to slot {slots[order[dup[0]]]}")
     return _slot_runs(experts.astype(np.int32), slots.astype(np.int32))

@@ -36,7 +36,7 @@ from .activation import ACT_CODE, silu_f32, swiglu_oai_f32
 from .layer import ExpertTensor, MoELayer
 from .routing import bucket
 
-__all__ = ["moe_ffn_cpu", "mul_mat_id_cpu", "expert_matmul_cpu", "Tiles", "TILES", "ISA"]
+__all__ = ["moe_ffn_cpu", "moe_ffn_cpu_trusted", "mul_mat_id_cpu", "expert_matmul_cpu", "Tiles", "TILES", "ISA"]
 
 # ---------------------------------------------------------------- tile sizes
 @dataclass(frozen=True)
@@ -362,10 +362,14 @@ def _check_tensor(name, t):
         raise ValueError(f"{name}: bytes {raw.shape} do not hold {t.n_experts} x [{t.rows}, {t.cols}] {qt.name}")
     if t.rows < 1 or t.cols < 1 or t.n_experts < 1:
         raise ValueError(f"{name}: empty tensor [{t.n_experts}, {t.rows}, {t.cols}]")
+    return _raw(t)
+
+
+def _raw(t):
     # Read-only view: GGUF memory maps are read-only, and one array type means one compiled variant.
-    raw = raw.view()
+    raw = t.raw.view()
     raw.flags.writeable = False
-    return raw, _TYPE_CODE[qt]
+    return raw, _TYPE_CODE[T(int(t.ggml_type))]
 
 
 def _check_x(x, cols, what="x", ndim=2):
@@ -504,15 +508,32 @@ def moe_ffn_cpu(layer: MoELayer, x: np.ndarray, ids: np.ndarray, weights: np.nda
     _check_x(x, D)
     ids, weights = _check_routing(ids, x.shape[0], E, weights)
     out = _check_out(out, (x.shape[0], D))
-    biases = []
     for name, b, shape in (("gate_b", layer.gate_b, (E, F)), ("up_b", layer.up_b, (E, F)),
                            ("down_b", layer.down_b, (E, D))):
-        if b is None:
-            b = np.zeros(shape, np.float32)
-        elif not isinstance(b, np.ndarray) or b.dtype != np.float32 or b.shape != shape:
+        if b is not None and (not isinstance(b, np.ndarray) or b.dtype != np.float32 or b.shape != shape):
             raise ValueError(f"{name} must be float32 {shape}, got {getattr(b, 'dtype', None)} "
                              f"{getattr(b, 'shape', None)}")
-        biases.append(np.ascontiguousarray(b))
+    return _ffn(layer, x, ids, weights, out, tl)
+
+
+def moe_ffn_cpu_trusted(layer: MoELayer, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``moe_ffn_cpu`` without its checks, for a caller that validated at its edge
+    (``HybridMoE.forward``): ``layer`` a MoELayer (checked when built), ``x`` float32
+    C-contiguous ``[T, n_embd]`` already checked finite, ``ids``/``weights`` from ``layer.route(x)``."""
+    assert x.dtype == np.float32 and x.flags.c_contiguous and x.ndim == 2 and x.shape[1] == layer.n_embd
+    assert ids.shape == weights.shape == (x.shape[0], layer.k) and weights.dtype == np.float32
+    return _ffn(layer, x, np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(weights),
+                np.empty((x.shape[0], layer.n_embd), np.float32), TILES.astuple())
+
+
+def _ffn(layer, x, ids, weights, out, tl):
+    """The compute of ``moe_ffn_cpu`` on checked inputs (ids int64, weights float32, contiguous)."""
+    E, D, F = layer.n_experts, layer.n_embd, layer.n_ff
+    graw, gtype = _raw(layer.gate)
+    uraw, _ = _raw(layer.up)
+    draw, dtype_ = _raw(layer.down)
+    biases = [np.zeros(shape, np.float32) if b is None else np.ascontiguousarray(b)
+              for b, shape in ((layer.gate_b, (E, F)), (layer.up_b, (E, F)), (layer.down_b, (E, D)))]
     n, k = ids.shape
     if n == 0:
         return out

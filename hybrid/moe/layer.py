@@ -71,6 +71,11 @@ class MoELayer:
 
     gpt-oss: ``gating="softmax_topk"``, ``activation="swiglu_oai"``, biases set.
     Mixtral/Qwen3-MoE: ``gating="topk_softmax_all"``, ``activation="silu"``, no biases.
+
+    Construction checks shapes, types and that the router and biases are finite
+    (small arrays: one pass each). Expert weights are not scanned (they may be a
+    60 GB memory map); a NaN in them, or in an array changed after construction,
+    comes out as NaN in the outputs it reaches, on every target.
     """
 
     router_w: np.ndarray  # float32 [n_experts, n_embd]
@@ -94,17 +99,24 @@ class MoELayer:
             raise TypeError(f"k must be an int, got {type(self.k).__name__}")
         if not 1 <= self.k <= E:
             raise ValueError(f"k={self.k} must be in [1, n_experts={E}]")
-        _check_f32("router_w", self.router_w, (E, D))
-        _check_f32("router_b", self.router_b, (E,), optional=True)
+        names = self.tensor_names()
+        _check_f32("router_w", self.router_w, (E, D), gguf=names["router_w"])
+        _check_f32("router_b", self.router_b, (E,), optional=True, gguf=names["router_b"])
         for name, t, shape in (("gate", self.gate, (E, F, D)), ("up", self.up, (E, F, D)),
                                ("down", self.down, (E, D, F))):
             if (t.n_experts, t.rows, t.cols) != shape:
                 raise ValueError(f"{name} experts are {(t.n_experts, t.rows, t.cols)}, expected {shape}")
         if self.gate.ggml_type != self.up.ggml_type:
             raise ValueError("gate and up experts must share one type")
-        _check_f32("gate_b", self.gate_b, (E, F), optional=True)
-        _check_f32("up_b", self.up_b, (E, F), optional=True)
-        _check_f32("down_b", self.down_b, (E, D), optional=True)
+        for name, shape in (("gate_b", (E, F)), ("up_b", (E, F)), ("down_b", (E, D))):
+            _check_f32(name, getattr(self, name), shape, optional=True, gguf=names[name])
+
+    def tensor_names(self) -> dict[str, str]:
+        """The GGUF tensor name of each field (for messages)."""
+        b = f"blk.{self.index}."
+        return {"router_w": b + "ffn_gate_inp.weight", "router_b": b + "ffn_gate_inp.bias",
+                **{f"{n}_b": b + f"ffn_{n}_exps.bias" for n in ("gate", "up", "down")},
+                **{n: b + f"ffn_{n}_exps.weight" for n in ("gate", "up", "down")}}
 
     @property
     def n_experts(self) -> int:
@@ -149,7 +161,7 @@ class MoELayer:
         return sum(c.slab_bytes for c in self.copied())
 
 
-def _check_f32(name, a, shape, optional=False):
+def _check_f32(name, a, shape, optional=False, gguf=""):
     if a is None:
         if optional:
             return
@@ -158,3 +170,8 @@ def _check_f32(name, a, shape, optional=False):
         raise TypeError(f"{name} must be a float32 numpy array, got {getattr(a, 'dtype', type(a))}")
     if a.shape != shape:
         raise ValueError(f"{name} has shape {a.shape}, expected {shape}")
+    # min/max propagate NaN and show +-inf: two passes, no temporary array.
+    if a.size and not (np.isfinite(a.min()) and np.isfinite(a.max())):
+        at = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
+        raise ValueError(f"tensor {gguf} ({name}) holds {a[at]} at {list(at)}: router weights and "
+                         "biases must be finite")

@@ -29,7 +29,7 @@ import numba
 import numpy as np
 
 from . import copyplan, routing
-from .cpu import moe_ffn_cpu
+from .cpu import moe_ffn_cpu_trusted
 from .layer import MoELayer
 from .residency import SlotPool
 from .stats import Stats, TensorRecord, UbatchRecord
@@ -74,7 +74,12 @@ class HybridMoE:
     ``merge`` (a ``copyplan.CostModel``, natural layout only) also copies a gap
     of unused experts when that is cheaper than one more copy. ``launch_tiles``:
     at least this many tiles per kernel launch (None: enough to fill the GPU;
-    1: one launch per copy range).
+    1: one launch per copy range). ``cache_bytes`` above what every layer's
+    experts take is capped there (logged): a larger pool could never fill.
+    ``tiles`` (a ``kernels.TileConfig``) sizes the device kernels; the cpu target
+    has none and ignores it.
+
+    Inputs are validated here and in ``forward``; the calls inside trust them.
     """
 
     def __init__(self, layers, *, device="auto", policy="used", layout="natural", host="auto",
@@ -95,10 +100,16 @@ class HybridMoE:
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         for name, v in (("cache_bytes", cache_bytes), ("min_offload_batch", min_offload_batch)):
-            if not isinstance(v, (int, np.integer)) or v < 0:
+            if not _is_int(v) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
-        if device_bytes is not None and (not isinstance(device_bytes, (int, np.integer)) or device_bytes <= 0):
+        if device_bytes is not None and (not _is_int(device_bytes) or device_bytes <= 0):
             raise ValueError(f"device_bytes must be a positive int or None, got {device_bytes!r}")
+        if stats is not None and not isinstance(stats, Stats):
+            raise TypeError(f"stats must be a hybrid.moe.stats.Stats or None, got {type(stats).__name__}")
+        if tiles is not None:
+            from .kernels import TileConfig  # only when given: the cpu target imports no kernels
+            if not isinstance(tiles, TileConfig):
+                raise TypeError(f"tiles must be a kernels.TileConfig or None, got {type(tiles).__name__}")
         if host not in HOST_MODES:
             raise ValueError(f"host mode must be one of {HOST_MODES}, got {host!r}")
         if launch_tiles is not None and (isinstance(launch_tiles, (bool, np.bool_))
@@ -118,6 +129,10 @@ class HybridMoE:
         E = first.n_experts
         self.roles = first.copied()
         self.expert_bytes = first.expert_bytes  # one expert, every tensor
+        usable = len(layers) * E * self.expert_bytes
+        if self.cache_bytes > usable:  # one number must not allocate more than the model can use
+            log.info("cache_bytes capped at %d: every expert of the %d layer(s) fits", usable, len(layers))
+            self.cache_bytes = cache_bytes = usable
         if layout == "natural":
             self.n_slots = E
             need = E * self.expert_bytes
@@ -167,6 +182,8 @@ class HybridMoE:
     def forward(self, layer, x: np.ndarray, ubatch: int | None = None) -> np.ndarray:
         """The MoE output float32 ``[n_tokens, n_embd]`` of ``layer`` (index or MoELayer) for ``x``."""
         L = self._layer(layer)
+        if ubatch is not None and not _is_int(ubatch):
+            raise TypeError(f"ubatch must be an int or None, got {type(ubatch).__name__}")
         x = _check_hidden(x, L.n_embd)
         # 1. route
         t0 = time.perf_counter()
@@ -178,6 +195,8 @@ class HybridMoE:
         """As ``forward``, with the routing given: ``ids`` int [T, k] (distinct per token, in
         ``[0, n_experts)``) and ``weights`` float32 [T, k] (finite)."""
         L = self._layer(layer)
+        if ubatch is not None and not _is_int(ubatch):
+            raise TypeError(f"ubatch must be an int or None, got {type(ubatch).__name__}")
         x = _check_hidden(x, L.n_embd)
         T, k = x.shape[0], L.k
         if not isinstance(ids, np.ndarray) or not np.issubdtype(ids.dtype, np.integer) or ids.shape != (T, k):
@@ -195,6 +214,8 @@ class HybridMoE:
         return self._forward(L, x, np.ascontiguousarray(ids, np.int32), np.ascontiguousarray(weights), ubatch, 0.0)
 
     def _layer(self, layer) -> MoELayer:
+        if isinstance(layer, (bool, np.bool_)):
+            raise TypeError("layer must be an int index or one of this backend's MoELayers, got a bool")
         if isinstance(layer, (int, np.integer)):
             if not 0 <= layer < len(self.layers):
                 raise ValueError(f"layer {layer} outside [0, {len(self.layers)})")
@@ -224,7 +245,7 @@ class HybridMoE:
                 rec.times["plan"] = time.perf_counter() - t0
             self._record_copies(rec, L, rounds, planned(L, rounds))
             t0 = time.perf_counter()
-            out = moe_ffn_cpu(L, x, ids, weights)
+            out = moe_ffn_cpu_trusted(L, x, ids, weights)  # x, ids, weights checked above
             rec.times["compute"] = time.perf_counter() - t0
             self.stats.add(rec)
             return out
@@ -253,7 +274,8 @@ class HybridMoE:
         for i in range(0, want.size, self.n_slots):
             experts = want[i:i + self.n_slots]
             slots, miss = self.pool.assign(L.index, experts)
-            first, last, dst = copyplan.slot_runs(experts[miss], slots[miss])
+            # trusted: sorted unique experts, distinct slots from the pool (slot_runs checks callers' input)
+            first, last, dst = copyplan._slot_runs(experts[miss], slots[miss])
             slot_map = np.full(E, -1, np.int32)
             slot_map[experts] = slots
             rounds.append(Round(experts, slot_map, first, last, dst, int((~miss).sum())))
@@ -282,6 +304,10 @@ class Round:
         self.experts, self.slot_map = experts, slot_map
         self.first, self.last, self.dst_slot = first, last, dst_slot
         self.hits = hits
+
+
+def _is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def _check_hidden(x, n_embd):
