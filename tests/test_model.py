@@ -430,3 +430,14 @@ def test_default_model_is_written_once(tmp_path, monkeypatch):
     assert (m.arch, len(m.layers), m.n_embd, m.n_experts, m.k) == ("gpt-oss", 4, 128, 32, 4)
     p.write_bytes(b"garbage")  # a damaged cache is rewritten
     assert load(ensure_default_model()).n_layers == 4
+
+
+def test_write_tiny_stores_given_layers(tmp_path):
+    seed = int(np.random.default_rng().integers(1 << 30))
+    layers = [random_layer(64, 32, 8, 2, seed=seed + i, index=i) for i in range(2)]
+    m = load(write_tiny(tmp_path / "given.gguf", n_layers=2, n_embd=64, n_ff=32, n_experts=8, k=2, layers=layers))
+    for got, want in zip(m.layers, layers):
+        assert np.array_equal(got.router_w, want.router_w) and np.array_equal(got.down_b, want.down_b)
+        assert np.array_equal(got.gate.raw, want.gate.raw) and np.array_equal(got.down.raw, want.down.raw)
+    with pytest.raises(ValueError, match="layers must be 3 MoELayers"):
+        write_tiny(tmp_path / "bad.gguf", n_layers=3, n_embd=64, n_ff=32, n_experts=8, k=2, layers=layers)

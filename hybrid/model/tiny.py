@@ -122,7 +122,7 @@ def tiny_vocab(n_vocab: int, pre: str = "gpt-4o"):
 
 def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_experts=32, k=4, seed=0,
                n_vocab=1024, n_head=4, n_head_kv=2, head_dim=32, skew=2.0, n_swa=128, tokenizer=None,
-               expert_type=None, dense_type=T.Q8_0, split_max_tensors=0) -> Path:
+               expert_type=None, dense_type=T.Q8_0, split_max_tensors=0, layers=None) -> Path:
     """Write a small MoE GGUF laid out like the real files; returns the path to load.
 
     ``arch="gpt-oss"``: keys, tensor names, types and ggml shapes follow llama.cpp's
@@ -132,7 +132,8 @@ def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_expe
     biases each gpt-oss router towards a few experts, as real routing is.
     ``tokenizer``: a byte-level BPE trained on ``CORPUS`` (``tiny_vocab``) with a chat
     template; None: one when ``n_vocab`` has room for it (256 bytes + specials).
-    ``split_max_tensors`` > 0 writes ``NAME-0000i-of-0000N.gguf`` parts.
+    ``split_max_tensors`` > 0 writes ``NAME-0000i-of-0000N.gguf`` parts. ``layers``:
+    MoE layers to store instead of random ones (one per block, of the shapes given).
     """
     if arch not in TINY_PRE:
         raise ValueError(f"write_tiny: arch must be one of {tuple(TINY_PRE)}, got {arch!r}")
@@ -160,7 +161,13 @@ def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_expe
 
     q, kv = n_head * head_dim, n_head_kv * head_dim
     etype = (T.MXFP4 if gpt_oss else T.Q8_0) if expert_type is None else T(int(expert_type))
-    if gpt_oss:
+    if layers is not None:
+        layers = list(layers)
+        want = (n_experts, n_embd, n_ff, k)
+        if len(layers) != n_layers or any((L.n_experts, L.n_embd, L.n_ff, L.k) != want for L in layers):
+            raise ValueError(f"write_tiny: layers must be {n_layers} MoELayers of (experts, n_embd, n_ff, k) {want}")
+        etype = T(int(layers[0].gate.ggml_type))
+    elif gpt_oss:
         layers = tiny_layers(n_layers=n_layers, n_embd=n_embd, n_ff=n_ff, n_experts=n_experts, k=k,
                              seed=seed, skew=skew, wtype=etype)
     else:
