@@ -2,7 +2,7 @@
 
 Tokens are grouped by expert (pairs t*k+j, as hybrid.moe.routing buckets them) and
 gathered into aligned rows. Work is cut into items (expert e, tile of
-``Tiles.rows`` output rows): an item computes its rows for every token routed
+``CpuTiles.rows`` output rows): an item computes its rows for every token routed
 to e, so each weight byte comes from RAM once per call and is reused from
 L1/L2 for all of the expert's tokens. Items are ordered row-tile-major and cut
 into a few equal-cost chunks per thread, so skewed routing still balances.
@@ -19,7 +19,8 @@ choices of a token are summed in slot order (deterministic, no atomics).
 
 The kernels are LLVM IR from ``cpu_ir`` (numba's vectoriser cannot do the
 nibble lookup well); the host's best variant is compiled in (``ISA``), the
-others are testable through ``make_mx_dot``/``make_mx_decode``.
+others are testable through ``make_mx_dot``/``make_mx_decode``. Formats are
+read through ``quant.cpu`` (decoders dispatched by GGML type id).
 """
 from __future__ import annotations
 
@@ -27,20 +28,20 @@ from dataclasses import dataclass
 
 import numba as nb
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf.constants import GGMLQuantizationType as T
 
-from quant import types as qtypes
+from quant import cpu as qcpu, types as qtypes
 
-from .cpu_ir import W, best_isa, make_act, make_f32_dot, make_mx_decode, make_mx_dot
+from .cpu_ir import W, best_isa, make_act, make_f32_dot, make_mx_dot
 from .activation import ACT_CODE, silu_f32, swiglu_oai_f32
 from .layer import ExpertTensor, MoELayer
 from .routing import bucket
 
-__all__ = ["moe_ffn_cpu", "mul_mat_id_cpu", "expert_matmul_cpu", "Tiles", "TILES", "ISA"]
+__all__ = ["moe_ffn_cpu", "mul_mat_id_cpu", "expert_matmul_cpu", "CpuTiles", "TILES", "ISA"]
 
 # ---------------------------------------------------------------- tile sizes
 @dataclass(frozen=True)
-class Tiles:
+class CpuTiles:
     """Blocking of the CPU path (data, not code: the kernels take them at run time)."""
 
     rows: int = 64        # output rows per item (a multiple of 4, every kernel's R)
@@ -52,19 +53,18 @@ class Tiles:
         for name in ("rows", "kc_direct", "kc_tile", "tile_min"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"Tiles.{name} must be a positive int, got {v!r}")
+                raise ValueError(f"CpuTiles.{name} must be a positive int, got {v!r}")
         if self.rows % 4 or self.kc_tile % 32:
-            raise ValueError(f"Tiles.rows must be a multiple of 4 and kc_tile of 32, got {self}")
+            raise ValueError(f"CpuTiles.rows must be a multiple of 4 and kc_tile of 32, got {self}")
 
     def astuple(self):
         return (int(self.rows), int(self.kc_direct), int(self.kc_tile), int(self.tile_min))
 
 
-TILES = Tiles()
+TILES = CpuTiles()
 ALIGN = 64         # bytes; every float buffer row starts on a cache line
 
-_MX_BYTES = GGML_QUANT_SIZES[T.MXFP4][1]
-_TYPE_CODE = {T.F32: 0, T.F16: 1, T.BF16: 2, T.Q8_0: 3, T.MXFP4: 4}
+_MX_QK, _MX_BYTES, _MXFP4 = qcpu.MX_QK, qcpu.MX_BYTES, qcpu.MXFP4
 
 # Chosen once: numba caches compiled code per CPU, so the kernels must depend on the host alone.
 ISA = best_isa()
@@ -73,7 +73,6 @@ ISA = best_isa()
 DIRECT_R = (4, 4, 4, 4, 2, 2, 2, 2) if ISA == "avx512" else (2, 2, 2, 2, 1, 1, 1, 1)
 (_mx_t1, _mx_t2, _mx_t3, _mx_t4, _mx_t5, _mx_t6, _mx_t7, _mx_t8) = (
     make_mx_dot(DIRECT_R[t - 1], t, ISA) for t in range(1, 9))
-_mx_decode = make_mx_decode(ISA)
 F32_R = 4  # float32 tile kernel rows; tokens F32_T, largest first
 F32_T = (6, 4, 2, 1) if W == 16 else (3, 2, 1, 1)
 _f32_a, _f32_b, _f32_c, _f32_d = (make_f32_dot(F32_R, t) for t in F32_T)
@@ -92,48 +91,14 @@ def _aligned(n):
 
 
 @nb.njit(inline="always")
-def _f16(lo, hi):
-    # exact: (e ? 1024+m : m) * 2^(max(e,1)-25); e == 31 is inf/NaN
-    h = np.int32(lo) | (np.int32(hi) << 8)
-    e = (h >> 10) & 31
-    m = h & 1023
-    if e == 31:
-        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
-    else:
-        v = np.float32(m + (1024 if e else 0)) * np.float32(2.0 ** (max(e, 1) - 25))
-    return -v if h & 0x8000 else v
-
-
-@nb.njit(inline="always")
 def _decode_tile(raw, wtype, e, r0, nr, c0, c1, tile, ld, width):
-    """tile[r*ld + c] = W[e, r0+r, c0+c] for r < nr, c < c1-c0; zeros up to ``width`` columns."""
+    """tile[r*ld + c] = W[e, r0+r, c0+c] for r < nr, c < c1-c0; zeros up to ``width`` columns
+    and in the rows up to the next multiple of F32_R."""
     n = c1 - c0
-    tu = tile.view(np.uint32)
     for r in range(nr):
-        row = raw[e, r0 + r]
-        o = r * ld
-        if wtype == 4:
-            _mx_decode(raw, ((e * raw.shape[1] + r0 + r) * raw.shape[2]) + c0 // 32 * _MX_BYTES, n // 32, tile, o)
-        elif wtype == 3:
-            for b in range(n // 32):
-                q0 = (c0 // 32 + b) * 34
-                d = _f16(row[q0], row[q0 + 1])
-                for j in range(32):
-                    tile[o + b * 32 + j] = np.float32(np.int8(row[q0 + 2 + j])) * d
-        elif wtype == 0:
-            for c in range(n):
-                p = (c0 + c) * 4
-                tu[o + c] = (np.uint32(row[p]) | (np.uint32(row[p + 1]) << np.uint32(8))
-                             | (np.uint32(row[p + 2]) << np.uint32(16)) | (np.uint32(row[p + 3]) << np.uint32(24)))
-        elif wtype == 1:
-            for c in range(n):
-                tile[o + c] = _f16(row[(c0 + c) * 2], row[(c0 + c) * 2 + 1])
-        else:
-            for c in range(n):
-                p = (c0 + c) * 2
-                tu[o + c] = (np.uint32(row[p]) << np.uint32(16)) | (np.uint32(row[p + 1]) << np.uint32(24))
+        qcpu.decode(raw, wtype, e, r0 + r, c0, n, tile, r * ld)
         for c in range(n, width):
-            tile[o + c] = 0.0
+            tile[r * ld + c] = 0.0
     for r in range(nr, (nr + F32_R - 1) // F32_R * F32_R):
         for c in range(width):
             tile[r * ld + c] = 0.0
@@ -193,9 +158,9 @@ def _item(raw, wtype, e, r0, nr, cols, X, p0, n, out, ooff, ost, tile, tiles):
     """
     _, kc_direct, kc_tile, tile_min = tiles
     xst = X.shape[1]
-    if wtype == 4 and n < tile_min and nr % 4 == 0:
+    if wtype == _MXFP4 and n < tile_min and nr % 4 == 0:
         # direct: tokens in groups of 8, the rest in one group; each group is one pass over the weights
-        nblk = cols // 32
+        nblk = cols // _MX_QK
         wst = raw.shape[2]
         base = (e * raw.shape[1] + r0) * wst
         kc = kc_direct if n > 8 else nblk  # up to 8 tokens' x fit L1 whole
@@ -203,7 +168,7 @@ def _item(raw, wtype, e, r0, nr, cols, X, p0, n, out, ooff, ost, tile, tiles):
             nk = min(kc, nblk - k0)
             for t in range(0, n, 8):
                 _direct_pass(min(8, n - t), raw, base + k0 * _MX_BYTES, wst, nk, nr,
-                             X, (p0 + t) * xst + k0 * 32, xst, out, ooff + t * ost, ost)
+                             X, (p0 + t) * xst + k0 * _MX_QK, xst, out, ooff + t * ost, ost)
         return
     nr4 = (nr + F32_R - 1) // F32_R * F32_R
     for c0 in range(0, cols, kc_tile):
@@ -232,7 +197,7 @@ def _bucket(ids, n_experts):
 
 
 @nb.njit(cache=True)
-def _plan(starts, used, rows, rt, nchunks):
+def _work_items(starts, used, rows, rt, nchunks):
     """Items (expert, first row) row-tile-major, and chunk bounds of about equal cost."""
     ntile = (rows + rt - 1) // rt
     m = ntile * used.size
@@ -288,7 +253,7 @@ def _grouped(graw, uraw, wtype, rows, cols, X, starts, used, gb, ub, act, H, til
     """
     fused = act >= 0
     rt, kc_tile = tiles[0], tiles[2]
-    item_e, item_r, bounds = _plan(starts, used, rows, rt, nchunks)
+    item_e, item_r, bounds = _work_items(starts, used, rows, rt, nchunks)
     nmax = 1
     for e in used:
         nmax = max(nmax, starts[e + 1] - starts[e])
@@ -354,9 +319,9 @@ def _check_tensor(name, t):
         qt = T(int(t.ggml_type))
     except ValueError:
         qt = None
-    if qt not in _TYPE_CODE:
+    if qt not in qcpu.TYPES:
         raise NotImplementedError(f"{name}: GGML type {qtypes.type_name(t.ggml_type)} is not supported "
-                                  f"(supported: {', '.join(q.name for q in _TYPE_CODE)})")
+                                  f"(supported: {', '.join(q.name for q in qcpu.TYPES)})")
     raw = t.raw
     if raw.shape != (t.n_experts, t.rows, qtypes.row_nbytes(qt, t.cols)) or not raw.flags.c_contiguous:
         raise ValueError(f"{name}: bytes {raw.shape} do not hold {t.n_experts} x [{t.rows}, {t.cols}] {qt.name}")
@@ -365,7 +330,7 @@ def _check_tensor(name, t):
     # Read-only view: GGUF memory maps are read-only, and one array type means one compiled variant.
     raw = raw.view()
     raw.flags.writeable = False
-    return raw, _TYPE_CODE[qt]
+    return raw, int(qt)
 
 
 def _check_x(x, cols, what="x", ndim=2):
@@ -430,12 +395,12 @@ def _chunks():
 def _check_tiles(tiles):
     if tiles is None:
         return TILES.astuple()
-    if not isinstance(tiles, Tiles):
-        raise TypeError(f"tiles must be a Tiles, got {type(tiles).__name__}")
+    if not isinstance(tiles, CpuTiles):
+        raise TypeError(f"tiles must be a CpuTiles, got {type(tiles).__name__}")
     return tiles.astuple()
 
 
-def mul_mat_id_cpu(w: ExpertTensor, x: np.ndarray, ids: np.ndarray, *, tiles: Tiles | None = None) -> np.ndarray:
+def mul_mat_id_cpu(w: ExpertTensor, x: np.ndarray, ids: np.ndarray, *, tiles: CpuTiles | None = None) -> np.ndarray:
     """ggml_mul_mat_id on the CPU: ``y[t, j] = W[ids[t, j]] @ x[t]`` -> float32 ``[T, k, rows]``.
 
     ``x`` is ``[T, cols]`` (one input per token, as for gate/up) or ``[T, k, cols]``
@@ -460,7 +425,7 @@ def mul_mat_id_cpu(w: ExpertTensor, x: np.ndarray, ids: np.ndarray, *, tiles: Ti
     return Y[pos, :w.rows].reshape(n, k, w.rows)
 
 
-def expert_matmul_cpu(w: ExpertTensor, e: int, x: np.ndarray, *, tiles: Tiles | None = None) -> np.ndarray:
+def expert_matmul_cpu(w: ExpertTensor, e: int, x: np.ndarray, *, tiles: CpuTiles | None = None) -> np.ndarray:
     """One expert, one matrix: ``y = W[e] @ x`` for each row of ``x`` -> float32 ``[n, rows]``.
 
     ``x`` is float32 ``[n, cols]`` (or ``[cols]``, giving ``[rows]``).
@@ -478,7 +443,7 @@ def expert_matmul_cpu(w: ExpertTensor, e: int, x: np.ndarray, *, tiles: Tiles | 
 
 
 def moe_ffn_cpu(layer: MoELayer, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
-                out: np.ndarray | None = None, *, tiles: Tiles | None = None) -> np.ndarray:
+                out: np.ndarray | None = None, *, tiles: CpuTiles | None = None) -> np.ndarray:
     """The MoE FFN of one layer on the CPU, given its routing -> float32 ``[n_tokens, n_embd]``.
 
     ``ids`` int ``[n_tokens, k]`` expert ids, ``weights`` float ``[n_tokens, k]``;
