@@ -96,3 +96,51 @@ def dequantize_rows(raw: np.ndarray, ggml_type: int, cols: int) -> np.ndarray:
     if out.size:
         _decode_all(r3, int(qt), cols, out)
     return out.reshape(*raw.shape[:-1], cols)
+
+
+# ---------------------------------------------------------------- int8 activations
+# Activations for the integer MXFP4 dot (what ggml does with Q8_0): per block of 32, the
+# int8 values ggml's quantize_row_q8_0 (and gguf.quants) produce, q = roundf(x / (amax/127)),
+# but the scale kept in float32 (Q8_0 stores it as a half). A block is Q8_REC bytes: the 32
+# q, then 8 int32 corrections -U8_OFFSET * (q[4l] + .. + q[4l+3]) for the kernel's unsigned
+# weights (quant.simd.U8_OFFSET), so the kernel's lanes sum to exactly sum(w * q).
+Q8_REC = 64
+U8_OFFSET = simd.U8_OFFSET
+
+
+@nb.njit(inline="always")
+def _roundf(v):
+    # C roundf (half away from zero) in float32, as gguf.quants.np_roundf
+    a = abs(v)
+    fl = np.floor(a)
+    r = fl + np.floor(np.float32(2.0) * (a - fl))
+    return -r if v < 0 else r
+
+
+@nb.njit(inline="always")
+def quantize_q8_row(x, p, nblk, qc, d):
+    """Row p of x (float32 [P, >= nblk*32]) -> its nblk blocks in qc (uint8, flat: row p's block b
+    at byte (p*nblk + b)*Q8_REC) and d (float32, flat: d[p*nblk + b]). Sizes are the caller's."""
+    qi = qc.view(np.int32)
+    for b in range(nblk):
+        amax = np.float32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(x[p, b * 32 + j]))
+        s = amax / np.float32(127.0)
+        inv = np.float32(1.0) / s if s != 0 else np.float32(0.0)
+        d[p * nblk + b] = s
+        o = (p * nblk + b) * Q8_REC
+        for g in range(8):
+            t = 0
+            for j in range(4):
+                q = np.int32(_roundf(x[p, b * 32 + g * 4 + j] * inv))
+                qc[o + g * 4 + j] = np.uint8(q & 0xFF)
+                t += q
+            qi[o // 4 + 8 + g] = np.int32(-U8_OFFSET * t)
+
+
+@nb.njit(cache=True)
+def quantize_q8(x, rows, nblk, qc, d):
+    """Rows [0, rows) of x, as quantize_q8_row."""
+    for p in range(rows):
+        quantize_q8_row(x, p, nblk, qc, d)

@@ -11,6 +11,7 @@ intrinsics over arrays) are what the CPU expert kernels are written with too.
 """
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
@@ -236,3 +237,47 @@ def make_mx_decode(isa):
     """Intrinsic ``(w u8[], woff, nblk, out f32[], ooff)``: decode nblk (>= 1) MXFP4 blocks
     starting at byte ``woff`` of ``w`` to floats at ``out[ooff:]``. No bounds checks."""
     return make_intrinsic(f"mx_decode_{isa}", lambda m: _build_mx_decode(m, isa), 5, (0, 3))
+
+
+# ---------------------------------------------------------------- MXFP4 as int8 (the integer dot)
+# The 16 values (E2M1 doubled, -12..12) shifted by U8_OFFSET are unsigned bytes 0..24, the
+# operand vpmaddubsw/vpdpbusd read unsigned: sum (w + 12) q = sum w q + 12 sum q, and the
+# activation side subtracts 12 sum q (once per token, see quant.cpu.quantize_q8).
+U8_OFFSET = -int(mxfp4.KVALUES.min())
+KVALUES_U8 = (mxfp4.KVALUES.astype(np.int32) + U8_OFFSET).astype(np.uint8)
+
+
+def q8_isa() -> str | None:
+    """The integer-dot variant this host runs: 'vnni' (vpdpbusd on 256 bits: AVX-VNNI or
+    AVX512-VNNI+VL), 'avx2' (vpmaddubsw + vpmaddwd), or None (no integer path)."""
+    if "avxvnni" in FEATURES or {"avx512vnni", "avx512vl"} <= FEATURES:
+        return "vnni"
+    return "avx2" if HAS["avx2"] else None
+
+
+def q8_isas() -> list[str]:
+    return [] if q8_isa() is None else ["avx2", "vnni"] if q8_isa() == "vnni" else ["avx2"]
+
+
+def emit_block_u8(b, p8, off):
+    """The MXFP4 block at byte ``off`` as <32 x i8> of value + U8_OFFSET (element order) and its
+    scale half(e): one 128-bit broadcast load, vpsrlvd (high lane by 4), vpand, vpshufb."""
+    qs = load(b, p8, b.add(off, c64(1)), vec(I8, 16))
+    both = b.bitcast(shuf(b, qs, qs, list(range(16)) * 2), vec(I32, 8))
+    both = b.lshr(both, ir.Constant(vec(I32, 8), [0] * 4 + [4] * 4))
+    idx = b.and_(b.bitcast(both, vec(I8, 32)), ivec(32, 0x0F, I8))
+    pshufb = declare(b, "llvm.x86.avx2.pshuf.b", vec(I8, 32), [vec(I8, 32), vec(I8, 32)])
+    tbl = ir.Constant(vec(I8, 32), [int(v) for v in KVALUES_U8] * 2)
+    return b.call(pshufb, [tbl, idx]), emit_scale(b, p8, off)
+
+
+def emit_dot_u8_i8(b, variant, u, q, c):
+    """<8 x i32> lanes: c + sum of 4 products u*q (u unsigned, q signed bytes)."""
+    if variant == "vnni":
+        v8 = vec(I32, 8)
+        fn = declare(b, "llvm.x86.avx512.vpdpbusd.256", v8, [v8, v8, v8])
+        return b.call(fn, [c, b.bitcast(u, v8), b.bitcast(q, v8)])
+    maddubs = declare(b, "llvm.x86.avx2.pmadd.ub.sw", vec(I16, 16), [vec(I8, 32), vec(I8, 32)])
+    maddwd = declare(b, "llvm.x86.avx2.pmadd.wd", vec(I32, 8), [vec(I16, 16), vec(I16, 16)])
+    p16 = b.call(maddubs, [u, q])  # |pair| <= 2 * 24 * 128: no saturation
+    return b.add(b.call(maddwd, [p16, ivec(16, 1, I16)]), c)

@@ -7,13 +7,22 @@ to e, so each weight byte comes from RAM once per call and is reused from
 L1/L2 for all of the expert's tokens. Items are ordered row-tile-major and cut
 into a few equal-cost chunks per thread, so skewed routing still balances.
 
-Inside an item, two ways to multiply (float32 accumulation throughout):
+Inside an item, three ways to multiply:
+- int8 (MXFP4, calls of at most ``q8_tokens`` tokens: decode): as ggml does, the
+  activations are quantised once per call to int8 blocks of 32 (ggml's Q8_0
+  rounding, float32 scales; ``quant.cpu.quantize_q8``), the nibbles become bytes
+  through a 16-entry vpshufb table, integer multiply-adds (vpmaddubsw/vpmaddwd,
+  or vpdpbusd with VNNI) give each block's exact sum, scaled by half(e) * d_x into
+  float32 accumulators. It matches the float64 reference of the quantised
+  activations to float32 rounding; against unquantised activations it differs
+  by the int8 rounding (about 1e-3 of the largest output, see the tests).
 - direct (MXFP4, fewer than ``tile_min`` tokens): decode each 32-weight block
   in registers (vpermps on the 16-entry table times the block scale) and FMA it
   into R rows x T tokens (T <= 8) of accumulators, one pass over the weights
   per 8 tokens; K in chunks of ``kc_direct`` blocks keeps the x chunk in L1.
 - tile (other types, or many tokens): decode rows x ``kc_tile`` columns into
   an aligned float32 buffer (L2), then an R x T float32 kernel over it.
+The direct and tile ways accumulate float32 products of float32 activations.
 Gate and up share an item, their activation is fused, down runs after; the k
 choices of a token are summed in slot order (deterministic, no atomics).
 
@@ -32,7 +41,7 @@ from gguf.constants import GGMLQuantizationType as T
 
 from quant import cpu as qcpu, types as qtypes
 
-from .cpu_ir import W, best_isa, make_act, make_f32_dot, make_mx_dot
+from .cpu_ir import W, best_isa, make_act, make_f32_dot, make_mx_dot, make_q8_dot, q8_isa
 from .activation import ACT_CODE, silu_f32, swiglu_oai_f32
 from .layer import ExpertTensor, MoELayer
 from .routing import bucket
@@ -48,17 +57,19 @@ class CpuTiles:
     kc_direct: int = 32   # MXFP4 blocks per K chunk in the direct path (>= 8 tokens: x chunk in L1)
     kc_tile: int = 960    # columns per decoded float32 tile (a multiple of 32)
     tile_min: int = 12    # an MXFP4 expert with this many tokens or more uses the tile path
+    q8_tokens: int = 1    # calls of at most this many tokens use int8 activations for MXFP4; 0: never
 
     def __post_init__(self):
-        for name in ("rows", "kc_direct", "kc_tile", "tile_min"):
+        for name in ("rows", "kc_direct", "kc_tile", "tile_min", "q8_tokens"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"CpuTiles.{name} must be a positive int, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (name != "q8_tokens"):
+                raise ValueError(f"CpuTiles.{name} must be a {'non-negative' if name == 'q8_tokens' else 'positive'} "
+                                 f"int, got {v!r}")
         if self.rows % 4 or self.kc_tile % 32:
             raise ValueError(f"CpuTiles.rows must be a multiple of 4 and kc_tile of 32, got {self}")
 
     def astuple(self):
-        return (int(self.rows), int(self.kc_direct), int(self.kc_tile), int(self.tile_min))
+        return (int(self.rows), int(self.kc_direct), int(self.kc_tile), int(self.tile_min), int(self.q8_tokens))
 
 
 TILES = CpuTiles()
@@ -73,6 +84,15 @@ ISA = best_isa()
 DIRECT_R = (4, 4, 4, 4, 2, 2, 2, 2) if ISA == "avx512" else (2, 2, 2, 2, 1, 1, 1, 1)
 (_mx_t1, _mx_t2, _mx_t3, _mx_t4, _mx_t5, _mx_t6, _mx_t7, _mx_t8) = (
     make_mx_dot(DIRECT_R[t - 1], t, ISA) for t in range(1, 9))
+# int8 path: the host's variant (None: no integer path, calls stay float); rows per kernel for T = 1..4
+# tokens (R*T accumulators: 16 ymm on AVX2), single rows for the rest of a tile
+Q8_VARIANT = q8_isa()
+Q8_R = (4, 4, 4, 4) if ISA == "avx512" else (4, 2, 1, 1)
+if Q8_VARIANT is not None:
+    (_q8_t1, _q8_t2, _q8_t3, _q8_t4) = (make_q8_dot(Q8_R[t - 1], t, Q8_VARIANT) for t in range(1, 5))
+    (_q8_s1, _q8_s2, _q8_s3, _q8_s4) = (make_q8_dot(1, t, Q8_VARIANT) for t in range(1, 5))
+else:  # never called: calls stay on the float paths
+    _q8_t1 = _q8_t2 = _q8_t3 = _q8_t4 = _q8_s1 = _q8_s2 = _q8_s3 = _q8_s4 = make_mx_dot(1, 1, ISA)
 F32_R = 4  # float32 tile kernel rows; tokens F32_T, largest first
 F32_T = (6, 4, 2, 1) if W == 16 else (3, 2, 1, 1)
 _f32_a, _f32_b, _f32_c, _f32_d = (make_f32_dot(F32_R, t) for t in F32_T)
@@ -134,6 +154,34 @@ def _direct_pass(T_, raw, wo, wst, nk, nr, X, xo, xst, out, oo, ost):
 
 
 @nb.njit(cache=True)
+def _q8_pass(T_, raw, wo, wst, nk, nr, QC, D, xo, xst, out, oo, ost):
+    """out[oo + t*ost + r] += row r . x_t for T_ (1..4) tokens, rows [0, nr), x_t the int8 blocks
+    xo + t*xst .. of (QC, D)."""
+    R = Q8_R[T_ - 1]
+    nm = nr - nr % R
+    if T_ == 1:
+        for r in range(0, nm, R):
+            _q8_t1(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
+        for r in range(nm, nr):
+            _q8_s1(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
+    elif T_ == 2:
+        for r in range(0, nm, R):
+            _q8_t2(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
+        for r in range(nm, nr):
+            _q8_s2(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
+    elif T_ == 3:
+        for r in range(0, nm, R):
+            _q8_t3(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
+        for r in range(nm, nr):
+            _q8_s3(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
+    else:
+        for r in range(0, nm, R):
+            _q8_t4(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
+        for r in range(nm, nr):
+            _q8_s4(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
+
+
+@nb.njit(cache=True)
 def _tile_pass(T_, tile, ld, nvec, nr4, X, xo, xst, out, oo, ost):
     """out[oo + t*ost + r] += tile row r . x_t for T_ (one of F32_T) tokens, rows [0, nr4)."""
     if T_ == F32_T[0]:
@@ -151,13 +199,22 @@ def _tile_pass(T_, tile, ld, nvec, nr4, X, xo, xst, out, oo, ost):
 
 
 @nb.njit(cache=True)
-def _item(raw, wtype, e, r0, nr, cols, X, p0, n, out, ooff, ost, tile, tiles):
+def _item(raw, wtype, e, r0, nr, cols, X, QC, D, p0, n, out, ooff, ost, tile, tiles):
     """out[ooff + t*ost + r] += W[e, r0+r, :] . X[p0+t, :] for t < n, r < nr (rounded up to 4).
 
     X rows are ALIGN-aligned with zeros past ``cols``; ``tile`` holds rows x kc_tile floats.
+    With ``QC.size`` (MXFP4 only), X's rows quantised (quant.cpu.quantize_q8) are read instead.
     """
-    _, kc_direct, kc_tile, tile_min = tiles
+    _, kc_direct, kc_tile, tile_min, _ = tiles
     xst = X.shape[1]
+    if QC.size:
+        nbx = xst // _MX_QK
+        wst = raw.shape[2]
+        base = (e * raw.shape[1] + r0) * wst
+        for t in range(0, n, 4):  # x of 4 tokens (4 x 5.6 KB at 2880 columns) stays in L1
+            _q8_pass(min(4, n - t), raw, base, wst, cols // _MX_QK, nr, QC, D, (p0 + t) * nbx, nbx,
+                     out, ooff + t * ost, ost)
+        return
     if wtype == _MXFP4 and n < tile_min and nr % 4 == 0:
         # direct: tokens in groups of 8, the rest in one group; each group is one pass over the weights
         nblk = cols // _MX_QK
@@ -245,14 +302,21 @@ def _act(g, u, act):
 
 
 @nb.njit(parallel=True, cache=True)
-def _grouped(graw, uraw, wtype, rows, cols, X, starts, used, gb, ub, act, H, tiles, nchunks):
+def _grouped(graw, uraw, wtype, rows, cols, X, starts, used, gb, ub, act, H, tiles, nchunks, q8):
     """H[p, r] += W[e(p), r, :] . X[p, :] for every pair p (H pre-zeroed).
 
     With act >= 0 gate and up are fused (``uraw`` the up experts): H = act(gate + gb, up + ub).
+    With q8 (MXFP4 only) X is quantised to int8 blocks first and the int8 kernels run.
     One call site of _item keeps the unrolled kernels compiled once.
     """
     fused = act >= 0
     rt, kc_tile = tiles[0], tiles[2]
+    P, nbx = X.shape[0], X.shape[1] // _MX_QK
+    QC = _aligned(P * nbx * qcpu.Q8_REC // 4 if q8 else 0).view(np.uint8)
+    D = np.empty(P * nbx if q8 else 0, np.float32)
+    if q8:
+        for p in nb.prange(P):
+            qcpu.quantize_q8_row(X, p, nbx, QC, D)
     item_e, item_r, bounds = _work_items(starts, used, rows, rt, nchunks)
     nmax = 1
     for e in used:
@@ -271,7 +335,7 @@ def _grouped(graw, uraw, wtype, rows, cols, X, starts, used, gb, ub, act, H, til
                 else:
                     raw, dst, doff, dst_st = uraw, U, 0, rt
                     U[:n * rt] = 0.0
-                _item(raw, wtype, e, r0, nr, cols, X, p0, n, dst, doff, dst_st, tile, tiles)
+                _item(raw, wtype, e, r0, nr, cols, X, QC, D, p0, n, dst, doff, dst_st, tile, tiles)
             if fused:
                 nv = nr // W  # whole vectors in the IR kernel, the rest (unquantised types) here
                 for t in range(n):
@@ -392,6 +456,10 @@ def _chunks():
     return 4 * nb.get_num_threads()
 
 
+def _use_q8(wtype, n_tokens, tl):
+    return Q8_VARIANT is not None and wtype == _MXFP4 and n_tokens <= tl[4]
+
+
 def _check_tiles(tiles):
     if tiles is None:
         return TILES.astuple()
@@ -421,7 +489,8 @@ def mul_mat_id_cpu(w: ExpertTensor, x: np.ndarray, ids: np.ndarray, *, tiles: Cp
     X = _gather(np.ascontiguousarray(x.reshape(-1, w.cols)), pairs, k, _pad(w.cols), x.ndim == 3)
     Y = _zeros_aligned(pairs.size, _pad(w.rows))
     with nb.parallel_chunksize(1):
-        _grouped(raw, raw, wtype, w.rows, w.cols, X, starts, used, _NO_BIAS, _NO_BIAS, -1, Y, tl, _chunks())
+        _grouped(raw, raw, wtype, w.rows, w.cols, X, starts, used, _NO_BIAS, _NO_BIAS, -1, Y, tl, _chunks(),
+                 _use_q8(wtype, n, tl))
     return Y[pos, :w.rows].reshape(n, k, w.rows)
 
 
@@ -487,7 +556,8 @@ def moe_ffn_cpu(layer: MoELayer, x: np.ndarray, ids: np.ndarray, weights: np.nda
     Y = _zeros_aligned(pairs.size, _pad(D))
     with nb.parallel_chunksize(1):
         _grouped(graw, uraw, gtype, F, D, X, starts, used, biases[0], biases[1], ACT_CODE[layer.activation], H,
-                 tl, _chunks())
-        _grouped(draw, draw, dtype_, D, F, H, starts, used, _NO_BIAS, _NO_BIAS, -1, Y, tl, _chunks())
+                 tl, _chunks(), _use_q8(gtype, n, tl))
+        _grouped(draw, draw, dtype_, D, F, H, starts, used, _NO_BIAS, _NO_BIAS, -1, Y, tl, _chunks(),
+                 _use_q8(dtype_, n, tl))
     _combine(Y, pos, weights, ids, biases[2], out)
     return out

@@ -12,14 +12,17 @@ from llvmlite import ir
 from numba.core import cgutils
 
 from quant import mxfp4
-from quant.simd import (F32 as _F32, HAS as _HAS, I32 as _I32, I64 as _I64, ISAS, P8 as _P8, best_isa,
-                        c64 as _c64, emit_block_f32, emit_loop, ivec as _ivec, load as _load,
-                        make_intrinsic as _make_intrinsic, make_mx_decode, mode as _mode, new_fn as _new_fn,
-                        shuf as _shuf, store as _store, supported_isas, vec as _vec)
+from quant.cpu import Q8_REC
+from quant.simd import (F32 as _F32, HAS as _HAS, I8 as _I8, I32 as _I32, I64 as _I64, ISAS, P8 as _P8,
+                        best_isa, c64 as _c64, emit_block_f32, emit_block_u8, emit_dot_u8_i8, emit_loop,
+                        ivec as _ivec, load as _load, make_intrinsic as _make_intrinsic, make_mx_decode,
+                        mode as _mode, new_fn as _new_fn, q8_isa, q8_isas, shuf as _shuf, splat as _splat,
+                        store as _store, supported_isas, vec as _vec)
 
 from .activation import ACT_CODE, SWIGLU_ALPHA, SWIGLU_LIMIT
 
-__all__ = ["ISAS", "W", "best_isa", "supported_isas", "make_mx_dot", "make_mx_decode", "make_f32_dot", "make_act"]
+__all__ = ["ISAS", "W", "best_isa", "supported_isas", "q8_isa", "q8_isas", "make_mx_dot", "make_q8_dot",
+           "make_mx_decode", "make_f32_dot", "make_act"]
 
 _MX_BYTES = mxfp4.BLOCK_BYTES
 W = 16 if _HAS["avx512"] else 8  # float32 lanes of the f32 kernels
@@ -109,6 +112,36 @@ def _build_mx_dot(module, R, T_, isa):
     return fn
 
 
+def _build_q8_dot(module, R, T_, variant):
+    """out[t, r] += W[r, blocks] . x[t] for R rows x T tokens: MXFP4 as unsigned bytes (vpshufb),
+    x as int8 blocks (quant.cpu.quantize_q8), integer multiply-add per block, then
+    float(block sum) * half(e) * d_x into float32 accumulators (8 lanes)."""
+    fn, entry = _new_fn(module, f"hyb_q8_dot_r{R}_t{T_}_{variant}",
+                        [_P8, _I64, _I64, _I64, _P8, _P8, _I64, _I64, _P8, _I64, _I64])
+    if entry is None:
+        return fn
+    w, woff, wst, nblk, qc, d, xo, xst, out, ooff, ost = fn.args
+    VF = _vec(_F32, 8)
+
+    def body(b, i, accs):
+        blk = [b.add(b.add(xo, i), b.mul(_c64(t), xst)) for t in range(T_)]  # token t's block index
+        qs = [_load(b, qc, b.mul(k, _c64(Q8_REC)), _vec(_I8, 32)) for k in blk]
+        cs = [_load(b, qc, b.add(b.mul(k, _c64(Q8_REC)), _c64(32)), _vec(_I32, 8)) for k in blk]
+        ds = [b.load(b.bitcast(b.gep(d, [b.shl(k, _c64(2))]), _F32.as_pointer())) for k in blk]
+        new = []
+        for r in range(R):
+            u, dw = emit_block_u8(b, w, b.add(b.add(woff, b.mul(_c64(r), wst)), b.mul(i, _c64(_MX_BYTES))))
+            for t in range(T_):
+                s = b.sitofp(emit_dot_u8_i8(b, variant, u, qs[t], cs[t]), VF)
+                new.append(_fma(b, s, _splat(b, b.fmul(dw, ds[t]), 8), accs[r * T_ + t]))
+        return new
+
+    b, accs = emit_loop(fn, entry, nblk, [_zero(VF)] * (R * T_), body)
+    _emit_store_sums(b, accs, R, T_, 8, out, ooff, ost)
+    b.ret_void()
+    return fn
+
+
 def _build_f32_dot(module, R, T_):
     """out[t, r] += w[r, :nvec*W] . x[t, :nvec*W] (float32 rows, element offsets)."""
     fn, entry = _new_fn(module, f"hyb_f32_dot_r{R}_t{T_}_w{W}", [_P8, _I64, _I64, _I64, _P8, _I64, _I64,
@@ -194,6 +227,15 @@ def make_mx_dot(R, T_, isa):
     """Intrinsic ``(w u8[], woff, wstride, nblk, x f32[], xoff, xstride, out f32[], ooff, ostride)``:
     out[ooff + t*ostride + r] += row r (bytes from woff + r*wstride, nblk blocks) . x[xoff + t*xstride:]."""
     return _make_intrinsic(f"mx_dot_{R}x{T_}_{isa}", lambda m: _build_mx_dot(m, R, T_, isa), 10, (0, 4, 7))
+
+
+def make_q8_dot(R, T_, variant):
+    """Intrinsic ``(w u8[], woff, wstride, nblk, qc u8[], d f32[], xo, xstride, out f32[], ooff, ostride)``:
+    out[ooff + t*ostride + r] += row r (bytes from woff + r*wstride, nblk >= 1 blocks) . x_t, x_t the
+    int8 blocks xo + t*xstride .. of (qc, d) (quant.cpu.quantize_q8). variant: 'avx2' or 'vnni'."""
+    if variant not in ("avx2", "vnni"):
+        raise ValueError(f"variant must be 'avx2' or 'vnni', got {variant!r}")
+    return _make_intrinsic(f"q8_dot_{R}x{T_}_{variant}", lambda m: _build_q8_dot(m, R, T_, variant), 11, (0, 4, 5, 8))
 
 
 def make_f32_dot(R, T_):
