@@ -139,7 +139,7 @@ _KVF = mxfp4.KVALUES_F32
 def njit_q8(raw, experts, qc, d, out):
     """out[j, r] = W[experts[j], r] . x with x as int8 blocks (quant.cpu.quantize_q8): integer block
     sums through the 16-entry table, then half(e) * d_x, as the IR kernel, written as plain loops."""
-    nblk = d.size
+    nblk = d.size // qcpu.Q8_DREP
     for i in numba.prange(experts.size * raw.shape[1]):
         j, r = i // raw.shape[1], i % raw.shape[1]
         row = raw[experts[j], r]
@@ -149,7 +149,7 @@ def njit_q8(raw, experts, qc, d, out):
             for t in range(16):
                 v = row[b * 17 + 1 + t]
                 s += _KV[v & 15] * np.int32(np.int8(qc[b * 64 + t])) + _KV[v >> 4] * np.int32(np.int8(qc[b * 64 + 16 + t]))
-            acc += np.float32(s) * (mxfp4.SCALES[row[b * 17]] * d[b])
+            acc += np.float32(s) * (mxfp4.SCALES[row[b * 17]] * d[b * qcpu.Q8_DREP])
         out[j, r] = acc
 
 
@@ -220,7 +220,7 @@ def main():
             fns["float"] = lambda: cpu.mul_mat_id_cpu(layer.gate, x, ids, tiles=FLOAT)
         if args.baseline and n == 1:
             nblk = D // 32
-            qc, dx = np.zeros(nblk * qcpu.Q8_REC, np.uint8), np.zeros(nblk, np.float32)
+            qc, dx = np.zeros(nblk * qcpu.Q8_REC, np.uint8), np.zeros(nblk * qcpu.Q8_DREP, np.float32)
             qcpu.quantize_q8(x, 1, nblk, qc, dx)
             ex, o = ids[0].astype(np.int64), np.zeros((K, F), np.float32)
             fns["njit q8"] = lambda: njit_q8(layer.gate.raw, ex, qc, dx, o)

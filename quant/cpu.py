@@ -103,8 +103,10 @@ def dequantize_rows(raw: np.ndarray, ggml_type: int, cols: int) -> np.ndarray:
 # int8 values ggml's quantize_row_q8_0 (and gguf.quants) produce, q = roundf(x / (amax/127)),
 # but the scale kept in float32 (Q8_0 stores it as a half). A block is Q8_REC bytes: the 32
 # q, then 8 int32 corrections -U8_OFFSET * (q[4l] + .. + q[4l+3]) for the kernel's unsigned
-# weights (quant.simd.U8_OFFSET), so the kernel's lanes sum to exactly sum(w * q).
+# weights (quant.simd.U8_OFFSET), so the kernel's lanes sum to exactly sum(w * q). The scale
+# is stored Q8_DREP times (a vector operand the kernels load, no broadcast).
 Q8_REC = 64
+Q8_DREP = 8
 U8_OFFSET = simd.U8_OFFSET
 
 
@@ -120,7 +122,7 @@ def _roundf(v):
 @nb.njit(inline="always")
 def quantize_q8_row(x, p, nblk, qc, d):
     """Row p of x (float32 [P, >= nblk*32]) -> its nblk blocks in qc (uint8, flat: row p's block b
-    at byte (p*nblk + b)*Q8_REC) and d (float32, flat: d[p*nblk + b]). Sizes are the caller's."""
+    at byte (p*nblk + b)*Q8_REC) and d (float32, flat: d[(p*nblk + b)*Q8_DREP + 0..7]). Sizes are the caller's."""
     qi = qc.view(np.int32)
     for b in range(nblk):
         amax = np.float32(0.0)
@@ -128,7 +130,8 @@ def quantize_q8_row(x, p, nblk, qc, d):
             amax = max(amax, abs(x[p, b * 32 + j]))
         s = amax / np.float32(127.0)
         inv = np.float32(1.0) / s if s != 0 else np.float32(0.0)
-        d[p * nblk + b] = s
+        for j in range(Q8_DREP):
+            d[(p * nblk + b) * Q8_DREP + j] = s
         o = (p * nblk + b) * Q8_REC
         for g in range(8):
             t = 0

@@ -247,16 +247,22 @@ U8_OFFSET = -int(mxfp4.KVALUES.min())
 KVALUES_U8 = (mxfp4.KVALUES.astype(np.int32) + U8_OFFSET).astype(np.uint8)
 
 
-def q8_isa() -> str | None:
-    """The integer-dot variant this host runs: 'vnni' (vpdpbusd on 256 bits: AVX-VNNI or
-    AVX512-VNNI+VL), 'avx2' (vpmaddubsw + vpmaddwd), or None (no integer path)."""
-    if "avxvnni" in FEATURES or {"avx512vnni", "avx512vl"} <= FEATURES:
-        return "vnni"
-    return "avx2" if HAS["avx2"] else None
-
-
 def q8_isas() -> list[str]:
-    return [] if q8_isa() is None else ["avx2", "vnni"] if q8_isa() == "vnni" else ["avx2"]
+    """The integer-dot variants this host can run, best last: 'avx2' (vpmaddubsw + vpmaddwd on
+    256 bits), 'vnni' (vpdpbusd on 256 bits: AVX-VNNI or AVX512-VNNI+VL), 'vnni512' (vpdpbusd
+    on 512 bits, two blocks per instruction: AVX512-VNNI+BW)."""
+    out = ["avx2"] if HAS["avx2"] else []
+    if "avxvnni" in FEATURES or {"avx512vnni", "avx512vl"} <= FEATURES:
+        out.append("vnni")
+    if {"avx512vnni", "avx512bw"} <= FEATURES:
+        out.append("vnni512")
+    return out
+
+
+def q8_isa() -> str | None:
+    """The host's best integer-dot variant, or None (no integer path)."""
+    v = q8_isas()
+    return v[-1] if v else None
 
 
 def emit_block_u8(b, p8, off):
@@ -271,8 +277,25 @@ def emit_block_u8(b, p8, off):
     return b.call(pshufb, [tbl, idx]), emit_scale(b, p8, off)
 
 
+def emit_pair_u8(b, p8, off):
+    """Two consecutive MXFP4 blocks at byte ``off`` as <64 x i8> (block 0's 32 bytes, then block 1's)
+    of value + U8_OFFSET, and their scales: the 512-bit form of emit_block_u8."""
+    qs0 = load(b, p8, b.add(off, c64(1)), vec(I8, 16))
+    qs1 = load(b, p8, b.add(off, c64(mxfp4.BLOCK_BYTES + 1)), vec(I8, 16))
+    both = b.bitcast(shuf(b, qs0, qs1, list(range(16)) * 2 + list(range(16, 32)) * 2), vec(I32, 16))
+    both = b.lshr(both, ir.Constant(vec(I32, 16), ([0] * 4 + [4] * 4) * 2))
+    idx = b.and_(b.bitcast(both, vec(I8, 64)), ivec(64, 0x0F, I8))
+    pshufb = declare(b, "llvm.x86.avx512.pshuf.b.512", vec(I8, 64), [vec(I8, 64), vec(I8, 64)])
+    tbl = ir.Constant(vec(I8, 64), [int(v) for v in KVALUES_U8] * 4)
+    return b.call(pshufb, [tbl, idx]), emit_scale(b, p8, off), emit_scale(b, p8, b.add(off, c64(mxfp4.BLOCK_BYTES)))
+
+
 def emit_dot_u8_i8(b, variant, u, q, c):
-    """<8 x i32> lanes: c + sum of 4 products u*q (u unsigned, q signed bytes)."""
+    """i32 lanes (8, or 16 for 'vnni512'): c + sum of 4 products u*q (u unsigned, q signed bytes)."""
+    if variant == "vnni512":
+        v16 = vec(I32, 16)
+        fn = declare(b, "llvm.x86.avx512.vpdpbusd.512", v16, [v16, v16, v16])
+        return b.call(fn, [c, b.bitcast(u, v16), b.bitcast(q, v16)])
     if variant == "vnni":
         v8 = vec(I32, 8)
         fn = declare(b, "llvm.x86.avx512.vpdpbusd.256", v8, [v8, v8, v8])

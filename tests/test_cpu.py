@@ -366,7 +366,8 @@ Q8_ALL = cpu.CpuTiles(q8_tokens=1000, rows=8)  # every call in these tests takes
 
 
 @pytest.mark.skipif(cpu.Q8_VARIANT is None, reason="no integer path on this CPU")
-@pytest.mark.parametrize("rows,cols,n,k", [(64, 96, 1, 4), (50, 1088, 1, 2), (13, 64, 9, 3), (40, 160, 23, 1)])
+@pytest.mark.parametrize("rows,cols,n,k", [(64, 96, 1, 4), (50, 1088, 1, 2), (13, 64, 9, 3), (40, 160, 23, 1),
+                                           (7, 32, 2, 2)])
 def test_q8_matmul_matches_quantised_reference(rows, cols, n, k):
     # rows not a multiple of 4 (single-row kernels), 34 blocks, 1..9+ tokens per expert
     # (kernels for 1..4 tokens and groups of 4), every expert's slab read in place.
@@ -409,7 +410,7 @@ def _q8_harness(variant, R, T_):
     return run
 
 
-@pytest.mark.parametrize("variant", ["avx2", "vnni"])
+@pytest.mark.parametrize("variant", ["avx2", "vnni", "vnni512"])
 def test_q8_kernel_variants(variant):
     """Both integer variants (the host runs one) against the quantised reference."""
     if variant not in cpu_ir.q8_isas():
@@ -421,7 +422,7 @@ def test_q8_kernel_variants(variant):
     raw[1, 0] = 1  # subnormal scale
     x = rand_x(8, 96, seed=int(rng.integers(1 << 30)), scale=10.0)
     x[2, 32:64] = 0.0  # an all-zero activation block: scale 0
-    qc, d = np.zeros(8 * 3 * 64, np.uint8), np.zeros(8 * 3, np.float32)
+    qc, d = np.zeros(8 * 3 * 64, np.uint8), np.zeros(8 * 3 * qcpu.Q8_DREP, np.float32)
     qcpu.quantize_q8(x, 8, 3, qc, d)
     ref = q8_reference(x, mxfp4.dequantize(raw))
     for R, T_ in ((4, 1), (2, 4), (1, 2)):

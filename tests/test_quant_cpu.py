@@ -105,13 +105,16 @@ def test_q8_activations_are_ggml_q8_0_values():
     x[0, :32] = 0.0  # zero block: scale 0, values 0
     x[1, :32] = np.arange(32, dtype=np.float32) - 15.5  # halves at many points: ties round away from 0
     x[1, 0] = 127.0
-    qc, d = np.zeros(5 * 3 * qcpu.Q8_REC, np.uint8), np.zeros(5 * 3, np.float32)
+    qc, d = np.zeros(5 * 3 * qcpu.Q8_REC, np.uint8), np.zeros(5 * 3 * qcpu.Q8_DREP, np.float32)
+    d8 = d.reshape(5, 3, qcpu.Q8_DREP)
     qcpu.quantize_q8(x, 5, 3, qc, d)
     ref = quants.quantize(x, T.Q8_0).reshape(5, 3, 34)
     rec = qc.reshape(5, 3, qcpu.Q8_REC)
     assert np.array_equal(rec[..., :32], ref[..., 2:])
-    assert np.array_equal(d.reshape(5, 3), np.abs(x.reshape(5, 3, 32)).max(-1) / np.float32(127))
-    assert np.array_equal(d.reshape(5, 3).astype(np.float16), ref[..., :2].copy().view(np.float16)[..., 0])
+    d = d8[..., 0]
+    assert (d8 == d[..., None]).all()
+    assert np.array_equal(d, np.abs(x.reshape(5, 3, 32)).max(-1) / np.float32(127))
+    assert np.array_equal(d.astype(np.float16), ref[..., :2].copy().view(np.float16)[..., 0])
     sums = rec[..., :32].copy().view(np.int8).astype(np.int32).reshape(5, 3, 8, 4).sum(-1)
     assert np.array_equal(rec[..., 32:].copy().view(np.int32), -simd.U8_OFFSET * sums)
     assert simd.U8_OFFSET == 12 and list(simd.KVALUES_U8) == list(mxfp4.KVALUES.astype(int) + 12)

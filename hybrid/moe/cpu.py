@@ -87,7 +87,7 @@ DIRECT_R = (4, 4, 4, 4, 2, 2, 2, 2) if ISA == "avx512" else (2, 2, 2, 2, 1, 1, 1
 # int8 path: the host's variant (None: no integer path, calls stay float); rows per kernel for T = 1..4
 # tokens (R*T accumulators: 16 ymm on AVX2), single rows for the rest of a tile
 Q8_VARIANT = q8_isa()
-Q8_R = (4, 4, 4, 4) if ISA == "avx512" else (4, 2, 1, 1)
+Q8_R = {"vnni512": (4, 4, 2, 2), "vnni": (4, 4, 4, 4) if ISA == "avx512" else (4, 2, 1, 1)}.get(Q8_VARIANT, (4, 2, 1, 1))
 if Q8_VARIANT is not None:
     (_q8_t1, _q8_t2, _q8_t3, _q8_t4) = (make_q8_dot(Q8_R[t - 1], t, Q8_VARIANT) for t in range(1, 5))
     (_q8_s1, _q8_s2, _q8_s3, _q8_s4) = (make_q8_dot(1, t, Q8_VARIANT) for t in range(1, 5))
@@ -313,7 +313,7 @@ def _grouped(graw, uraw, wtype, rows, cols, X, starts, used, gb, ub, act, H, til
     rt, kc_tile = tiles[0], tiles[2]
     P, nbx = X.shape[0], X.shape[1] // _MX_QK
     QC = _aligned(P * nbx * qcpu.Q8_REC // 4 if q8 else 0).view(np.uint8)
-    D = np.empty(P * nbx if q8 else 0, np.float32)
+    D = _aligned(P * nbx * qcpu.Q8_DREP if q8 else 0)
     if q8:
         for p in nb.prange(P):
             qcpu.quantize_q8_row(X, p, nbx, QC, D)

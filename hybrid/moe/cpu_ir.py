@@ -12,9 +12,9 @@ from llvmlite import ir
 from numba.core import cgutils
 
 from quant import mxfp4
-from quant.cpu import Q8_REC
+from quant.cpu import Q8_DREP, Q8_REC
 from quant.simd import (F32 as _F32, HAS as _HAS, I8 as _I8, I32 as _I32, I64 as _I64, ISAS, P8 as _P8,
-                        best_isa, c64 as _c64, emit_block_f32, emit_block_u8, emit_dot_u8_i8, emit_loop,
+                        best_isa, c64 as _c64, emit_block_f32, emit_block_u8, emit_dot_u8_i8, emit_loop, emit_pair_u8,
                         ivec as _ivec, load as _load, make_intrinsic as _make_intrinsic, make_mx_decode,
                         mode as _mode, new_fn as _new_fn, q8_isa, q8_isas, shuf as _shuf, splat as _splat,
                         store as _store, supported_isas, vec as _vec)
@@ -115,28 +115,88 @@ def _build_mx_dot(module, R, T_, isa):
 def _build_q8_dot(module, R, T_, variant):
     """out[t, r] += W[r, blocks] . x[t] for R rows x T tokens: MXFP4 as unsigned bytes (vpshufb),
     x as int8 blocks (quant.cpu.quantize_q8), integer multiply-add per block, then
-    float(block sum) * half(e) * d_x into float32 accumulators (8 lanes)."""
+    float(block sum) * half(e) * d_x into float32 accumulators. 'vnni512' takes two blocks per
+    512-bit step and an odd last block in 256 bits."""
     fn, entry = _new_fn(module, f"hyb_q8_dot_r{R}_t{T_}_{variant}",
                         [_P8, _I64, _I64, _I64, _P8, _P8, _I64, _I64, _P8, _I64, _I64])
     if entry is None:
         return fn
     w, woff, wst, nblk, qc, d, xo, xst, out, ooff, ost = fn.args
-    VF = _vec(_F32, 8)
+    V8, V16 = _vec(_F32, 8), _vec(_F32, 16)
 
-    def body(b, i, accs):
-        blk = [b.add(b.add(xo, i), b.mul(_c64(t), xst)) for t in range(T_)]  # token t's block index
-        qs = [_load(b, qc, b.mul(k, _c64(Q8_REC)), _vec(_I8, 32)) for k in blk]
-        cs = [_load(b, qc, b.add(b.mul(k, _c64(Q8_REC)), _c64(32)), _vec(_I32, 8)) for k in blk]
-        ds = [b.load(b.bitcast(b.gep(d, [b.shl(k, _c64(2))]), _F32.as_pointer())) for k in blk]
+    def x_block(b, blk, lanes):  # token data of block(s) blk (and blk+1 for 16 lanes)
+        rec = b.mul(blk, _c64(Q8_REC))
+        dx = _load(b, d, b.mul(blk, _c64(4 * Q8_DREP)), _vec(_F32, lanes))
+        if lanes == 8:
+            return _load(b, qc, rec, _vec(_I8, 32)), _load(b, qc, b.add(rec, _c64(32)), _vec(_I32, 8)), dx
+        rec1 = b.add(rec, _c64(Q8_REC))
+        q = _shuf(b, _load(b, qc, rec, _vec(_I8, 32)), _load(b, qc, rec1, _vec(_I8, 32)), list(range(64)))
+        c = _shuf(b, _load(b, qc, b.add(rec, _c64(32)), _vec(_I32, 8)),
+                  _load(b, qc, b.add(rec1, _c64(32)), _vec(_I32, 8)), list(range(16)))
+        return q, c, dx
+
+    def step(b, blocks, accs, wide):
+        """One block (or a pair, wide) at block index ``blocks`` for every row and token."""
+        lanes = 16 if wide else 8
+        xs = [x_block(b, b.add(b.add(xo, blocks), b.mul(_c64(t), xst)), lanes) for t in range(T_)]
         new = []
         for r in range(R):
-            u, dw = emit_block_u8(b, w, b.add(b.add(woff, b.mul(_c64(r), wst)), b.mul(i, _c64(_MX_BYTES))))
+            wb = b.add(b.add(woff, b.mul(_c64(r), wst)), b.mul(blocks, _c64(_MX_BYTES)))
+            if wide:
+                u, d0, d1 = emit_pair_u8(b, w, wb)
+                dw = _shuf(b, _splat(b, d0, 8), _splat(b, d1, 8), list(range(16)))
+            else:
+                u, d0 = emit_block_u8(b, w, wb)
+                dw = _splat(b, d0, 8)
             for t in range(T_):
-                s = b.sitofp(emit_dot_u8_i8(b, variant, u, qs[t], cs[t]), VF)
-                new.append(_fma(b, s, _splat(b, b.fmul(dw, ds[t]), 8), accs[r * T_ + t]))
+                q, c, dx = xs[t]
+                s = b.sitofp(emit_dot_u8_i8(b, variant if wide or variant != "vnni512" else "vnni", u, q, c),
+                             _vec(_F32, lanes))
+                new.append(_fma(b, s, b.fmul(dw, dx), accs[r * T_ + t]))
         return new
 
-    b, accs = emit_loop(fn, entry, nblk, [_zero(VF)] * (R * T_), body)
+    if variant != "vnni512":
+        b, accs = emit_loop(fn, entry, nblk, [_zero(V8)] * (R * T_), lambda b, i, a: step(b, i, a, False))
+    else:
+        b = ir.IRBuilder(entry)
+        npair = b.ashr(nblk, _c64(1))
+        loop, mid, tail, done = (fn.append_basic_block(n) for n in ("pairs", "mid", "tail", "done"))
+        b.cbranch(b.icmp_signed(">", npair, _c64(0)), loop, mid)
+        b.position_at_end(loop)
+        i = b.phi(_I64)
+        i.add_incoming(_c64(0), entry)
+        ph = []
+        for _ in range(R * T_):
+            p = b.phi(V16)
+            p.add_incoming(_zero(V16), entry)
+            ph.append(p)
+        new = step(b, b.shl(i, _c64(1)), ph, True)
+        nxt = b.add(i, _c64(1))
+        i.add_incoming(nxt, b.block)
+        for p, v in zip(ph, new):
+            p.add_incoming(v, b.block)
+        b.cbranch(b.icmp_signed("<", nxt, npair), loop, mid)
+        b.position_at_end(mid)
+        loop_end = loop  # the pair body has no branches
+        wides = []
+        for v in new:
+            p = b.phi(V16)
+            p.add_incoming(_zero(V16), entry)
+            p.add_incoming(v, loop_end)
+            wides.append(p)
+        halves = [b.fadd(_shuf(b, p, p, list(range(8))), _shuf(b, p, p, list(range(8, 16)))) for p in wides]
+        b.cbranch(b.icmp_signed("<", b.shl(npair, _c64(1)), nblk), tail, done)
+        b.position_at_end(tail)
+        tail_accs = step(b, b.sub(nblk, _c64(1)), halves, False)
+        tail_end = b.block
+        b.branch(done)
+        b.position_at_end(done)
+        accs = []
+        for h, t in zip(halves, tail_accs):
+            p = b.phi(V8)
+            p.add_incoming(h, mid)
+            p.add_incoming(t, tail_end)
+            accs.append(p)
     _emit_store_sums(b, accs, R, T_, 8, out, ooff, ost)
     b.ret_void()
     return fn
@@ -232,9 +292,9 @@ def make_mx_dot(R, T_, isa):
 def make_q8_dot(R, T_, variant):
     """Intrinsic ``(w u8[], woff, wstride, nblk, qc u8[], d f32[], xo, xstride, out f32[], ooff, ostride)``:
     out[ooff + t*ostride + r] += row r (bytes from woff + r*wstride, nblk >= 1 blocks) . x_t, x_t the
-    int8 blocks xo + t*xstride .. of (qc, d) (quant.cpu.quantize_q8). variant: 'avx2' or 'vnni'."""
-    if variant not in ("avx2", "vnni"):
-        raise ValueError(f"variant must be 'avx2' or 'vnni', got {variant!r}")
+    int8 blocks xo + t*xstride .. of (qc, d) (quant.cpu.quantize_q8). variant: one of quant.simd.q8_isas()."""
+    if variant not in ("avx2", "vnni", "vnni512"):
+        raise ValueError(f"variant must be 'avx2', 'vnni' or 'vnni512', got {variant!r}")
     return _make_intrinsic(f"q8_dot_{R}x{T_}_{variant}", lambda m: _build_q8_dot(m, R, T_, variant), 11, (0, 4, 5, 8))
 
 
