@@ -169,17 +169,17 @@ def njit_f32(raw, experts, x, out):
         out[j, r] = acc
 
 
-def ggml_peer(binary):
-    """{n_tokens: ms} of llama.cpp's MUL_MAT_ID MXFP4 2880x2880, 32 experts, 4 used (its perf cases)."""
-    r = subprocess.run([binary, "perf", "-b", "CPU", "-o", "MUL_MAT_ID", "-p", "type_a=mxfp4"],
-                       capture_output=True, text=True, timeout=1800)
-    out = {}
-    for line in r.stdout.splitlines():
-        m = re.search(r"MUL_MAT_ID\(type_a=mxfp4,type_b=f32,n_mats=32,n_used=4,b=0,m=2880,n=(\d+),k=2880.*?"
-                      r"([\d.]+) us/run", line)
-        if m:
-            out[int(m.group(1))] = float(m.group(2)) / 1e3
-    return out
+def ggml_ms(binary, n):
+    """ms per run of llama.cpp's MUL_MAT_ID, MXFP4 2880x2880, 32 experts, 4 used, n tokens (one of its
+    perf cases: 1, 4, 8, 512), or None."""
+    r = subprocess.run([binary, "perf", "-b", "CPU", "-o", "MUL_MAT_ID", "-p", f"type_a=mxfp4.*,n={n},k=2880,"],
+                       capture_output=True, text=True, timeout=600)
+    m = re.search(r"MUL_MAT_ID\(type_a=mxfp4,type_b=f32,n_mats=32,n_used=4,b=0,m=2880,n=(\d+),k=2880.*?"
+                  r"([\d.]+) us/run", r.stdout)
+    return float(m.group(2)) / 1e3 if m and int(m.group(1)) == n else None
+
+
+GGML_N = (1, 4, 8, 512)
 
 
 def routing(kind, n, rng):
@@ -206,7 +206,7 @@ def main():
           f"({'forced AVX2 build: numba target znver3 without AVX-512/VNNI on this CPU; says nothing of AMD costs' if forced else 'native'}); "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; routing {args.routing}")
     print(f"gpt-oss-20b shapes: {E} experts x [{F} x {D}] MXFP4, k={K}; medians of {args.repeat} interleaved rounds\n")
-    peer = ggml_peer(args.ggml) if args.ggml else {}
+    peer = {}
 
     rows = []
     for n in tokens:
@@ -227,7 +227,12 @@ def main():
             fns["njit f32"] = lambda: njit_f32(layer.gate.raw, ex, x[0], o)
         if not args.no_ffn:
             fns["ffn"] = lambda: cpu.moe_ffn_cpu(layer, x, ids, wts)
+        gt = []
+        if args.ggml and n in GGML_N:  # one run of ggml's own timing loop per round, between ours
+            fns["ggml"] = lambda: gt.append(ggml_ms(args.ggml, n))
         t = interleaved(fns, args.repeat)
+        if gt and None not in gt:
+            peer[n] = statistics.median(gt[1:])  # the warm-up run aside
         err = {}
         if "float" in t:
             err["matrix"] = rel(cpu.mul_mat_id_cpu(layer.gate, x, ids), cpu.mul_mat_id_cpu(layer.gate, x, ids, tiles=FLOAT))
@@ -259,8 +264,10 @@ def main():
         for n, _, _, t, _ in rows:
             print(f"| {n} | {ms(t['ffn'])} | {ms(3 * t['floor'])} | {t['ffn'] / (3 * t['floor']):.2f} |")
     print(f"\nfloor: the used experts' bytes read by numpy on {nt} threads (the weights may stay in L3 "
-          "between runs, for ours and the floor alike). ggml: test-backend-ops perf (its own random "
-          "routing, plain CPU buffer, all cores)" + (" -- not run" if not peer else "") + ".")
+          "between runs, for ours and the floor alike). ggml: llama.cpp's test-backend-ops perf, median "
+          "of its us/run over the rounds, interleaved with ours (its own uniform routing, plain CPU buffer "
+          "so no CPU_REPACK, its default threads = all cores; cases n = 1, 4, 8, 512 only)"
+          + (" -- not run" if not args.ggml else "") + ".")
 
 
 if __name__ == "__main__":

@@ -112,34 +112,42 @@ U8_OFFSET = simd.U8_OFFSET
 
 @nb.njit(inline="always")
 def _roundf(v):
-    # C roundf (half away from zero) in float32, as gguf.quants.np_roundf
+    # C roundf (half away from zero) in float32, as gguf.quants.np_roundf: exact, no x + 0.5
     a = abs(v)
     fl = np.floor(a)
     r = fl + np.floor(np.float32(2.0) * (a - fl))
-    return -r if v < 0 else r
+    return np.copysign(r, v)
+
+
+@nb.njit(fastmath={"nnan", "ninf"}, cache=True)
+def _amax32(x, p, c0):
+    # max |x| of 32 finite floats (callers validate): the flags let LLVM vectorise the max
+    m = np.float32(0.0)
+    for j in range(32):
+        m = max(m, abs(x[p, c0 + j]))
+    return m
 
 
 @nb.njit(inline="always")
 def quantize_q8_row(x, p, nblk, qc, d):
-    """Row p of x (float32 [P, >= nblk*32]) -> its nblk blocks in qc (uint8, flat: row p's block b
-    at byte (p*nblk + b)*Q8_REC) and d (float32, flat: d[(p*nblk + b)*Q8_DREP + 0..7]). Sizes are the caller's."""
+    """Row p of x (float32 [P, >= nblk*32], finite) -> its nblk blocks in qc (uint8, flat: row p's
+    block b at byte (p*nblk + b)*Q8_REC) and d (float32, flat: d[(p*nblk + b)*Q8_DREP + 0..7]).
+    Sizes are the caller's."""
     qi = qc.view(np.int32)
+    q8 = qc.view(np.int8)
     for b in range(nblk):
-        amax = np.float32(0.0)
-        for j in range(32):
-            amax = max(amax, abs(x[p, b * 32 + j]))
-        s = amax / np.float32(127.0)
+        s = _amax32(x, p, b * 32) / np.float32(127.0)
         inv = np.float32(1.0) / s if s != 0 else np.float32(0.0)
+        o = (p * nblk + b) * Q8_REC
         for j in range(Q8_DREP):
             d[(p * nblk + b) * Q8_DREP + j] = s
-        o = (p * nblk + b) * Q8_REC
+        for j in range(32):
+            v = x[p, b * 32 + j] * inv
+            q = np.int32(_roundf(v))
+            q8[o + j] = np.int8(q)
         for g in range(8):
-            t = 0
-            for j in range(4):
-                q = np.int32(_roundf(x[p, b * 32 + g * 4 + j] * inv))
-                qc[o + g * 4 + j] = np.uint8(q & 0xFF)
-                t += q
-            qi[o // 4 + 8 + g] = np.int32(-U8_OFFSET * t)
+            qi[o // 4 + 8 + g] = np.int32(-U8_OFFSET) * (np.int32(q8[o + 4 * g]) + np.int32(q8[o + 4 * g + 1])
+                                                         + np.int32(q8[o + 4 * g + 2]) + np.int32(q8[o + 4 * g + 3]))
 
 
 @nb.njit(cache=True)

@@ -315,8 +315,12 @@ def _grouped(graw, uraw, wtype, rows, cols, X, starts, used, gb, ub, act, H, til
     QC = _aligned(P * nbx * qcpu.Q8_REC // 4 if q8 else 0).view(np.uint8)
     D = _aligned(P * nbx * qcpu.Q8_DREP if q8 else 0)
     if q8:
-        for p in nb.prange(P):
-            qcpu.quantize_q8_row(X, p, nbx, QC, D)
+        if P <= 16:  # decode: a parallel region costs more than these few rows (~3 us each)
+            for p in range(P):
+                qcpu.quantize_q8_row(X, p, nbx, QC, D)
+        else:
+            for p in nb.prange(P):
+                qcpu.quantize_q8_row(X, p, nbx, QC, D)
     item_e, item_r, bounds = _work_items(starts, used, rows, rt, nchunks)
     nmax = 1
     for e in used:
