@@ -46,9 +46,10 @@ def _parse():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", default="1,32,128,512")
     ap.add_argument("--repeat", type=int, default=7, help="interleaved rounds per timing (median reported)")
-    ap.add_argument("--routing", choices=("uniform", "traffic"), default="uniform",
-                    help="uniform: 4 distinct uniform-random experts per token, as ggml's test; "
-                         "traffic: the gpt-oss-20b synthetic router (hybrid.moe.traffic)")
+    ap.add_argument("--routing", choices=("uniform", "first4", "traffic"), default="uniform",
+                    help="uniform: 4 distinct uniform-random experts per token, as ggml's perf cases; "
+                         "first4: experts 0..3 in random order for every token, as ggml's test files "
+                         "(ggml timed at any n); traffic: the gpt-oss-20b synthetic router (hybrid.moe.traffic)")
     ap.add_argument("--isa", choices=("native", "avx2"), default="native")
     ap.add_argument("--baseline", action="store_true", help="time plain @njit n=1 kernels too")
     ap.add_argument("--ggml", metavar="TEST_BACKEND_OPS", help="run llama.cpp's test-backend-ops as the peer")
@@ -90,8 +91,8 @@ def make_layer(seed=0):
 
 
 def interleaved(fns, rounds):
-    """Median seconds of each function, run in turn ``rounds`` times (after a warm-up each):
-    a shared machine's load falls on all of them alike."""
+    """Median and least seconds of each function, run in turn ``rounds`` times (after a warm-up
+    each): a shared machine's load falls on all of them alike."""
     for f in fns.values():
         f()
     ts = {k: [] for k in fns}
@@ -100,7 +101,7 @@ def interleaved(fns, rounds):
             t = time.perf_counter()
             f()
             ts[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in ts.items()}
+    return {k: statistics.median(v) for k, v in ts.items()}, {k: min(v) for k, v in ts.items()}
 
 
 def cpu_name():
@@ -169,22 +170,34 @@ def njit_f32(raw, experts, x, out):
         out[j, r] = acc
 
 
-def ggml_ms(binary, n):
-    """ms per run of llama.cpp's MUL_MAT_ID, MXFP4 2880x2880, 32 experts, 4 used, n tokens (one of its
-    perf cases: 1, 4, 8, 512), or None."""
-    r = subprocess.run([binary, "perf", "-b", "CPU", "-o", "MUL_MAT_ID", "-p", f"type_a=mxfp4.*,n={n},k=2880,"],
-                       capture_output=True, text=True, timeout=600)
-    m = re.search(r"MUL_MAT_ID\(type_a=mxfp4,type_b=f32,n_mats=32,n_used=4,b=0,m=2880,n=(\d+),k=2880.*?"
-                  r"([\d.]+) us/run", r.stdout)
-    return float(m.group(2)) / 1e3 if m and int(m.group(1)) == n else None
-
-
-GGML_N = (1, 4, 8, 512)
+def ggml_ms(binary, n, kind):
+    """ms per run of llama.cpp's MUL_MAT_ID, MXFP4 2880x2880, 32 experts, 4 used, n tokens, or None.
+    uniform: its own perf cases (n = 1, 4, 8, 512; distinct uniform-random experts per token);
+    first4: a generic-op case from a test file (any n; its ids are experts 0..3 in random order)."""
+    if kind == "uniform":
+        if n not in (1, 4, 8, 512):
+            return None
+        cmd = [binary, "perf", "-b", "CPU", "-o", "MUL_MAT_ID", "-p", f"type_a=mxfp4.*,n={n},k=2880,"]
+        pat = rf"MUL_MAT_ID\(type_a=mxfp4,type_b=f32,n_mats=32,n_used=4,b=0,m=2880,n={n},k=2880.*?([\d.]+) us/run"
+    else:
+        # op MUL_MAT_ID (30), out f32 [2880, 4, n], sources: MXFP4 [2880, 2880, 32] (type 39, 17-byte
+        # blocks, 1530-byte rows), f32 x [2880, 1, n], i32 ids [4, n]: type, ne[4], nb[4] each
+        rb = 2880 // 32 * 17
+        line = [30, 0, 2880, 4, n, 1, 0, 3, 39, 2880, 2880, E, 1, 17, rb, rb * 2880, rb * 2880 * E,
+                0, 2880, 1, n, 1, 4, 2880 * 4, 2880 * 4, 2880 * 4 * n, 26, K, n, 1, 1, 4, 4 * K, 4 * K * n, 4 * K * n]
+        path = f"/tmp/hybrid_bench_mmid_{os.getpid()}_{n}.txt"
+        with open(path, "w") as f:
+            f.write(" ".join(map(str, line)) + " -\n")
+        cmd = [binary, "perf", "-b", "CPU", "--test-file", path]
+        pat = r"MUL_MAT_ID\(type=f32,ne=\[2880,4,\d+,1\].*?([\d.]+) us/run"
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    m = re.search(pat, r.stdout)
+    return float(m.group(1)) / 1e3 if m else None
 
 
 def routing(kind, n, rng):
-    if kind == "uniform":  # as ggml's test: distinct uniform-random experts per token
-        ids = np.argsort(rng.random((n, E)), axis=1)[:, :K]
+    if kind in ("uniform", "first4"):  # as ggml's perf cases / its generic-op test files
+        ids = np.argsort(rng.random((n, E if kind == "uniform" else K)), axis=1)[:, :K]
         w = rng.random((n, K)).astype(np.float32)
         return ids, w / w.sum(1, keepdims=True)
     return route(traffic.synthetic_logits("gpt-oss-20b", n, layer=12, seed=3), K)
@@ -228,45 +241,50 @@ def main():
         if not args.no_ffn:
             fns["ffn"] = lambda: cpu.moe_ffn_cpu(layer, x, ids, wts)
         gt = []
-        if args.ggml and n in GGML_N:  # one run of ggml's own timing loop per round, between ours
-            fns["ggml"] = lambda: gt.append(ggml_ms(args.ggml, n))
-        t = interleaved(fns, args.repeat)
+        if args.ggml:  # one run of ggml's own timing loop per round, between ours
+            fns["ggml"] = lambda: gt.append(ggml_ms(args.ggml, n, args.routing))
+        t, tmin = interleaved(fns, args.repeat)
         if gt and None not in gt:
-            peer[n] = statistics.median(gt[1:])  # the warm-up run aside
+            peer[n] = (statistics.median(gt[1:]), min(gt[1:]))  # the warm-up run aside
         err = {}
         if "float" in t:
             err["matrix"] = rel(cpu.mul_mat_id_cpu(layer.gate, x, ids), cpu.mul_mat_id_cpu(layer.gate, x, ids, tiles=FLOAT))
             err["ffn"] = rel(cpu.moe_ffn_cpu(layer, x, ids, wts), cpu.moe_ffn_cpu(layer, x, ids, wts, tiles=FLOAT))
-        rows.append((n, used.size, nbytes, t, err))
+        rows.append((n, used.size, nbytes, t, err, tmin))
         print(f"  n={n}: done", file=sys.stderr, flush=True)
 
     ms = lambda v: f"{v * 1e3:.2f}" if v is not None else "-"  # noqa: E731
     print("### One expert matrix (ggml_mul_mat_id: [2880 x 2880] MXFP4, 32 experts, k=4)\n")
+    print("ms: median / least of the interleaved rounds; ratios of medians\n")
     print("| n_tokens | experts used | weights MB | ours ms | floor ms | ours / floor | float path ms "
           "| ggml ms (this machine) | ggml / ours | GFLOP/s |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n, u, nb_, t, _ in rows:
+    for n, u, nb_, t, _, tm in rows:
         g = peer.get(n)
-        gs, gr = (f"{g:.2f}", f"{g / (t['ours'] * 1e3):.2f}x") if g else ("-", "-")
-        print(f"| {n} | {u} | {nb_ / 1e6:.1f} | {ms(t['ours'])} | {ms(t['floor'])} | {t['ours'] / t['floor']:.2f} "
-              f"| {ms(t.get('float'))} | {gs} | {gr} | {2.0 * n * K * F * D / t['ours'] / 1e9:.1f} |")
-    for n, _, _, t, err in rows:
+        gs, gr = (f"{g[0]:.2f} / {g[1]:.2f}", f"{g[0] / (t['ours'] * 1e3):.2f}x") if g else ("-", "-")
+        fl = f"{ms(t['float'])} / {ms(tm['float'])}" if "float" in t else "-"
+        print(f"| {n} | {u} | {nb_ / 1e6:.1f} | {ms(t['ours'])} / {ms(tm['ours'])} | {ms(t['floor'])} / "
+              f"{ms(tm['floor'])} | {t['ours'] / t['floor']:.2f} | {fl} | {gs} | {gr} "
+              f"| {2.0 * n * K * F * D / t['ours'] / 1e9:.1f} |")
+    for n, _, _, t, err, tm in rows:
         if err:
             print(f"\nn={n}: int8 activations vs the float path, max |diff| / max |float|: "
                   f"matrix {err['matrix']:.1e}, whole FFN {err['ffn']:.1e}")
         if "njit q8" in t:
-            print(f"n={n} plain @njit baselines (same threads): int8 dot {ms(t['njit q8'])} ms, float dot "
-                  f"{ms(t['njit f32'])} ms, vs the IR kernels {ms(t['ours'])} ms (int8) and {ms(t['float'])} ms (float)")
+            print(f"n={n} plain @njit baselines (same threads, median / least): int8 dot {ms(t['njit q8'])} / "
+                  f"{ms(tm['njit q8'])} ms, float dot {ms(t['njit f32'])} / {ms(tm['njit f32'])} ms; the IR "
+                  f"kernels {ms(t['ours'])} / {ms(tm['ours'])} ms (int8), {ms(t['float'])} / {ms(tm['float'])} ms (float)")
     if not args.no_ffn:
         print("\n### Whole MoE FFN (gate + up + swiglu_oai + down + weighted sum)\n")
         print("| n_tokens | ours ms | 3 x floor ms | ours / (3 x floor) |")
         print("|---:|---:|---:|---:|")
-        for n, _, _, t, _ in rows:
-            print(f"| {n} | {ms(t['ffn'])} | {ms(3 * t['floor'])} | {t['ffn'] / (3 * t['floor']):.2f} |")
+        for n, _, _, t, _, tm in rows:
+            print(f"| {n} | {ms(t['ffn'])} / {ms(tm['ffn'])} | {ms(3 * t['floor'])} / {ms(3 * tm['floor'])} "
+                  f"| {t['ffn'] / (3 * t['floor']):.2f} |")
     print(f"\nfloor: the used experts' bytes read by numpy on {nt} threads (the weights may stay in L3 "
           "between runs, for ours and the floor alike). ggml: llama.cpp's test-backend-ops perf, median "
-          "of its us/run over the rounds, interleaved with ours (its own uniform routing, plain CPU buffer "
-          "so no CPU_REPACK, its default threads = all cores; cases n = 1, 4, 8, 512 only)"
+          "of its us/run over the rounds, interleaved with ours (the same routing kind, its own draw; plain "
+          "CPU buffer, so no CPU_REPACK; its default threads = all cores; uniform: its cases n = 1, 4, 8, 512)"
           + (" -- not run" if not args.ggml else "") + ".")
 
 
