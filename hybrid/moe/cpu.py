@@ -91,8 +91,11 @@ Q8_R = {"vnni512": (4, 4, 2, 2), "vnni": (4, 4, 4, 4) if ISA == "avx512" else (4
 if Q8_VARIANT is not None:
     (_q8_t1, _q8_t2, _q8_t3, _q8_t4) = (make_q8_dot(Q8_R[t - 1], t, Q8_VARIANT) for t in range(1, 5))
     (_q8_s1, _q8_s2, _q8_s3, _q8_s4) = (make_q8_dot(1, t, Q8_VARIANT) for t in range(1, 5))
-else:  # never called: calls stay on the float paths
-    _q8_t1 = _q8_t2 = _q8_t3 = _q8_t4 = _q8_s1 = _q8_s2 = _q8_s3 = _q8_s4 = make_mx_dot(1, 1, ISA)
+else:  # no integer path (not x86 with AVX2): never called, calls stay on the float paths
+    @nb.njit
+    def _q8_none(raw, wo, wst, nk, QC, D, xo, xst, out, oo, ost):
+        pass
+    _q8_t1 = _q8_t2 = _q8_t3 = _q8_t4 = _q8_s1 = _q8_s2 = _q8_s3 = _q8_s4 = _q8_none
 F32_R = 4  # float32 tile kernel rows; tokens F32_T, largest first
 F32_T = (6, 4, 2, 1) if W == 16 else (3, 2, 1, 1)
 _f32_a, _f32_b, _f32_c, _f32_d = (make_f32_dot(F32_R, t) for t in F32_T)
