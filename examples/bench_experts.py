@@ -92,14 +92,15 @@ def make_layer(seed=0):
 
 def interleaved(fns, rounds):
     """Median and least seconds of each function, run in turn ``rounds`` times (after a warm-up
-    each): a shared machine's load falls on all of them alike."""
+    each), the order rotating: a shared machine's load falls on all of them alike."""
     for f in fns.values():
         f()
     ts = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
+    keys = list(fns)
+    for r in range(rounds):  # the order rotates: none always follows ggml (which evicts our weights)
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
             t = time.perf_counter()
-            f()
+            fns[k]()
             ts[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in ts.items()}, {k: min(v) for k, v in ts.items()}
 
@@ -240,12 +241,13 @@ def main():
             fns["njit f32"] = lambda: njit_f32(layer.gate.raw, ex, x[0], o)
         if not args.no_ffn:
             fns["ffn"] = lambda: cpu.moe_ffn_cpu(layer, x, ids, wts)
-        gt = []
-        if args.ggml:  # one run of ggml's own timing loop per round, between ours
-            fns["ggml"] = lambda: gt.append(ggml_ms(args.ggml, n, args.routing))
-        t, tmin = interleaved(fns, args.repeat)
+            fns["ffn floor"] = Floor([t.raw[e] for t in (layer.gate, layer.up, layer.down) for e in used], nt)
+        # ggml first, 3 runs of its own timing loop (it reports us/run over many runs): run between
+        # ours, its process evicts our weights from the caches and the next of ours runs cold
+        gt = [ggml_ms(args.ggml, n, args.routing) for _ in range(3)] if args.ggml else []
         if gt and None not in gt:
-            peer[n] = (statistics.median(gt[1:]), min(gt[1:]))  # the warm-up run aside
+            peer[n] = (statistics.median(gt), min(gt))
+        t, tmin = interleaved(fns, args.repeat)
         err = {}
         if "float" in t:
             err["matrix"] = rel(cpu.mul_mat_id_cpu(layer.gate, x, ids), cpu.mul_mat_id_cpu(layer.gate, x, ids, tiles=FLOAT))
@@ -276,14 +278,14 @@ def main():
                   f"kernels {ms(t['ours'])} / {ms(tm['ours'])} ms (int8), {ms(t['float'])} / {ms(tm['float'])} ms (float)")
     if not args.no_ffn:
         print("\n### Whole MoE FFN (gate + up + swiglu_oai + down + weighted sum)\n")
-        print("| n_tokens | ours ms | 3 x floor ms | ours / (3 x floor) |")
+        print("| n_tokens | ours ms | floor ms (gate, up, down bytes) | ours / floor |")
         print("|---:|---:|---:|---:|")
         for n, _, _, t, _, tm in rows:
-            print(f"| {n} | {ms(t['ffn'])} / {ms(tm['ffn'])} | {ms(3 * t['floor'])} / {ms(3 * tm['floor'])} "
-                  f"| {t['ffn'] / (3 * t['floor']):.2f} |")
+            print(f"| {n} | {ms(t['ffn'])} / {ms(tm['ffn'])} | {ms(t['ffn floor'])} / {ms(tm['ffn floor'])} "
+                  f"| {t['ffn'] / t['ffn floor']:.2f} |")
     print(f"\nfloor: the used experts' bytes read by numpy on {nt} threads (the weights may stay in L3 "
-          "between runs, for ours and the floor alike). ggml: llama.cpp's test-backend-ops perf, median "
-          "of its us/run over the rounds, interleaved with ours (the same routing kind, its own draw; plain "
+          "between runs, for ours and the floor alike). ggml: llama.cpp's test-backend-ops perf, median / least "
+          "of its us/run over 3 runs just before ours (the same routing kind, its own draw; plain "
           "CPU buffer, so no CPU_REPACK; its default threads = all cores; uniform: its cases n = 1, 4, 8, 512)"
           + (" -- not run" if not args.ggml else "") + ".")
 

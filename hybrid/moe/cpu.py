@@ -360,13 +360,23 @@ def _grouped(graw, uraw, wtype, rows, cols, X, starts, used, gb, ub, act, H, til
 @nb.njit(parallel=True, cache=True)
 def _combine(Y, pos, weights, ids, db, out):
     """out[t] = sum_j w[t, j] * (Y[pos[t, j]] + b_down[ids[t, j]]), j ascending."""
-    n, k = weights.shape
-    for t in nb.prange(n):
-        for c in range(out.shape[1]):
-            s = np.float32(0.0)
-            for j in range(k):
-                s += weights[t, j] * (Y[pos[t * k + j], c] + db[ids[t, j], c])
-            out[t, c] = s
+    n = weights.shape[0]
+    if n <= 4:  # decode: waking the threads costs more than these rows
+        for t in range(n):
+            _combine_row(Y, pos, weights, ids, db, out, t)
+    else:
+        for t in nb.prange(n):
+            _combine_row(Y, pos, weights, ids, db, out, t)
+
+
+@nb.njit(inline="always")
+def _combine_row(Y, pos, weights, ids, db, out, t):
+    k = weights.shape[1]
+    for c in range(out.shape[1]):
+        s = np.float32(0.0)
+        for j in range(k):
+            s += weights[t, j] * (Y[pos[t * k + j], c] + db[ids[t, j], c])
+        out[t, c] = s
 
 
 @nb.njit(cache=True)
