@@ -15,7 +15,8 @@ Inside an item, three ways to multiply:
   or vpdpbusd with VNNI) give each block's exact sum, scaled by half(e) * d_x into
   float32 accumulators. It matches the float64 reference of the quantised
   activations to float32 rounding; against unquantised activations it differs
-  by the int8 rounding (about 1e-3 of the largest output, see the tests).
+  by the int8 rounding (at gpt-oss shapes 5e-3 of the largest output per
+  matrix, 9e-3 for the FFN; examples/bench_experts.py prints it).
 - direct (MXFP4, fewer than ``tile_min`` tokens): decode each 32-weight block
   in registers (vpermps on the 16-entry table times the block scale) and FMA it
   into R rows x T tokens (T <= 8) of accumulators, one pass over the weights
@@ -87,7 +88,8 @@ DIRECT_R = (4, 4, 4, 4, 2, 2, 2, 2) if ISA == "avx512" else (2, 2, 2, 2, 1, 1, 1
 # int8 path: the host's variant (None: no integer path, calls stay float); rows per kernel for T = 1..4
 # tokens (R*T accumulators: 16 ymm on AVX2), single rows for the rest of a tile
 Q8_VARIANT = q8_isa()
-Q8_R = {"vnni512": (4, 4, 2, 2), "vnni": (4, 4, 4, 4) if ISA == "avx512" else (4, 2, 1, 1)}.get(Q8_VARIANT, (4, 2, 1, 1))
+# (8 rows for one token on AVX-512 hosts: the token's loads amortised further, 0.96 vs 1.02 ms for n=1 on one thread)
+Q8_R = (8, 4, 2, 2) if Q8_VARIANT == "vnni512" else (8, 4, 4, 4) if ISA == "avx512" else (4, 2, 1, 1)
 if Q8_VARIANT is not None:
     (_q8_t1, _q8_t2, _q8_t3, _q8_t4) = (make_q8_dot(Q8_R[t - 1], t, Q8_VARIANT) for t in range(1, 5))
     (_q8_s1, _q8_s2, _q8_s3, _q8_s4) = (make_q8_dot(1, t, Q8_VARIANT) for t in range(1, 5))
@@ -489,7 +491,8 @@ def mul_mat_id_cpu(w: ExpertTensor, x: np.ndarray, ids: np.ndarray, *, tiles: Cp
     """ggml_mul_mat_id on the CPU: ``y[t, j] = W[ids[t, j]] @ x[t]`` -> float32 ``[T, k, rows]``.
 
     ``x`` is ``[T, cols]`` (one input per token, as for gate/up) or ``[T, k, cols]``
-    (one per slot, as for down).
+    (one per slot, as for down). MXFP4 weights with ``T <= tiles.q8_tokens`` (default: one
+    token, decode) multiply int8-quantised ``x`` as ggml does; otherwise float32 throughout.
     """
     raw, wtype = _check_tensor("w", w)
     tl = _check_tiles(tiles)
@@ -535,7 +538,8 @@ def moe_ffn_cpu(layer: MoELayer, x: np.ndarray, ids: np.ndarray, weights: np.nda
     ``ids`` int ``[n_tokens, k]`` expert ids, ``weights`` float ``[n_tokens, k]``;
     ``out[t] = sum_j weights[t, j] * expert_ids[t, j](x[t])``, summed in j order.
     ``tiles`` overrides the blocking (default ``TILES``); results do not depend on it
-    beyond float32 rounding.
+    beyond float32 rounding, except ``q8_tokens``: MXFP4 calls of at most that many tokens
+    (default 1: decode) quantise x and the activation to int8 blocks as ggml does.
     """
     if not isinstance(layer, MoELayer):
         raise TypeError(f"layer must be a MoELayer, got {type(layer).__name__}")
