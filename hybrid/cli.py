@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--moe-only", action="store_true", help="feed the MoE layers alone with synthetic "
                        "(or --hidden) hidden states: the kernel benchmark mode")
         p.add_argument("-b", "--batch-size", type=pos, default=2048, help="logical batch (default 2048)")
+        p.add_argument("--f32-decode", action="store_true", help="decode steps multiply MXFP4 experts with "
+                       "float32 activations (default: int8 blocks, as llama.cpp does; prompts always float32)")
         p.add_argument("-r", "--repetitions", type=pos, default=1, help="bench: runs of each test (default 1)"
                        if p.prog.endswith("bench") else argparse.SUPPRESS)
 
@@ -629,7 +631,8 @@ def _transformer(model, args, n_ctx, ubatch, moe=None, **kw):
     from .model.forward import Transformer
     moe = moe if moe is not None else make_backend(model.layers, args, **kw)
     try:
-        return Transformer(model, moe, n_ctx=n_ctx, n_batch=args.batch_size, n_ubatch=ubatch)
+        return Transformer(model, moe, n_ctx=n_ctx, n_batch=args.batch_size, n_ubatch=ubatch,
+                           q8_decode=not args.f32_decode)
     except GGUFError as e:
         raise CLIError(f"bad model: {e}") from None
     except ValueError as e:

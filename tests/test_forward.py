@@ -5,6 +5,7 @@ Q8_0 dense weights. qwen3moe: q/k norms, no biases, Q8_0 experts, F16 dense weig
 Prompts are drawn fresh each run; the seed is in every failure message.
 """
 import numpy as np
+from gguf.constants import GGMLQuantizationType
 import pytest
 
 from hybrid.model import load, write_tiny
@@ -33,6 +34,11 @@ def model(request, tmp_path_factory):
 def prompt(n, n_vocab=SHAPE["n_vocab"]):
     seed = int(np.random.SeedSequence().entropy % 2**32)
     return np.random.default_rng(seed).integers(0, n_vocab, n), f"seed {seed}"
+
+
+# int8 activations in the MoE layers of a decode step, as ggml rounds them: the measured
+# difference from the float32 path on these random models is up to ~1e-2 of the largest logit.
+Q8_REL = 5e-2
 
 
 def close(a, b, msg, rel=2e-5):
@@ -75,10 +81,27 @@ def test_any_ubatch_split_gives_the_same_logits(model):
 def test_prefill_then_decode_equals_a_full_forward(model):
     toks, seed = prompt(17)
     full = Transformer(model, n_ctx=17, n_ubatch=17).prefill(toks)
-    tr = Transformer(model, n_ctx=17, n_ubatch=3)  # sliding-window ring of 5 + 3 slots wraps
+    tr = Transformer(model, n_ctx=17, n_ubatch=3, q8_decode=False)  # window ring of 5 + 3 slots wraps
     steps = [tr.prefill(toks[:6])] + [tr.decode_one_token(int(t))[None] for t in toks[6:]]
     close(np.concatenate(steps), full, seed)
     assert tr.n_past == 17
+
+
+def test_decode_steps_take_int8_activations_prompts_never(model):
+    # Decode steps multiply MXFP4 experts with int8 activations (ggml's Q8_0 rounding), a
+    # prompt never does, whatever its split: a 1-token last ubatch gives the float logits.
+    toks, seed = prompt(9)
+    full = Transformer(model, n_ctx=10, n_ubatch=9, q8_decode=False).prefill(toks)
+    close(Transformer(model, n_ctx=10, n_ubatch=4).prefill(toks), full, seed)  # ubatches 4, 4, 1
+    exact = Transformer(model, n_ctx=10, q8_decode=False)
+    q8 = Transformer(model, n_ctx=10)
+    exact.prefill(toks[:8])
+    q8.prefill(toks[:8])
+    a, b = exact.decode_one_token(int(toks[8])), q8.decode_one_token(int(toks[8]))
+    close(a, full[-1], seed)
+    mxfp4 = model.layers[0].gate.ggml_type == int(GGMLQuantizationType.MXFP4)
+    assert np.array_equal(a, b) != mxfp4, seed  # the int8 path ran, for MXFP4 experts only
+    close(b, a, seed, rel=Q8_REL)  # and stays within int8 rounding of the float path
 
 
 def test_two_runs_and_both_policies_give_identical_bits(model):
@@ -104,7 +127,7 @@ def test_usage_comes_from_the_models_own_routing(model):
 
 def test_generate_greedy_is_argmax_of_full_forwards(model):
     toks, seed = prompt(5)
-    tr = Transformer(model, n_ctx=12)
+    tr = Transformer(model, n_ctx=12, q8_decode=False)
     g = generate(tr, toks, 4)
     assert len(g.tokens) == 4 and g.stopped == "n" and g.n_decoded == 3
     seq = list(toks)
@@ -204,7 +227,7 @@ def test_the_simulated_device_gives_the_cpu_targets_logits(tmp_path):
     out = {}
     for device in ("cpu", "sim"):
         with HybridMoE(m.layers, device=device, min_offload_batch=1) as moe:
-            tr = Transformer(m, moe, n_ctx=7, n_ubatch=3)
+            tr = Transformer(m, moe, n_ctx=7, n_ubatch=3, q8_decode=False)
             out[device] = np.concatenate([tr.prefill(toks), tr.decode_one_token(int(toks[0]))[None]])
             assert {r.path for r in moe.stats.records} == {"offload"}
     close(out["sim"], out["cpu"], seed, rel=1e-5)

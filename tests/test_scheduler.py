@@ -327,3 +327,18 @@ def test_expert_copies_are_enqueued_before_the_uploads(layers, monkeypatch):
         monkeypatch.setattr(moe.engine, "_upload", lambda *a: log.append("upload") or real_upload(*a))
         moe.forward(0, hidden(6, seed=16))
     assert log.count("upload") == 1 and log[0] == "copy" and log.index("upload") == len(log) - 1
+
+
+def test_cpu_tiles_reach_the_cpu_path():
+    from hybrid.moe import cpu
+    layer = random_layer(64, 64, 8, 2, seed=int(np.random.default_rng().integers(1 << 30)))
+    x = np.random.default_rng().standard_normal((1, 64)).astype(np.float32)
+    f32 = cpu.CpuTiles(q8_tokens=0)
+    with HybridMoE([layer], device="cpu") as moe:
+        q8, exact = moe.forward(0, x), moe.forward(0, x, cpu_tiles=f32)
+        with pytest.raises(TypeError, match="cpu_tiles must be a cpu.CpuTiles"):
+            moe.forward(0, x, cpu_tiles="f32")
+    ids, w = layer.route(x)
+    assert np.array_equal(exact, cpu.moe_ffn_cpu(layer, x, ids, w, tiles=f32))
+    assert np.array_equal(q8, cpu.moe_ffn_cpu(layer, x, ids, w))  # the default: int8 for one token
+    assert not np.array_equal(q8, exact)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from ..moe.cpu import CpuTiles
 from ..moe.scheduler import HybridMoE
 from .config import Config, read_config
 from .dense import Dense
@@ -30,6 +31,7 @@ from .ops import attention, rmsnorm, rope_cos_sin, rope_neox
 
 __all__ = ["Transformer", "Block"]
 
+_PROMPT_TILES = CpuTiles(q8_tokens=0)  # prompt ubatches: float32 activations at any size
 _SMALL_STEP_BYTES = 1 << 20  # expert bytes a ubatch reads below which the layers run on one thread
 
 
@@ -105,10 +107,17 @@ class Transformer:
 
     ``moe``: a ``HybridMoE`` over ``model.layers`` (default: one on the CPU target
     with ``policy``). ``n_ctx`` sizes the KV cache (default: the training context).
+
+    Precision: prompt ubatches compute the experts with float32 activations, so a
+    prompt's logits do not depend on how it is split. Decode steps (``decode_one_token``)
+    multiply MXFP4 experts with int8 activations, as ggml does (``q8_decode``; about
+    1e-2 of the largest output per MoE layer, see ``cpu.CpuTiles.q8_tokens``), since
+    decode reads every used expert byte once per token and runs at memory speed that way.
     """
 
     def __init__(self, model, moe: HybridMoE | None = None, *, n_ctx: int | None = None,
-                 n_batch: int = 2048, n_ubatch: int = 512, policy: str = "used", device: str = "cpu"):
+                 n_batch: int = 2048, n_ubatch: int = 512, policy: str = "used", device: str = "cpu",
+                 q8_decode: bool = True):
         self.model = model
         self.cfg = cfg = read_config(model)
         if model.dense_blocks:
@@ -131,6 +140,7 @@ class Transformer:
         if len(self.moe.layers) != cfg.n_layer or any(a is not b for a, b in zip(self.moe.layers, model.layers)):
             raise ValueError("moe must run this model's own MoE layers (HybridMoE(model.layers, ...))")
         self.cache = KVCache(cfg, self.n_ctx, self.n_ubatch)
+        self._tiles = {False: _PROMPT_TILES, True: None if q8_decode else _PROMPT_TILES}  # by "is a decode step"
         first = model.layers[0]
         self._expert_step_bytes = first.k * first.expert_bytes  # what one token's MoE step reads
 
@@ -152,10 +162,11 @@ class Transformer:
 
     def decode_one_token(self, token: int) -> np.ndarray:
         """Append one token after the cache's contents; its logits float32 ``[n_vocab]``."""
-        return self.eval([token], logits="last")[0]
+        return self.eval([token], logits="last", decode=True)[0]
 
-    def eval(self, tokens, logits: str = "all", progress: bool = False) -> np.ndarray:
-        """Run ``tokens`` after what the cache holds, ubatch by ubatch (see the module doc)."""
+    def eval(self, tokens, logits: str = "all", progress: bool = False, decode: bool = False) -> np.ndarray:
+        """Run ``tokens`` after what the cache holds, ubatch by ubatch (see the module doc);
+        ``decode``: a generation step (the class doc says what changes)."""
         ids = self.check_tokens(tokens)
         if logits not in ("all", "last"):
             raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
@@ -171,7 +182,7 @@ class Transformer:
                     ub = batch[u0:u0 + self.n_ubatch]
                     last = b0 + u0 + len(ub) == len(ids)
                     want = "all" if logits == "all" else ("last" if last else None)
-                    y = self._ubatch(ub, want)
+                    y = self._ubatch(ub, want, self._tiles[bool(decode)])
                     if y is not None:
                         out.append(y)
                     if bar is not None:
@@ -200,7 +211,7 @@ class Transformer:
 
     # -- one ubatch through every block ----------------------------------------------
 
-    def _ubatch(self, ids: np.ndarray, want) -> np.ndarray | None:
+    def _ubatch(self, ids: np.ndarray, want, cpu_tiles) -> np.ndarray | None:
         cfg, cache = self.cfg, self.cache
         T, pos0 = len(ids), cache.n_past
         pos = np.arange(pos0, pos0 + T)
@@ -215,7 +226,7 @@ class Transformer:
                 x = rmsnorm(h, b.attn_norm, cfg.rms_eps)
                 h = h + self._attention(il, b, x, pos)
                 x = rmsnorm(h, b.ffn_norm, cfg.rms_eps)
-                h = h + self.moe.forward(il, x)
+                h = h + self.moe.forward(il, x, cpu_tiles=cpu_tiles)
         finally:
             numba.set_num_threads(threads)
         self.moe.end_ubatch()

@@ -2,24 +2,35 @@
 
 Tokens are grouped by expert (pairs t*k+j, as hybrid.moe.routing buckets them) and
 gathered into aligned rows. Work is cut into items (expert e, tile of
-``Tiles.rows`` output rows): an item computes its rows for every token routed
+``CpuTiles.rows`` output rows): an item computes its rows for every token routed
 to e, so each weight byte comes from RAM once per call and is reused from
 L1/L2 for all of the expert's tokens. Items are ordered row-tile-major and cut
 into a few equal-cost chunks per thread, so skewed routing still balances.
 
-Inside an item, two ways to multiply (float32 accumulation throughout):
+Inside an item, three ways to multiply:
+- int8 (MXFP4, calls of at most ``q8_tokens`` tokens: decode): as ggml does, the
+  activations are quantised once per call to int8 blocks of 32 (ggml's Q8_0
+  rounding, float32 scales; ``quant.cpu.quantize_q8``), the nibbles become bytes
+  through a 16-entry vpshufb table, integer multiply-adds (vpmaddubsw/vpmaddwd,
+  or vpdpbusd with VNNI) give each block's exact sum, scaled by half(e) * d_x into
+  float32 accumulators. It matches the float64 reference of the quantised
+  activations to float32 rounding; against unquantised activations it differs
+  by the int8 rounding (at gpt-oss shapes 5e-3 of the largest output per
+  matrix, 9e-3 for the FFN; examples/bench_experts.py prints it).
 - direct (MXFP4, fewer than ``tile_min`` tokens): decode each 32-weight block
   in registers (vpermps on the 16-entry table times the block scale) and FMA it
   into R rows x T tokens (T <= 8) of accumulators, one pass over the weights
   per 8 tokens; K in chunks of ``kc_direct`` blocks keeps the x chunk in L1.
 - tile (other types, or many tokens): decode rows x ``kc_tile`` columns into
   an aligned float32 buffer (L2), then an R x T float32 kernel over it.
+The direct and tile ways accumulate float32 products of float32 activations.
 Gate and up share an item, their activation is fused, down runs after; the k
 choices of a token are summed in slot order (deterministic, no atomics).
 
 The kernels are LLVM IR from ``cpu_ir`` (numba's vectoriser cannot do the
 nibble lookup well); the host's best variant is compiled in (``ISA``), the
-others are testable through ``make_mx_dot``/``make_mx_decode``.
+others are testable through ``make_mx_dot``/``make_mx_decode``. Formats are
+read through ``quant.cpu`` (decoders dispatched by GGML type id).
 """
 from __future__ import annotations
 
@@ -27,44 +38,45 @@ from dataclasses import dataclass
 
 import numba as nb
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf.constants import GGMLQuantizationType as T
 
-from quant import types as qtypes
+from quant import cpu as qcpu, types as qtypes
 
-from .cpu_ir import W, best_isa, make_act, make_f32_dot, make_mx_decode, make_mx_dot
+from .cpu_ir import W, best_isa, make_act, make_f32_dot, make_mx_dot, make_q8_dot, q8_isa
 from .activation import ACT_CODE, silu_f32, swiglu_oai_f32
 from .layer import ExpertTensor, MoELayer
 from .routing import bucket
 
-__all__ = ["moe_ffn_cpu", "moe_ffn_cpu_trusted", "mul_mat_id_cpu", "expert_matmul_cpu", "Tiles", "TILES", "ISA"]
+__all__ = ["moe_ffn_cpu", "moe_ffn_cpu_trusted", "mul_mat_id_cpu", "expert_matmul_cpu", "CpuTiles", "TILES", "ISA"]
 
 # ---------------------------------------------------------------- tile sizes
 @dataclass(frozen=True)
-class Tiles:
+class CpuTiles:
     """Blocking of the CPU path (data, not code: the kernels take them at run time)."""
 
     rows: int = 64        # output rows per item (a multiple of 4, every kernel's R)
     kc_direct: int = 32   # MXFP4 blocks per K chunk in the direct path (>= 8 tokens: x chunk in L1)
     kc_tile: int = 960    # columns per decoded float32 tile (a multiple of 32)
     tile_min: int = 12    # an MXFP4 expert with this many tokens or more uses the tile path
+    q8_tokens: int = 1    # calls of at most this many tokens use int8 activations for MXFP4; 0: never
 
     def __post_init__(self):
-        for name in ("rows", "kc_direct", "kc_tile", "tile_min"):
+        for name in ("rows", "kc_direct", "kc_tile", "tile_min", "q8_tokens"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"Tiles.{name} must be a positive int, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (name != "q8_tokens"):
+                raise ValueError(f"CpuTiles.{name} must be a {'non-negative' if name == 'q8_tokens' else 'positive'} "
+                                 f"int, got {v!r}")
         if self.rows % 4 or self.kc_tile % 32:
-            raise ValueError(f"Tiles.rows must be a multiple of 4 and kc_tile of 32, got {self}")
+            raise ValueError(f"CpuTiles.rows must be a multiple of 4 and kc_tile of 32, got {self}")
 
     def astuple(self):
-        return (int(self.rows), int(self.kc_direct), int(self.kc_tile), int(self.tile_min))
+        return (int(self.rows), int(self.kc_direct), int(self.kc_tile), int(self.tile_min), int(self.q8_tokens))
 
 
-TILES = Tiles()
+TILES = CpuTiles()
 ALIGN = 64         # bytes; every float buffer row starts on a cache line
 
-_MX_BYTES = GGML_QUANT_SIZES[T.MXFP4][1]
-_TYPE_CODE = {T.F32: 0, T.F16: 1, T.BF16: 2, T.Q8_0: 3, T.MXFP4: 4}
+_MX_QK, _MX_BYTES, _MXFP4 = qcpu.MX_QK, qcpu.MX_BYTES, qcpu.MXFP4
 
 # Chosen once: numba caches compiled code per CPU, so the kernels must depend on the host alone.
 ISA = best_isa()
@@ -73,7 +85,19 @@ ISA = best_isa()
 DIRECT_R = (4, 4, 4, 4, 2, 2, 2, 2) if ISA == "avx512" else (2, 2, 2, 2, 1, 1, 1, 1)
 (_mx_t1, _mx_t2, _mx_t3, _mx_t4, _mx_t5, _mx_t6, _mx_t7, _mx_t8) = (
     make_mx_dot(DIRECT_R[t - 1], t, ISA) for t in range(1, 9))
-_mx_decode = make_mx_decode(ISA)
+# int8 path: the host's variant (None: no integer path, calls stay float); rows per kernel for T = 1..4
+# tokens (R*T accumulators: 16 ymm on AVX2), single rows for the rest of a tile
+Q8_VARIANT = q8_isa()
+# (8 rows for one token on AVX-512 hosts: the token's loads amortised further, 0.96 vs 1.02 ms for n=1 on one thread)
+Q8_R = (8, 4, 2, 2) if Q8_VARIANT == "vnni512" else (8, 4, 4, 4) if ISA == "avx512" else (4, 2, 1, 1)
+if Q8_VARIANT is not None:
+    (_q8_t1, _q8_t2, _q8_t3, _q8_t4) = (make_q8_dot(Q8_R[t - 1], t, Q8_VARIANT) for t in range(1, 5))
+    (_q8_s1, _q8_s2, _q8_s3, _q8_s4) = (make_q8_dot(1, t, Q8_VARIANT) for t in range(1, 5))
+else:  # no integer path (not x86 with AVX2): never called, calls stay on the float paths
+    @nb.njit
+    def _q8_none(raw, wo, wst, nk, QC, D, xo, xst, out, oo, ost):
+        pass
+    _q8_t1 = _q8_t2 = _q8_t3 = _q8_t4 = _q8_s1 = _q8_s2 = _q8_s3 = _q8_s4 = _q8_none
 F32_R = 4  # float32 tile kernel rows; tokens F32_T, largest first
 F32_T = (6, 4, 2, 1) if W == 16 else (3, 2, 1, 1)
 _f32_a, _f32_b, _f32_c, _f32_d = (make_f32_dot(F32_R, t) for t in F32_T)
@@ -92,48 +116,14 @@ def _aligned(n):
 
 
 @nb.njit(inline="always")
-def _f16(lo, hi):
-    # exact: (e ? 1024+m : m) * 2^(max(e,1)-25); e == 31 is inf/NaN
-    h = np.int32(lo) | (np.int32(hi) << 8)
-    e = (h >> 10) & 31
-    m = h & 1023
-    if e == 31:
-        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
-    else:
-        v = np.float32(m + (1024 if e else 0)) * np.float32(2.0 ** (max(e, 1) - 25))
-    return -v if h & 0x8000 else v
-
-
-@nb.njit(inline="always")
 def _decode_tile(raw, wtype, e, r0, nr, c0, c1, tile, ld, width):
-    """tile[r*ld + c] = W[e, r0+r, c0+c] for r < nr, c < c1-c0; zeros up to ``width`` columns."""
+    """tile[r*ld + c] = W[e, r0+r, c0+c] for r < nr, c < c1-c0; zeros up to ``width`` columns
+    and in the rows up to the next multiple of F32_R."""
     n = c1 - c0
-    tu = tile.view(np.uint32)
     for r in range(nr):
-        row = raw[e, r0 + r]
-        o = r * ld
-        if wtype == 4:
-            _mx_decode(raw, ((e * raw.shape[1] + r0 + r) * raw.shape[2]) + c0 // 32 * _MX_BYTES, n // 32, tile, o)
-        elif wtype == 3:
-            for b in range(n // 32):
-                q0 = (c0 // 32 + b) * 34
-                d = _f16(row[q0], row[q0 + 1])
-                for j in range(32):
-                    tile[o + b * 32 + j] = np.float32(np.int8(row[q0 + 2 + j])) * d
-        elif wtype == 0:
-            for c in range(n):
-                p = (c0 + c) * 4
-                tu[o + c] = (np.uint32(row[p]) | (np.uint32(row[p + 1]) << np.uint32(8))
-                             | (np.uint32(row[p + 2]) << np.uint32(16)) | (np.uint32(row[p + 3]) << np.uint32(24)))
-        elif wtype == 1:
-            for c in range(n):
-                tile[o + c] = _f16(row[(c0 + c) * 2], row[(c0 + c) * 2 + 1])
-        else:
-            for c in range(n):
-                p = (c0 + c) * 2
-                tu[o + c] = (np.uint32(row[p]) << np.uint32(16)) | (np.uint32(row[p + 1]) << np.uint32(24))
+        qcpu.decode(raw, wtype, e, r0 + r, c0, n, tile, r * ld)
         for c in range(n, width):
-            tile[o + c] = 0.0
+            tile[r * ld + c] = 0.0
     for r in range(nr, (nr + F32_R - 1) // F32_R * F32_R):
         for c in range(width):
             tile[r * ld + c] = 0.0
@@ -169,6 +159,34 @@ def _direct_pass(T_, raw, wo, wst, nk, nr, X, xo, xst, out, oo, ost):
 
 
 @nb.njit(cache=True)
+def _q8_pass(T_, raw, wo, wst, nk, nr, QC, D, xo, xst, out, oo, ost):
+    """out[oo + t*ost + r] += row r . x_t for T_ (1..4) tokens, rows [0, nr), x_t the int8 blocks
+    xo + t*xst .. of (QC, D)."""
+    R = Q8_R[T_ - 1]
+    nm = nr - nr % R
+    if T_ == 1:
+        for r in range(0, nm, R):
+            _q8_t1(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
+        for r in range(nm, nr):
+            _q8_s1(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
+    elif T_ == 2:
+        for r in range(0, nm, R):
+            _q8_t2(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
+        for r in range(nm, nr):
+            _q8_s2(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
+    elif T_ == 3:
+        for r in range(0, nm, R):
+            _q8_t3(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
+        for r in range(nm, nr):
+            _q8_s3(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
+    else:
+        for r in range(0, nm, R):
+            _q8_t4(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
+        for r in range(nm, nr):
+            _q8_s4(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
+
+
+@nb.njit(cache=True)
 def _tile_pass(T_, tile, ld, nvec, nr4, X, xo, xst, out, oo, ost):
     """out[oo + t*ost + r] += tile row r . x_t for T_ (one of F32_T) tokens, rows [0, nr4)."""
     if T_ == F32_T[0]:
@@ -186,16 +204,25 @@ def _tile_pass(T_, tile, ld, nvec, nr4, X, xo, xst, out, oo, ost):
 
 
 @nb.njit(cache=True)
-def _item(raw, wtype, e, r0, nr, cols, X, p0, n, out, ooff, ost, tile, tiles):
+def _item(raw, wtype, e, r0, nr, cols, X, QC, D, p0, n, out, ooff, ost, tile, tiles):
     """out[ooff + t*ost + r] += W[e, r0+r, :] . X[p0+t, :] for t < n, r < nr (rounded up to 4).
 
     X rows are ALIGN-aligned with zeros past ``cols``; ``tile`` holds rows x kc_tile floats.
+    With ``QC.size`` (MXFP4 only), X's rows quantised (quant.cpu.quantize_q8) are read instead.
     """
-    _, kc_direct, kc_tile, tile_min = tiles
+    _, kc_direct, kc_tile, tile_min, _ = tiles
     xst = X.shape[1]
-    if wtype == 4 and n < tile_min and nr % 4 == 0:
+    if QC.size:
+        nbx = xst // _MX_QK
+        wst = raw.shape[2]
+        base = (e * raw.shape[1] + r0) * wst
+        for t in range(0, n, 4):  # x of 4 tokens (4 x 5.6 KB at 2880 columns) stays in L1
+            _q8_pass(min(4, n - t), raw, base, wst, cols // _MX_QK, nr, QC, D, (p0 + t) * nbx, nbx,
+                     out, ooff + t * ost, ost)
+        return
+    if wtype == _MXFP4 and n < tile_min and nr % 4 == 0:
         # direct: tokens in groups of 8, the rest in one group; each group is one pass over the weights
-        nblk = cols // 32
+        nblk = cols // _MX_QK
         wst = raw.shape[2]
         base = (e * raw.shape[1] + r0) * wst
         kc = kc_direct if n > 8 else nblk  # up to 8 tokens' x fit L1 whole
@@ -203,7 +230,7 @@ def _item(raw, wtype, e, r0, nr, cols, X, p0, n, out, ooff, ost, tile, tiles):
             nk = min(kc, nblk - k0)
             for t in range(0, n, 8):
                 _direct_pass(min(8, n - t), raw, base + k0 * _MX_BYTES, wst, nk, nr,
-                             X, (p0 + t) * xst + k0 * 32, xst, out, ooff + t * ost, ost)
+                             X, (p0 + t) * xst + k0 * _MX_QK, xst, out, ooff + t * ost, ost)
         return
     nr4 = (nr + F32_R - 1) // F32_R * F32_R
     for c0 in range(0, cols, kc_tile):
@@ -232,7 +259,7 @@ def _bucket(ids, n_experts):
 
 
 @nb.njit(cache=True)
-def _plan(starts, used, rows, rt, nchunks):
+def _work_items(starts, used, rows, rt, nchunks):
     """Items (expert, first row) row-tile-major, and chunk bounds of about equal cost."""
     ntile = (rows + rt - 1) // rt
     m = ntile * used.size
@@ -280,15 +307,26 @@ def _act(g, u, act):
 
 
 @nb.njit(parallel=True, cache=True)
-def _grouped(graw, uraw, wtype, rows, cols, X, starts, used, gb, ub, act, H, tiles, nchunks):
+def _grouped(graw, uraw, wtype, rows, cols, X, starts, used, gb, ub, act, H, tiles, nchunks, q8):
     """H[p, r] += W[e(p), r, :] . X[p, :] for every pair p (H pre-zeroed).
 
     With act >= 0 gate and up are fused (``uraw`` the up experts): H = act(gate + gb, up + ub).
+    With q8 (MXFP4 only) X is quantised to int8 blocks first and the int8 kernels run.
     One call site of _item keeps the unrolled kernels compiled once.
     """
     fused = act >= 0
     rt, kc_tile = tiles[0], tiles[2]
-    item_e, item_r, bounds = _plan(starts, used, rows, rt, nchunks)
+    P, nbx = X.shape[0], X.shape[1] // _MX_QK
+    QC = _aligned(P * nbx * qcpu.Q8_REC // 4 if q8 else 0).view(np.uint8)
+    D = _aligned(P * nbx * qcpu.Q8_DREP if q8 else 0)
+    if q8:
+        if P <= 16:  # decode: a parallel region costs more than these few rows (~3 us each)
+            for p in range(P):
+                qcpu.quantize_q8_row(X, p, nbx, QC, D)
+        else:
+            for p in nb.prange(P):
+                qcpu.quantize_q8_row(X, p, nbx, QC, D)
+    item_e, item_r, bounds = _work_items(starts, used, rows, rt, nchunks)
     nmax = 1
     for e in used:
         nmax = max(nmax, starts[e + 1] - starts[e])
@@ -306,7 +344,7 @@ def _grouped(graw, uraw, wtype, rows, cols, X, starts, used, gb, ub, act, H, til
                 else:
                     raw, dst, doff, dst_st = uraw, U, 0, rt
                     U[:n * rt] = 0.0
-                _item(raw, wtype, e, r0, nr, cols, X, p0, n, dst, doff, dst_st, tile, tiles)
+                _item(raw, wtype, e, r0, nr, cols, X, QC, D, p0, n, dst, doff, dst_st, tile, tiles)
             if fused:
                 nv = nr // W  # whole vectors in the IR kernel, the rest (unquantised types) here
                 for t in range(n):
@@ -324,13 +362,23 @@ def _grouped(graw, uraw, wtype, rows, cols, X, starts, used, gb, ub, act, H, til
 @nb.njit(parallel=True, cache=True)
 def _combine(Y, pos, weights, ids, db, out):
     """out[t] = sum_j w[t, j] * (Y[pos[t, j]] + b_down[ids[t, j]]), j ascending."""
-    n, k = weights.shape
-    for t in nb.prange(n):
-        for c in range(out.shape[1]):
-            s = np.float32(0.0)
-            for j in range(k):
-                s += weights[t, j] * (Y[pos[t * k + j], c] + db[ids[t, j], c])
-            out[t, c] = s
+    n = weights.shape[0]
+    if n <= 4:  # decode: waking the threads costs more than these rows
+        for t in range(n):
+            _combine_row(Y, pos, weights, ids, db, out, t)
+    else:
+        for t in nb.prange(n):
+            _combine_row(Y, pos, weights, ids, db, out, t)
+
+
+@nb.njit(inline="always")
+def _combine_row(Y, pos, weights, ids, db, out, t):
+    k = weights.shape[1]
+    for c in range(out.shape[1]):
+        s = np.float32(0.0)
+        for j in range(k):
+            s += weights[t, j] * (Y[pos[t * k + j], c] + db[ids[t, j], c])
+        out[t, c] = s
 
 
 @nb.njit(cache=True)
@@ -354,9 +402,9 @@ def _check_tensor(name, t):
         qt = T(int(t.ggml_type))
     except ValueError:
         qt = None
-    if qt not in _TYPE_CODE:
+    if qt not in qcpu.TYPES:
         raise NotImplementedError(f"{name}: GGML type {qtypes.type_name(t.ggml_type)} is not supported "
-                                  f"(supported: {', '.join(q.name for q in _TYPE_CODE)})")
+                                  f"(supported: {', '.join(q.name for q in qcpu.TYPES)})")
     raw = t.raw
     if raw.shape != (t.n_experts, t.rows, qtypes.row_nbytes(qt, t.cols)) or not raw.flags.c_contiguous:
         raise ValueError(f"{name}: bytes {raw.shape} do not hold {t.n_experts} x [{t.rows}, {t.cols}] {qt.name}")
@@ -369,7 +417,7 @@ def _raw(t):
     # Read-only view: GGUF memory maps are read-only, and one array type means one compiled variant.
     raw = t.raw.view()
     raw.flags.writeable = False
-    return raw, _TYPE_CODE[T(int(t.ggml_type))]
+    return raw, int(t.ggml_type)
 
 
 def _check_x(x, cols, what="x", ndim=2):
@@ -431,19 +479,24 @@ def _chunks():
     return 4 * nb.get_num_threads()
 
 
+def _use_q8(wtype, n_tokens, tl):
+    return Q8_VARIANT is not None and wtype == _MXFP4 and n_tokens <= tl[4]
+
+
 def _check_tiles(tiles):
     if tiles is None:
         return TILES.astuple()
-    if not isinstance(tiles, Tiles):
-        raise TypeError(f"tiles must be a Tiles, got {type(tiles).__name__}")
+    if not isinstance(tiles, CpuTiles):
+        raise TypeError(f"tiles must be a CpuTiles, got {type(tiles).__name__}")
     return tiles.astuple()
 
 
-def mul_mat_id_cpu(w: ExpertTensor, x: np.ndarray, ids: np.ndarray, *, tiles: Tiles | None = None) -> np.ndarray:
+def mul_mat_id_cpu(w: ExpertTensor, x: np.ndarray, ids: np.ndarray, *, tiles: CpuTiles | None = None) -> np.ndarray:
     """ggml_mul_mat_id on the CPU: ``y[t, j] = W[ids[t, j]] @ x[t]`` -> float32 ``[T, k, rows]``.
 
     ``x`` is ``[T, cols]`` (one input per token, as for gate/up) or ``[T, k, cols]``
-    (one per slot, as for down).
+    (one per slot, as for down). MXFP4 weights with ``T <= tiles.q8_tokens`` (default: one
+    token, decode) multiply int8-quantised ``x`` as ggml does; otherwise float32 throughout.
     """
     raw, wtype = _check_tensor("w", w)
     tl = _check_tiles(tiles)
@@ -460,11 +513,12 @@ def mul_mat_id_cpu(w: ExpertTensor, x: np.ndarray, ids: np.ndarray, *, tiles: Ti
     X = _gather(np.ascontiguousarray(x.reshape(-1, w.cols)), pairs, k, _pad(w.cols), x.ndim == 3)
     Y = _zeros_aligned(pairs.size, _pad(w.rows))
     with nb.parallel_chunksize(1):
-        _grouped(raw, raw, wtype, w.rows, w.cols, X, starts, used, _NO_BIAS, _NO_BIAS, -1, Y, tl, _chunks())
+        _grouped(raw, raw, wtype, w.rows, w.cols, X, starts, used, _NO_BIAS, _NO_BIAS, -1, Y, tl, _chunks(),
+                 _use_q8(wtype, n, tl))
     return Y[pos, :w.rows].reshape(n, k, w.rows)
 
 
-def expert_matmul_cpu(w: ExpertTensor, e: int, x: np.ndarray, *, tiles: Tiles | None = None) -> np.ndarray:
+def expert_matmul_cpu(w: ExpertTensor, e: int, x: np.ndarray, *, tiles: CpuTiles | None = None) -> np.ndarray:
     """One expert, one matrix: ``y = W[e] @ x`` for each row of ``x`` -> float32 ``[n, rows]``.
 
     ``x`` is float32 ``[n, cols]`` (or ``[cols]``, giving ``[rows]``).
@@ -482,13 +536,14 @@ def expert_matmul_cpu(w: ExpertTensor, e: int, x: np.ndarray, *, tiles: Tiles | 
 
 
 def moe_ffn_cpu(layer: MoELayer, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
-                out: np.ndarray | None = None, *, tiles: Tiles | None = None) -> np.ndarray:
+                out: np.ndarray | None = None, *, tiles: CpuTiles | None = None) -> np.ndarray:
     """The MoE FFN of one layer on the CPU, given its routing -> float32 ``[n_tokens, n_embd]``.
 
     ``ids`` int ``[n_tokens, k]`` expert ids, ``weights`` float ``[n_tokens, k]``;
     ``out[t] = sum_j weights[t, j] * expert_ids[t, j](x[t])``, summed in j order.
     ``tiles`` overrides the blocking (default ``TILES``); results do not depend on it
-    beyond float32 rounding.
+    beyond float32 rounding, except ``q8_tokens``: MXFP4 calls of at most that many tokens
+    (default 1: decode) quantise x and the activation to int8 blocks as ggml does.
     """
     if not isinstance(layer, MoELayer):
         raise TypeError(f"layer must be a MoELayer, got {type(layer).__name__}")
@@ -516,14 +571,15 @@ def moe_ffn_cpu(layer: MoELayer, x: np.ndarray, ids: np.ndarray, weights: np.nda
     return _ffn(layer, x, ids, weights, out, tl)
 
 
-def moe_ffn_cpu_trusted(layer: MoELayer, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def moe_ffn_cpu_trusted(layer: MoELayer, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+                        tiles: CpuTiles | None = None) -> np.ndarray:
     """``moe_ffn_cpu`` without its checks, for a caller that validated at its edge
     (``HybridMoE.forward``): ``layer`` a MoELayer (checked when built), ``x`` float32
     C-contiguous ``[T, n_embd]`` already checked finite, ``ids``/``weights`` from ``layer.route(x)``."""
     assert x.dtype == np.float32 and x.flags.c_contiguous and x.ndim == 2 and x.shape[1] == layer.n_embd
     assert ids.shape == weights.shape == (x.shape[0], layer.k) and weights.dtype == np.float32
     return _ffn(layer, x, np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(weights),
-                np.empty((x.shape[0], layer.n_embd), np.float32), TILES.astuple())
+                np.empty((x.shape[0], layer.n_embd), np.float32), (tiles or TILES).astuple())
 
 
 def _ffn(layer, x, ids, weights, out, tl):
@@ -543,7 +599,8 @@ def _ffn(layer, x, ids, weights, out, tl):
     Y = _zeros_aligned(pairs.size, _pad(D))
     with nb.parallel_chunksize(1):
         _grouped(graw, uraw, gtype, F, D, X, starts, used, biases[0], biases[1], ACT_CODE[layer.activation], H,
-                 tl, _chunks())
-        _grouped(draw, draw, dtype_, D, F, H, starts, used, _NO_BIAS, _NO_BIAS, -1, Y, tl, _chunks())
+                 tl, _chunks(), _use_q8(gtype, n, tl))
+        _grouped(draw, draw, dtype_, D, F, H, starts, used, _NO_BIAS, _NO_BIAS, -1, Y, tl, _chunks(),
+                 _use_q8(dtype_, n, tl))
     _combine(Y, pos, weights, ids, biases[2], out)
     return out

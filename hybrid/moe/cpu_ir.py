@@ -1,76 +1,34 @@
 """LLVM IR kernels of the CPU expert path, inlined into Numba code as intrinsics.
 
-Numba's own vectoriser widens the MXFP4 nibble arithmetic to int64 and has no
-table lookup, so the inner loops are written here as IR: a 32-weight block is
-decoded in registers (vpermps on the 16-entry table times the block scale) and
-FMA'd into R rows x T tokens of accumulators. Three variants of the lookup:
-AVX-512 (16 lanes), AVX2 (8 lanes plus a sign bit) and generic arithmetic any
-LLVM target compiles; ``best_isa()`` picks the host's.
+Dot products of R rows x T tokens over MXFP4 rows decoded in registers (the
+decoders live with the format, in ``quant.simd``) or over float32 tiles, and
+the fused activation. The ISA variants and ``best_isa()`` come from
+``quant.simd``.
 """
 from __future__ import annotations
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from llvmlite import ir
-from numba.core import cgutils, types
-from numba.extending import intrinsic
+from numba.core import cgutils
 
 from quant import mxfp4
+from quant.cpu import Q8_DREP, Q8_REC
+from quant.simd import (F32 as _F32, HAS as _HAS, I8 as _I8, I32 as _I32, I64 as _I64, ISAS, P8 as _P8,
+                        best_isa, c64 as _c64, emit_block_f32, emit_block_u8, emit_dot_u8_i8, emit_loop, emit_pair_u8,
+                        ivec as _ivec, load as _load, make_intrinsic as _make_intrinsic, make_mx_decode,
+                        mode as _mode, new_fn as _new_fn, q8_isa, q8_isas, shuf as _shuf, splat as _splat,
+                        store as _store, supported_isas, vec as _vec)
 
 from .activation import ACT_CODE, SWIGLU_ALPHA, SWIGLU_LIMIT
 
-_MX_BYTES = GGML_QUANT_SIZES[T.MXFP4][1]
+__all__ = ["ISAS", "W", "best_isa", "supported_isas", "q8_isa", "q8_isas", "make_mx_dot", "make_q8_dot",
+           "make_mx_decode", "make_f32_dot", "make_act"]
 
-ISAS = ("generic", "avx2", "avx512")
-
-
-def _host_features() -> set:
-    """Features numba's JIT compiles for (respects NUMBA_CPU_FEATURES / ENABLE_AVX)."""
-    from numba.core import codegen, config
-    import llvmlite.binding as ll
-    if not ll.get_process_triple().startswith(("x86_64", "i386", "i686")):
-        return set()
-    feats = config.CPU_FEATURES if config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
-    return {f[1:] for f in feats.split(",") if f.startswith("+")}
-
-
-_FEATURES = _host_features()
-_HAS = {"avx512": "avx512f" in _FEATURES, "avx2": "avx2" in _FEATURES, "generic": True}
+_MX_BYTES = mxfp4.BLOCK_BYTES
 W = 16 if _HAS["avx512"] else 8  # float32 lanes of the f32 kernels
 
 
-def best_isa() -> str:
-    return "avx512" if _HAS["avx512"] else "avx2" if _HAS["avx2"] else "generic"
-
-
-def supported_isas() -> list[str]:
-    return [name for name in ISAS if _HAS[name]]
-
-
 # ---------------------------------------------------------------- LLVM IR kernels
-_F32, _I32, _I64, _I8 = ir.FloatType(), ir.IntType(32), ir.IntType(64), ir.IntType(8)
-_P8 = _I8.as_pointer()
-_KV = [float(v) for v in mxfp4.KVALUES]
-
-
-def _vec(t, n):
-    return ir.VectorType(t, n)
-
-
-def _ivec(n, v):
-    return ir.Constant(_vec(_I32, n), [v] * n)
-
-
-def _splat(b, val, n):
-    ty = _vec(val.type, n)
-    v = b.insert_element(ir.Constant(ty, ir.Undefined), val, ir.Constant(_I32, 0))
-    return b.shuffle_vector(v, ir.Constant(ty, ir.Undefined), ir.Constant(_vec(_I32, n), [0] * n))
-
-
-def _shuf(b, p, q, idx):
-    return b.shuffle_vector(p, q, ir.Constant(_vec(_I32, len(idx)), idx))
-
-
 def _row_sums(b, vecs):
     """R vectors of L lanes -> one vector of their R lane-sums, in order.
 
@@ -100,111 +58,14 @@ def _row_sums(b, vecs):
     return v if n == R else _shuf(b, v, v, list(range(R)))
 
 
+def _zero(VF):
+    return ir.Constant(VF, [0.0] * VF.count)
+
+
 def _fma(b, a, x, c):
     fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(a.type, [a.type] * 3),
                                         f"llvm.fmuladd.v{a.type.count}f32")
     return b.call(fn, [a, x, c])
-
-
-def _load(b, p8, off, ty):
-    return b.load(b.bitcast(b.gep(p8, [off]), ty.as_pointer()), align=1 if ty.element == _I8 else 4)
-
-
-def _store(b, val, p8, off):
-    b.store(val, b.bitcast(b.gep(p8, [off]), val.type.as_pointer()), align=4)
-
-
-def _c64(v):
-    return ir.Constant(_I64, v)
-
-
-def _mode(isa: str) -> tuple[str, int]:
-    """(lookup used, lanes) for a requested isa on this host."""
-    if isa == "avx512":
-        return ("avx512" if _HAS["avx512"] else "generic"), 16
-    if isa == "avx2":
-        return ("avx2" if _HAS["avx2"] else "generic"), 8
-    return "generic", W
-
-
-def _scales_table(module):
-    name = "hyb_e8m0_half"
-    try:
-        return module.get_global(name)
-    except KeyError:
-        ty = ir.ArrayType(_F32, 256)
-        gv = ir.GlobalVariable(module, ty, name)
-        gv.global_constant = True
-        gv.linkage = "internal"
-        gv.initializer = ir.Constant(ty, [float(v) for v in mxfp4.SCALES])
-        return gv
-
-
-def _emit_block(b, mode, lanes, p8, off):
-    """Decode the MXFP4 block at byte ``off`` into 32/lanes float vectors (element order)."""
-    # half(e) from quant/mxfp4.SCALES as an IR constant: a broadcast load, no shuffle port
-    e = b.zext(b.load(b.gep(p8, [off])), _I64)
-    d = _splat(b, b.load(b.gep(_scales_table(b.module), [_c64(0), e])), lanes)
-    qs = _load(b, p8, b.add(off, _c64(1)), _vec(_I8, 16))
-    if lanes == 16:
-        lo = [b.zext(qs, _vec(_I32, 16))]
-    else:
-        lo = [b.zext(b.shuffle_vector(qs, qs, ir.Constant(_vec(_I32, 8), list(range(h, h + 8)))),
-                     _vec(_I32, 8)) for h in (0, 8)]
-    idxs = lo + [b.lshr(i, _ivec(lanes, 4)) for i in lo]  # low nibbles 0..15, then high 16..31
-    VF = _vec(_F32, lanes)
-    if mode == "avx512":
-        perm = cgutils.get_or_insert_function(b.module, ir.FunctionType(VF, [VF, _vec(_I32, 16)]),
-                                              "llvm.x86.avx512.permvar.sf.512")
-        tbl = b.fmul(ir.Constant(VF, _KV), d)  # vpermps reads only the low 4 index bits
-        return [b.call(perm, [tbl, i]) for i in idxs]
-    out = []
-    if mode == "avx2":
-        perm = cgutils.get_or_insert_function(b.module, ir.FunctionType(VF, [VF, _vec(_I32, 8)]),
-                                              "llvm.x86.avx2.permps")
-        tbl = b.fmul(ir.Constant(VF, _KV[:8]), d)  # magnitudes; low 3 index bits
-    for i in idxs:
-        if mode == "avx2":
-            mag = b.call(perm, [tbl, i])
-        else:  # E2M1 doubled from bits: m<2 -> m, else float with bits (m+254)<<22
-            m = b.and_(i, _ivec(lanes, 7))
-            big = b.bitcast(b.shl(b.add(m, _ivec(lanes, 254)), _ivec(lanes, 22)), VF)
-            mag = b.fmul(b.select(b.icmp_unsigned("<", m, _ivec(lanes, 2)), b.uitofp(m, VF), big), d)
-        sign = b.and_(b.shl(i, _ivec(lanes, 28)), _ivec(lanes, -2 ** 31))
-        out.append(b.bitcast(b.xor(b.bitcast(mag, _vec(_I32, lanes)), sign), VF))
-    return out
-
-
-def _new_fn(module, name, argtys):
-    fn = cgutils.get_or_insert_function(module, ir.FunctionType(ir.VoidType(), argtys), name)
-    if not fn.is_declaration:
-        return fn, None
-    fn.linkage = "internal"
-    fn.attributes.add("alwaysinline")
-    return fn, fn.append_basic_block("entry")
-
-
-def _emit_loop(fn, entry, n, nacc, VF, body):
-    """do { accs = body(i, accs) } while (++i < n); returns (builder at exit, final accs)."""
-    loop, done = fn.append_basic_block("loop"), fn.append_basic_block("done")
-    b = ir.IRBuilder(entry)
-    b.branch(loop)
-    b.position_at_end(loop)
-    i = b.phi(_I64)
-    i.add_incoming(_c64(0), entry)
-    accs = []
-    for _ in range(nacc):
-        ph = b.phi(VF)
-        ph.add_incoming(ir.Constant(VF, [0.0] * VF.count), entry)
-        accs.append(ph)
-    new = body(b, i, accs)
-    nxt = b.add(i, _c64(1))
-    i.add_incoming(nxt, b.block)
-    for ph, v in zip(accs, new):
-        ph.add_incoming(v, b.block)
-    b.cbranch(b.icmp_signed("<", nxt, n), loop, done)
-    b.position_at_end(done)
-    return b, new
 
 
 def _emit_store_sums(b, accs, R, T_, lanes, out, ooff, ost):
@@ -222,7 +83,7 @@ def _emit_store_sums(b, accs, R, T_, lanes, out, ooff, ost):
 
 def _build_mx_dot(module, R, T_, isa):
     """out[t, r] += W[r, blocks] . x[t, :] for R rows x T tokens, MXFP4 read directly."""
-    mode, lanes = _mode(isa)
+    isa_mode, lanes = _mode(isa)
     fn, entry = _new_fn(module, f"hyb_mx_dot_r{R}_t{T_}_{isa}", [_P8, _I64, _I64, _I64, _P8, _I64, _I64,
                                                                _P8, _I64, _I64])
     if entry is None:
@@ -237,7 +98,7 @@ def _build_mx_dot(module, R, T_, isa):
                for v in range(nv)] for t in range(T_)]
         new = []
         for r in range(R):
-            wv = _emit_block(b, mode, lanes, w, b.add(b.add(woff, b.mul(_c64(r), wst)), b.mul(i, _c64(_MX_BYTES))))
+            wv = emit_block_f32(b, isa_mode, lanes, w, b.add(b.add(woff, b.mul(_c64(r), wst)), b.mul(i, _c64(_MX_BYTES))))
             for t in range(T_):
                 a = accs[r * T_ + t]
                 for v in range(nv):
@@ -245,8 +106,98 @@ def _build_mx_dot(module, R, T_, isa):
                 new.append(a)
         return new
 
-    b, accs = _emit_loop(fn, entry, nblk, R * T_, VF, body)
+    b, accs = emit_loop(fn, entry, nblk, [_zero(VF)] * (R * T_), body)
     _emit_store_sums(b, accs, R, T_, lanes, out, ooff, ost)
+    b.ret_void()
+    return fn
+
+
+def _build_q8_dot(module, R, T_, variant):
+    """out[t, r] += W[r, blocks] . x[t] for R rows x T tokens: MXFP4 as unsigned bytes (vpshufb),
+    x as int8 blocks (quant.cpu.quantize_q8), integer multiply-add per block, then
+    float(block sum) * half(e) * d_x into float32 accumulators. 'vnni512' takes two blocks per
+    512-bit step and an odd last block in 256 bits."""
+    fn, entry = _new_fn(module, f"hyb_q8_dot_r{R}_t{T_}_{variant}",
+                        [_P8, _I64, _I64, _I64, _P8, _P8, _I64, _I64, _P8, _I64, _I64])
+    if entry is None:
+        return fn
+    w, woff, wst, nblk, qc, d, xo, xst, out, ooff, ost = fn.args
+    V8, V16 = _vec(_F32, 8), _vec(_F32, 16)
+
+    def x_block(b, blk, lanes):  # token data of block(s) blk (and blk+1 for 16 lanes)
+        rec = b.mul(blk, _c64(Q8_REC))
+        dx = _load(b, d, b.mul(blk, _c64(4 * Q8_DREP)), _vec(_F32, lanes))
+        if lanes == 8:
+            return _load(b, qc, rec, _vec(_I8, 32)), _load(b, qc, b.add(rec, _c64(32)), _vec(_I32, 8)), dx
+        rec1 = b.add(rec, _c64(Q8_REC))
+        q = _shuf(b, _load(b, qc, rec, _vec(_I8, 32)), _load(b, qc, rec1, _vec(_I8, 32)), list(range(64)))
+        c = _shuf(b, _load(b, qc, b.add(rec, _c64(32)), _vec(_I32, 8)),
+                  _load(b, qc, b.add(rec1, _c64(32)), _vec(_I32, 8)), list(range(16)))
+        return q, c, dx
+
+    def step(b, blocks, accs, wide):
+        """One block (or a pair, wide) at block index ``blocks`` for every row and token."""
+        lanes = 16 if wide else 8
+        xs = [x_block(b, b.add(b.add(xo, blocks), b.mul(_c64(t), xst)), lanes) for t in range(T_)]
+        new = []
+        for r in range(R):
+            wb = b.add(b.add(woff, b.mul(_c64(r), wst)), b.mul(blocks, _c64(_MX_BYTES)))
+            if wide:
+                u, d0, d1 = emit_pair_u8(b, w, wb)
+                dw = _shuf(b, _splat(b, d0, 8), _splat(b, d1, 8), list(range(16)))
+            else:
+                u, d0 = emit_block_u8(b, w, wb)
+                dw = _splat(b, d0, 8)
+            for t in range(T_):
+                q, c, dx = xs[t]
+                s = b.sitofp(emit_dot_u8_i8(b, variant if wide or variant != "vnni512" else "vnni", u, q, c),
+                             _vec(_F32, lanes))
+                new.append(_fma(b, s, b.fmul(dw, dx), accs[r * T_ + t]))
+        return new
+
+    if variant != "vnni512":
+        b, accs = emit_loop(fn, entry, nblk, [_zero(V8)] * (R * T_), lambda b, i, a: step(b, i, a, False))
+    else:
+        b = ir.IRBuilder(entry)
+        npair = b.ashr(nblk, _c64(1))
+        loop, mid, tail, done = (fn.append_basic_block(n) for n in ("pairs", "mid", "tail", "done"))
+        b.cbranch(b.icmp_signed(">", npair, _c64(0)), loop, mid)
+        b.position_at_end(loop)
+        i = b.phi(_I64)
+        i.add_incoming(_c64(0), entry)
+        ph = []
+        for _ in range(R * T_):
+            p = b.phi(V16)
+            p.add_incoming(_zero(V16), entry)
+            ph.append(p)
+        new = step(b, b.shl(i, _c64(1)), ph, True)
+        nxt = b.add(i, _c64(1))
+        i.add_incoming(nxt, b.block)
+        for p, v in zip(ph, new):
+            p.add_incoming(v, b.block)
+        b.cbranch(b.icmp_signed("<", nxt, npair), loop, mid)
+        b.position_at_end(mid)
+        loop_end = loop  # the pair body has no branches
+        wides = []
+        for v in new:
+            p = b.phi(V16)
+            p.add_incoming(_zero(V16), entry)
+            p.add_incoming(v, loop_end)
+            wides.append(p)
+        halves = [b.fadd(_shuf(b, p, p, list(range(8))), _shuf(b, p, p, list(range(8, 16)))) for p in wides]
+        b.cbranch(b.icmp_signed("<", b.shl(npair, _c64(1)), nblk), tail, done)
+        b.position_at_end(tail)
+        tail_accs = step(b, b.sub(nblk, _c64(1)), halves, False)
+        tail_end = b.block
+        b.branch(done)
+        b.position_at_end(done)
+        accs = []
+        for h, t in zip(halves, tail_accs):
+            p = b.phi(V8)
+            p.add_incoming(h, mid)
+            p.add_incoming(t, tail_end)
+            accs.append(p)
+    _emit_store_sums(b, accs, R, T_, 8, out, ooff, ost)
     b.ret_void()
     return fn
 
@@ -269,29 +220,8 @@ def _build_f32_dot(module, R, T_):
             new += [_fma(b, wv, xs[t], accs[r * T_ + t]) for t in range(T_)]
         return new
 
-    b, accs = _emit_loop(fn, entry, nvec, R * T_, VF, body)
+    b, accs = emit_loop(fn, entry, nvec, [_zero(VF)] * (R * T_), body)
     _emit_store_sums(b, accs, R, T_, W, out, ooff, ost)
-    b.ret_void()
-    return fn
-
-
-def _build_mx_decode(module, isa):
-    """out[ooff + 32*i + j] = value j of block i, for nblk blocks starting at byte woff."""
-    mode, lanes = _mode(isa)
-    fn, entry = _new_fn(module, f"hyb_mx_decode_{isa}", [_P8, _I64, _I64, _P8, _I64])
-    if entry is None:
-        return fn
-    w, woff, nblk, out, ooff = fn.args
-    VF = _vec(_F32, lanes)
-
-    def body(b, i, accs):
-        vals = _emit_block(b, mode, lanes, w, b.add(woff, b.mul(i, _c64(_MX_BYTES))))
-        ob = b.shl(b.add(ooff, b.mul(i, _c64(32))), _c64(2))
-        for v, val in enumerate(vals):
-            _store(b, val, out, b.add(ob, _c64(4 * lanes * v)))
-        return []
-
-    b, _ = _emit_loop(fn, entry, nblk, 0, VF, body)
     b.ret_void()
     return fn
 
@@ -348,42 +278,9 @@ def _build_act(module, act):
         _store(b, a, h, at[0])
         return []
 
-    b, _ = _emit_loop(fn, entry, nvec, 0, VF, body)
+    b, _ = emit_loop(fn, entry, nvec, [], body)
     b.ret_void()
     return fn
-
-
-def _ptr(context, builder, aty, val):
-    return builder.bitcast(context.make_array(aty)(context, builder, val).data, _P8)
-
-
-def _i64(context, builder, ty, val):
-    return context.cast(builder, val, ty, types.int64)
-
-
-def _make_intrinsic(name, build, n_args, array_args):
-    """A numba intrinsic calling the IR function ``build(module)``; arrays pass as data pointers.
-
-    ``n_args`` arguments: arrays at the positions ``array_args``, integers elsewhere.
-    """
-    def typer(args):
-        for i, t in enumerate(args):
-            ok = (isinstance(t, types.Array) and t.layout == "C") if i in array_args else isinstance(t, types.Integer)
-            if not ok:
-                return None
-
-        def codegen(context, builder, signature, vals):
-            a = [_ptr(context, builder, t, v) if isinstance(t, types.Array) else _i64(context, builder, t, v)
-                 for t, v in zip(signature.args, vals)]
-            builder.call(build(builder.module), a)
-            return context.get_dummy_value()
-        return types.void(*args), codegen
-
-    # numba lowers only fixed positional parameters: write the function with n_args of them
-    params = ", ".join(f"a{i}" for i in range(n_args))
-    ns = {"typer": typer}
-    exec(f"def {name}(typingctx, {params}):\n    return typer(({params},))", ns)
-    return intrinsic(ns[name])
 
 
 def make_mx_dot(R, T_, isa):
@@ -392,9 +289,13 @@ def make_mx_dot(R, T_, isa):
     return _make_intrinsic(f"mx_dot_{R}x{T_}_{isa}", lambda m: _build_mx_dot(m, R, T_, isa), 10, (0, 4, 7))
 
 
-def make_mx_decode(isa):
-    """Intrinsic ``(w u8[], woff, nblk, out f32[], ooff)``: decode nblk MXFP4 blocks to floats."""
-    return _make_intrinsic(f"mx_decode_{isa}", lambda m: _build_mx_decode(m, isa), 5, (0, 3))
+def make_q8_dot(R, T_, variant):
+    """Intrinsic ``(w u8[], woff, wstride, nblk, qc u8[], d f32[], xo, xstride, out f32[], ooff, ostride)``:
+    out[ooff + t*ostride + r] += row r (bytes from woff + r*wstride, nblk >= 1 blocks) . x_t, x_t the
+    int8 blocks xo + t*xstride .. of (qc, d) (quant.cpu.quantize_q8). variant: one of quant.simd.q8_isas()."""
+    if variant not in ("avx2", "vnni", "vnni512"):
+        raise ValueError(f"variant must be 'avx2', 'vnni' or 'vnni512', got {variant!r}")
+    return _make_intrinsic(f"q8_dot_{R}x{T_}_{variant}", lambda m: _build_q8_dot(m, R, T_, variant), 11, (0, 4, 5, 8))
 
 
 def make_f32_dot(R, T_):

@@ -29,7 +29,7 @@ import numba
 import numpy as np
 
 from . import copyplan, routing
-from .cpu import moe_ffn_cpu_trusted
+from .cpu import CpuTiles, moe_ffn_cpu_trusted
 from .layer import MoELayer
 from .residency import SlotPool
 from .stats import Stats, TensorRecord, UbatchRecord
@@ -179,24 +179,27 @@ class HybridMoE:
     def __exit__(self, *exc):
         self.close()
 
-    def forward(self, layer, x: np.ndarray, ubatch: int | None = None) -> np.ndarray:
-        """The MoE output float32 ``[n_tokens, n_embd]`` of ``layer`` (index or MoELayer) for ``x``."""
+    def forward(self, layer, x: np.ndarray, ubatch: int | None = None, *,
+                cpu_tiles: CpuTiles | None = None) -> np.ndarray:
+        """The MoE output float32 ``[n_tokens, n_embd]`` of ``layer`` (index or MoELayer) for ``x``.
+
+        ``cpu_tiles`` (a ``cpu.CpuTiles``) for batches on the CPU path; default ``cpu.TILES``,
+        whose ``q8_tokens`` multiplies 1-token calls with int8 activations as ggml does.
+        """
         L = self._layer(layer)
-        if ubatch is not None and not _is_int(ubatch):
-            raise TypeError(f"ubatch must be an int or None, got {type(ubatch).__name__}")
+        _check_call(ubatch, cpu_tiles)
         x = _check_hidden(x, L.n_embd)
         # 1. route
         t0 = time.perf_counter()
         ids, weights = L.route(x)
-        return self._forward(L, x, ids, weights, ubatch, time.perf_counter() - t0)
+        return self._forward(L, x, ids, weights, ubatch, time.perf_counter() - t0, cpu_tiles)
 
     def forward_routed(self, layer, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
-                       ubatch: int | None = None) -> np.ndarray:
+                       ubatch: int | None = None, *, cpu_tiles: CpuTiles | None = None) -> np.ndarray:
         """As ``forward``, with the routing given: ``ids`` int [T, k] (distinct per token, in
         ``[0, n_experts)``) and ``weights`` float32 [T, k] (finite)."""
         L = self._layer(layer)
-        if ubatch is not None and not _is_int(ubatch):
-            raise TypeError(f"ubatch must be an int or None, got {type(ubatch).__name__}")
+        _check_call(ubatch, cpu_tiles)
         x = _check_hidden(x, L.n_embd)
         T, k = x.shape[0], L.k
         if not isinstance(ids, np.ndarray) or not np.issubdtype(ids.dtype, np.integer) or ids.shape != (T, k):
@@ -211,7 +214,8 @@ class HybridMoE:
                              f"{getattr(weights, 'shape', '')}")
         if not np.isfinite(weights).all():
             raise ValueError("weights hold NaN or inf")
-        return self._forward(L, x, np.ascontiguousarray(ids, np.int32), np.ascontiguousarray(weights), ubatch, 0.0)
+        return self._forward(L, x, np.ascontiguousarray(ids, np.int32), np.ascontiguousarray(weights), ubatch, 0.0,
+                             cpu_tiles)
 
     def _layer(self, layer) -> MoELayer:
         if isinstance(layer, (bool, np.bool_)):
@@ -224,7 +228,7 @@ class HybridMoE:
             return layer
         raise ValueError("layer is not one of this backend's layers")
 
-    def _forward(self, L, x, ids, weights, ubatch, t_route):
+    def _forward(self, L, x, ids, weights, ubatch, t_route, cpu_tiles):
         T, E = x.shape[0], L.n_experts
         rec = UbatchRecord(layer=L.index, ubatch=self._ubatch if ubatch is None else ubatch, n_tokens=T,
                            path="cpu", policy=self.policy, used=0, n_experts=E)
@@ -245,7 +249,7 @@ class HybridMoE:
                 rec.times["plan"] = time.perf_counter() - t0
             self._record_copies(rec, L, rounds, planned(L, rounds))
             t0 = time.perf_counter()
-            out = moe_ffn_cpu_trusted(L, x, ids, weights)  # x, ids, weights checked above
+            out = moe_ffn_cpu_trusted(L, x, ids, weights, cpu_tiles)  # all checked above
             rec.times["compute"] = time.perf_counter() - t0
             self.stats.add(rec)
             return out
@@ -308,6 +312,13 @@ class Round:
 
 def _is_int(v):
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_call(ubatch, cpu_tiles):
+    if ubatch is not None and not _is_int(ubatch):
+        raise TypeError(f"ubatch must be an int or None, got {type(ubatch).__name__}")
+    if cpu_tiles is not None and not isinstance(cpu_tiles, CpuTiles):
+        raise TypeError(f"cpu_tiles must be a cpu.CpuTiles or None, got {type(cpu_tiles).__name__}")
 
 
 def _check_hidden(x, n_embd):

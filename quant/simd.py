@@ -1,0 +1,306 @@
+"""MXFP4 decoded in SIMD registers: LLVM IR emitters inlined into Numba code.
+
+Numba's own vectoriser widens the nibble arithmetic to int64 and has no table
+lookup, so a 32-weight block is decoded here as IR. ``emit_block_f32`` gives
+the block as float vectors (vpermps on the 16-entry table times the block
+scale) in three variants: AVX-512 (16 lanes), AVX2 (8 lanes plus a sign bit)
+and generic arithmetic any LLVM target compiles. ``best_isa()`` picks the
+host's (numba's JIT target, so ``NUMBA_CPU_FEATURES`` can force a narrower
+one). The helpers below (typed IR constants, loads, a counted loop, numba
+intrinsics over arrays) are what the CPU expert kernels are written with too.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+from . import mxfp4
+
+ISAS = ("generic", "avx2", "avx512")
+
+
+def _host_features() -> set:
+    """Features numba's JIT compiles for (respects NUMBA_CPU_FEATURES / ENABLE_AVX)."""
+    from numba.core import codegen, config
+    import llvmlite.binding as ll
+    if not ll.get_process_triple().startswith(("x86_64", "i386", "i686")):
+        return set()
+    feats = config.CPU_FEATURES if config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
+    return {f[1:] for f in feats.split(",") if f.startswith("+")}
+
+
+FEATURES = frozenset(_host_features())
+HAS = {"avx512": "avx512f" in FEATURES, "avx2": "avx2" in FEATURES, "generic": True}
+
+
+def best_isa() -> str:
+    return "avx512" if HAS["avx512"] else "avx2" if HAS["avx2"] else "generic"
+
+
+def supported_isas() -> list[str]:
+    return [name for name in ISAS if HAS[name]]
+
+
+# ---------------------------------------------------------------- IR helpers
+F32, I32, I64, I16, I8 = ir.FloatType(), ir.IntType(32), ir.IntType(64), ir.IntType(16), ir.IntType(8)
+P8 = I8.as_pointer()
+_KV = [float(v) for v in mxfp4.KVALUES]
+
+
+def vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def ivec(n, v, t=I32):
+    return ir.Constant(vec(t, n), [v] * n)
+
+
+def splat(b, val, n):
+    ty = vec(val.type, n)
+    v = b.insert_element(ir.Constant(ty, ir.Undefined), val, ir.Constant(I32, 0))
+    return b.shuffle_vector(v, ir.Constant(ty, ir.Undefined), ir.Constant(vec(I32, n), [0] * n))
+
+
+def shuf(b, p, q, idx):
+    return b.shuffle_vector(p, q, ir.Constant(vec(I32, len(idx)), idx))
+
+
+def load(b, p8, off, ty):
+    return b.load(b.bitcast(b.gep(p8, [off]), ty.as_pointer()), align=1 if ty.element == I8 else 4)
+
+
+def store(b, val, p8, off):
+    b.store(val, b.bitcast(b.gep(p8, [off]), val.type.as_pointer()), align=4)
+
+
+def c64(v):
+    return ir.Constant(I64, v)
+
+
+def declare(b, name, ret, args):
+    return cgutils.get_or_insert_function(b.module, ir.FunctionType(ret, args), name)
+
+
+def new_fn(module, name, argtys):
+    """An internal always-inline void function; (fn, entry block) or (fn, None) if already built."""
+    fn = cgutils.get_or_insert_function(module, ir.FunctionType(ir.VoidType(), argtys), name)
+    if not fn.is_declaration:
+        return fn, None
+    fn.linkage = "internal"
+    fn.attributes.add("alwaysinline")
+    return fn, fn.append_basic_block("entry")
+
+
+def emit_loop(fn, entry, n, accs0, body):
+    """do { accs = body(b, i, accs) } while (++i < n), accs starting at ``accs0``
+    (IR values); returns (builder at the exit, final accs). ``n`` must be >= 1."""
+    loop, done = fn.append_basic_block("loop"), fn.append_basic_block("done")
+    b = ir.IRBuilder(entry)
+    b.branch(loop)
+    b.position_at_end(loop)
+    i = b.phi(I64)
+    i.add_incoming(c64(0), entry)
+    accs = []
+    for a0 in accs0:
+        ph = b.phi(a0.type)
+        ph.add_incoming(a0, entry)
+        accs.append(ph)
+    new = body(b, i, accs)
+    nxt = b.add(i, c64(1))
+    i.add_incoming(nxt, b.block)
+    for ph, v in zip(accs, new):
+        ph.add_incoming(v, b.block)
+    b.cbranch(b.icmp_signed("<", nxt, n), loop, done)
+    b.position_at_end(done)
+    return b, new
+
+
+def _ptr(context, builder, aty, val):
+    return builder.bitcast(context.make_array(aty)(context, builder, val).data, P8)
+
+
+def _i64(context, builder, ty, val):
+    return context.cast(builder, val, ty, types.int64)
+
+
+def make_intrinsic(name, build, n_args, array_args):
+    """A numba intrinsic calling the IR function ``build(module)``; arrays pass as data pointers.
+
+    ``n_args`` arguments: C-contiguous arrays at the positions ``array_args``, integers elsewhere.
+    """
+    def typer(args):
+        for i, t in enumerate(args):
+            ok = (isinstance(t, types.Array) and t.layout == "C") if i in array_args else isinstance(t, types.Integer)
+            if not ok:
+                return None
+
+        def codegen(context, builder, signature, vals):
+            a = [_ptr(context, builder, t, v) if isinstance(t, types.Array) else _i64(context, builder, t, v)
+                 for t, v in zip(signature.args, vals)]
+            builder.call(build(builder.module), a)
+            return context.get_dummy_value()
+        return types.void(*args), codegen
+
+    # numba lowers only fixed positional parameters: write the function with n_args of them
+    params = ", ".join(f"a{i}" for i in range(n_args))
+    ns = {"typer": typer}
+    exec(f"def {name}(typingctx, {params}):\n    return typer(({params},))", ns)
+    return intrinsic(ns[name])
+
+
+# ---------------------------------------------------------------- MXFP4 blocks
+def mode(isa: str) -> tuple[str, int]:
+    """(lookup used, float lanes) for a requested isa on this host."""
+    if isa == "avx512":
+        return ("avx512" if HAS["avx512"] else "generic"), 16
+    if isa == "avx2":
+        return ("avx2" if HAS["avx2"] else "generic"), 8
+    return "generic", 16 if HAS["avx512"] else 8
+
+
+def _global_table(module, name, elt, values):
+    try:
+        return module.get_global(name)
+    except KeyError:
+        ty = ir.ArrayType(elt, len(values))
+        gv = ir.GlobalVariable(module, ty, name)
+        gv.global_constant = True
+        gv.linkage = "internal"
+        gv.initializer = ir.Constant(ty, values)
+        return gv
+
+
+def emit_scale(b, p8, off):
+    """half(e) of the block at byte ``off`` (float32 scalar), from quant.mxfp4.SCALES as an IR constant."""
+    e = b.zext(b.load(b.gep(p8, [off])), I64)
+    tbl = _global_table(b.module, "hyb_e8m0_half", F32, [float(v) for v in mxfp4.SCALES])
+    return b.load(b.gep(tbl, [c64(0), e]))
+
+
+def emit_block_f32(b, isa_mode, lanes, p8, off):
+    """Decode the MXFP4 block at byte ``off`` into 32/lanes float vectors (element order)."""
+    # a broadcast load of the scale: no shuffle port
+    d = splat(b, emit_scale(b, p8, off), lanes)
+    qs = load(b, p8, b.add(off, c64(1)), vec(I8, 16))
+    if lanes == 16:
+        lo = [b.zext(qs, vec(I32, 16))]
+    else:
+        lo = [b.zext(b.shuffle_vector(qs, qs, ir.Constant(vec(I32, 8), list(range(h, h + 8)))),
+                     vec(I32, 8)) for h in (0, 8)]
+    idxs = lo + [b.lshr(i, ivec(lanes, 4)) for i in lo]  # low nibbles 0..15, then high 16..31
+    VF = vec(F32, lanes)
+    if isa_mode == "avx512":
+        perm = declare(b, "llvm.x86.avx512.permvar.sf.512", VF, [VF, vec(I32, 16)])
+        tbl = b.fmul(ir.Constant(VF, _KV), d)  # vpermps reads only the low 4 index bits
+        return [b.call(perm, [tbl, i]) for i in idxs]
+    out = []
+    if isa_mode == "avx2":
+        perm = declare(b, "llvm.x86.avx2.permps", VF, [VF, vec(I32, 8)])
+        tbl = b.fmul(ir.Constant(VF, _KV[:8]), d)  # magnitudes; low 3 index bits
+    for i in idxs:
+        if isa_mode == "avx2":
+            mag = b.call(perm, [tbl, i])
+        else:  # E2M1 doubled from bits: m<2 -> m, else float with bits (m+254)<<22
+            m = b.and_(i, ivec(lanes, 7))
+            big = b.bitcast(b.shl(b.add(m, ivec(lanes, 254)), ivec(lanes, 22)), VF)
+            mag = b.fmul(b.select(b.icmp_unsigned("<", m, ivec(lanes, 2)), b.uitofp(m, VF), big), d)
+        sign = b.and_(b.shl(i, ivec(lanes, 28)), ivec(lanes, -2 ** 31))
+        out.append(b.bitcast(b.xor(b.bitcast(mag, vec(I32, lanes)), sign), VF))
+    return out
+
+
+def _build_mx_decode(module, isa):
+    """out[ooff + 32*i + j] = value j of block i, for nblk blocks starting at byte woff."""
+    isa_mode, lanes = mode(isa)
+    fn, entry = new_fn(module, f"hyb_mx_decode_{isa}", [P8, I64, I64, P8, I64])
+    if entry is None:
+        return fn
+    w, woff, nblk, out, ooff = fn.args
+
+    def body(b, i, accs):
+        vals = emit_block_f32(b, isa_mode, lanes, w, b.add(woff, b.mul(i, c64(mxfp4.BLOCK_BYTES))))
+        if isa_mode != "avx512":  # the sign bit of nibble 8 gives -0.0 where gguf has +0.0: -0 + 0 = +0
+            vals = [b.fadd(v, ir.Constant(v.type, [0.0] * lanes)) for v in vals]
+        ob = b.shl(b.add(ooff, b.mul(i, c64(mxfp4.QK))), c64(2))
+        for v, val in enumerate(vals):
+            store(b, val, out, b.add(ob, c64(4 * lanes * v)))
+        return []
+
+    b, _ = emit_loop(fn, entry, nblk, [], body)
+    b.ret_void()
+    return fn
+
+
+def make_mx_decode(isa):
+    """Intrinsic ``(w u8[], woff, nblk, out f32[], ooff)``: decode nblk (>= 1) MXFP4 blocks
+    starting at byte ``woff`` of ``w`` to floats at ``out[ooff:]``. No bounds checks."""
+    return make_intrinsic(f"mx_decode_{isa}", lambda m: _build_mx_decode(m, isa), 5, (0, 3))
+
+
+# ---------------------------------------------------------------- MXFP4 as int8 (the integer dot)
+# The 16 values (E2M1 doubled, -12..12) shifted by U8_OFFSET are unsigned bytes 0..24, the
+# operand vpmaddubsw/vpdpbusd read unsigned: sum (w + 12) q = sum w q + 12 sum q, and the
+# activation side subtracts 12 sum q (once per token, see quant.cpu.quantize_q8).
+U8_OFFSET = -int(mxfp4.KVALUES.min())
+KVALUES_U8 = (mxfp4.KVALUES.astype(np.int32) + U8_OFFSET).astype(np.uint8)
+
+
+def q8_isas() -> list[str]:
+    """The integer-dot variants this host can run, best last: 'avx2' (vpmaddubsw + vpmaddwd on
+    256 bits), 'vnni' (vpdpbusd on 256 bits: AVX-VNNI or AVX512-VNNI+VL), 'vnni512' (vpdpbusd
+    on 512 bits, two blocks per instruction: AVX512-VNNI+BW)."""
+    out = ["avx2"] if HAS["avx2"] else []
+    if "avxvnni" in FEATURES or {"avx512vnni", "avx512vl"} <= FEATURES:
+        out.append("vnni")
+    if {"avx512vnni", "avx512bw"} <= FEATURES:
+        out.append("vnni512")
+    return out
+
+
+def q8_isa() -> str | None:
+    """The host's best integer-dot variant, or None (no integer path)."""
+    v = q8_isas()
+    return v[-1] if v else None
+
+
+def emit_block_u8(b, p8, off):
+    """The MXFP4 block at byte ``off`` as <32 x i8> of value + U8_OFFSET (element order) and its
+    scale half(e): one 128-bit broadcast load, vpsrlvd (high lane by 4), vpand, vpshufb."""
+    qs = load(b, p8, b.add(off, c64(1)), vec(I8, 16))
+    both = b.bitcast(shuf(b, qs, qs, list(range(16)) * 2), vec(I32, 8))
+    both = b.lshr(both, ir.Constant(vec(I32, 8), [0] * 4 + [4] * 4))
+    idx = b.and_(b.bitcast(both, vec(I8, 32)), ivec(32, 0x0F, I8))
+    pshufb = declare(b, "llvm.x86.avx2.pshuf.b", vec(I8, 32), [vec(I8, 32), vec(I8, 32)])
+    tbl = ir.Constant(vec(I8, 32), [int(v) for v in KVALUES_U8] * 2)
+    return b.call(pshufb, [tbl, idx]), emit_scale(b, p8, off)
+
+
+def emit_pair_u8(b, p8, off):
+    """Two consecutive MXFP4 blocks at byte ``off`` as <64 x i8> (block 0's 32 bytes, then block 1's)
+    of value + U8_OFFSET, and their scales: the 512-bit form of emit_block_u8."""
+    qs0 = load(b, p8, b.add(off, c64(1)), vec(I8, 16))
+    qs1 = load(b, p8, b.add(off, c64(mxfp4.BLOCK_BYTES + 1)), vec(I8, 16))
+    both = b.bitcast(shuf(b, qs0, qs1, list(range(16)) * 2 + list(range(16, 32)) * 2), vec(I32, 16))
+    both = b.lshr(both, ir.Constant(vec(I32, 16), ([0] * 4 + [4] * 4) * 2))
+    idx = b.and_(b.bitcast(both, vec(I8, 64)), ivec(64, 0x0F, I8))
+    pshufb = declare(b, "llvm.x86.avx512.pshuf.b.512", vec(I8, 64), [vec(I8, 64), vec(I8, 64)])
+    tbl = ir.Constant(vec(I8, 64), [int(v) for v in KVALUES_U8] * 4)
+    return b.call(pshufb, [tbl, idx]), emit_scale(b, p8, off), emit_scale(b, p8, b.add(off, c64(mxfp4.BLOCK_BYTES)))
+
+
+def emit_dot_u8_i8(b, variant, u, q, c):
+    """i32 lanes (8, or 16 for 'vnni512'): c + sum of 4 products u*q (u unsigned, q signed bytes)."""
+    if variant == "vnni512":
+        v16 = vec(I32, 16)
+        fn = declare(b, "llvm.x86.avx512.vpdpbusd.512", v16, [v16, v16, v16])
+        return b.call(fn, [c, b.bitcast(u, v16), b.bitcast(q, v16)])
+    if variant == "vnni":
+        v8 = vec(I32, 8)
+        fn = declare(b, "llvm.x86.avx512.vpdpbusd.256", v8, [v8, v8, v8])
+        return b.call(fn, [c, b.bitcast(u, v8), b.bitcast(q, v8)])
+    maddubs = declare(b, "llvm.x86.avx2.pmadd.ub.sw", vec(I16, 16), [vec(I8, 32), vec(I8, 32)])
+    maddwd = declare(b, "llvm.x86.avx2.pmadd.wd", vec(I32, 8), [vec(I16, 16), vec(I16, 16)])
+    p16 = b.call(maddubs, [u, q])  # |pair| <= 2 * 24 * 128: no saturation
+    return b.add(b.call(maddwd, [p16, ivec(16, 1, I16)]), c)
