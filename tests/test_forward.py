@@ -233,17 +233,6 @@ def test_the_simulated_device_gives_the_cpu_targets_logits(tmp_path):
     close(out["sim"], out["cpu"], seed, rel=1e-5)
 
 
-def test_half_and_bfloat16_bits_decode_exactly():
-    from hybrid.model.dense import _bf16, _half
-    bits = np.arange(1 << 16, dtype=np.uint32)
-    lo, hi = (bits & 0xFF).astype(np.int64), (bits >> 8).astype(np.int64)
-    got_h = np.array([_half(a, b) for a, b in zip(lo, hi)], np.float32)
-    got_b = np.array([_bf16(a, b) for a, b in zip(lo, hi)], np.float32)
-    want_h = bits.astype(np.uint16).view(np.float16).astype(np.float32)
-    want_b = (bits << 16).view(np.float32)
-    assert np.array_equal(got_h, want_h, equal_nan=True) and np.array_equal(got_b, want_b, equal_nan=True)
-
-
 def test_the_moe_backend_must_be_the_models_own(model, tmp_path):
     other = load(write_tiny(tmp_path / "o.gguf", arch=model.arch, tokenizer=False, seed=9, **SHAPE))
     with pytest.raises(ValueError, match="this model's own MoE layers"):

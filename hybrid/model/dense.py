@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf.constants import GGMLQuantizationType as T
 
-from quant import mxfp4, types as qtypes
+from quant import cpu as qcpu, types as qtypes
 
 __all__ = ["Dense", "TYPES"]
 
@@ -21,8 +21,8 @@ TYPES = tuple(qtypes.DEQUANTIZERS)  # F32, F16, BF16, Q8_0, MXFP4
 _TILE_BYTES = 1 << 21  # decoded float32 tile: fits in L2/L3
 _DIRECT_MAX_TOKENS = 4  # up to this many tokens, the direct kernel
 _PARALLEL_BYTES = 1 << 18  # smaller matrices run on one thread
-_Q8_0, _F16, _BF16, _MXFP4 = range(4)  # what the direct kernel branches on
-_KIND = {T.Q8_0: _Q8_0, T.F16: _F16, T.BF16: _BF16, T.MXFP4: _MXFP4}
+_DIRECT = (T.Q8_0, T.F16, T.BF16, T.MXFP4)  # decoded in place by quant.cpu; F32 goes to BLAS
+_QK = 32  # lanes of the direct kernel; rows of these types hold whole blocks of 32 (row_nbytes checks)
 
 
 class Dense:
@@ -57,7 +57,7 @@ class Dense:
             raise ValueError(f"{self.name}: input must be float32 [n, {cols}], got {x.dtype} {x.shape}")
         x = np.ascontiguousarray(x)
         out = np.empty((x.shape[0], rows), np.float32)
-        if self.ggml_type in _KIND and x.shape[0] <= _DIRECT_MAX_TOKENS:
+        if self.ggml_type in _DIRECT and x.shape[0] <= _DIRECT_MAX_TOKENS and cols % _QK == 0:
             _direct(self.ggml_type, x, self.raw, out)
             return out
         if self.ggml_type == T.F32:
@@ -69,86 +69,55 @@ class Dense:
         return out
 
 
-@nb.njit(cache=True, inline="always")
-def _half(lo, hi):
-    # IEEE half from its two little-endian bytes, exactly (every half is a float32).
-    h = np.int32(lo) | (np.int32(hi) << 8)
-    e = (h >> 10) & 0x1F
-    m = h & 0x3FF
-    if e == 0:
-        v = np.float32(m) * np.float32(2.0 ** -24)
-    elif e == 31:
-        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
-    else:
-        v = np.float32(1024 + m) * np.float32(2.0 ** (e - 25))
-    return -v if h & 0x8000 else v
-
-
-@nb.njit(cache=True, inline="always")
-def _bf16(lo, hi):
-    # bfloat16 = the top half of a float32: 8-bit exponent, 7-bit mantissa.
-    h = np.int32(lo) | (np.int32(hi) << 8)
-    e = (h >> 7) & 0xFF
-    m = h & 0x7F
-    if e == 0:
-        v = np.float32(m) * np.float32(2.0 ** -133)
-    elif e == 255:
-        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
-    else:
-        v = np.float32(128 + m) * np.float32(2.0 ** (e - 134))
-    return -v if h & 0x8000 else v
-
-
-@nb.njit(cache=True, inline="always")
-def _row_dot(kind, x, t, raw, r, kv, scales):
-    # One output: row r of the stored weights (type ``kind``) times token t of x, float32.
-    n = x.shape[1]
-    acc = np.float32(0.0)
-    if kind == _Q8_0:  # blocks of a float16 scale and 32 int8
-        for b in range(n // 32):
-            o = b * 34
-            s = np.float32(0.0)
-            for j in range(32):
-                q = np.int32(raw[r, o + 2 + j])
-                if q > 127:
-                    q -= 256
-                s += np.float32(q) * x[t, b * 32 + j]
-            acc += _half(raw[r, o], raw[r, o + 1]) * s
-    elif kind == _F16:
-        for j in range(n):
-            acc += _half(raw[r, 2 * j], raw[r, 2 * j + 1]) * x[t, j]
-    elif kind == _BF16:
-        for j in range(n):
-            acc += _bf16(raw[r, 2 * j], raw[r, 2 * j + 1]) * x[t, j]
-    else:  # MXFP4: an E8M0 scale and 16 bytes; low nibbles are elements 0..15, high 16..31
-        for b in range(n // 32):
-            o = b * 17
-            s = np.float32(0.0)
-            for j in range(16):
-                q = raw[r, o + 1 + j]
-                s += kv[q & 15] * x[t, b * 32 + j] + kv[q >> 4] * x[t, b * 32 + 16 + j]
-            acc += scales[raw[r, o]] * s
-    return acc
+@nb.njit(inline="always")
+def _lanes_sum(acc):
+    s = np.float32(0.0)
+    for j in range(_QK):
+        s += acc[j]
+    return s
 
 
 @nb.njit(parallel=True, cache=True)
-def _direct_par(kind, x, raw, kv, scales, out):
-    for r in nb.prange(raw.shape[0]):
-        for t in range(x.shape[0]):
-            out[t, r] = _row_dot(kind, x, t, raw, r, kv, scales)
+def _direct_kernel(wtype, x, raw3, out, n_chunks):
+    """out[t, r] = W[r] . x[t] on the stored bytes, accumulated in 32 float lanes per token
+    (a lane per column position mod 32), which the compiler vectorises without reordering
+    any sum; the lanes are added in a fixed order, so results do not depend on the chunking.
 
-
-@nb.njit(cache=True)
-def _direct_one(kind, x, raw, kv, scales, out):
-    for r in range(raw.shape[0]):
-        for t in range(x.shape[0]):
-            out[t, r] = _row_dot(kind, x, t, raw, r, kv, scales)
+    Q8_0 (most dense weights of gpt-oss files) is decoded inside the product loop; other
+    types a row at a time by ``quant.cpu.decode`` into a buffer that stays in L1/L2.
+    """
+    rows, n = raw3.shape[1], x.shape[1]
+    n_tok = x.shape[0]
+    per = (rows + n_chunks - 1) // n_chunks
+    for c in nb.prange(n_chunks):
+        w = np.empty(n, np.float32)
+        acc = np.empty(_QK, np.float32)
+        for r in range(c * per, min(rows, (c + 1) * per)):
+            if wtype == qcpu.Q8_0:
+                row = raw3[0, r]
+                qs = row.view(np.int8)
+                for t in range(n_tok):
+                    xt = x[t]
+                    acc[:] = 0.0
+                    for b in range(n // qcpu.Q8_QK):
+                        q0 = b * qcpu.Q8_BYTES
+                        d = qcpu.f16(row[q0], row[q0 + 1])
+                        for j in range(qcpu.Q8_QK):
+                            acc[j] += (np.float32(qs[q0 + 2 + j]) * d) * xt[b * qcpu.Q8_QK + j]
+                    out[t, r] = _lanes_sum(acc)
+                continue
+            qcpu.decode(raw3, wtype, 0, r, 0, n, w, 0)
+            for t in range(n_tok):
+                xt = x[t]
+                acc[:] = 0.0
+                for b in range(0, n, _QK):
+                    for j in range(_QK):
+                        acc[j] += w[b + j] * xt[b + j]
+                out[t, r] = _lanes_sum(acc)
 
 
 def _direct(ggml_type, x, raw, out):
     # Waking the thread pool costs more than a small matrix takes on one core.
-    fn = _direct_par if raw.size >= _PARALLEL_BYTES else _direct_one
-    fn(_KIND[ggml_type], x, raw, mxfp4.KVALUES_F32, mxfp4.SCALES, out)
-
-
-assert GGML_QUANT_SIZES[T.Q8_0] == (32, 34) and GGML_QUANT_SIZES[T.MXFP4] == (32, 17)  # what _row_dot reads
+    chunks = 4 * nb.get_num_threads() if raw.size >= _PARALLEL_BYTES else 1
+    with nb.parallel_chunksize(1):
+        _direct_kernel(int(ggml_type), x, raw.reshape((1,) + raw.shape), out, chunks)
