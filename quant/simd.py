@@ -16,6 +16,8 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
 from . import mxfp4
 
 ISAS = ("generic", "avx2", "avx512")
@@ -209,6 +211,33 @@ def emit_block_f32(b, isa_mode, lanes, p8, off):
         sign = b.and_(b.shl(i, ivec(lanes, 28)), ivec(lanes, -2 ** 31))
         out.append(b.bitcast(b.xor(b.bitcast(mag, vec(I32, lanes)), sign), VF))
     return out
+
+
+# ---------------------------------------------------------------- Q8_0 blocks
+Q8_0_BYTES = GGML_QUANT_SIZES[T.Q8_0][1]  # a half scale, then 32 int8
+_HALF_TO_F32 = 2.0 ** 112  # float32's exponent bias minus half's
+
+
+def emit_half(b, p8, off):
+    """The IEEE half at byte ``off`` as float32, exactly and without branches: its bits moved
+    up by 13 are a float32 short of 112 in the exponent (subnormal halves too), so one exact
+    multiply finishes; exponent 31 (inf/NaN) is given float32's 255 first."""
+    h = b.zext(b.load(b.bitcast(b.gep(p8, [off]), I16.as_pointer()), align=1), I32)
+    em = b.and_(h, ir.Constant(I32, 0x7FFF))
+    top = b.select(b.icmp_unsigned(">=", em, ir.Constant(I32, 0x7C00)), ir.Constant(I32, 0x70000000),
+                   ir.Constant(I32, 0))
+    bits = b.or_(b.or_(b.shl(b.and_(h, ir.Constant(I32, 0x8000)), ir.Constant(I32, 16)),
+                       b.shl(em, ir.Constant(I32, 13))), top)
+    return b.fmul(b.bitcast(bits, F32), ir.Constant(F32, _HALF_TO_F32))
+
+
+def emit_q8_0_block_f32(b, lanes, p8, off):
+    """Decode the Q8_0 block at byte ``off`` into 32/lanes float vectors: int8 times the
+    block's half scale, the product gguf computes (exact in float32)."""
+    d = splat(b, emit_half(b, p8, off), lanes)
+    qs = load(b, p8, b.add(off, c64(2)), vec(I8, 32))
+    return [b.fmul(b.sitofp(shuf(b, qs, qs, list(range(h, h + lanes))), vec(F32, lanes)), d)
+            for h in range(0, 32, lanes)]
 
 
 def _build_mx_decode(module, isa):

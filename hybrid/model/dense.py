@@ -15,6 +15,8 @@ from gguf.constants import GGMLQuantizationType as T
 
 from quant import cpu as qcpu, types as qtypes
 
+from ..moe.cpu_ir import best_isa, make_mx_dot, make_q8_0_dot
+
 __all__ = ["Dense", "TYPES"]
 
 TYPES = tuple(qtypes.DEQUANTIZERS)  # F32, F16, BF16, Q8_0, MXFP4
@@ -22,6 +24,9 @@ _TILE_BYTES = 1 << 21  # decoded float32 tile: fits in L2/L3
 _DIRECT_MAX_TOKENS = 4  # up to this many tokens, the direct kernel
 _PARALLEL_BYTES = 1 << 18  # smaller matrices run on one thread
 _DIRECT = (T.Q8_0, T.F16, T.BF16, T.MXFP4)  # decoded in place by quant.cpu; F32 goes to BLAS
+_R = 4  # rows per block-dot call: R x 1 token of accumulators fit the registers on AVX2 and AVX-512
+_q8_0_rows, _q8_0_row = make_q8_0_dot(_R, 1, best_isa()), make_q8_0_dot(1, 1, best_isa())
+_mx_rows, _mx_row = make_mx_dot(_R, 1, best_isa()), make_mx_dot(1, 1, best_isa())
 _QK = 32  # lanes of the direct kernel; rows of these types hold whole blocks of 32 (row_nbytes checks)
 
 
@@ -77,15 +82,44 @@ def _lanes_sum(acc):
     return s
 
 
+@nb.njit(inline="always")
+def _block_dot(mx, raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows, n_rows):
+    if mx and n_rows == _R:
+        _mx_rows(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
+    elif mx:
+        _mx_row(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
+    elif n_rows == _R:
+        _q8_0_rows(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
+    else:
+        _q8_0_row(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
+
+
+@nb.njit(parallel=True, cache=True)
+def _block_kernel(mx, x, raw, out, n_chunks):
+    """out[t, r] += W[r] . x[t] for Q8_0 (``mx`` False) or MXFP4 rows, the formats of gpt-oss
+    files' dense weights: blocks decoded in registers and multiplied in one pass
+    (``cpu_ir``'s block dots, which sum in a fixed order), ``_R`` rows at a time."""
+    rows, row_bytes = raw.shape
+    n_tok, cols = x.shape
+    nblk = cols // _QK
+    groups = rows // _R
+    per = (groups + n_chunks - 1) // n_chunks
+    for c in nb.prange(n_chunks):
+        for g in range(c * per, min(groups, (c + 1) * per)):
+            for t in range(n_tok):
+                _block_dot(mx, raw, g * _R * row_bytes, row_bytes, nblk, x, t * cols, cols, out, t * rows + g * _R,
+                           rows, _R)
+    for r in range(groups * _R, rows):
+        for t in range(n_tok):
+            _block_dot(mx, raw, r * row_bytes, row_bytes, nblk, x, t * cols, cols, out, t * rows + r, rows, 1)
+
+
 @nb.njit(parallel=True, cache=True)
 def _direct_kernel(wtype, x, raw3, out, n_chunks):
-    """out[t, r] = W[r] . x[t] on the stored bytes, accumulated in 32 float lanes per token
-    (a lane per column position mod 32), which the compiler vectorises without reordering
-    any sum; the lanes are added in a fixed order, so results do not depend on the chunking.
-
-    Q8_0 (most dense weights of gpt-oss files) is decoded inside the product loop; other
-    types a row at a time by ``quant.cpu.decode`` into a buffer that stays in L1/L2.
-    """
+    """out[t, r] = W[r] . x[t] on the stored bytes: each row decoded by ``quant.cpu.decode``
+    into a buffer that stays in L1/L2, then multiplied into 32 float lanes per token, which
+    the compiler vectorises without reordering any sum; the lanes are added in a fixed
+    order, so results do not depend on the chunking."""
     rows, n = raw3.shape[1], x.shape[1]
     n_tok = x.shape[0]
     per = (rows + n_chunks - 1) // n_chunks
@@ -93,19 +127,6 @@ def _direct_kernel(wtype, x, raw3, out, n_chunks):
         w = np.empty(n, np.float32)
         acc = np.empty(_QK, np.float32)
         for r in range(c * per, min(rows, (c + 1) * per)):
-            if wtype == qcpu.Q8_0:
-                row = raw3[0, r]
-                qs = row.view(np.int8)
-                for t in range(n_tok):
-                    xt = x[t]
-                    acc[:] = 0.0
-                    for b in range(n // qcpu.Q8_QK):
-                        q0 = b * qcpu.Q8_BYTES
-                        d = qcpu.f16(row[q0], row[q0 + 1])
-                        for j in range(qcpu.Q8_QK):
-                            acc[j] += (np.float32(qs[q0 + 2 + j]) * d) * xt[b * qcpu.Q8_QK + j]
-                    out[t, r] = _lanes_sum(acc)
-                continue
             qcpu.decode(raw3, wtype, 0, r, 0, n, w, 0)
             for t in range(n_tok):
                 xt = x[t]
@@ -120,4 +141,8 @@ def _direct(ggml_type, x, raw, out):
     # Waking the thread pool costs more than a small matrix takes on one core.
     chunks = 4 * nb.get_num_threads() if raw.size >= _PARALLEL_BYTES else 1
     with nb.parallel_chunksize(1):
-        _direct_kernel(int(ggml_type), x, raw.reshape((1,) + raw.shape), out, chunks)
+        if int(ggml_type) in (qcpu.Q8_0, qcpu.MXFP4):
+            out[:] = 0.0  # the kernels add
+            _block_kernel(int(ggml_type) == qcpu.MXFP4, x, raw, out, chunks)
+        else:
+            _direct_kernel(int(ggml_type), x, raw.reshape((1,) + raw.shape), out, chunks)

@@ -14,14 +14,15 @@ from numba.core import cgutils
 from quant import mxfp4
 from quant.cpu import Q8_DREP, Q8_REC
 from quant.simd import (F32 as _F32, HAS as _HAS, I8 as _I8, I32 as _I32, I64 as _I64, ISAS, P8 as _P8,
-                        best_isa, c64 as _c64, emit_block_f32, emit_block_u8, emit_dot_u8_i8, emit_loop, emit_pair_u8,
-                        ivec as _ivec, load as _load, make_intrinsic as _make_intrinsic, make_mx_decode,
-                        mode as _mode, new_fn as _new_fn, q8_isa, q8_isas, shuf as _shuf, splat as _splat,
-                        store as _store, supported_isas, vec as _vec)
+                        Q8_0_BYTES, best_isa, c64 as _c64, emit_block_f32, emit_block_u8, emit_dot_u8_i8,
+                        emit_loop, emit_pair_u8, emit_q8_0_block_f32, ivec as _ivec, load as _load,
+                        make_intrinsic as _make_intrinsic, make_mx_decode, mode as _mode, new_fn as _new_fn,
+                        q8_isa, q8_isas, shuf as _shuf, splat as _splat, store as _store, supported_isas,
+                        vec as _vec)
 
 from .activation import ACT_CODE, SWIGLU_ALPHA, SWIGLU_LIMIT
 
-__all__ = ["ISAS", "W", "best_isa", "supported_isas", "q8_isa", "q8_isas", "make_mx_dot", "make_q8_dot",
+__all__ = ["ISAS", "W", "best_isa", "supported_isas", "q8_isa", "q8_isas", "make_mx_dot", "make_q8_dot", "make_q8_0_dot",
            "make_mx_decode", "make_f32_dot", "make_act"]
 
 _MX_BYTES = mxfp4.BLOCK_BYTES
@@ -81,11 +82,12 @@ def _emit_store_sums(b, accs, R, T_, lanes, out, ooff, ost):
             b.store(b.fadd(b.load(p, align=4), sums), p, align=4)
 
 
-def _build_mx_dot(module, R, T_, isa):
-    """out[t, r] += W[r, blocks] . x[t, :] for R rows x T tokens, MXFP4 read directly."""
+def _build_mx_dot(module, R, T_, isa, fmt="mxfp4"):
+    """out[t, r] += W[r, blocks] . x[t, :] for R rows x T tokens, MXFP4 (or Q8_0) read directly."""
     isa_mode, lanes = _mode(isa)
-    fn, entry = _new_fn(module, f"hyb_mx_dot_r{R}_t{T_}_{isa}", [_P8, _I64, _I64, _I64, _P8, _I64, _I64,
-                                                               _P8, _I64, _I64])
+    block_bytes = _MX_BYTES if fmt == "mxfp4" else Q8_0_BYTES
+    fn, entry = _new_fn(module, f"hyb_{fmt}_dot_r{R}_t{T_}_{isa}", [_P8, _I64, _I64, _I64, _P8, _I64, _I64,
+                                                                  _P8, _I64, _I64])
     if entry is None:
         return fn
     w, woff, wst, nblk, x, xoff, xst, out, ooff, ost = fn.args
@@ -98,7 +100,9 @@ def _build_mx_dot(module, R, T_, isa):
                for v in range(nv)] for t in range(T_)]
         new = []
         for r in range(R):
-            wv = emit_block_f32(b, isa_mode, lanes, w, b.add(b.add(woff, b.mul(_c64(r), wst)), b.mul(i, _c64(_MX_BYTES))))
+            at = b.add(b.add(woff, b.mul(_c64(r), wst)), b.mul(i, _c64(block_bytes)))
+            wv = (emit_block_f32(b, isa_mode, lanes, w, at) if fmt == "mxfp4"
+                  else emit_q8_0_block_f32(b, lanes, w, at))
             for t in range(T_):
                 a = accs[r * T_ + t]
                 for v in range(nv):
@@ -287,6 +291,11 @@ def make_mx_dot(R, T_, isa):
     """Intrinsic ``(w u8[], woff, wstride, nblk, x f32[], xoff, xstride, out f32[], ooff, ostride)``:
     out[ooff + t*ostride + r] += row r (bytes from woff + r*wstride, nblk blocks) . x[xoff + t*xstride:]."""
     return _make_intrinsic(f"mx_dot_{R}x{T_}_{isa}", lambda m: _build_mx_dot(m, R, T_, isa), 10, (0, 4, 7))
+
+
+def make_q8_0_dot(R, T_, isa):
+    """As ``make_mx_dot`` for Q8_0 rows (34-byte blocks decoded in registers): dense weights."""
+    return _make_intrinsic(f"q8_0_dot_{R}x{T_}_{isa}", lambda m: _build_mx_dot(m, R, T_, isa, "q8_0"), 10, (0, 4, 7))
 
 
 def make_q8_dot(R, T_, variant):
