@@ -472,8 +472,8 @@ def _check(name, a, shape, dtype):
 def expert_type(w, rows, cols, name="weights"):
     """GGML type of a device expert tensor ``[n_slots, rows, ...]`` from its dtype and row size.
 
-    uint8 rows of ``cols/32*17`` bytes are MXFP4, ``cols/32*34`` Q8_0,
-    ``cols*4`` F32 bytes; float32 rows of ``cols`` are F32.
+    uint8 rows of ``qtypes.row_nbytes(t, cols)`` bytes are that type (MXFP4, Q8_0, F32);
+    float32 rows of ``cols`` are F32.
     """
     if not _is_array(w):
         raise TypeError(f"{name} must be a numpy or device array, got {type(w).__name__}")
@@ -487,7 +487,8 @@ def expert_type(w, rows, cols, name="weights"):
             if rb == qtypes.row_nbytes(t, cols):
                 return int(t)
     raise ValueError(f"{name}: {dt} rows of {rb} elements are no supported expert type for {cols} "
-                     f"columns (MXFP4 {cols // 32 * 17} B, Q8_0 {cols // 32 * 34} B, F32 {cols})")
+                     f"columns (" + ", ".join(f"{t.name} {qtypes.row_nbytes(t, cols)} B" for t in (T.MXFP4, T.Q8_0))
+                     + f", F32 {cols})")
 
 
 def _as_kernel_weights(w, wtype):

@@ -20,10 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from gguf.constants import GGMLQuantizationType
+
+from quant.types import row_nbytes
 
 from .routing import bucket, route
 
-EXPERT_SLAB_BYTES = 2880 * 90 * 17  # one gpt-oss MXFP4 expert matrix: 4,406,400 B
+EXPERT_SLAB_BYTES = 2880 * row_nbytes(GGMLQuantizationType.MXFP4, 2880)  # one gpt-oss expert matrix: 4,406,400 B
 
 
 @dataclass(frozen=True)
