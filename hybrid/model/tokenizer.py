@@ -9,6 +9,7 @@ sandbox: a template is code from the file's author.
 """
 from __future__ import annotations
 
+import numpy as np
 from gguf.constants import Keys, TokenType
 
 from .gguf import GGUFError
@@ -40,20 +41,43 @@ class Tokenizer:
         if pre not in PRE_TOKENIZERS:
             raise ValueError(f"tokenizer.ggml.pre = {pre!r} is not supported "
                              f"(supported: {', '.join(PRE_TOKENIZERS)})")
+        _check_strings("tokens", tokens)
+        _check_strings("merges", merges)
         self.n_vocab = len(tokens)
+        if not self.n_vocab:
+            raise ValueError("the vocabulary is empty")
+        if token_types is not None:
+            token_types = np.asarray(token_types)
+            if token_types.shape != (self.n_vocab,) or not np.issubdtype(token_types.dtype, np.integer):
+                raise ValueError(f"token types must be {self.n_vocab} integers (one per token), got "
+                                 f"{token_types.dtype} {token_types.shape}")
         for name, i in (("bos", bos), ("eos", eos)):
+            if i is not None and (isinstance(i, bool) or not isinstance(i, (int, np.integer))):
+                raise ValueError(f"{name} token id {i!r} is not an integer")
             if i is not None and not 0 <= i < self.n_vocab:
                 raise ValueError(f"{name} token id {i} is outside the vocabulary [0, {self.n_vocab})")
+        if not isinstance(chat_template, (str, type(None))):
+            raise ValueError(f"the chat template is a {type(chat_template).__name__}, not text")
         vocab = {}
         for i, t in enumerate(tokens):
             vocab.setdefault(t, i)  # duplicates: the first id, as llama.cpp's token_to_id keeps
+        # Byte-level BPE spells every text with these 256 symbols; without one, the BPE
+        # would drop that byte from a prompt without a word (llama.cpp throws on it).
+        missing = [c for c in pre_tokenizers.ByteLevel.alphabet() if c not in vocab]
+        if missing:
+            raise ValueError(f"the vocabulary lacks {len(missing)} of the 256 byte tokens "
+                             f"(e.g. {sorted(missing)[0]!r}): not a byte-level BPE vocabulary")
         pairs = []
         for m in merges:
             a, sep, b = m.partition(" ")
             if not sep:
                 raise ValueError(f"merge {m!r} is not two tokens separated by a space")
             pairs.append((a, b))
-        tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+        try:
+            bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False)
+        except Exception as e:  # tokenizers raises a plain Exception (a merge of unknown tokens)
+            raise ValueError(str(e)) from None
+        tok = HFTokenizer(bpe)
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre]), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -79,15 +103,23 @@ class Tokenizer:
             raise GGUFError(f"{model.path}: {K.MODEL} = {kind!r} is not supported (byte-level BPE 'gpt2' only)")
         tokens = model.metadata_array(K.LIST)
         merges = model.metadata_array(K.MERGES)
-        if not tokens or merges is None:
-            raise GGUFError(f"{model.path}: {K.LIST if not tokens else K.MERGES} is missing")
+        if tokens is None or len(tokens) == 0 or merges is None:
+            raise GGUFError(f"{model.path}: {K.MERGES if tokens is not None and len(tokens) else K.LIST} "
+                            "is missing or empty")
         types = model.metadata_array(K.TOKEN_TYPE)
         if types is not None and len(types) != len(tokens):
             raise GGUFError(f"{model.path}: {K.TOKEN_TYPE} has {len(types)} entries, {K.LIST} {len(tokens)}")
+        emb = model.tensors.get("token_embd.weight")
+        if emb is not None and emb.shape[0] != len(tokens):  # llama.cpp sizes token_embd by the vocabulary
+            raise GGUFError(f"{model.path}: {K.LIST} has {len(tokens)} tokens, token_embd.weight "
+                            f"{emb.shape[0]} rows")
         stop = [meta[k] for k in (K.EOT_ID, K.EOM_ID) if isinstance(meta.get(k), int)]
+        add_bos = meta.get(K.ADD_BOS, False)
+        if not isinstance(add_bos, bool):
+            raise GGUFError(f"{model.path}: {K.ADD_BOS} = {add_bos!r} is not a bool")
         try:
             return cls(tokens, merges, types, meta.get(K.PRE, "default"), bos=meta.get(K.BOS_ID),
-                       eos=meta.get(K.EOS_ID), stop=stop, add_bos=meta.get(K.ADD_BOS, False),
+                       eos=meta.get(K.EOS_ID), stop=stop, add_bos=add_bos,
                        chat_template=meta.get(K.CHAT_TEMPLATE))
         except ValueError as e:
             raise GGUFError(f"{model.path}: tokenizer: {e}") from None
@@ -133,3 +165,9 @@ class Tokenizer:
                 messages=messages, add_generation_prompt=True, bos_token=tok(self.bos), eos_token=tok(self.eos))
         except TemplateError as e:  # SecurityError is one: the template tried something unsafe
             raise ValueError(f"chat template: {type(e).__name__}: {e}") from None
+
+
+def _check_strings(what, a):
+    if not isinstance(a, list) or not all(isinstance(t, str) for t in a):
+        kind = getattr(a, "dtype", None) or type(a).__name__
+        raise ValueError(f"{what} must be an array of strings, got {kind}")

@@ -1,0 +1,87 @@
+"""Bad input on the whole model's surfaces: tokenizer keys, chat templates, prompts, context,
+sampling options, RoPE keys. Each is a clear error (one ``hybrid: error:`` line, exit 2,
+from the command line), never a traceback, a hang or a machine's memory."""
+import os
+import time
+
+import numpy as np
+import pytest
+from gguf import GGUFReader, GGUFValueType as V, GGUFWriter
+
+from hybrid import cli
+from hybrid.cli import main
+from hybrid.model import GGUFError, load, write_tiny
+from hybrid.model import tokenizer as tokmod
+from hybrid.model.config import read_config
+from hybrid.model.forward import Transformer
+from hybrid.model.generate import generate, sample
+from hybrid.model.tokenizer import Tokenizer
+
+SHAPE = dict(n_layers=2, n_embd=32, n_ff=32, n_experts=4, k=2, n_head=1, n_head_kv=1, head_dim=32, n_swa=8)
+
+
+@pytest.fixture(scope="module")
+def talker(tmp_path_factory):
+    return write_tiny(tmp_path_factory.mktemp("m") / "talker.gguf", **SHAPE, n_vocab=300, seed=2)
+
+
+def rewrite(src, dst, set=None, drop=()):
+    """A copy of ``src`` with metadata keys set (key: (value, type[, item type])) or dropped."""
+    set = dict(set or {})
+    r = GGUFReader(src)
+    w = GGUFWriter(dst, r.fields["general.architecture"].contents())
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture" or name in drop or name in set:
+            continue
+        w.add_key_value(name, f.contents(), f.types[0], sub_type=f.types[-1] if f.types[0] == V.ARRAY else None)
+    for name, (value, vtype, *sub) in set.items():
+        w.add_key_value(name, value, vtype, sub_type=sub[0] if sub else None)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.ascontiguousarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def fails(capsys, *argv, match=""):
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hybrid: error:"), err
+    assert match.lower() in lines[0].lower(), lines[0]
+    return lines[0]
+
+
+RUN = ["--no-progress", "-n", "0"]
+
+
+# ------------------------------------------------------------------ tokenizer keys
+
+def test_tokenizer_keys_of_the_wrong_type_or_size(capsys, talker, tmp_path):
+    tokens = load(talker).metadata_array("tokenizer.ggml.tokens")
+    cases = {
+        "tokens are numbers": ({"tokenizer.ggml.tokens": (list(range(300)), V.ARRAY, V.INT32)}, "array of strings"),
+        "merges are numbers": ({"tokenizer.ggml.merges": ([1, 2, 3], V.ARRAY, V.INT32)}, "array of strings"),
+        "merge of unknown tokens": ({"tokenizer.ggml.merges": (["zzzq qqqz"], V.ARRAY, V.STRING)},
+                                    "out of vocabulary"),
+        "bos is text": ({"tokenizer.ggml.bos_token_id": ("1", V.STRING)}, "not an integer"),
+        "bos is a float": ({"tokenizer.ggml.bos_token_id": (1.5, V.FLOAT32)}, "not an integer"),
+        "add_bos is text": ({"tokenizer.ggml.add_bos_token": ("yes", V.STRING)}, "not a bool"),
+        "template is a number": ({"tokenizer.chat_template": (5, V.UINT32)}, "chat template is a int"),
+        "no byte tokens": ({"tokenizer.ggml.tokens": ([f"t{i}" for i in range(300)], V.ARRAY, V.STRING),
+                            "tokenizer.ggml.merges": (["t t"], V.ARRAY, V.STRING)}, "byte tokens"),
+        "vocabulary shorter than token_embd": ({"tokenizer.ggml.tokens": (tokens[:290], V.ARRAY, V.STRING),
+                                                "tokenizer.ggml.token_type": ([1] * 290, V.ARRAY, V.INT32)},
+                                               "290 tokens, token_embd.weight 300 rows"),
+    }
+    for name, (keys, match) in cases.items():
+        path = rewrite(talker, tmp_path / "t.gguf", set=keys)
+        with pytest.raises(GGUFError, match=match):
+            Tokenizer.from_model(load(path))
+        fails(capsys, "run", "-m", path, "--prompt", "hi", *RUN, match=match)
+        assert main(["info", "-m", str(path)]) == 0, name  # info says so, no traceback
+        assert "tokenizer: none usable" in capsys.readouterr().out
