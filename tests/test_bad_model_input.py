@@ -85,3 +85,20 @@ def test_tokenizer_keys_of_the_wrong_type_or_size(capsys, talker, tmp_path):
         fails(capsys, "run", "-m", path, "--prompt", "hi", *RUN, match=match)
         assert main(["info", "-m", str(path)]) == 0, name  # info says so, no traceback
         assert "tokenizer: none usable" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ chat templates
+
+@pytest.mark.parametrize("template, match", [
+    ("{{ 1/0 }}", "ZeroDivisionError"),
+    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "recurses too deeply"),
+    ("{{ 'x' * 10**10 }}", "MiB of memory"),  # 10 GB in one string
+    ("{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}", "renders more than"),  # 10 GB in pieces
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "did not finish in 1 s"),
+])
+def test_chat_templates_are_bounded_in_time_memory_and_size(capsys, talker, tmp_path, monkeypatch, template, match):
+    monkeypatch.setattr(tokmod, "CHAT_TIMEOUT_S", 1.0)
+    path = rewrite(talker, tmp_path / "t.gguf", set={"tokenizer.chat_template": (template, V.STRING)})
+    t0 = time.perf_counter()
+    fails(capsys, "run", "-m", path, "--chat", "--prompt", "hi", *RUN, match=match)
+    assert time.perf_counter() - t0 < 30

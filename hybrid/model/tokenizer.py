@@ -5,16 +5,28 @@ merges from the file, the pre-tokenizer regex that ``tokenizer.ggml.pre`` names
 (as llama.cpp's llama-vocab.cpp), control and user-defined tokens as special
 tokens (matched in the text, as llama.cpp does for prompts). ``decode(encode(s))
 == s`` for any text. The chat template is rendered in jinja2's immutable
-sandbox: a template is code from the file's author.
+sandbox: a template is code from the file's author. The sandbox stops a template
+from reaching Python's internals, not from looping forever or rendering gigabytes,
+so it renders in a child process with a time, memory and output bound
+(``CHAT_TIMEOUT_S``, ``CHAT_MEMORY_BYTES``, ``CHAT_MAX_CHARS``).
 """
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import numpy as np
 from gguf.constants import Keys, TokenType
 
 from .gguf import GGUFError
 
-__all__ = ["Tokenizer", "PRE_TOKENIZERS"]
+__all__ = ["Tokenizer", "PRE_TOKENIZERS", "CHAT_TIMEOUT_S", "CHAT_MEMORY_BYTES", "CHAT_MAX_CHARS"]
+
+# What a chat template may take: real ones render one message in milliseconds and a few kB.
+CHAT_TIMEOUT_S = 10.0  # wall clock, child start included
+CHAT_MEMORY_BYTES = 1 << 30  # the rendering process's address space
+CHAT_MAX_CHARS = 1 << 20  # beyond the messages' own text
 
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -139,35 +151,80 @@ class Tokenizer:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.n_vocab})")
         return self._tok.decode(ids, skip_special_tokens=False)
 
-    def chat(self, prompt: str, system: str | None = None) -> str:
-        """The prompt as one user message in the file's chat template, ready for the assistant's reply."""
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    def chat(self, prompt: str, system: str | None = None, *, timeout: float | None = None) -> str:
+        """The prompt as one user message in the file's chat template, ready for the assistant's reply.
 
+        Rendered in jinja2's immutable sandbox in a child process that may take ``timeout``
+        seconds (default ``CHAT_TIMEOUT_S``), ``CHAT_MEMORY_BYTES`` of memory and write
+        ``CHAT_MAX_CHARS`` characters more than the messages hold; anything the template
+        does wrong, or beyond those bounds, is a ValueError."""
         if not self.chat_template:
             raise ValueError(f"the model has no chat template ({Keys.Tokenizer.CHAT_TEMPLATE})")
-
-        def raise_exception(msg):
-            raise TemplateError(msg)
-
-        def strftime_now(fmt):
-            import datetime
-            return datetime.datetime.now().strftime(fmt)
-
-        # As transformers renders chat templates: loop controls on, blocks trimmed.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         tok = lambda i: self.tokens[i] if i is not None else ""  # noqa: E731
+        job = dict(template=self.chat_template, memory=CHAT_MEMORY_BYTES,
+                   max_chars=CHAT_MAX_CHARS + sum(len(m["content"]) for m in messages) * 4,
+                   context=dict(messages=messages, add_generation_prompt=True, bos_token=tok(self.bos),
+                                eos_token=tok(self.eos)))
+        timeout = CHAT_TIMEOUT_S if timeout is None else timeout
         try:
-            return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=True, bos_token=tok(self.bos), eos_token=tok(self.eos))
-        except TemplateError as e:  # SecurityError is one: the template tried something unsafe
-            raise ValueError(f"chat template: {type(e).__name__}: {e}") from None
+            p = subprocess.run([sys.executable, "-c", _RENDER], input=json.dumps(job), capture_output=True,
+                               text=True, timeout=timeout, encoding="utf-8", errors="surrogatepass")
+        except subprocess.TimeoutExpired:
+            raise ValueError(f"chat template: did not finish in {timeout:g} s (a template that loops?)") from None
+        except OSError as e:
+            raise ValueError(f"chat template: cannot start the renderer: {e}") from None
+        try:
+            out = json.loads(p.stdout)
+        except ValueError:
+            raise ValueError(f"chat template: the renderer failed (exit {p.returncode}): "
+                             f"{(p.stderr.strip().splitlines() or ['no message'])[-1]}") from None
+        if "error" in out:
+            raise ValueError(f"chat template: {out['error']}")
+        return out["text"]
 
 
 def _check_strings(what, a):
     if not isinstance(a, list) or not all(isinstance(t, str) for t in a):
         kind = getattr(a, "dtype", None) or type(a).__name__
         raise ValueError(f"{what} must be an array of strings, got {kind}")
+
+
+# The child that renders a chat template: reads a job (JSON) on stdin, writes {"text"} or {"error"}.
+_RENDER = r"""
+import json, resource, sys
+job = json.loads(sys.stdin.read())
+resource.setrlimit(resource.RLIMIT_AS, (job["memory"], job["memory"]))
+
+def main():
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(msg):
+        raise TemplateError(msg)
+
+    def strftime_now(fmt):
+        import datetime
+        return datetime.datetime.now().strftime(fmt)
+
+    # As transformers renders chat templates: loop controls on, blocks trimmed.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    try:
+        parts, n = [], 0
+        for part in env.from_string(job["template"]).generate(**job["context"]):
+            n += len(part)
+            if n > job["max_chars"]:
+                return {"error": f"renders more than {job['max_chars']:,} characters"}
+            parts.append(part)
+        return {"text": "".join(parts)}
+    except MemoryError:
+        return {"error": f"needs more than {job['memory'] >> 20} MiB of memory"}
+    except RecursionError:
+        return {"error": "recurses too deeply"}
+    except Exception as e:  # SecurityError and TemplateError among them: the template's fault
+        return {"error": f"{type(e).__name__}: {e}"}
+
+sys.stdout.write(json.dumps(main()))
+"""
