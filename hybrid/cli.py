@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,8 @@ from .moe.transfer import HOST_MODES
 from .moe.traffic import synthetic_hidden, ubatches, usage_counts
 from .report import ReportError, bench_table, heatmap_path, save_heatmap, usage_report
 
-MAX_TOKENS = 1 << 20  # a sanity bound on -p: hidden states are held in RAM
+MAX_TOKENS = 1 << 20  # a sanity bound on -p, -n of bench and prompts: hidden states are held in RAM
+MAX_PROMPT_BYTES = 16 * MAX_TOKENS  # a prompt file larger than this is refused before it is read
 # Bench variants: what each column runs. "all" is llama.cpp before PR #15346,
 # "used" the PR (copy, then compute), the rest go beyond it.
 VARIANTS = {
@@ -513,6 +515,9 @@ def cmd_run(args):
     if _moe_only(args):
         args.p_default = 2048
         return cmd_run_moe(args)
+    if args.chat and (args.tokens is not None or (args.n_prompt is not None and not (args.prompt or args.file))):
+        raise CLIError("--chat wraps a text prompt (--prompt, -f) in the chat template; it does not apply to "
+                       "token ids (--tokens, -p)")
     model = open_model(args.model, args.check_tensors)
     tok = _tokenizer(model, needed=args.tokens is None and args.n_prompt is None)
     prompt, source = _prompt_tokens(args, model, tok)
@@ -569,6 +574,30 @@ def _run_whole(args, model, tok, prompt, source, tr):
     _summary(tr, g, t_warm, args.logits_out)
 
 
+def _read_prompt_file(path) -> str:
+    """A prompt file's text: a regular file (not a pipe or device, which may never end) of
+    at most MAX_PROMPT_BYTES, in UTF-8."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # before open: opening a FIFO waits for a writer
+            raise CLIError(f"cannot read {path}: not a regular file")
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_size > MAX_PROMPT_BYTES:
+                raise CLIError(f"{path}: {st.st_size:,} bytes, more than the {MAX_PROMPT_BYTES:,} bytes "
+                               "a prompt may hold")
+            data = f.read(MAX_PROMPT_BYTES + 1)
+    except FileNotFoundError:
+        raise CLIError(f"prompt file not found: {path}") from None
+    except OSError as e:
+        raise CLIError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) > MAX_PROMPT_BYTES:  # grew while we read it
+        raise CLIError(f"{path}: more than the {MAX_PROMPT_BYTES:,} bytes a prompt may hold")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CLIError(f"cannot read {path}: not UTF-8 text ({e})") from None
+
+
 def _is_builtin(model) -> bool:
     return str(model.metadata.get("general.name", "")).startswith("tiny-")
 
@@ -594,15 +623,10 @@ def _prompt_tokens(args, model, tok):
         bad = [t for t in args.tokens if not 0 <= t < n_vocab]
         if bad:
             raise CLIError(f"--tokens: id {bad[0]} is outside the vocabulary [0, {n_vocab})")
+        if len(args.tokens) > MAX_TOKENS:
+            raise CLIError(f"--tokens: {len(args.tokens):,} ids, more than {MAX_TOKENS:,}")
         return list(args.tokens), "--tokens"
-    text = args.prompt
-    if args.file:
-        try:
-            text = Path(args.file).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise CLIError(f"prompt file not found: {args.file}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise CLIError(f"cannot read {args.file}: {getattr(e, 'strerror', None) or e}") from None
+    text = _read_prompt_file(args.file) if args.file else args.prompt
     if text is None and args.n_prompt is not None:  # llama-bench style: random ids
         if args.n_prompt > MAX_TOKENS:
             raise CLIError(f"-p {args.n_prompt} is more than {MAX_TOKENS} tokens")
@@ -619,9 +643,14 @@ def _prompt_tokens(args, model, tok):
             raise CLIError(str(e)) from None
     # A template that writes the BOS token itself must not get a second one.
     bos_text = tok.tokens[tok.bos] if tok.bos is not None else None
-    ids = tok.encode(text, add_bos=False if args.chat and bos_text and text.startswith(bos_text) else None)
+    try:
+        ids = tok.encode(text, add_bos=False if args.chat and bos_text and text.startswith(bos_text) else None)
+    except ValueError as e:
+        raise CLIError(f"the prompt: {e}") from None
     if not ids:
         raise CLIError("the prompt is empty: no tokens to run")
+    if len(ids) > MAX_TOKENS:
+        raise CLIError(f"the prompt is {len(ids):,} tokens, more than {MAX_TOKENS:,}")
     shown = text if len(text) <= 80 else text[:77] + "..."
     return ids, f"text {shown!r}" + (", chat template" if args.chat else "")
 

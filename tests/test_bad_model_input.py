@@ -102,3 +102,26 @@ def test_chat_templates_are_bounded_in_time_memory_and_size(capsys, talker, tmp_
     t0 = time.perf_counter()
     fails(capsys, "run", "-m", path, "--chat", "--prompt", "hi", *RUN, match=match)
     assert time.perf_counter() - t0 < 30
+
+
+def test_chat_needs_text_and_text_must_be_unicode(capsys, talker):
+    fails(capsys, "run", "-m", talker, "--chat", "--tokens", "1,2", *RUN, match="--chat wraps a text prompt")
+    fails(capsys, "run", "-m", talker, "--chat", "-p", "4", *RUN, match="--chat wraps a text prompt")
+    # an argument of undecodable bytes arrives as lone surrogates (os.fsdecode)
+    fails(capsys, "run", "-m", talker, "--prompt", "hi \udcff", *RUN, match="not valid Unicode")
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        Tokenizer.from_model(load(talker)).encode("\ud800")
+
+
+# ------------------------------------------------------------------ prompt files, logits file
+
+def test_prompt_files_that_never_end_or_are_too_large(capsys, talker, tmp_path, monkeypatch):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # opening it would wait for a writer forever
+    fails(capsys, "run", "-m", talker, "-f", fifo, *RUN, match="not a regular file")
+    if os.path.exists("/dev/zero"):  # reading it would fill the memory
+        fails(capsys, "run", "-m", talker, "-f", "/dev/zero", *RUN, match="not a regular file")
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 100)
+    monkeypatch.setattr(cli, "MAX_PROMPT_BYTES", 64)
+    fails(capsys, "run", "-m", talker, "-f", big, *RUN, match="more than the 64 bytes")

@@ -139,6 +139,11 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: undecodable bytes of a command line or file name
+            raise ValueError(f"the text is not valid Unicode: {e.object[e.start:e.end]!r} at character "
+                             f"{e.start} (undecodable bytes?)") from None
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos is not None:
             ids = [self.bos] + ids
