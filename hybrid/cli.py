@@ -518,10 +518,13 @@ def cmd_run(args):
     if args.chat and (args.tokens is not None or (args.n_prompt is not None and not (args.prompt or args.file))):
         raise CLIError("--chat wraps a text prompt (--prompt, -f) in the chat template; it does not apply to "
                        "token ids (--tokens, -p)")
+    logits_out = None if args.logits_out is None else logits_path(args.logits_out)  # a bad path fails now
     model = open_model(args.model, args.check_tensors)
     tok = _tokenizer(model, needed=args.tokens is None and args.n_prompt is None)
     prompt, source = _prompt_tokens(args, model, tok)
     n_ctx = args.ctx_size or len(prompt) + args.n_predict
+    if logits_out:
+        args.logits_out = str(logits_out)
     tr = _transformer(model, args, n_ctx, args.ubatch_size, policy=args.policy, layout=args.layout,
                       cache_bytes=int(args.cache_mb * 2**20), overlap=not args.no_overlap,
                       device_bytes=None if args.device_mb is None else int(args.device_mb * 2**20))
@@ -572,6 +575,27 @@ def _run_whole(args, model, tok, prompt, source, tr):
         except OSError as e:
             raise CLIError(f"cannot write {args.logits_out}: {e.strerror or e}") from None
     _summary(tr, g, t_warm, args.logits_out)
+
+
+def logits_path(path) -> Path:
+    """The file ``--logits-out`` writes (``.npy`` added as np.save adds it), checked before
+    any work is done: a folder, a missing folder or one that cannot be written is a CLIError."""
+    if not str(path).strip():
+        raise CLIError("--logits-out: empty file name")
+    path = Path(path)
+    if path.suffix != ".npy":
+        path = path.with_name(path.name + ".npy")
+    if path.is_dir():
+        raise CLIError(f"--logits-out: {path} is a directory: give a file name, e.g. {path / 'logits.npy'}")
+    existed = path.exists()
+    try:  # opened, not truncated: what np.save will need; a file made here only for the test goes again
+        with open(path, "ab"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as e:
+        raise CLIError(f"--logits-out: cannot write {path}: {e.strerror or e}") from None
+    return path
 
 
 def _read_prompt_file(path) -> str:

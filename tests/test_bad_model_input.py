@@ -125,3 +125,15 @@ def test_prompt_files_that_never_end_or_are_too_large(capsys, talker, tmp_path, 
     big.write_text("word " * 100)
     monkeypatch.setattr(cli, "MAX_PROMPT_BYTES", 64)
     fails(capsys, "run", "-m", talker, "-f", big, *RUN, match="more than the 64 bytes")
+
+
+def test_logits_out_is_checked_before_the_run(capsys, talker, tmp_path):
+    # checked before the model is even opened: the missing model is not what is reported
+    fails(capsys, "run", "-m", tmp_path / "missing.gguf", "--tokens", "1", "--logits-out",
+          tmp_path / "no" / "l.npy", match="--logits-out: cannot write")
+    fails(capsys, "run", "-m", talker, "--tokens", "1", "--logits-out", "", match="empty file name")
+    (tmp_path / "d.npy").mkdir()
+    fails(capsys, "run", "-m", talker, "--tokens", "1", "--logits-out", tmp_path / "d.npy", match="is a directory")
+    assert main(["run", "-m", str(talker), "--tokens", "1,2", *RUN, "--logits-out", str(tmp_path / "l")]) == 0
+    assert f"prompt logits: {tmp_path / 'l.npy'}" in capsys.readouterr().out  # the file np.save wrote
+    assert np.load(tmp_path / "l.npy").shape == (2, 300)
