@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .model import GGUFError, ensure_default_model, load
+from .model.kvcache import physical_memory
 from .moe.copyplan import LAYOUTS, CostModel
 from .moe.scheduler import DEVICES, MIN_OFFLOAD_BATCH, POLICIES
 from .moe.transfer import HOST_MODES
@@ -524,6 +525,11 @@ def cmd_run(args):
     prompt, source = _prompt_tokens(args, model, tok)
     n_ctx = args.ctx_size or len(prompt) + args.n_predict
     if logits_out:
+        need = len(prompt) * model.tensors["token_embd.weight"].shape[0] * 4
+        ram = physical_memory()
+        if ram is not None and need > ram:
+            raise CLIError(f"--logits-out: the logits of {len(prompt):,} prompt tokens take {need / 2**30:.1f} GiB "
+                           f"({need:,} bytes), more than this machine's {ram / 2**30:.1f} GiB of memory")
         args.logits_out = str(logits_out)
     tr = _transformer(model, args, n_ctx, args.ubatch_size, policy=args.policy, layout=args.layout,
                       cache_bytes=int(args.cache_mb * 2**20), overlap=not args.no_overlap,
@@ -760,6 +766,8 @@ def cmd_bench(args):
     n_p = 512 if args.n_prompt is None else args.n_prompt
     if n_p > MAX_TOKENS:
         raise CLIError(f"-p {n_p} is more than {MAX_TOKENS} tokens")
+    if args.n_gen > MAX_TOKENS:
+        raise CLIError(f"-n {args.n_gen} is more than {MAX_TOKENS} tokens")
     sizes = list(dict.fromkeys(args.ubatch_size or [512]))
     if all(u > n_p for u in sizes):
         raise CLIError(f"every ubatch size ({', '.join(map(str, sizes))}) exceeds -p {n_p}")

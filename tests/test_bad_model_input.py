@@ -137,3 +137,17 @@ def test_logits_out_is_checked_before_the_run(capsys, talker, tmp_path):
     assert main(["run", "-m", str(talker), "--tokens", "1,2", *RUN, "--logits-out", str(tmp_path / "l")]) == 0
     assert f"prompt logits: {tmp_path / 'l.npy'}" in capsys.readouterr().out  # the file np.save wrote
     assert np.load(tmp_path / "l.npy").shape == (2, 300)
+
+
+# ------------------------------------------------------------------ context and memory
+
+def test_context_beyond_memory_is_refused_naming_the_bytes(capsys, talker, monkeypatch, tmp_path):
+    fails(capsys, "run", "-m", talker, "--tokens", "1,2", *RUN, "-c", 10**12, match="KV cache of")
+    fails(capsys, "run", "-m", talker, "--tokens", "1,2", "--no-progress", "-n", 10**12, match="bytes")
+    fails(capsys, "bench", "-m", talker, "-p", 8, "-ub", 8, "-n", 10**12, match="-n 1000000000000 is more than")
+    with pytest.raises(ValueError, match=r"KV cache of .* bytes\), more than"):
+        Transformer(load(talker), n_ctx=10**12)
+    monkeypatch.setattr(cli, "physical_memory", lambda: 1000)
+    fails(capsys, "run", "-m", talker, "--tokens", "1,2", *RUN, "--logits-out", tmp_path / "l.npy",
+          match="--logits-out: the logits of 2 prompt tokens take 0.0 GiB (2,400 bytes)")
+    assert not (tmp_path / "l.npy").exists()

@@ -136,10 +136,10 @@ class Transformer:
         # No output.weight: the head is tied to the embedding (llama.cpp does the same).
         self.output = (_dense(model, "output.weight", (cfg.n_vocab, cfg.n_embd))
                        if "output.weight" in model.tensors else self.embd)
+        self.cache = KVCache(cfg, self.n_ctx, self.n_ubatch)  # refuses a cache beyond the machine's memory
         self.moe = moe if moe is not None else HybridMoE(model.layers, device=device, policy=policy)
         if len(self.moe.layers) != cfg.n_layer or any(a is not b for a, b in zip(self.moe.layers, model.layers)):
             raise ValueError("moe must run this model's own MoE layers (HybridMoE(model.layers, ...))")
-        self.cache = KVCache(cfg, self.n_ctx, self.n_ubatch)
         self._tiles = {False: _PROMPT_TILES, True: None if q8_decode else _PROMPT_TILES}  # by "is a decode step"
         first = model.layers[0]
         self._expert_step_bytes = first.k * first.expert_bytes  # what one token's MoE step reads
