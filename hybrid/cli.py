@@ -524,6 +524,8 @@ def cmd_run(args):
     tok = _tokenizer(model, needed=args.tokens is None and args.n_prompt is None)
     prompt, source = _prompt_tokens(args, model, tok)
     n_ctx = args.ctx_size or len(prompt) + args.n_predict
+    if len(prompt) > n_ctx:  # before the warm-up: it would fail after it
+        raise CLIError(f"{len(prompt)} prompt tokens exceed the context of {n_ctx} tokens (raise -c)")
     if logits_out:
         need = len(prompt) * model.tensors["token_embd.weight"].shape[0] * 4
         ram = physical_memory()

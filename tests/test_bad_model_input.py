@@ -151,3 +151,10 @@ def test_context_beyond_memory_is_refused_naming_the_bytes(capsys, talker, monke
     fails(capsys, "run", "-m", talker, "--tokens", "1,2", *RUN, "--logits-out", tmp_path / "l.npy",
           match="--logits-out: the logits of 2 prompt tokens take 0.0 GiB (2,400 bytes)")
     assert not (tmp_path / "l.npy").exists()
+
+
+def test_a_prompt_longer_than_the_context_fails_before_the_warm_up(capsys, talker, monkeypatch):
+    def no_warm_up(tr):
+        raise AssertionError("warm-up ran")
+    monkeypatch.setattr(cli, "_warm_up", no_warm_up)
+    fails(capsys, "run", "-m", talker, "--tokens", "1,2,3", "-c", 2, *RUN, match="exceed the context of 2")
