@@ -158,3 +158,22 @@ def test_a_prompt_longer_than_the_context_fails_before_the_warm_up(capsys, talke
         raise AssertionError("warm-up ran")
     monkeypatch.setattr(cli, "_warm_up", no_warm_up)
     fails(capsys, "run", "-m", talker, "--tokens", "1,2,3", "-c", 2, *RUN, match="exceed the context of 2")
+
+
+# ------------------------------------------------------------------ sampling options
+
+def test_sampling_options_are_checked_before_the_prompt_runs(talker):
+    tr = Transformer(load(talker), n_ctx=8)
+
+    def no_prefill(*a, **k):
+        raise AssertionError("the prompt ran")
+    tr.prefill = no_prefill
+    for kw, match in ((dict(temp=1.0, top_p=0.0), "top_p"), (dict(temp=1.0, top_p=float("nan")), "top_p"),
+                      (dict(temp=float("inf")), "temp"), (dict(temp=float("nan")), "temp")):
+        with pytest.raises(ValueError, match=match):
+            generate(tr, [1, 2], 2, **kw)
+
+
+def test_a_tiny_temperature_is_not_nan():
+    logits = np.array([30.0, 29.0, -5.0], np.float32)
+    assert sample(logits, 1e-308, 1.0, np.random.default_rng(0)) == 0  # was: probabilities contain NaN
