@@ -177,3 +177,18 @@ def test_sampling_options_are_checked_before_the_prompt_runs(talker):
 def test_a_tiny_temperature_is_not_nan():
     logits = np.array([30.0, 29.0, -5.0], np.float32)
     assert sample(logits, 1e-308, 1.0, np.random.default_rng(0)) == 0  # was: probabilities contain NaN
+
+
+# ------------------------------------------------------------------ RoPE / YaRN keys
+
+@pytest.mark.parametrize("key, value, match", [
+    ("gpt-oss.rope.freq_base", 1.0, "greater than 1.0"),  # log(base) = 0 in the YaRN corr dims
+    ("gpt-oss.rope.freq_base", 0.5, "greater than 1.0"),
+    ("gpt-oss.rope.scaling.yarn_beta_fast", 0.0, "greater than 0.0"),  # division by zero
+    ("gpt-oss.rope.scaling.yarn_beta_slow", -1.0, "greater than 0.0"),  # log of a negative
+])
+def test_rope_keys_the_formulas_cannot_take(talker, key, value, match):
+    m = load(talker)
+    m.metadata[key] = value
+    with pytest.raises(GGUFError, match=match):
+        read_config(m)
