@@ -575,6 +575,8 @@ def _run_whole(args, model, tok, prompt, source, tr):
                      progress=not args.no_progress)
     except ValueError as e:
         raise CLIError(str(e)) from None
+    if out_text:  # the last tokens ended inside a character (or in bytes that never make one)
+        print(tok.decode(out_text), end="")
     if args.n_predict:
         print(f"\n[{len(g.tokens)} tokens, stopped: {g.stopped}]")
     if args.logits_out:

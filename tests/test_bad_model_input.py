@@ -192,3 +192,27 @@ def test_rope_keys_the_formulas_cannot_take(talker, key, value, match):
     m.metadata[key] = value
     with pytest.raises(GGUFError, match=match):
         read_config(m)
+
+
+# ------------------------------------------------------------------ the printed text
+
+def test_the_printed_text_is_every_generated_token(capsys, talker, monkeypatch):
+    """Tokens that end inside a UTF-8 character wait for the next one; at the end of the
+    generation they must still be printed (they were dropped)."""
+    import sys
+    gen_mod = sys.modules["hybrid.model.generate"]  # (hybrid.model.generate is also the function's name)
+    tok = Tokenizer.from_model(load(talker))
+    lead = tok.tokens.index("\u00e6")  # the byte 0xE6: the first of three of a CJK character
+    real = gen_mod.generate
+
+    def generate_ending_mid_character(*a, on_token=None, **k):
+        g = real(*a, on_token=on_token, **k)
+        g.tokens.append(lead)
+        on_token(lead)
+        return g
+    monkeypatch.setattr(gen_mod, "generate", generate_ending_mid_character)
+    assert main(["run", "-m", str(talker), "--prompt", "Why is the sky", "-n", "3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    printed = out.split("):\n", 1)[1].split("\n[", 1)[0]
+    g_tokens = int(out.split("\n[", 1)[1].split(" tokens")[0])
+    assert g_tokens == 4 and printed.endswith("\ufffd")
