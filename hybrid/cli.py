@@ -53,6 +53,12 @@ class CLIError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
+def check_tokens_bound(what: str, n: int):
+    """A CLIError when ``what`` (-p N, -n N, a prompt) holds more than MAX_TOKENS tokens."""
+    if n > MAX_TOKENS:
+        raise CLIError(f"{what}: {n:,} tokens, more than {MAX_TOKENS:,}")
+
+
 def fail(msg: str):
     print(f"hybrid: error: {msg}", file=sys.stderr)
     raise SystemExit(2)
@@ -281,8 +287,8 @@ def _check_npy_header(path, n_embd):
 def hidden_states(args, n_embd) -> tuple[np.ndarray, str]:
     """The prompt's hidden states and a line saying where they come from."""
     n = args.n_prompt
-    if n is not None and n > MAX_TOKENS:
-        raise CLIError(f"-p {n} is more than {MAX_TOKENS} tokens")
+    if n is not None:
+        check_tokens_bound("-p", n)
     if args.hidden:
         x = load_hidden(args.hidden, n_embd)
         if n is not None:
@@ -527,7 +533,7 @@ def cmd_run(args):
     if len(prompt) > n_ctx:  # before the warm-up: it would fail after it
         raise CLIError(f"{len(prompt)} prompt tokens exceed the context of {n_ctx} tokens (raise -c)")
     if logits_out:
-        need = len(prompt) * model.tensors["token_embd.weight"].shape[0] * 4
+        need = len(prompt) * _n_vocab(model) * 4
         ram = physical_memory()
         if ram is not None and need > ram:
             raise CLIError(f"--logits-out: the logits of {len(prompt):,} prompt tokens take {need / 2**30:.1f} GiB "
@@ -646,24 +652,27 @@ def _tokenizer(model, needed: bool):
         return None
 
 
-def _prompt_tokens(args, model, tok):
-    """The prompt as token ids and a few words on where it came from."""
+def _n_vocab(model) -> int:
+    """The whole model's vocabulary (token_embd's rows), or a CLIError saying why it cannot run."""
     from .model.config import read_config
     try:
-        n_vocab = read_config(model).n_vocab
+        return read_config(model).n_vocab
     except GGUFError as e:
         raise CLIError(f"bad model: {e}") from None
+
+
+def _prompt_tokens(args, model, tok):
+    """The prompt as token ids and a few words on where it came from."""
+    n_vocab = _n_vocab(model)
     if args.tokens is not None:
         bad = [t for t in args.tokens if not 0 <= t < n_vocab]
         if bad:
             raise CLIError(f"--tokens: id {bad[0]} is outside the vocabulary [0, {n_vocab})")
-        if len(args.tokens) > MAX_TOKENS:
-            raise CLIError(f"--tokens: {len(args.tokens):,} ids, more than {MAX_TOKENS:,}")
+        check_tokens_bound("--tokens", len(args.tokens))
         return list(args.tokens), "--tokens"
     text = _read_prompt_file(args.file) if args.file else args.prompt
     if text is None and args.n_prompt is not None:  # llama-bench style: random ids
-        if args.n_prompt > MAX_TOKENS:
-            raise CLIError(f"-p {args.n_prompt} is more than {MAX_TOKENS} tokens")
+        check_tokens_bound("-p", args.n_prompt)
         rng = np.random.default_rng(args.seed)
         return rng.integers(0, n_vocab, args.n_prompt).tolist(), f"{args.n_prompt} random token ids, seed {args.seed}"
     if tok is None:
@@ -683,8 +692,7 @@ def _prompt_tokens(args, model, tok):
         raise CLIError(f"the prompt: {e}") from None
     if not ids:
         raise CLIError("the prompt is empty: no tokens to run")
-    if len(ids) > MAX_TOKENS:
-        raise CLIError(f"the prompt is {len(ids):,} tokens, more than {MAX_TOKENS:,}")
+    check_tokens_bound("the prompt", len(ids))
     shown = text if len(text) <= 80 else text[:77] + "..."
     return ids, f"text {shown!r}" + (", chat template" if args.chat else "")
 
@@ -761,17 +769,11 @@ def cmd_bench(args):
         args.ubatch_size = args.ubatch_size or [128, 256, 512, 1024, 2048]
         args.p_default = 2048
         return cmd_bench_moe(args)
-    from .model.config import read_config
     model = open_model(args.model, args.check_tensors)
-    try:
-        n_vocab = read_config(model).n_vocab
-    except GGUFError as e:
-        raise CLIError(f"bad model: {e}") from None
+    n_vocab = _n_vocab(model)
     n_p = 512 if args.n_prompt is None else args.n_prompt
-    if n_p > MAX_TOKENS:
-        raise CLIError(f"-p {n_p} is more than {MAX_TOKENS} tokens")
-    if args.n_gen > MAX_TOKENS:
-        raise CLIError(f"-n {args.n_gen} is more than {MAX_TOKENS} tokens")
+    check_tokens_bound("-p", n_p)
+    check_tokens_bound("-n", args.n_gen)
     sizes = list(dict.fromkeys(args.ubatch_size or [512]))
     if all(u > n_p for u in sizes):
         raise CLIError(f"every ubatch size ({', '.join(map(str, sizes))}) exceeds -p {n_p}")

@@ -144,7 +144,7 @@ def test_logits_out_is_checked_before_the_run(capsys, talker, tmp_path):
 def test_context_beyond_memory_is_refused_naming_the_bytes(capsys, talker, monkeypatch, tmp_path):
     fails(capsys, "run", "-m", talker, "--tokens", "1,2", *RUN, "-c", 10**12, match="KV cache of")
     fails(capsys, "run", "-m", talker, "--tokens", "1,2", "--no-progress", "-n", 10**12, match="bytes")
-    fails(capsys, "bench", "-m", talker, "-p", 8, "-ub", 8, "-n", 10**12, match="-n 1000000000000 is more than")
+    fails(capsys, "bench", "-m", talker, "-p", 8, "-ub", 8, "-n", 10**12, match="-n: 1,000,000,000,000 tokens, more than")
     with pytest.raises(ValueError, match=r"KV cache of .* bytes\), more than"):
         Transformer(load(talker), n_ctx=10**12)
     monkeypatch.setattr(cli, "physical_memory", lambda: 1000)
