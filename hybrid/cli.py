@@ -522,7 +522,8 @@ def cmd_run(args):
     if _moe_only(args):
         args.p_default = 2048
         return cmd_run_moe(args)
-    if args.chat and (args.tokens is not None or (args.n_prompt is not None and not (args.prompt or args.file))):
+    text_given = args.prompt is not None or args.file is not None
+    if args.chat and (args.tokens is not None or (args.n_prompt is not None and not text_given)):
         raise CLIError("--chat wraps a text prompt (--prompt, -f) in the chat template; it does not apply to "
                        "token ids (--tokens, -p)")
     logits_out = None if args.logits_out is None else logits_path(args.logits_out)  # a bad path fails now
