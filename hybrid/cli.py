@@ -100,7 +100,8 @@ def _float_type(lo, hi=None, lo_open=False):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
         if not np.isfinite(v) or v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"{s} must be in {'(' if lo_open else '['}{lo}, {hi or 'inf'}]")
+            raise argparse.ArgumentTypeError(f"{s} must be a finite number in {'(' if lo_open else '['}{lo}, "
+                                             + ("inf)" if hi is None else f"{hi}]"))
         return v
     return parse
 
