@@ -730,7 +730,7 @@ def _warm_up(tr) -> float:
 def _summary(tr, g, t_warm, logits_out=None):
     moe = tr.moe
     st = moe.stats
-    prompt_ubs = list(range(_n_ubatches(tr, g.prompt_tokens)))  # the reset numbered them from 0
+    prompt_ubs = list(range(len(tr.ubatch_bounds(g.prompt_tokens))))  # the reset numbered them from 0
     print()
     if prompt_ubs:
         offl = [u for u in prompt_ubs if any(r.path == "offload" for r in st.records if r.ubatch == u)]
@@ -760,10 +760,6 @@ def _summary(tr, g, t_warm, logits_out=None):
     print(f"KV cache: {tr.cache.nbytes / 2**20:.2f} MiB for {tr.n_ctx} positions")
     if logits_out:
         print(f"prompt logits: {logits_out} (float32 [{g.prompt_tokens}, {tr.cfg.n_vocab}])")
-
-
-def _n_ubatches(tr, n):
-    return sum(-(-min(tr.n_batch, n - b) // tr.n_ubatch) for b in range(0, n, tr.n_batch))
 
 
 def cmd_bench(args):
