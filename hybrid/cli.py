@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -20,13 +21,15 @@ from pathlib import Path
 import numpy as np
 
 from .model import GGUFError, ensure_default_model, load
+from .model.kvcache import physical_memory
 from .moe.copyplan import LAYOUTS, CostModel
 from .moe.scheduler import DEVICES, MIN_OFFLOAD_BATCH, POLICIES
 from .moe.transfer import HOST_MODES
 from .moe.traffic import synthetic_hidden, ubatches, usage_counts
 from .report import ReportError, bench_table, heatmap_path, save_heatmap, usage_report
 
-MAX_TOKENS = 1 << 20  # a sanity bound on -p: hidden states are held in RAM
+MAX_TOKENS = 1 << 20  # a sanity bound on -p, -n of bench and prompts: hidden states are held in RAM
+MAX_PROMPT_BYTES = 16 * MAX_TOKENS  # a prompt file larger than this is refused before it is read
 # Bench variants: what each column runs. "all" is llama.cpp before PR #15346,
 # "used" the PR (copy, then compute), the rest go beyond it.
 VARIANTS = {
@@ -48,6 +51,12 @@ RANDOM_NOTE = "its weights are random: the text below is noise, it shows that ev
 
 class CLIError(Exception):
     """A user error: printed as one line, exit code 2."""
+
+
+def check_tokens_bound(what: str, n: int):
+    """A CLIError when ``what`` (-p N, -n N, a prompt) holds more than MAX_TOKENS tokens."""
+    if n > MAX_TOKENS:
+        raise CLIError(f"{what}: {n:,} tokens, more than {MAX_TOKENS:,}")
 
 
 def fail(msg: str):
@@ -91,7 +100,8 @@ def _float_type(lo, hi=None, lo_open=False):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
         if not np.isfinite(v) or v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"{s} must be in {'(' if lo_open else '['}{lo}, {hi or 'inf'}]")
+            raise argparse.ArgumentTypeError(f"{s} must be a finite number in {'(' if lo_open else '['}{lo}, "
+                                             + ("inf)" if hi is None else f"{hi}]"))
         return v
     return parse
 
@@ -278,8 +288,8 @@ def _check_npy_header(path, n_embd):
 def hidden_states(args, n_embd) -> tuple[np.ndarray, str]:
     """The prompt's hidden states and a line saying where they come from."""
     n = args.n_prompt
-    if n is not None and n > MAX_TOKENS:
-        raise CLIError(f"-p {n} is more than {MAX_TOKENS} tokens")
+    if n is not None:
+        check_tokens_bound("-p", n)
     if args.hidden:
         x = load_hidden(args.hidden, n_embd)
         if n is not None:
@@ -513,10 +523,24 @@ def cmd_run(args):
     if _moe_only(args):
         args.p_default = 2048
         return cmd_run_moe(args)
+    text_given = args.prompt is not None or args.file is not None
+    if args.chat and (args.tokens is not None or (args.n_prompt is not None and not text_given)):
+        raise CLIError("--chat wraps a text prompt (--prompt, -f) in the chat template; it does not apply to "
+                       "token ids (--tokens, -p)")
+    logits_out = None if args.logits_out is None else logits_path(args.logits_out)  # a bad path fails now
     model = open_model(args.model, args.check_tensors)
     tok = _tokenizer(model, needed=args.tokens is None and args.n_prompt is None)
     prompt, source = _prompt_tokens(args, model, tok)
     n_ctx = args.ctx_size or len(prompt) + args.n_predict
+    if len(prompt) > n_ctx:  # before the warm-up: it would fail after it
+        raise CLIError(f"{len(prompt)} prompt tokens exceed the context of {n_ctx} tokens (raise -c)")
+    if logits_out:
+        need = len(prompt) * _n_vocab(model) * 4
+        ram = physical_memory()
+        if ram is not None and need > ram:
+            raise CLIError(f"--logits-out: the logits of {len(prompt):,} prompt tokens take {need / 2**30:.1f} GiB "
+                           f"({need:,} bytes), more than this machine's {ram / 2**30:.1f} GiB of memory")
+        args.logits_out = str(logits_out)
     tr = _transformer(model, args, n_ctx, args.ubatch_size, policy=args.policy, layout=args.layout,
                       cache_bytes=int(args.cache_mb * 2**20), overlap=not args.no_overlap,
                       device_bytes=None if args.device_mb is None else int(args.device_mb * 2**20))
@@ -559,6 +583,8 @@ def _run_whole(args, model, tok, prompt, source, tr):
                      progress=not args.no_progress)
     except ValueError as e:
         raise CLIError(str(e)) from None
+    if out_text:  # the last tokens ended inside a character (or in bytes that never make one)
+        print(tok.decode(out_text), end="")
     if args.n_predict:
         print(f"\n[{len(g.tokens)} tokens, stopped: {g.stopped}]")
     if args.logits_out:
@@ -567,6 +593,51 @@ def _run_whole(args, model, tok, prompt, source, tr):
         except OSError as e:
             raise CLIError(f"cannot write {args.logits_out}: {e.strerror or e}") from None
     _summary(tr, g, t_warm, args.logits_out)
+
+
+def logits_path(path) -> Path:
+    """The file ``--logits-out`` writes (``.npy`` added as np.save adds it), checked before
+    any work is done: a folder, a missing folder or one that cannot be written is a CLIError."""
+    if not str(path).strip():
+        raise CLIError("--logits-out: empty file name")
+    path = Path(path)
+    if path.suffix != ".npy":
+        path = path.with_name(path.name + ".npy")
+    if path.is_dir():
+        raise CLIError(f"--logits-out: {path} is a directory: give a file name, e.g. {path / 'logits.npy'}")
+    existed = path.exists()
+    try:  # opened, not truncated: what np.save will need; a file made here only for the test goes again
+        with open(path, "ab"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as e:
+        raise CLIError(f"--logits-out: cannot write {path}: {e.strerror or e}") from None
+    return path
+
+
+def _read_prompt_file(path) -> str:
+    """A prompt file's text: a regular file (not a pipe or device, which may never end) of
+    at most MAX_PROMPT_BYTES, in UTF-8."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # before open: opening a FIFO waits for a writer
+            raise CLIError(f"cannot read {path}: not a regular file")
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_size > MAX_PROMPT_BYTES:
+                raise CLIError(f"{path}: {st.st_size:,} bytes, more than the {MAX_PROMPT_BYTES:,} bytes "
+                               "a prompt may hold")
+            data = f.read(MAX_PROMPT_BYTES + 1)
+    except FileNotFoundError:
+        raise CLIError(f"prompt file not found: {path}") from None
+    except OSError as e:
+        raise CLIError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) > MAX_PROMPT_BYTES:  # grew while we read it
+        raise CLIError(f"{path}: more than the {MAX_PROMPT_BYTES:,} bytes a prompt may hold")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CLIError(f"cannot read {path}: not UTF-8 text ({e})") from None
 
 
 def _is_builtin(model) -> bool:
@@ -583,29 +654,27 @@ def _tokenizer(model, needed: bool):
         return None
 
 
-def _prompt_tokens(args, model, tok):
-    """The prompt as token ids and a few words on where it came from."""
+def _n_vocab(model) -> int:
+    """The whole model's vocabulary (token_embd's rows), or a CLIError saying why it cannot run."""
     from .model.config import read_config
     try:
-        n_vocab = read_config(model).n_vocab
+        return read_config(model).n_vocab
     except GGUFError as e:
         raise CLIError(f"bad model: {e}") from None
+
+
+def _prompt_tokens(args, model, tok):
+    """The prompt as token ids and a few words on where it came from."""
+    n_vocab = _n_vocab(model)
     if args.tokens is not None:
         bad = [t for t in args.tokens if not 0 <= t < n_vocab]
         if bad:
             raise CLIError(f"--tokens: id {bad[0]} is outside the vocabulary [0, {n_vocab})")
+        check_tokens_bound("--tokens", len(args.tokens))
         return list(args.tokens), "--tokens"
-    text = args.prompt
-    if args.file:
-        try:
-            text = Path(args.file).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise CLIError(f"prompt file not found: {args.file}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise CLIError(f"cannot read {args.file}: {getattr(e, 'strerror', None) or e}") from None
+    text = _read_prompt_file(args.file) if args.file else args.prompt
     if text is None and args.n_prompt is not None:  # llama-bench style: random ids
-        if args.n_prompt > MAX_TOKENS:
-            raise CLIError(f"-p {args.n_prompt} is more than {MAX_TOKENS} tokens")
+        check_tokens_bound("-p", args.n_prompt)
         rng = np.random.default_rng(args.seed)
         return rng.integers(0, n_vocab, args.n_prompt).tolist(), f"{args.n_prompt} random token ids, seed {args.seed}"
     if tok is None:
@@ -619,9 +688,13 @@ def _prompt_tokens(args, model, tok):
             raise CLIError(str(e)) from None
     # A template that writes the BOS token itself must not get a second one.
     bos_text = tok.tokens[tok.bos] if tok.bos is not None else None
-    ids = tok.encode(text, add_bos=False if args.chat and bos_text and text.startswith(bos_text) else None)
+    try:
+        ids = tok.encode(text, add_bos=False if args.chat and bos_text and text.startswith(bos_text) else None)
+    except ValueError as e:
+        raise CLIError(f"the prompt: {e}") from None
     if not ids:
         raise CLIError("the prompt is empty: no tokens to run")
+    check_tokens_bound("the prompt", len(ids))
     shown = text if len(text) <= 80 else text[:77] + "..."
     return ids, f"text {shown!r}" + (", chat template" if args.chat else "")
 
@@ -657,7 +730,7 @@ def _warm_up(tr) -> float:
 def _summary(tr, g, t_warm, logits_out=None):
     moe = tr.moe
     st = moe.stats
-    prompt_ubs = list(range(_n_ubatches(tr, g.prompt_tokens)))  # the reset numbered them from 0
+    prompt_ubs = list(range(len(tr.ubatch_bounds(g.prompt_tokens))))  # the reset numbered them from 0
     print()
     if prompt_ubs:
         offl = [u for u in prompt_ubs if any(r.path == "offload" for r in st.records if r.ubatch == u)]
@@ -689,24 +762,16 @@ def _summary(tr, g, t_warm, logits_out=None):
         print(f"prompt logits: {logits_out} (float32 [{g.prompt_tokens}, {tr.cfg.n_vocab}])")
 
 
-def _n_ubatches(tr, n):
-    return sum(-(-min(tr.n_batch, n - b) // tr.n_ubatch) for b in range(0, n, tr.n_batch))
-
-
 def cmd_bench(args):
     if _moe_only(args):
         args.ubatch_size = args.ubatch_size or [128, 256, 512, 1024, 2048]
         args.p_default = 2048
         return cmd_bench_moe(args)
-    from .model.config import read_config
     model = open_model(args.model, args.check_tensors)
-    try:
-        n_vocab = read_config(model).n_vocab
-    except GGUFError as e:
-        raise CLIError(f"bad model: {e}") from None
+    n_vocab = _n_vocab(model)
     n_p = 512 if args.n_prompt is None else args.n_prompt
-    if n_p > MAX_TOKENS:
-        raise CLIError(f"-p {n_p} is more than {MAX_TOKENS} tokens")
+    check_tokens_bound("-p", n_p)
+    check_tokens_bound("-n", args.n_gen)
     sizes = list(dict.fromkeys(args.ubatch_size or [512]))
     if all(u > n_p for u in sizes):
         raise CLIError(f"every ubatch size ({', '.join(map(str, sizes))}) exceeds -p {n_p}")

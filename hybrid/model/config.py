@@ -78,7 +78,7 @@ def read_config(model) -> Config:
     meta = model.metadata
     k = lambda key: key.format(arch=arch)  # noqa: E731
 
-    def get(key, kind, default=None, lo=None, hi=None):
+    def get(key, kind, default=None, lo=None, hi=None, above=None):
         name = k(key)
         v = meta.get(name, default)
         if v is None:
@@ -92,6 +92,8 @@ def read_config(model) -> Config:
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             raise GGUFError(f"{model.path}: metadata key {name} = {v!r} is out of range "
                             f"[{lo}, {'inf' if hi is None else hi}]")
+        if above is not None and not v > above:  # the formulas divide by log(v) or by v
+            raise GGUFError(f"{model.path}: metadata key {name} = {v!r} must be greater than {above}")
         return v
 
     L, A, R = Keys.LLM, Keys.Attention, Keys.Rope
@@ -109,7 +111,7 @@ def read_config(model) -> Config:
         raise GGUFError(f"{model.path}: {k(R.DIMENSION_COUNT)} = {n_rot} must be even")
     n_ctx_train = get(L.CONTEXT_LENGTH, int, lo=1)
     rms_eps = get(A.LAYERNORM_RMS_EPS, float, lo=0.0)
-    base = get(R.FREQ_BASE, float, 10000.0, lo=1e-6)
+    base = get(R.FREQ_BASE, float, 10000.0, above=1.0)
 
     scaling = meta.get(k(R.SCALING_TYPE), "linear")
     if scaling not in ROPE_SCALINGS:
@@ -149,9 +151,10 @@ def read_config(model) -> Config:
     return Config(
         arch=arch, n_layer=n_layer, n_embd=n_embd, n_vocab=emb.shape[0], n_ctx_train=n_ctx_train,
         n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, head_dim_v=head_dim_v, n_rot=n_rot,
-        rms_eps=rms_eps, rope_freq_base=base, rope_freq_base_swa=get(R.FREQ_BASE_SWA, float, base, lo=1e-6),
+        rms_eps=rms_eps, rope_freq_base=base, rope_freq_base_swa=get(R.FREQ_BASE_SWA, float, base, above=1.0),
         freq_scale=freq_scale, ext_factor=ext_factor, attn_factor=attn_factor,
-        beta_fast=get(R.SCALING_YARN_BETA_FAST, float, 32.0), beta_slow=get(R.SCALING_YARN_BETA_SLOW, float, 1.0),
+        beta_fast=get(R.SCALING_YARN_BETA_FAST, float, 32.0, above=0.0),
+        beta_slow=get(R.SCALING_YARN_BETA_SLOW, float, 1.0, above=0.0),
         n_ctx_orig=get(R.SCALING_ORIG_CTX_LEN, int, n_ctx_train, lo=1), n_swa=n_swa, swa_layers=swa,
         qkv_bias=spec["qkv_bias"], sinks=spec["sinks"], qk_norm=spec["qk_norm"], ffn_norm=spec["ffn_norm"],
         kq_scale=1.0 / math.sqrt(n_rot if spec["scale_by_rot"] else head_dim))

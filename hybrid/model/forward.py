@@ -136,10 +136,10 @@ class Transformer:
         # No output.weight: the head is tied to the embedding (llama.cpp does the same).
         self.output = (_dense(model, "output.weight", (cfg.n_vocab, cfg.n_embd))
                        if "output.weight" in model.tensors else self.embd)
+        self.cache = KVCache(cfg, self.n_ctx, self.n_ubatch)  # refuses a cache beyond the machine's memory
         self.moe = moe if moe is not None else HybridMoE(model.layers, device=device, policy=policy)
         if len(self.moe.layers) != cfg.n_layer or any(a is not b for a, b in zip(self.moe.layers, model.layers)):
             raise ValueError("moe must run this model's own MoE layers (HybridMoE(model.layers, ...))")
-        self.cache = KVCache(cfg, self.n_ctx, self.n_ubatch)
         self._tiles = {False: _PROMPT_TILES, True: None if q8_decode else _PROMPT_TILES}  # by "is a decode step"
         first = model.layers[0]
         self._expert_step_bytes = first.k * first.expert_bytes  # what one token's MoE step reads
@@ -176,21 +176,23 @@ class Transformer:
             bar = tqdm(total=len(ids), unit="tok", file=sys.stderr, leave=False, desc="prompt", disable=None)
         out = []
         try:
-            for b0 in range(0, len(ids), self.n_batch):
-                batch = ids[b0:b0 + self.n_batch]
-                for u0 in range(0, len(batch), self.n_ubatch):
-                    ub = batch[u0:u0 + self.n_ubatch]
-                    last = b0 + u0 + len(ub) == len(ids)
-                    want = "all" if logits == "all" else ("last" if last else None)
-                    y = self._ubatch(ub, want, self._tiles[bool(decode)])
-                    if y is not None:
-                        out.append(y)
-                    if bar is not None:
-                        bar.update(len(ub))
+            for s, e in self.ubatch_bounds(len(ids)):
+                want = "all" if logits == "all" else ("last" if e == len(ids) else None)
+                y = self._ubatch(ids[s:e], want, self._tiles[bool(decode)])
+                if y is not None:
+                    out.append(y)
+                if bar is not None:
+                    bar.update(e - s)
         finally:
             if bar is not None:
                 bar.close()
         return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def ubatch_bounds(self, n: int) -> list[tuple[int, int]]:
+        """``(start, end)`` of each ubatch ``n`` tokens run in: batches of ``n_batch``, each split
+        into ubatches of ``n_ubatch`` (a batch's last ubatch may be short), as llama.cpp splits."""
+        return [(b0 + u0, b0 + min(u0 + self.n_ubatch, min(self.n_batch, n - b0)))
+                for b0 in range(0, n, self.n_batch) for u0 in range(0, min(self.n_batch, n - b0), self.n_ubatch)]
 
     def check_tokens(self, tokens) -> np.ndarray:
         """Token ids as int64, or a ValueError/TypeError saying what is wrong with them."""

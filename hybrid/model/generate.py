@@ -5,6 +5,7 @@ expert path, as llama.cpp does below its offload batch size.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -16,12 +17,12 @@ __all__ = ["sample", "generate", "Generation"]
 def sample(logits: np.ndarray, temp: float = 0.0, top_p: float = 1.0, rng=None) -> int:
     """Greedy when ``temp <= 0``; else softmax(logits / temp) cut to the smallest set of
     tokens whose probability reaches ``top_p`` (nucleus), renormalised, then one draw."""
+    _check_sampling(temp, top_p)
     if temp <= 0:
         return int(np.argmax(logits))
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    z = logits.astype(np.float64) / temp
-    p = np.exp(z - z.max())
+    z = logits.astype(np.float64)
+    with np.errstate(over="ignore"):  # max first: a tiny temp sends logits / temp to inf, and inf - inf is NaN
+        p = np.exp((z - z.max()) / temp)
     p /= p.sum()
     order = np.argsort(-p, kind="stable")
     cum = np.cumsum(p[order])
@@ -29,6 +30,15 @@ def sample(logits: np.ndarray, temp: float = 0.0, top_p: float = 1.0, rng=None) 
     q = p[keep] / p[keep].sum()
     rng = rng if rng is not None else np.random.default_rng()
     return int(keep[rng.choice(len(keep), p=q)])
+
+
+def _check_sampling(temp, top_p):
+    if isinstance(temp, bool) or not isinstance(temp, (int, float, np.floating, np.integer)) \
+            or not (math.isfinite(temp) and temp >= 0):
+        raise ValueError(f"temp must be a finite number >= 0, got {temp!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.floating, np.integer)) \
+            or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 @dataclass
@@ -51,8 +61,7 @@ def generate(model, prompt, n: int, *, temp: float = 0.0, top_p: float = 1.0, se
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
-    if not temp >= 0:
-        raise ValueError(f"temp must be >= 0, got {temp}")
+    _check_sampling(temp, top_p)  # before the prompt runs, not at the first sample after it
     rng = np.random.default_rng(seed)
     stop = {int(s) for s in stop}
     t0 = time.perf_counter()

@@ -5,12 +5,26 @@ their window, as llama.cpp's SWA cache does: a ring of ``n_swa + n_ubatch``
 slots, position p in slot ``p % size``. A ubatch of at most ``n_ubatch`` tokens
 writes its keys before attending, and the oldest key its first query needs is
 ``n_swa - 1`` back, so the ring never overwrites a key still in use.
+
+A cache larger than the machine's memory is refused before anything is
+allocated (the arrays are zero pages until written, so an oversized one would
+fail only when the context fills).
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "physical_memory"]
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM in this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class KVCache:
@@ -18,6 +32,12 @@ class KVCache:
         self.n_ctx, self.n_ubatch = int(n_ctx), int(n_ubatch)
         self.swa = [cfg.n_swa if s else 0 for s in cfg.swa_layers]
         self.size = [min(self.n_ctx, w + self.n_ubatch) if w else self.n_ctx for w in self.swa]
+        need = sum(self.size) * cfg.n_head_kv * (cfg.head_dim + cfg.head_dim_v) * 4
+        ram = physical_memory()
+        if ram is not None and need > ram:
+            raise ValueError(f"a context of {self.n_ctx:,} tokens needs a KV cache of {need / 2**30:.1f} GiB "
+                             f"({need:,} bytes), more than this machine's {ram / 2**30:.1f} GiB of memory "
+                             "(lower -c / n_ctx)")
         self.k = [np.zeros((n, cfg.n_head_kv, cfg.head_dim), np.float32) for n in self.size]
         self.v = [np.zeros((n, cfg.n_head_kv, cfg.head_dim_v), np.float32) for n in self.size]
         self.n_past = 0  # positions 0..n_past-1 are stored

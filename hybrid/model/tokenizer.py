@@ -5,15 +5,28 @@ merges from the file, the pre-tokenizer regex that ``tokenizer.ggml.pre`` names
 (as llama.cpp's llama-vocab.cpp), control and user-defined tokens as special
 tokens (matched in the text, as llama.cpp does for prompts). ``decode(encode(s))
 == s`` for any text. The chat template is rendered in jinja2's immutable
-sandbox: a template is code from the file's author.
+sandbox: a template is code from the file's author. The sandbox stops a template
+from reaching Python's internals, not from looping forever or rendering gigabytes,
+so it renders in a child process with a time, memory and output bound
+(``CHAT_TIMEOUT_S``, ``CHAT_MEMORY_BYTES``, ``CHAT_MAX_CHARS``).
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
+import numpy as np
 from gguf.constants import Keys, TokenType
 
 from .gguf import GGUFError
 
-__all__ = ["Tokenizer", "PRE_TOKENIZERS"]
+__all__ = ["Tokenizer", "PRE_TOKENIZERS", "CHAT_TIMEOUT_S", "CHAT_MEMORY_BYTES", "CHAT_MAX_CHARS"]
+
+# What a chat template may take: real ones render one message in milliseconds and a few kB.
+CHAT_TIMEOUT_S = 10.0  # wall clock, child start included
+CHAT_MEMORY_BYTES = 1 << 30  # the rendering process's address space
+CHAT_MAX_CHARS = 1 << 20  # beyond the messages' own text
 
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -40,20 +53,43 @@ class Tokenizer:
         if pre not in PRE_TOKENIZERS:
             raise ValueError(f"tokenizer.ggml.pre = {pre!r} is not supported "
                              f"(supported: {', '.join(PRE_TOKENIZERS)})")
+        _check_strings("tokens", tokens)
+        _check_strings("merges", merges)
         self.n_vocab = len(tokens)
+        if not self.n_vocab:
+            raise ValueError("the vocabulary is empty")
+        if token_types is not None:
+            token_types = np.asarray(token_types)
+            if token_types.shape != (self.n_vocab,) or not np.issubdtype(token_types.dtype, np.integer):
+                raise ValueError(f"token types must be {self.n_vocab} integers (one per token), got "
+                                 f"{token_types.dtype} {token_types.shape}")
         for name, i in (("bos", bos), ("eos", eos)):
+            if i is not None and (isinstance(i, bool) or not isinstance(i, (int, np.integer))):
+                raise ValueError(f"{name} token id {i!r} is not an integer")
             if i is not None and not 0 <= i < self.n_vocab:
                 raise ValueError(f"{name} token id {i} is outside the vocabulary [0, {self.n_vocab})")
+        if not isinstance(chat_template, (str, type(None))):
+            raise ValueError(f"the chat template is a {type(chat_template).__name__}, not text")
         vocab = {}
         for i, t in enumerate(tokens):
             vocab.setdefault(t, i)  # duplicates: the first id, as llama.cpp's token_to_id keeps
+        # Byte-level BPE spells every text with these 256 symbols; without one, the BPE
+        # would drop that byte from a prompt without a word (llama.cpp throws on it).
+        missing = [c for c in pre_tokenizers.ByteLevel.alphabet() if c not in vocab]
+        if missing:
+            raise ValueError(f"the vocabulary lacks {len(missing)} of the 256 byte tokens "
+                             f"(e.g. {sorted(missing)[0]!r}): not a byte-level BPE vocabulary")
         pairs = []
         for m in merges:
             a, sep, b = m.partition(" ")
             if not sep:
                 raise ValueError(f"merge {m!r} is not two tokens separated by a space")
             pairs.append((a, b))
-        tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+        try:
+            bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False)
+        except Exception as e:  # tokenizers raises a plain Exception (a merge of unknown tokens)
+            raise ValueError(str(e)) from None
+        tok = HFTokenizer(bpe)
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre]), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -79,15 +115,23 @@ class Tokenizer:
             raise GGUFError(f"{model.path}: {K.MODEL} = {kind!r} is not supported (byte-level BPE 'gpt2' only)")
         tokens = model.metadata_array(K.LIST)
         merges = model.metadata_array(K.MERGES)
-        if not tokens or merges is None:
-            raise GGUFError(f"{model.path}: {K.LIST if not tokens else K.MERGES} is missing")
+        if tokens is None or len(tokens) == 0 or merges is None:
+            raise GGUFError(f"{model.path}: {K.MERGES if tokens is not None and len(tokens) else K.LIST} "
+                            "is missing or empty")
         types = model.metadata_array(K.TOKEN_TYPE)
         if types is not None and len(types) != len(tokens):
             raise GGUFError(f"{model.path}: {K.TOKEN_TYPE} has {len(types)} entries, {K.LIST} {len(tokens)}")
+        emb = model.tensors.get("token_embd.weight")
+        if emb is not None and emb.shape[0] != len(tokens):  # llama.cpp sizes token_embd by the vocabulary
+            raise GGUFError(f"{model.path}: {K.LIST} has {len(tokens)} tokens, token_embd.weight "
+                            f"{emb.shape[0]} rows")
         stop = [meta[k] for k in (K.EOT_ID, K.EOM_ID) if isinstance(meta.get(k), int)]
+        add_bos = meta.get(K.ADD_BOS, False)
+        if not isinstance(add_bos, bool):
+            raise GGUFError(f"{model.path}: {K.ADD_BOS} = {add_bos!r} is not a bool")
         try:
             return cls(tokens, merges, types, meta.get(K.PRE, "default"), bos=meta.get(K.BOS_ID),
-                       eos=meta.get(K.EOS_ID), stop=stop, add_bos=meta.get(K.ADD_BOS, False),
+                       eos=meta.get(K.EOS_ID), stop=stop, add_bos=add_bos,
                        chat_template=meta.get(K.CHAT_TEMPLATE))
         except ValueError as e:
             raise GGUFError(f"{model.path}: tokenizer: {e}") from None
@@ -95,6 +139,11 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: undecodable bytes of a command line or file name
+            raise ValueError(f"the text is not valid Unicode: {e.object[e.start:e.end]!r} at character "
+                             f"{e.start} (undecodable bytes?)") from None
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos is not None:
             ids = [self.bos] + ids
@@ -107,29 +156,80 @@ class Tokenizer:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.n_vocab})")
         return self._tok.decode(ids, skip_special_tokens=False)
 
-    def chat(self, prompt: str, system: str | None = None) -> str:
-        """The prompt as one user message in the file's chat template, ready for the assistant's reply."""
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    def chat(self, prompt: str, system: str | None = None, *, timeout: float | None = None) -> str:
+        """The prompt as one user message in the file's chat template, ready for the assistant's reply.
 
+        Rendered in jinja2's immutable sandbox in a child process that may take ``timeout``
+        seconds (default ``CHAT_TIMEOUT_S``), ``CHAT_MEMORY_BYTES`` of memory and write
+        ``CHAT_MAX_CHARS`` characters more than the messages hold; anything the template
+        does wrong, or beyond those bounds, is a ValueError."""
         if not self.chat_template:
             raise ValueError(f"the model has no chat template ({Keys.Tokenizer.CHAT_TEMPLATE})")
-
-        def raise_exception(msg):
-            raise TemplateError(msg)
-
-        def strftime_now(fmt):
-            import datetime
-            return datetime.datetime.now().strftime(fmt)
-
-        # As transformers renders chat templates: loop controls on, blocks trimmed.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         tok = lambda i: self.tokens[i] if i is not None else ""  # noqa: E731
+        job = dict(template=self.chat_template, memory=CHAT_MEMORY_BYTES,
+                   max_chars=CHAT_MAX_CHARS + sum(len(m["content"]) for m in messages) * 4,
+                   context=dict(messages=messages, add_generation_prompt=True, bos_token=tok(self.bos),
+                                eos_token=tok(self.eos)))
+        timeout = CHAT_TIMEOUT_S if timeout is None else timeout
         try:
-            return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=True, bos_token=tok(self.bos), eos_token=tok(self.eos))
-        except TemplateError as e:  # SecurityError is one: the template tried something unsafe
-            raise ValueError(f"chat template: {type(e).__name__}: {e}") from None
+            p = subprocess.run([sys.executable, "-c", _RENDER], input=json.dumps(job), capture_output=True,
+                               text=True, timeout=timeout, encoding="utf-8", errors="surrogatepass")
+        except subprocess.TimeoutExpired:
+            raise ValueError(f"chat template: did not finish in {timeout:g} s (a template that loops?)") from None
+        except OSError as e:
+            raise ValueError(f"chat template: cannot start the renderer: {e}") from None
+        try:
+            out = json.loads(p.stdout)
+        except ValueError:
+            raise ValueError(f"chat template: the renderer failed (exit {p.returncode}): "
+                             f"{(p.stderr.strip().splitlines() or ['no message'])[-1]}") from None
+        if "error" in out:
+            raise ValueError(f"chat template: {out['error']}")
+        return out["text"]
+
+
+def _check_strings(what, a):
+    if not isinstance(a, list) or not all(isinstance(t, str) for t in a):
+        kind = getattr(a, "dtype", None) or type(a).__name__
+        raise ValueError(f"{what} must be an array of strings, got {kind}")
+
+
+# The child that renders a chat template: reads a job (JSON) on stdin, writes {"text"} or {"error"}.
+_RENDER = r"""
+import json, resource, sys
+job = json.loads(sys.stdin.read())
+resource.setrlimit(resource.RLIMIT_AS, (job["memory"], job["memory"]))
+
+def main():
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(msg):
+        raise TemplateError(msg)
+
+    def strftime_now(fmt):
+        import datetime
+        return datetime.datetime.now().strftime(fmt)
+
+    # As transformers renders chat templates: loop controls on, blocks trimmed.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    try:
+        parts, n = [], 0
+        for part in env.from_string(job["template"]).generate(**job["context"]):
+            n += len(part)
+            if n > job["max_chars"]:
+                return {"error": f"renders more than {job['max_chars']:,} characters"}
+            parts.append(part)
+        return {"text": "".join(parts)}
+    except MemoryError:
+        return {"error": f"needs more than {job['memory'] >> 20} MiB of memory"}
+    except RecursionError:
+        return {"error": "recurses too deeply"}
+    except Exception as e:  # SecurityError and TemplateError among them: the template's fault
+        return {"error": f"{type(e).__name__}: {e}"}
+
+sys.stdout.write(json.dumps(main()))
+"""
