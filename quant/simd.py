@@ -70,7 +70,7 @@ def shuf(b, p, q, idx):
 
 
 def load(b, p8, off, ty):
-    return b.load(b.bitcast(b.gep(p8, [off]), ty.as_pointer()), align=1 if ty.element == I8 else 4)
+    return b.load(b.bitcast(b.gep(p8, [off]), ty.as_pointer()), align=1 if ty.element in (I8, I16) else 4)
 
 
 def store(b, val, p8, off):
@@ -218,17 +218,37 @@ Q8_0_BYTES = GGML_QUANT_SIZES[T.Q8_0][1]  # a half scale, then 32 int8
 _HALF_TO_F32 = 2.0 ** 112  # float32's exponent bias minus half's
 
 
+def _half_to_f32(b, h):
+    """IEEE halves ``h`` (i32 or <n x i32>, the 16 bits zero-extended) as float32, exactly and
+    without branches: the bits moved up by 13 are a float32 short of 112 in the exponent
+    (subnormal halves too), so one exact multiply finishes; exponent 31 (inf/NaN) is given
+    float32's 255 first."""
+    n = getattr(h.type, "count", None)
+    k = (lambda v: ir.Constant(I32, v)) if n is None else (lambda v: ivec(n, v))  # noqa: E731
+    em = b.and_(h, k(0x7FFF))
+    top = b.select(b.icmp_unsigned(">=", em, k(0x7C00)), k(0x70000000), k(0))
+    bits = b.or_(b.or_(b.shl(b.and_(h, k(0x8000)), k(16)), b.shl(em, k(13))), top)
+    ft = F32 if n is None else vec(F32, n)
+    return b.fmul(b.bitcast(bits, ft), ir.Constant(ft, _HALF_TO_F32 if n is None else [_HALF_TO_F32] * n))
+
+
 def emit_half(b, p8, off):
-    """The IEEE half at byte ``off`` as float32, exactly and without branches: its bits moved
-    up by 13 are a float32 short of 112 in the exponent (subnormal halves too), so one exact
-    multiply finishes; exponent 31 (inf/NaN) is given float32's 255 first."""
-    h = b.zext(b.load(b.bitcast(b.gep(p8, [off]), I16.as_pointer()), align=1), I32)
-    em = b.and_(h, ir.Constant(I32, 0x7FFF))
-    top = b.select(b.icmp_unsigned(">=", em, ir.Constant(I32, 0x7C00)), ir.Constant(I32, 0x70000000),
-                   ir.Constant(I32, 0))
-    bits = b.or_(b.or_(b.shl(b.and_(h, ir.Constant(I32, 0x8000)), ir.Constant(I32, 16)),
-                       b.shl(em, ir.Constant(I32, 13))), top)
-    return b.fmul(b.bitcast(bits, F32), ir.Constant(F32, _HALF_TO_F32))
+    """The IEEE half at byte ``off`` as float32 (exact)."""
+    return _half_to_f32(b, b.zext(b.load(b.bitcast(b.gep(p8, [off]), I16.as_pointer()), align=1), I32))
+
+
+def emit_f16_block_f32(b, lanes, p8, off):
+    """32 F16 values from byte ``off`` as 32/lanes float vectors (exact)."""
+    hs = load(b, p8, off, vec(I16, 32))
+    return [_half_to_f32(b, b.zext(shuf(b, hs, hs, list(range(h, h + lanes))), vec(I32, lanes)))
+            for h in range(0, 32, lanes)]
+
+
+def emit_bf16_block_f32(b, lanes, p8, off):
+    """32 BF16 values from byte ``off`` as 32/lanes float vectors: the top halves of float32."""
+    hs = load(b, p8, off, vec(I16, 32))
+    return [b.bitcast(b.shl(b.zext(shuf(b, hs, hs, list(range(h, h + lanes))), vec(I32, lanes)), ivec(lanes, 16)),
+                      vec(F32, lanes)) for h in range(0, 32, lanes)]
 
 
 def emit_q8_0_block_f32(b, lanes, p8, off):

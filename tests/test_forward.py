@@ -247,3 +247,19 @@ def test_rope_over_part_of_the_head(tmp_path):
     got = Transformer(m, n_ctx=9, n_ubatch=4).prefill(toks)
     close(got, forward_reference(m, toks), seed)
     assert read_config(m).n_rot == 16
+
+
+@pytest.mark.parametrize("type_name", ["F16", "BF16"])
+def test_dense_decode_reads_every_half_bit_pattern_exactly(type_name):
+    # Column 0 holds each of the 65536 patterns (inf, NaN, subnormals, -0 included), the rest
+    # zeros; x picks column 0, so each output is that weight's float32 value, decoded in registers.
+    from gguf.constants import GGMLQuantizationType as T
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    w = np.zeros((bits.size, 32), np.uint16)
+    w[:, 0] = bits
+    want = (bits.view(np.float16).astype(np.float32) if type_name == "F16"
+            else (bits.astype(np.uint32) << 16).view(np.float32))
+    x = np.zeros((1, 32), np.float32)
+    x[0, 0] = 1.0
+    got = Dense("w", w.view(np.uint8), T[type_name], (bits.size, 32)).matmul(x)[0]
+    assert np.array_equal(got, want, equal_nan=True)

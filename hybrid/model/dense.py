@@ -4,7 +4,8 @@
 - a batch of tokens decodes W a tile of rows at a time (``quant.types``, float32)
   and multiplies each tile with BLAS, so the decoded copy stays a few MB;
 - one to a few tokens (decode steps) run a Numba kernel on the stored bytes
-  (Q8_0, F16, BF16, MXFP4; F32 goes to BLAS): every weight byte is read once.
+  (Q8_0, F16, BF16, MXFP4 blocks decoded in registers by ``cpu_ir``'s block dots;
+  F32 goes to BLAS): every weight byte is read once, at memory speed.
 ``Dense.rows(ids)`` decodes only the given rows (the embedding lookup).
 """
 from __future__ import annotations
@@ -13,9 +14,9 @@ import numba as nb
 import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 
-from quant import cpu as qcpu, types as qtypes
+from quant import types as qtypes
 
-from ..moe.cpu_ir import best_isa, make_mx_dot, make_q8_0_dot
+from ..moe.cpu_ir import best_isa, make_block_dot, make_mx_dot
 
 __all__ = ["Dense", "TYPES"]
 
@@ -23,10 +24,14 @@ TYPES = tuple(qtypes.DEQUANTIZERS)  # F32, F16, BF16, Q8_0, MXFP4
 _TILE_BYTES = 1 << 21  # decoded float32 tile: fits in L2/L3
 _DIRECT_MAX_TOKENS = 4  # up to this many tokens, the direct kernel
 _PARALLEL_BYTES = 1 << 18  # smaller matrices run on one thread
-_DIRECT = (T.Q8_0, T.F16, T.BF16, T.MXFP4)  # decoded in place by quant.cpu; F32 goes to BLAS
+_DIRECT = (T.Q8_0, T.F16, T.BF16, T.MXFP4)  # decoded in registers by the block dots; F32 goes to BLAS
 _R = 4  # rows per block-dot call: R x 1 token of accumulators fit the registers on AVX2 and AVX-512
-_q8_0_rows, _q8_0_row = make_q8_0_dot(_R, 1, best_isa()), make_q8_0_dot(1, 1, best_isa())
+_MXFP4, _Q8_0, _F16, _BF16 = range(4)  # what the kernel branches on
+_FMT = {int(T.MXFP4): _MXFP4, int(T.Q8_0): _Q8_0, int(T.F16): _F16, int(T.BF16): _BF16}
 _mx_rows, _mx_row = make_mx_dot(_R, 1, best_isa()), make_mx_dot(1, 1, best_isa())
+_q8_0_rows, _q8_0_row = (make_block_dot("q8_0", n, 1, best_isa()) for n in (_R, 1))
+_f16_rows, _f16_row = (make_block_dot("f16", n, 1, best_isa()) for n in (_R, 1))
+_bf16_rows, _bf16_row = (make_block_dot("bf16", n, 1, best_isa()) for n in (_R, 1))
 _QK = 32  # lanes of the direct kernel; rows of these types hold whole blocks of 32 (row_nbytes checks)
 
 
@@ -75,30 +80,32 @@ class Dense:
 
 
 @nb.njit(inline="always")
-def _lanes_sum(acc):
-    s = np.float32(0.0)
-    for j in range(_QK):
-        s += acc[j]
-    return s
-
-
-@nb.njit(inline="always")
-def _block_dot(mx, raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows, n_rows):
-    if mx and n_rows == _R:
-        _mx_rows(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
-    elif mx:
+def _block_dot(fmt, raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows, n_rows):
+    # One call site per intrinsic: each is compiled once into the kernel.
+    if n_rows == _R:
+        if fmt == _MXFP4:
+            _mx_rows(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
+        elif fmt == _Q8_0:
+            _q8_0_rows(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
+        elif fmt == _F16:
+            _f16_rows(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
+        else:
+            _bf16_rows(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
+    elif fmt == _MXFP4:
         _mx_row(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
-    elif n_rows == _R:
-        _q8_0_rows(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
-    else:
+    elif fmt == _Q8_0:
         _q8_0_row(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
+    elif fmt == _F16:
+        _f16_row(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
+    else:
+        _bf16_row(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
 
 
 @nb.njit(parallel=True, cache=True)
-def _block_kernel(mx, x, raw, out, n_chunks):
-    """out[t, r] += W[r] . x[t] for Q8_0 (``mx`` False) or MXFP4 rows, the formats of gpt-oss
-    files' dense weights: blocks decoded in registers and multiplied in one pass
-    (``cpu_ir``'s block dots, which sum in a fixed order), ``_R`` rows at a time."""
+def _block_kernel(fmt, x, raw, out, n_chunks):
+    """out[t, r] += W[r] . x[t] on the stored bytes: blocks of 32 weights decoded in registers
+    and multiplied in one pass (``cpu_ir``'s block dots, which sum in a fixed order, so the
+    chunking does not change a bit), ``_R`` rows at a time."""
     rows, row_bytes = raw.shape
     n_tok, cols = x.shape
     nblk = cols // _QK
@@ -107,42 +114,16 @@ def _block_kernel(mx, x, raw, out, n_chunks):
     for c in nb.prange(n_chunks):
         for g in range(c * per, min(groups, (c + 1) * per)):
             for t in range(n_tok):
-                _block_dot(mx, raw, g * _R * row_bytes, row_bytes, nblk, x, t * cols, cols, out, t * rows + g * _R,
+                _block_dot(fmt, raw, g * _R * row_bytes, row_bytes, nblk, x, t * cols, cols, out, t * rows + g * _R,
                            rows, _R)
     for r in range(groups * _R, rows):
         for t in range(n_tok):
-            _block_dot(mx, raw, r * row_bytes, row_bytes, nblk, x, t * cols, cols, out, t * rows + r, rows, 1)
-
-
-@nb.njit(parallel=True, cache=True)
-def _direct_kernel(wtype, x, raw3, out, n_chunks):
-    """out[t, r] = W[r] . x[t] on the stored bytes: each row decoded by ``quant.cpu.decode``
-    into a buffer that stays in L1/L2, then multiplied into 32 float lanes per token, which
-    the compiler vectorises without reordering any sum; the lanes are added in a fixed
-    order, so results do not depend on the chunking."""
-    rows, n = raw3.shape[1], x.shape[1]
-    n_tok = x.shape[0]
-    per = (rows + n_chunks - 1) // n_chunks
-    for c in nb.prange(n_chunks):
-        w = np.empty(n, np.float32)
-        acc = np.empty(_QK, np.float32)
-        for r in range(c * per, min(rows, (c + 1) * per)):
-            qcpu.decode(raw3, wtype, 0, r, 0, n, w, 0)
-            for t in range(n_tok):
-                xt = x[t]
-                acc[:] = 0.0
-                for b in range(0, n, _QK):
-                    for j in range(_QK):
-                        acc[j] += w[b + j] * xt[b + j]
-                out[t, r] = _lanes_sum(acc)
+            _block_dot(fmt, raw, r * row_bytes, row_bytes, nblk, x, t * cols, cols, out, t * rows + r, rows, 1)
 
 
 def _direct(ggml_type, x, raw, out):
     # Waking the thread pool costs more than a small matrix takes on one core.
     chunks = 4 * nb.get_num_threads() if raw.size >= _PARALLEL_BYTES else 1
+    out[:] = 0.0  # the kernels add
     with nb.parallel_chunksize(1):
-        if int(ggml_type) in (qcpu.Q8_0, qcpu.MXFP4):
-            out[:] = 0.0  # the kernels add
-            _block_kernel(int(ggml_type) == qcpu.MXFP4, x, raw, out, chunks)
-        else:
-            _direct_kernel(int(ggml_type), x, raw.reshape((1,) + raw.shape), out, chunks)
+        _block_kernel(_FMT[int(ggml_type)], x, raw, out, chunks)
