@@ -414,10 +414,7 @@ def _check_tensor(name, t):
 
 
 def _raw(t):
-    # Read-only view: GGUF memory maps are read-only, and one array type means one compiled variant.
-    raw = t.raw.view()
-    raw.flags.writeable = False
-    return raw, int(t.ggml_type)
+    return t.readonly, int(t.ggml_type)
 
 
 def _check_x(x, cols, what="x", ndim=2):

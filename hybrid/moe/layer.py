@@ -34,6 +34,10 @@ class ExpertTensor:
                              f"{qtypes.type_name(self.ggml_type)} [{self.rows}, {self.cols}]")
         if not raw.flags.c_contiguous:
             raise ValueError("expert tensor must be C-contiguous")
+        # Views made once: each forward reads them, and a view of a memory map costs ~2 us.
+        self._raw = raw
+        self._readonly = raw.view(np.ndarray)
+        self._readonly.flags.writeable = False
 
     @property
     def n_experts(self) -> int:
@@ -42,7 +46,13 @@ class ExpertTensor:
     @property
     def raw(self) -> np.ndarray:
         """The bytes as ``[n_experts, rows, row_bytes]`` uint8 (no copy)."""
-        return self.data.view(np.uint8).reshape(self.n_experts, self.rows, -1)
+        return self._raw
+
+    @property
+    def readonly(self) -> np.ndarray:
+        """``raw`` as a read-only plain ndarray: what compiled code reads (GGUF maps are
+        read-only, and one array type means one compiled variant)."""
+        return self._readonly
 
     @property
     def slab_bytes(self) -> int:
@@ -146,13 +156,17 @@ class MoELayer:
                 for n, t in (("gate", self.gate), ("up", self.up), ("down", self.down))}
 
     def copied(self) -> list[Copied]:
-        """Every tensor the device needs per expert, in copy order: weights, then biases."""
+        """Every tensor the device needs per expert, in copy order: weights, then biases
+        (made once: the scheduler records them per forward)."""
+        if getattr(self, "_copied", None) is not None:
+            return self._copied
         out = [Copied(n, f"blk.{self.index}.ffn_{n}_exps.weight", t.raw, t.slab_bytes)
                for n, t in (("gate", self.gate), ("up", self.up), ("down", self.down))]
         for n in ("gate", "up", "down"):
             b = getattr(self, f"{n}_b")
             if b is not None:
                 out.append(Copied(f"{n}_b", f"blk.{self.index}.ffn_{n}_exps.bias", b, b[0].nbytes))
+        self._copied = out
         return out
 
     @property
