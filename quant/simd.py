@@ -95,12 +95,16 @@ def new_fn(module, name, argtys):
     return fn, fn.append_basic_block("entry")
 
 
-def emit_loop(fn, entry, n, accs0, body):
+def emit_loop(fn, entry, n, accs0, body, may_be_empty=False):
     """do { accs = body(b, i, accs) } while (++i < n), accs starting at ``accs0``
-    (IR values); returns (builder at the exit, final accs). ``n`` must be >= 1."""
+    (IR values); returns (builder at the exit, final accs). ``n`` must be >= 1, unless
+    ``may_be_empty``: then n <= 0 skips the loop and the accs stay ``accs0``."""
     loop, done = fn.append_basic_block("loop"), fn.append_basic_block("done")
     b = ir.IRBuilder(entry)
-    b.branch(loop)
+    if may_be_empty:
+        b.cbranch(b.icmp_signed(">", n, c64(0)), loop, done)
+    else:
+        b.branch(loop)
     b.position_at_end(loop)
     i = b.phi(I64)
     i.add_incoming(c64(0), entry)
@@ -110,12 +114,21 @@ def emit_loop(fn, entry, n, accs0, body):
         ph.add_incoming(a0, entry)
         accs.append(ph)
     new = body(b, i, accs)
+    loop_end = b.block
     nxt = b.add(i, c64(1))
     i.add_incoming(nxt, b.block)
     for ph, v in zip(accs, new):
         ph.add_incoming(v, b.block)
     b.cbranch(b.icmp_signed("<", nxt, n), loop, done)
     b.position_at_end(done)
+    if may_be_empty:
+        out = []
+        for a0, v in zip(accs0, new):
+            ph = b.phi(a0.type)
+            ph.add_incoming(a0, entry)
+            ph.add_incoming(v, loop_end)
+            out.append(ph)
+        return b, out
     return b, new
 
 

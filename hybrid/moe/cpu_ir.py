@@ -170,32 +170,12 @@ def _build_q8_dot(module, R, T_, variant):
     if variant != "vnni512":
         b, accs = emit_loop(fn, entry, nblk, [_zero(V8)] * (R * T_), lambda b, i, a: step(b, i, a, False))
     else:
-        b = ir.IRBuilder(entry)
-        npair = b.ashr(nblk, _c64(1))
-        loop, mid, tail, done = (fn.append_basic_block(n) for n in ("pairs", "mid", "tail", "done"))
-        b.cbranch(b.icmp_signed(">", npair, _c64(0)), loop, mid)
-        b.position_at_end(loop)
-        i = b.phi(_I64)
-        i.add_incoming(_c64(0), entry)
-        ph = []
-        for _ in range(R * T_):
-            p = b.phi(V16)
-            p.add_incoming(_zero(V16), entry)
-            ph.append(p)
-        new = step(b, b.shl(i, _c64(1)), ph, True)
-        nxt = b.add(i, _c64(1))
-        i.add_incoming(nxt, b.block)
-        for p, v in zip(ph, new):
-            p.add_incoming(v, b.block)
-        b.cbranch(b.icmp_signed("<", nxt, npair), loop, mid)
-        b.position_at_end(mid)
-        loop_end = loop  # the pair body has no branches
-        wides = []
-        for v in new:
-            p = b.phi(V16)
-            p.add_incoming(_zero(V16), entry)
-            p.add_incoming(v, loop_end)
-            wides.append(p)
+        # pairs of blocks on 512 bits (none when nblk is 1), then an odd last block on 256
+        npair = ir.IRBuilder(entry).ashr(nblk, _c64(1))
+        b, wides = emit_loop(fn, entry, npair, [_zero(V16)] * (R * T_),
+                             lambda b, i, a: step(b, b.shl(i, _c64(1)), a, True), may_be_empty=True)
+        mid = b.block
+        tail, done = fn.append_basic_block("tail"), fn.append_basic_block("odd_done")
         halves = [b.fadd(_shuf(b, p, p, list(range(8))), _shuf(b, p, p, list(range(8, 16)))) for p in wides]
         b.cbranch(b.icmp_signed("<", b.shl(npair, _c64(1)), nblk), tail, done)
         b.position_at_end(tail)
