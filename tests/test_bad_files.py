@@ -8,7 +8,6 @@ a few seconds in CI; ``HYBRID_FUZZ_EXAMPLES=5000`` runs longer.
 """
 import os
 import re
-import shutil
 import struct
 
 import numpy as np
@@ -161,18 +160,8 @@ def test_loader_fuzz_regressions(base, tmp_path):
 
 # ------------------------------------------------------------------ the CLI on a corpus of bad files
 
-def _edit_tensor(src, dst, name, edit):
-    shutil.copy(src, dst)
-    r = GGUFReader(dst, "r+")
-    (t,) = [t for t in r.tensors if t.name == name]
-    edit(t.data)
-    r.data.flush()
-    del r, t
-    return dst
-
-
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(tmp_path_factory, edit_tensor):
     d = tmp_path_factory.mktemp("corpus")
     good = write_tiny(d / "good.gguf", **TINY, seed=5)
     data = good.read_bytes()
@@ -190,13 +179,13 @@ def corpus(tmp_path_factory):
         def edit(a):
             a.reshape(-1)[3] = v
         return edit
-    files["nan_router"] = _edit_tensor(good, d / "nan_router.gguf", "blk.0.ffn_gate_inp.weight", poke(np.nan))
-    files["inf_router_b"] = _edit_tensor(good, d / "inf_router_b.gguf", "blk.0.ffn_gate_inp.bias", poke(np.inf))
-    files["nan_up_b"] = _edit_tensor(good, d / "nan_up_b.gguf", "blk.0.ffn_up_exps.bias", poke(np.nan))
+    files["nan_router"] = edit_tensor(good, d / "nan_router.gguf", "blk.0.ffn_gate_inp.weight", poke(np.nan))
+    files["inf_router_b"] = edit_tensor(good, d / "inf_router_b.gguf", "blk.0.ffn_gate_inp.bias", poke(np.inf))
+    files["nan_up_b"] = edit_tensor(good, d / "nan_up_b.gguf", "blk.0.ffn_up_exps.bias", poke(np.nan))
 
     def huge(a):  # finite, but the logits overflow float32 on any hidden state
         a[:] = np.float32(3e38) * np.sign(a)
-    files["huge_router"] = _edit_tensor(good, d / "huge_router.gguf", "blk.0.ffn_gate_inp.weight", huge)
+    files["huge_router"] = edit_tensor(good, d / "huge_router.gguf", "blk.0.ffn_gate_inp.weight", huge)
     return good, files
 
 
@@ -235,12 +224,12 @@ def test_every_command_on_bad_model_files(capsys, corpus, command):
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_check_tensors_flag_on_every_command(capsys, corpus, tmp_path, command):
+def test_check_tensors_flag_on_every_command(capsys, corpus, tmp_path, command, edit_tensor):
     good, _ = corpus
 
     def edit(a):
         a[1, 2, 0] = 255  # expert 1, row 2, first block: exponent 0xFF
-    bad = _edit_tensor(good, tmp_path / "e255.gguf", "blk.0.ffn_down_exps.weight", edit)
+    bad = edit_tensor(good, tmp_path / "e255.gguf", "blk.0.ffn_down_exps.weight", edit)
     fails_cleanly(capsys, [command, "-m", bad, "--check-tensors", *COMMANDS[command]],
                   r"ffn_down_exps\.weight.*exponent 255.*expert 1, row 2, column 0")
     assert main([command, "-m", str(good), "--check-tensors", *COMMANDS[command]]) == 0

@@ -8,11 +8,9 @@ out exactly where the float64 reference puts it, on the cpu and sim targets alik
 """
 import logging
 import os
-import shutil
 
 import numpy as np
 import pytest
-from gguf import GGUFReader
 from gguf.constants import GGMLQuantizationType as T
 
 from hybrid.model import GGUFError, load, write_tiny
@@ -162,33 +160,23 @@ def good(tmp_path_factory):
                       n_experts=4, k=2, n_vocab=16, seed=7)
 
 
-def damaged(good, tmp_path, name, edit):
-    """A copy of ``good`` whose tensor ``name`` was changed in place by ``edit(data)``."""
-    path = tmp_path / f"{name}.gguf"
-    shutil.copy(good, path)
-    r = GGUFReader(path, "r+")
-    (t,) = [t for t in r.tensors if t.name == name]
-    edit(t.data)
-    r.data.flush()
-    del r, t
-    return path
 
 
 @pytest.mark.parametrize("name", ["blk.1.ffn_gate_inp.weight", "blk.0.ffn_gate_inp.bias",
                                   "blk.1.ffn_gate_exps.bias", "blk.0.ffn_up_exps.bias",
                                   "blk.1.ffn_down_exps.bias"])
-def test_load_rejects_nonfinite_router_and_biases(good, tmp_path, name):
+def test_load_rejects_nonfinite_router_and_biases(good, tmp_path, name, edit_tensor):
     rng, _ = fresh_rng()
     bad = rng.choice([np.nan, np.inf, -np.inf])
 
     def edit(d):
         d.reshape(-1)[rng.integers(d.size)] = bad
-    path = damaged(good, tmp_path, name, edit)
+    path = edit_tensor(good, tmp_path / f"{name}.gguf", name, edit)
     with pytest.raises(GGUFError, match=rf"{path.name}.*{name.replace('.', '[.]')}.*must be finite"):
         load(path)
 
 
-def test_full_data_check_finds_what_loading_does_not_read(good, tmp_path, monkeypatch):
+def test_full_data_check_finds_what_loading_does_not_read(good, tmp_path, monkeypatch, edit_tensor):
     rng, seed = fresh_rng()
     e, r, b = (int(rng.integers(n)) for n in (4, 64, 2))
     exp = int(rng.choice([253, 254, 255]))
@@ -210,7 +198,7 @@ def test_full_data_check_finds_what_loading_does_not_read(good, tmp_path, monkey
     monkeypatch.undo()
     assert load(good, check_tensors=True).n_layers == 2
     for name, edit, what in cases:
-        path = damaged(good, tmp_path, name, edit)
+        path = edit_tensor(good, tmp_path / f"{name}.gguf", name, edit)
         assert load(path).n_layers == 2  # cheap load: not scanned
         with pytest.raises(GGUFError, match=rf"{name.replace('.', '[.]')}.*{what}"):
             load(path, check_tensors=True)
