@@ -139,6 +139,26 @@ def _extent(ps, row0, rs, tm, sentinel, col0, cs, tn, n_cols):
 # ------------------------------------------------------------------ kernel factories
 
 @functools.lru_cache(maxsize=None)
+def _row_gatherer(BM, BK, THREADS, ROW_WORDS):
+    """Device function loading the activation rows of a tile, transposed: for the tile's BM
+    rows ``ps[offs_rows + r]`` (an index into ``src``; outside [0, n_rows) is padding),
+    ``sm[offs_x + c*ROW_WORDS + r] = src[row, k0 + c]`` for c < BK (0 past K or padding).
+    Consecutive threads take consecutive columns of a row, so global reads coalesce."""
+    @cuda.jit(device=True, inline=True)
+    def gather(src, ps, offs_rows, n_rows, k0, K, sm, offs_x, tid):
+        for i in range(tid, BM * BK, THREADS):
+            idx = _U(i)
+            r = idx // _U(BK)
+            c = idx - r * _U(BK)
+            row = ps[_U(offs_rows) + r]
+            v = _ZERO
+            if row >= 0 and row < n_rows and c < _U(K - k0):
+                v = src[_U(row), _U(k0) + c]
+            sm[_U(offs_x) + c * _U(ROW_WORDS) + r] = v
+    return gather
+
+
+@functools.lru_cache(maxsize=None)
 def _gate_up_kernel(cfg: TileConfig, wtype: int, activation: str, has_bias: bool):
     BM, BN, BK, TM, TN = cfg.block_pairs, cfg.block_cols, cfg.k_chunk, cfg.thread_rows, cfg.thread_cols
     ROW_STRIDE, COL_STRIDE = BM // TM, BN // TN
@@ -148,6 +168,7 @@ def _gate_up_kernel(cfg: TileConfig, wtype: int, activation: str, has_bias: bool
     offs_pairs, offs_tokens, offs_x = qc.TABLES, qc.TABLES + BM, qc.TABLES + 2 * BM
     offs_gate, offs_up = offs_x + BM, offs_x + BM + BN
     decode = qc.tile_decoder(wtype, BN, BK, THREADS, ROW_WORDS)
+    gather = _row_gatherer(BM, BK, THREADS, ROW_WORDS)
     act_fn = _swiglu_oai if activation == "swiglu_oai" else _silu_mul
 
     @cuda.jit
@@ -198,15 +219,7 @@ def _gate_up_kernel(cfg: TileConfig, wtype: int, activation: str, has_bias: bool
             acc_g[i] = _ZERO
             acc_u[i] = _ZERO
         for k0 in range(0, K, BK):
-            for i in range(tid, BM * BK, THREADS):
-                idx = _U(i)
-                r = idx // _U(BK)
-                c = idx - r * _U(BK)
-                t = ps[_U(offs_tokens) + r]
-                v = _ZERO
-                if t >= 0 and c < _U(K - k0):
-                    v = x[_U(t), _U(k0) + c]
-                sm[_U(offs_x) + c * _U(ROW_WORDS) + r] = v
+            gather(x, ps, offs_tokens, x.shape[0], k0, K, sm, offs_x, tid)
             decode(wg, s, col0, n_ff, k0, K, sm, offs_gate, tid, sm)
             decode(wu, s, col0, n_ff, k0, K, sm, offs_up, tid, sm)
             cuda.syncthreads()
@@ -248,6 +261,7 @@ def _down_kernel(cfg: TileConfig, wtype: int, has_bias: bool):
     offs_pairs, offs_x = qc.TABLES, qc.TABLES + 2 * BM  # same layout as gate_up (token rows unused)
     offs_w = offs_x + BM
     decode = qc.tile_decoder(wtype, BN, BK, THREADS, ROW_WORDS)
+    gather = _row_gatherer(BM, BK, THREADS, ROW_WORDS)
 
     @cuda.jit
     def down(act, pairs, tile_expert, tile0, slots, wd, bd, weights, y):
@@ -283,15 +297,7 @@ def _down_kernel(cfg: TileConfig, wtype: int, has_bias: bool):
         for i in range(ACC):
             acc[i] = _ZERO
         for k0 in range(0, K, BK):
-            for i in range(tid, BM * BK, THREADS):
-                idx = _U(i)
-                r = idx // _U(BK)
-                c = idx - r * _U(BK)
-                p = ps[_U(offs_pairs) + r]
-                v = _ZERO
-                if p < sentinel and c < _U(K - k0):
-                    v = act[_U(p), _U(k0) + c]
-                sm[_U(offs_x) + c * _U(ROW_WORDS) + r] = v
+            gather(act, ps, offs_pairs, sentinel, k0, K, sm, offs_x, tid)
             decode(wd, s, col0, n_embd, k0, K, sm, offs_w, tid, sm)
             cuda.syncthreads()
             if nr > 0 and nc > 0:
