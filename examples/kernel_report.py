@@ -214,13 +214,14 @@ def main(argv=None):
           "SASS FFMA share: kernel / hot loop | hot loop: FFMA, LDS+STS, int/addr, other | FFMA per decoded weight |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for r in rows:
-        nil = dict(ffma_share=float("nan"), ffma="-", lds_sts="-", int_addr="-", other=0, fp_other=0, ldg_stg=0)
+        nil = dict(ffma_share=None, ffma="-", lds_sts="-", int_addr="-", other=0, fp_other=0, ldg_stg=0)
         k, ml = (r["sass"]["kernel"], r["sass"]["hot_loop"]) if r["sass"] else (nil, nil)
         rest = ml["other"] + ml["fp_other"] + ml["ldg_stg"] if r["sass"] else "-"
+        share = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731 (no SASS without nvdisasm)
         fpw = f"{r['ffma_per_decoded_weight']:.0f}" if "ffma_per_decoded_weight" in r else "-"
         print(f"| {r['kernel']} | {r['arch']} | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} | "
               f"{r['shared_bytes']} | {r['threads']} | {r['blocks_per_sm']} ({r['limited_by']}) | "
-              f"{r['occupancy']:.0%} | {k['ffma_share']:.0%} / {ml['ffma_share']:.0%} | "
+              f"{r['occupancy']:.0%} | {share(k['ffma_share'])} / {share(ml['ffma_share'])} | "
               f"{ml['ffma']}, {ml['lds_sts']}, {ml['int_addr']}, {rest} | "
               f"{fpw} |")
     return 0
