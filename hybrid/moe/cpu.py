@@ -34,6 +34,7 @@ read through ``quant.cpu`` (decoders dispatched by GGML type id).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numba as nb
@@ -579,13 +580,20 @@ def moe_ffn_cpu_trusted(layer: MoELayer, x: np.ndarray, ids: np.ndarray, weights
                 np.empty((x.shape[0], layer.n_embd), np.float32), (tiles or TILES).astuple())
 
 
+@functools.lru_cache(maxsize=8)
+def _zero_bias(shape):
+    # Models without expert biases (Qwen3-MoE, Mixtral): one zero array per shape, never written,
+    # not a fresh E x n_ff of zeros per layer and decode step.
+    return np.zeros(shape, np.float32)
+
+
 def _ffn(layer, x, ids, weights, out, tl):
     """The compute of ``moe_ffn_cpu`` on checked inputs (ids int64, weights float32, contiguous)."""
     E, D, F = layer.n_experts, layer.n_embd, layer.n_ff
     graw, gtype = _raw(layer.gate)
     uraw, _ = _raw(layer.up)
     draw, dtype_ = _raw(layer.down)
-    biases = [np.zeros(shape, np.float32) if b is None else np.ascontiguousarray(b)
+    biases = [_zero_bias(shape) if b is None else np.ascontiguousarray(b)
               for b, shape in ((layer.gate_b, (E, F)), (layer.up_b, (E, F)), (layer.down_b, (E, D)))]
     n, k = ids.shape
     if n == 0:
