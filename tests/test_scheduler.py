@@ -248,8 +248,8 @@ def test_the_engine_executes_the_plan_and_stats_count_what_it_enqueued(layers, c
     L = layers[0]
     with HybridMoE(layers[:1], device="sim", min_offload_batch=1, tiles=TILES, **cfg) as moe:
         plans, calls = [], []
-        real_plan, real_copy = moe._plan, moe.engine.host.copy
-        monkeypatch.setattr(moe, "_plan", lambda *a: plans.append(real_plan(*a)) or plans[-1])
+        real_rounds, real_copy = moe._rounds, moe.engine.host.copy
+        monkeypatch.setattr(moe, "_rounds", lambda *a: plans.append(real_rounds(*a)) or plans[-1])
 
         def spy(i, dev, src, dst, n, stream):
             calls[-1].append((i, src, dst, n))

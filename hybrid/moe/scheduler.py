@@ -245,7 +245,7 @@ class HybridMoE:
             rounds = []
             if offload:  # cpu target: plan and count what the device would copy
                 t0 = time.perf_counter()
-                rounds = self._plan(L, bk)
+                rounds = self._rounds(L, bk)
                 rec.times["plan"] = time.perf_counter() - t0
             self._record_copies(rec, L, rounds, planned(L, rounds))
             t0 = time.perf_counter()
@@ -255,7 +255,7 @@ class HybridMoE:
             return out
         # 2. plan
         t0 = time.perf_counter()
-        rounds = self._plan(L, bk)
+        rounds = self._rounds(L, bk)
         rec.times["plan"] = time.perf_counter() - t0
         # 3-4. copy and compute, round by round; the engine reports what it enqueued
         out, enqueued = self.engine.run(L, x, weights, bk, rounds, overlap=self.overlap, times=rec.times)
@@ -268,7 +268,9 @@ class HybridMoE:
         """Mark the end of a ubatch (every layer done): the next forward starts a new one."""
         self._ubatch += 1
 
-    def _plan(self, L: MoELayer, bk) -> list["Round"]:
+    def _rounds(self, L: MoELayer, bk) -> list["Round"]:
+        """Step 2: the experts to compute, in rounds that fit the device slots, each with the
+        copies (copyplan's rows) that bring the ones not resident."""
         E = L.n_experts
         want = np.arange(E, dtype=np.int32) if self.policy == "all" else bk.used
         if self.pool is None:  # natural: slot = expert id, one round
