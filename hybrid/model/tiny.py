@@ -11,14 +11,16 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGUFWriter, quants
-from gguf.constants import GGML_QUANT_VERSION, GGMLQuantizationType as T, LlamaFileType, RopeScalingType
+from gguf.constants import (GGML_QUANT_VERSION, GGMLQuantizationType as T, GGUFValueType, Keys, LlamaFileType,
+                             RopeScalingType)
 
 from quant import mxfp4
 
 from ..moe.layer import ExpertTensor, MoELayer
 from .gguf import GGUFError, load
 
-__all__ = ["random_layer", "tiny_layers", "tiny_vocab", "write_tiny", "default_model_path", "ensure_default_model"]
+__all__ = ["random_layer", "tiny_layers", "tiny_vocab", "write_tiny", "model_metadata", "model_tensors",
+           "default_model_path", "ensure_default_model"]
 
 
 def random_layer(n_embd=64, n_ff=64, n_experts=8, k=2, *, wtype=None, gpt_oss=True,
@@ -120,6 +122,64 @@ def tiny_vocab(n_vocab: int, pre: str = "gpt-4o"):
     return tokens, merges, [int(t) for t in types]
 
 
+def model_metadata(arch, *, name, n_layers, n_ctx, n_embd, n_ff, n_head, n_head_kv, head_dim, n_experts, k,
+                   n_swa, expert_type) -> dict:
+    """The hyper-parameter keys llama.cpp's converter writes for ``arch`` (gpt-oss: YaRN factor 32 over
+    4096, RoPE base 150000, sliding window ``n_swa``), as ``load`` reads them back: key -> value,
+    floats rounded to float32 as the file stores them. ``write_tiny`` writes these; the in-memory
+    models of ``synthetic.py`` hold them."""
+    gpt_oss = arch == "gpt-oss"
+    L, A, R = Keys.LLM, Keys.Attention, Keys.Rope
+    f32 = lambda v: float(np.float32(v))  # noqa: E731
+    meta = {Keys.General.NAME: name,
+            Keys.General.FILE_TYPE: int(LlamaFileType.MOSTLY_MXFP4_MOE if T(int(expert_type)) == T.MXFP4
+                                        else LlamaFileType.MOSTLY_Q8_0),
+            Keys.General.QUANTIZATION_VERSION: GGML_QUANT_VERSION,
+            L.BLOCK_COUNT: n_layers, L.CONTEXT_LENGTH: n_ctx, L.EMBEDDING_LENGTH: n_embd,
+            L.FEED_FORWARD_LENGTH: n_ff, A.HEAD_COUNT: n_head, A.HEAD_COUNT_KV: n_head_kv,
+            A.KEY_LENGTH: head_dim, A.VALUE_LENGTH: head_dim, A.LAYERNORM_RMS_EPS: f32(1e-5 if gpt_oss else 1e-6),
+            L.EXPERT_COUNT: n_experts, L.EXPERT_USED_COUNT: k, L.EXPERT_FEED_FORWARD_LENGTH: n_ff}
+    if gpt_oss:
+        meta.update({R.FREQ_BASE: f32(150000.0), A.SLIDING_WINDOW: n_swa, R.SCALING_TYPE: RopeScalingType.YARN.value,
+                     R.SCALING_FACTOR: f32(32.0), R.SCALING_ORIG_CTX_LEN: 4096})
+    else:
+        meta[R.FREQ_BASE] = f32(1000000.0)
+    return {key.format(arch=arch): v for key, v in meta.items()}
+
+
+def model_tensors(arch, layers, *, n_embd, n_head, n_head_kv, head_dim, n_vocab, mat, f32, norm) -> list:
+    """Every tensor of a model laid out as llama.cpp's converter names them, in file order:
+    ``(name, value)`` with value a float32 array or ``(raw bytes, ggml type)``. ``layers``: the
+    MoE layers (one per block); ``mat(rows, cols)``, ``f32(*shape, scale=0.1)`` and ``norm(n)``
+    make the dense weights, vectors and norms (``write_tiny``: numpy; ``synthetic``: fast random bytes)."""
+    gpt_oss = arch == "gpt-oss"
+    q, kv = n_head * head_dim, n_head_kv * head_dim
+    tensors = [("token_embd.weight", mat(n_vocab, n_embd))]
+    for layer in layers:
+        b = f"blk.{layer.index}."
+        tensors += [(b + "attn_norm.weight", norm(n_embd)), (b + "attn_q.weight", mat(q, n_embd))]
+        tensors += [(b + "attn_q.bias", f32(q))] if gpt_oss else []
+        tensors += [(b + "attn_k.weight", mat(kv, n_embd))] + ([(b + "attn_k.bias", f32(kv))] if gpt_oss else [])
+        tensors += [(b + "attn_v.weight", mat(kv, n_embd))] + ([(b + "attn_v.bias", f32(kv))] if gpt_oss else [])
+        tensors += [(b + "attn_output.weight", mat(n_embd, q))]
+        if gpt_oss:
+            tensors += [(b + "attn_output.bias", f32(n_embd)), (b + "attn_sinks.weight", f32(n_head, scale=1.0)),
+                        (b + "post_attention_norm.weight", norm(n_embd))]
+        else:
+            tensors += [(b + "attn_q_norm.weight", norm(head_dim)), (b + "attn_k_norm.weight", norm(head_dim)),
+                        (b + "ffn_norm.weight", norm(n_embd))]
+        tensors += [(b + "ffn_gate_inp.weight", layer.router_w)]
+        if layer.router_b is not None:
+            tensors += [(b + "ffn_gate_inp.bias", layer.router_b)]
+        for n, t, bias in (("gate", layer.gate, layer.gate_b), ("up", layer.up, layer.up_b),
+                           ("down", layer.down, layer.down_b)):
+            tensors += [(b + f"ffn_{n}_exps.weight", (t.raw, t.ggml_type))]
+            if bias is not None:
+                tensors += [(b + f"ffn_{n}_exps.bias", bias)]
+    tensors += [("output_norm.weight", norm(n_embd)), ("output.weight", mat(n_vocab, n_embd))]
+    return tensors
+
+
 def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_experts=32, k=4, seed=0,
                n_vocab=1024, n_head=4, n_head_kv=2, head_dim=32, skew=2.0, n_swa=128, tokenizer=None,
                expert_type=None, dense_type=T.Q8_0, split_max_tensors=0, layers=None) -> Path:
@@ -159,7 +219,6 @@ def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_expe
             return w
         return (mxfp4.quantize(w) if dense_type == T.MXFP4 else quants.quantize(w, dense_type), dense_type)
 
-    q, kv = n_head * head_dim, n_head_kv * head_dim
     etype = (T.MXFP4 if gpt_oss else T.Q8_0) if expert_type is None else T(int(expert_type))
     if layers is not None:
         layers = list(layers)
@@ -174,54 +233,15 @@ def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_expe
         layers = [random_layer(n_embd, n_ff, n_experts, k, wtype=etype, gpt_oss=False, seed=seed * 1009 + i,
                                index=i, skew=0.0) for i in range(n_layers)]
 
-    tensors = [("token_embd.weight", mat(n_vocab, n_embd))]
-    for layer in layers:
-        b = f"blk.{layer.index}."
-        tensors += [(b + "attn_norm.weight", norm(n_embd)), (b + "attn_q.weight", mat(q, n_embd))]
-        tensors += [(b + "attn_q.bias", f32(q))] if gpt_oss else []
-        tensors += [(b + "attn_k.weight", mat(kv, n_embd))] + ([(b + "attn_k.bias", f32(kv))] if gpt_oss else [])
-        tensors += [(b + "attn_v.weight", mat(kv, n_embd))] + ([(b + "attn_v.bias", f32(kv))] if gpt_oss else [])
-        tensors += [(b + "attn_output.weight", mat(n_embd, q))]
-        if gpt_oss:
-            tensors += [(b + "attn_output.bias", f32(n_embd)), (b + "attn_sinks.weight", f32(n_head, scale=1.0)),
-                        (b + "post_attention_norm.weight", norm(n_embd))]
-        else:
-            tensors += [(b + "attn_q_norm.weight", norm(head_dim)), (b + "attn_k_norm.weight", norm(head_dim)),
-                        (b + "ffn_norm.weight", norm(n_embd))]
-        tensors += [(b + "ffn_gate_inp.weight", layer.router_w)]
-        if layer.router_b is not None:
-            tensors += [(b + "ffn_gate_inp.bias", layer.router_b)]
-        for n, t, bias in (("gate", layer.gate, layer.gate_b), ("up", layer.up, layer.up_b),
-                           ("down", layer.down, layer.down_b)):
-            tensors += [(b + f"ffn_{n}_exps.weight", (t.raw, t.ggml_type))]
-            if bias is not None:
-                tensors += [(b + f"ffn_{n}_exps.bias", bias)]
-    tensors += [("output_norm.weight", norm(n_embd)), ("output.weight", mat(n_vocab, n_embd))]
-
+    tensors = model_tensors(arch, layers, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
+                            n_vocab=n_vocab, mat=mat, f32=f32, norm=norm)
     w = GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
-    w.add_name(f"tiny-{arch}")
-    w.add_file_type(LlamaFileType.MOSTLY_MXFP4_MOE if etype == T.MXFP4 else LlamaFileType.MOSTLY_Q8_0)
-    w.add_quantization_version(GGML_QUANT_VERSION)
-    w.add_block_count(n_layers)
-    w.add_context_length(4096)
-    w.add_embedding_length(n_embd)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_layer_norm_rms_eps(1e-5 if gpt_oss else 1e-6)
-    w.add_expert_count(n_experts)
-    w.add_expert_used_count(k)
-    w.add_expert_feed_forward_length(n_ff)
-    if gpt_oss:
-        w.add_rope_freq_base(150000.0)
-        w.add_sliding_window(n_swa)
-        w.add_rope_scaling_type(RopeScalingType.YARN)
-        w.add_rope_scaling_factor(32.0)
-        w.add_rope_scaling_orig_ctx_len(4096)
-    else:
-        w.add_rope_freq_base(1000000.0)
+    meta = model_metadata(arch, name=f"tiny-{arch}", n_layers=n_layers, n_ctx=4096, n_embd=n_embd, n_ff=n_ff,
+                          n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_experts=n_experts, k=k,
+                          n_swa=n_swa, expert_type=etype)
+    for key, v in meta.items():
+        w.add_key_value(key, v, GGUFValueType.STRING if isinstance(v, str) else
+                        GGUFValueType.FLOAT32 if isinstance(v, float) else GGUFValueType.UINT32)
     if vocab is not None:
         tokens, merges, types = vocab
         w.add_tokenizer_model("gpt2")
