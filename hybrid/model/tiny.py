@@ -20,6 +20,7 @@ from ..moe.layer import ExpertTensor, MoELayer
 from .gguf import GGUFError, load
 
 __all__ = ["random_layer", "tiny_layers", "tiny_vocab", "write_tiny", "model_metadata", "model_tensors",
+           "write_gguf", "check_dims",
            "default_model_path", "ensure_default_model"]
 
 
@@ -122,6 +123,19 @@ def tiny_vocab(n_vocab: int, pre: str = "gpt-4o"):
     return tokens, merges, [int(t) for t in types]
 
 
+def check_dims(who, *, n_embd, n_ff, n_head, n_head_kv, head_dim, n_vocab):
+    """A ValueError naming ``who`` unless the dimensions make a model the block formats can hold."""
+    for name, v in (("n_head", n_head), ("n_head_kv", n_head_kv), ("head_dim", head_dim), ("n_vocab", n_vocab)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{who}: {name} must be a positive int, got {v!r}")
+    for name, v in (("n_embd", n_embd), ("n_ff", n_ff), ("n_head*head_dim", n_head * head_dim),
+                    ("n_head_kv*head_dim", n_head_kv * head_dim)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % mxfp4.QK:
+            raise ValueError(f"{who}: {name} = {v!r} must be a positive multiple of {mxfp4.QK}")
+    if n_head % n_head_kv:
+        raise ValueError(f"{who}: n_head = {n_head} must be a multiple of n_head_kv = {n_head_kv}")
+
+
 def model_metadata(arch, *, name, n_layers, n_ctx, n_embd, n_ff, n_head, n_head_kv, head_dim, n_experts, k,
                    n_swa, expert_type) -> dict:
     """The hyper-parameter keys llama.cpp's converter writes for ``arch`` (gpt-oss: YaRN factor 32 over
@@ -198,12 +212,8 @@ def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_expe
     if arch not in TINY_PRE:
         raise ValueError(f"write_tiny: arch must be one of {tuple(TINY_PRE)}, got {arch!r}")
     gpt_oss = arch == "gpt-oss"
-    for name, v in (("n_embd", n_embd), ("n_ff", n_ff), ("n_head*head_dim", n_head * head_dim),
-                    ("n_head_kv*head_dim", n_head_kv * head_dim)):
-        if v <= 0 or v % mxfp4.QK:
-            raise ValueError(f"write_tiny: {name} = {v} must be a positive multiple of {mxfp4.QK}")
-    if n_head % n_head_kv or n_vocab < 1:
-        raise ValueError("write_tiny: n_head must be a multiple of n_head_kv, n_vocab >= 1")
+    check_dims("write_tiny", n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
+               n_vocab=n_vocab)
     path = Path(path)
     if tokenizer is None:
         tokenizer = n_vocab >= 256 + len(TINY_SPECIALS)
@@ -235,11 +245,17 @@ def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_expe
 
     tensors = model_tensors(arch, layers, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
                             n_vocab=n_vocab, mat=mat, f32=f32, norm=norm)
-    w = GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     meta = model_metadata(arch, name=f"tiny-{arch}", n_layers=n_layers, n_ctx=4096, n_embd=n_embd, n_ff=n_ff,
                           n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_experts=n_experts, k=k,
                           n_swa=n_swa, expert_type=etype)
-    for key, v in meta.items():
+    return write_gguf(path, arch, meta, tensors, vocab=vocab, split_max_tensors=split_max_tensors)
+
+
+def write_gguf(path, arch, metadata: dict, tensors, *, vocab=None, split_max_tensors=0) -> Path:
+    """Write ``metadata`` (``model_metadata``'s form) and ``tensors`` (``model_tensors``' form) as a
+    GGUF, with the tiny tokenizer ``vocab`` (``tiny_vocab``'s form) when given; returns the path to load."""
+    w = GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
+    for key, v in metadata.items():
         w.add_key_value(key, v, GGUFValueType.STRING if isinstance(v, str) else
                         GGUFValueType.FLOAT32 if isinstance(v, float) else GGUFValueType.UINT32)
     if vocab is not None:
@@ -263,7 +279,7 @@ def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_expe
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return w.format_shard_names(path)[0]
+    return w.format_shard_names(Path(path))[0]
 
 
 def default_model_path() -> Path:
