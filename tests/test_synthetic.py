@@ -77,6 +77,15 @@ def test_forward_matches_the_float64_reference(tiny):
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max(), err_msg=f"seed {seed}")
 
 
+def test_activations_stay_finite_through_36_layers():
+    """120b's depth at tiny width: the scales keep every layer's output near unit size."""
+    seed = fresh_seed()
+    model = synthetic_model("gpt-oss-120b", seed=seed, **TINY)
+    logits = Transformer(model, n_ctx=6, n_ubatch=6).prefill(np.random.default_rng(seed).integers(0, 300, 6))
+    assert len(model.layers) == 36 and np.isfinite(logits).all()
+    assert 0.05 < float(np.sqrt(np.mean(logits.astype(np.float64) ** 2))) < 20, f"seed {seed}"
+
+
 def test_random_blocks_are_sane_and_reproducible():
     seed = fresh_seed()
     x = np.random.default_rng(seed).standard_normal((4, 2880)).astype(np.float32)

@@ -9,11 +9,13 @@ types and ggml shapes are those ``write_tiny`` writes (``tiny.model_tensors``,
 router, YaRN, a sliding window of 128 on the even layers.
 
 Random bytes are cheap at that scale: a Numba kernel fills every quantised tensor in
-parallel from a counter-based hash (splitmix64), one block at a time, so no layer
-waits for numpy's generator. Measured (``examples/gpu_check.py`` prints its own
-time): about 1.3 s per GB on one core; 61 GB of 120b experts take about 80 s on one
-core, several times less on 16 (the fill and the first touch of the pages spread over
-the cores).
+parallel from a counter-based hash (splitmix64, 8 bytes per hash), then sets each
+block's scale, so no layer waits for numpy's generator and the cost is mostly the
+first touch of fresh pages, spread over the cores. How long 61 GB (120b's experts)
+takes depends on the machine's page-fault rate and cores: on this project's 2-core
+test machine, shared and heavily loaded, the fill ran at 0.1-0.8 GB/s (numpy's
+generator: 0.05-0.15 GB/s), i.e. minutes for 61 GB; on 16 idle cores it should be several
+GB/s (not measured yet). ``examples/gpu_check.py`` prints the build's time and GB/s wherever it runs.
 
 Values sit where real weights do, so the activations stay finite through every layer:
 an MXFP4 block's E8M0 exponent is drawn from four values around ``1 / (5.85 sqrt(cols))``
@@ -22,7 +24,8 @@ float16 scale likewise, so a row times a unit-RMS input gives about unit RMS. Ro
 is skewed as real routers are: each layer's router adds ``-skew * log(rank)`` over a
 random ranking of the experts; ``SHAPES``' skews make random tokens use about as many
 experts per ubatch as PR #15346 measured on gpt-oss-120b (75 of 128 at ubatch 512,
-105 at 2048) and as ``traffic.py`` assumes for 20b (18 and 26 of 32).
+105 at 2048; fitted: 77 and 109) and near what ``traffic.py`` assumes for 20b (18 and
+26 of 32; fitted: 21 and 25).
 """
 from __future__ import annotations
 
