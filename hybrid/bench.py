@@ -74,11 +74,10 @@ class Comparison:
 def compare(make_moe, variants, sizes, measure, n_tokens: int, cache_bytes: int) -> Comparison:
     """Each variant's backend from ``make_moe(**options)``, then ``measure(moe, ubatch)`` -> seconds
     for ``n_tokens`` at each size; MB and copies per token from the backend's statistics."""
+    _check_variants(variants)
     res = {ub: {} for ub in sizes}
     device, used_cache = None, 0
     for v in variants:
-        if v not in VARIANTS:
-            raise ValueError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
         kw = dict(VARIANTS[v])
         kw["cache_bytes"] = cache_bytes if kw.pop("cache", False) else 0
         with make_moe(**kw) as moe:
@@ -104,11 +103,14 @@ def compare_whole_model(model, prompt, sizes, variants=None, *, device="auto", c
     """
     from .model.forward import Transformer
     prompt = np.asarray(prompt)
+    if make_moe is not None and (backend or device != "auto"):
+        raise TypeError("give either make_moe or the backend's options (device, ...), not both")
     if make_moe is None:
         def make_moe(**kw):
             return HybridMoE(model.layers, device=device, **backend, **kw)
     if variants is None:
         variants = default_variants(resolve_device(device), whole_model=True)
+    _check_variants(variants)
     bad = [ub for ub in sizes if isinstance(ub, bool) or not isinstance(ub, (int, np.integer)) or ub < 1]
     if bad or not isinstance(repetitions, int) or repetitions < 1:
         raise ValueError(f"ubatch sizes and repetitions must be positive ints, got {list(sizes)}, {repetitions!r}")
@@ -137,6 +139,12 @@ def compare_moe_only(layers, x: np.ndarray, sizes, variants, *, make_moe, cache_
 
     cache = half_the_experts(layers) if cache_bytes is None else cache_bytes
     return compare(make_moe, variants, sizes, measure, x.shape[0], cache)
+
+
+def _check_variants(variants):
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise ValueError(f"unknown variant(s) {', '.join(map(repr, bad))}; choose from {', '.join(VARIANTS)}")
 
 
 def warm_up(moe, x, ub):

@@ -765,7 +765,7 @@ def _bench_variants(args, model, device, prompt, sizes):
               "the planned MB and copies per token)")
         return
     with _computing("these token ids"):
-        c = compare_whole_model(model, prompt, sizes, variants, device=args.device, cache_bytes=_cache_bytes(args),
+        c = compare_whole_model(model, prompt, sizes, variants, cache_bytes=_cache_bytes(args),
                                 n_batch=args.batch_size, repetitions=args.repetitions,
                                 make_moe=lambda **kw: make_backend(model.layers, args, **kw),
                                 progress=not args.no_progress)

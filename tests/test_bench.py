@@ -113,3 +113,15 @@ def test_variants_and_the_prs_table():
     assert set(FOUR) <= set(VARIANTS) and VARIANTS["used+cache"]["overlap"] and not VARIANTS["used"]["overlap"]
     ratios = [after / before for m in PR_15346.values() for before, after in m.values()]
     assert min(ratios) == pytest.approx(1.16, abs=0.01) and max(ratios) == pytest.approx(2.64, abs=0.01)
+
+
+def test_bad_arguments_fail_before_any_work():
+    made = []
+    make = lambda **kw: made.append(kw)  # noqa: E731
+    with pytest.raises(TypeError, match="either make_moe"):
+        compare_whole_model(None, [1], [1], ["all"], device="cpu", make_moe=make)
+    with pytest.raises(ValueError, match="unknown variant.*'fast'"):
+        compare_whole_model(None, [1], [1], ["all", "fast"], make_moe=make)
+    with pytest.raises(ValueError, match="positive ints"):
+        compare_whole_model(None, [1], [0], ["all"], make_moe=make)
+    assert made == []
