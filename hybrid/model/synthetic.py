@@ -74,6 +74,8 @@ class MemoryModel(Model):
             else:
                 block, size = GGML_QUANT_SIZES[T(ggml_type)]
                 shape = raw.shape[:-1] + (raw.shape[-1] // size * block,)
+            raw = raw.view()
+            raw.flags.writeable = False  # as a file's memory map: the model's bytes are not for writing
             self._data[tname] = raw
             self.tensors[tname] = TensorInfo(tname, ggml_type, tuple(int(d) for d in shape), int(raw.nbytes),
                                              part=0, offset=0)  # no file: raw() answers from _data
