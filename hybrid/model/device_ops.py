@@ -122,7 +122,7 @@ def rmsnorm(x, w, eps, out=None, stream=0):
     """``x / sqrt(mean(x^2) + eps) * w`` over the last axis of device float32 ``x`` (2-D ``[T, n]``
     or 3-D ``[T, H, d]``), ``w`` device float32 ``[n]``; into ``out`` (``x`` itself is allowed)."""
     check_device("x", x, np.float32, ndims=(2, 3))
-    n = x.shape[-1]
+    n = tuple(x.shape)[-1]  # (the simulator's shapes take no negative index)
     check_device("w", w, np.float32, shape=(n,))
     if out is None:
         out = cuda.device_array(x.shape, np.float32, stream=stream)
@@ -192,9 +192,9 @@ def add(x, y, stream=0):
     every row (a bias). Both float32, C-contiguous. Returns ``x``."""
     check_device("x", x, np.float32)
     check_device("y", y, np.float32)
-    if tuple(y.shape) != tuple(x.shape) and not (len(y.shape) == 1 and len(x.shape) >= 1
-                                                 and y.shape[0] == x.shape[-1]):
-        raise ValueError(f"y {tuple(y.shape)} must have x's shape {tuple(x.shape)} or be [{x.shape[-1]}]")
+    xs, ys = tuple(x.shape), tuple(y.shape)
+    if ys != xs and not (len(ys) == 1 and xs and ys[0] == xs[-1]):
+        raise ValueError(f"y {ys} must have x's shape {xs} or be [{xs[-1] if xs else 1}]")
     if x.size and y.size:
         _add_kernel[qc.grid_blocks(x.size, _THREADS), _THREADS, stream](x.reshape(x.size), y.reshape(y.size))
     return x
