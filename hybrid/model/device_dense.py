@@ -344,7 +344,7 @@ def variants(tiles: DenseTiles | None = None, gemv_tokens=(1, 8)):
     f32 = types.float32
     out = []
     for t in qc.DENSE_TYPES:
-        w = A(types.from_dtype(qc.dense_dtype(t)), 3)
+        w = A(getattr(types, qc.dense_dtype(t).name), 3)
         name = qtypes.type_name(t)
         for n in gemv_tokens:
             out.append(Variant(f"dense gemv {name} T={n}", _gemv_kernel(tiles, t, n), (A(f32, 2), w, A(f32, 2)),
