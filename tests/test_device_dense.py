@@ -10,6 +10,7 @@ from numba import cuda
 
 from hybrid.model.dense import TYPES, Dense
 from hybrid.model.device_dense import DenseTiles, DeviceDense
+from hybrid.moe.kernels import TileConfig
 from quant import cuda as qc
 from quant import mxfp4
 from quant import types as qtypes
@@ -17,8 +18,8 @@ from quant import types as qtypes
 pytestmark = pytest.mark.skipif(not cuda.is_available(), reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")
 
 # GEMV: one warp of 8 rows a block; GEMM: 8 tokens x 32 rows a block, 32 threads of 2 x 4.
-SMALL = DenseTiles(gemv_tokens=4, gemv_warps=1, gemv_rows=8, block_tokens=8, block_rows=32, k_chunk=32,
-                   thread_tokens=2, thread_rows=4)
+SMALL = DenseTiles(gemv_tokens=4, gemv_warps=1, gemv_rows=8,
+                   gemm=TileConfig(block_pairs=8, block_cols=32, k_chunk=32, thread_rows=2, thread_cols=4))
 
 
 def _weights(t, rows, cols, rng):
@@ -150,9 +151,8 @@ def test_bad_inputs():
         qc.pair_reader(int(T.Q4_K))
 
 
-@pytest.mark.parametrize("bad", [dict(k_chunk=48), dict(block_rows=30), dict(gemv_warps=0),
-                                 dict(gemv_warps=33), dict(block_tokens=256, block_rows=256, thread_tokens=16,
-                                                           thread_rows=16), dict(gemv_rows=True)])
+@pytest.mark.parametrize("bad", [dict(gemv_warps=0), dict(gemv_warps=33), dict(gemv_rows=True),
+                                 dict(gemv_tokens=2.0), dict(gemm=(32, 64))])
 def test_bad_tiles(bad):
     with pytest.raises(ValueError, match="DenseTiles"):
         DenseTiles(**bad)

@@ -25,6 +25,7 @@ from numba import cuda, types
 from quant import cuda as qc
 from quant import types as qtypes
 
+from ..moe.kernels import MIN_BLOCKS_PER_SM, TileConfig, Variant
 from .dense import Dense
 from .device_ops import WARP, check_device, scratch_words, warp_sum
 
@@ -33,7 +34,6 @@ __all__ = ["DeviceDense", "DenseTiles", "variants"]
 _U = np.uint64
 _ZERO = np.float32(0.0)
 _NAN = np.float32(np.nan)
-_SMEM_LIMIT = 48 * 1024  # static shared memory per block
 _ROWS_THREADS = 256  # block size of the row lookup
 
 
@@ -43,58 +43,38 @@ class DenseTiles:
 
     GEMV (T <= gemv_tokens; one build per T): ``gemv_warps`` warps a block, each owning
     ``gemv_rows`` weight rows: T x gemv_rows accumulators per lane.
-    GEMM: a block computes ``block_tokens x block_rows`` outputs (tokens x weight rows)
-    over K steps of ``k_chunk`` (a multiple of 32); a thread owns ``thread_tokens x
-    thread_rows`` of them, strided so a warp reads consecutive shared words.
-
-    The default GEMM tile (32 x 64, K 32, 4 x 4: 128 threads) is the experts' tile;
-    its shared tile is 13.5 KB.
+    GEMM: the experts' ``TileConfig``, read with tokens for pairs: a block computes
+    ``block_pairs`` tokens x ``block_cols`` weight rows over K steps of ``k_chunk``; a
+    thread owns ``thread_rows`` x ``thread_cols`` of them. The default (32 x 64, K 32,
+    4 x 4: 128 threads) needs 13.5 KB of shared memory.
     """
 
     gemv_tokens: int = 8
     gemv_warps: int = 4
     gemv_rows: int = 2
-    block_tokens: int = 32
-    block_rows: int = 64
-    k_chunk: int = 32
-    thread_tokens: int = 4
-    thread_rows: int = 4
+    gemm: TileConfig = TileConfig()
 
     def __post_init__(self):
-        for name in self.__dataclass_fields__:
+        for name in ("gemv_tokens", "gemv_warps", "gemv_rows"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"DenseTiles.{name} must be a positive int, got {v!r}")
-        if self.k_chunk % 32:
-            raise ValueError(f"DenseTiles.k_chunk={self.k_chunk} must be a multiple of 32 (the quant block)")
-        if self.block_tokens % self.thread_tokens or self.block_rows % self.thread_rows:
-            raise ValueError("DenseTiles: block_tokens must be a multiple of thread_tokens and "
-                             "block_rows a multiple of thread_rows")
-        for name, t in (("GEMV", self.gemv_threads), ("GEMM", self.gemm_threads)):
-            if not 1 <= t <= 1024:
-                raise ValueError(f"DenseTiles gives {t} {name} threads per block (1..1024)")
-        if self.gemm_shared_bytes > _SMEM_LIMIT:
-            raise ValueError(f"DenseTiles needs {self.gemm_shared_bytes} B of shared memory (> {_SMEM_LIMIT})")
+        if not isinstance(self.gemm, TileConfig):
+            raise ValueError(f"DenseTiles.gemm must be a TileConfig, got {type(self.gemm).__name__}")
+        if self.gemv_threads > 1024:
+            raise ValueError(f"DenseTiles gives {self.gemv_threads} GEMV threads per block (1..1024)")
 
     @property
     def gemv_threads(self) -> int:
         return self.gemv_warps * WARP
-
-    @property
-    def gemm_threads(self) -> int:
-        return (self.block_tokens // self.thread_tokens) * (self.block_rows // self.thread_rows)
-
-    @property
-    def row_words(self) -> int:
-        """Words per row of the GEMM's shared tile [k_chunk][x | W], odd against bank conflicts."""
-        return (self.block_tokens + self.block_rows) | 1
 
     def gemv_shared_bytes(self, n_tok: int) -> int:
         return 4 * (qc.TABLES + scratch_words(self.gemv_threads, n_tok * self.gemv_rows))
 
     @property
     def gemm_shared_bytes(self) -> int:
-        return 4 * (qc.TABLES + self.k_chunk * self.row_words)
+        """The decode tables, then the shared tile [k_chunk][x | W] (``TileConfig.row_words(1)``)."""
+        return 4 * (qc.TABLES + self.gemm.k_chunk * self.gemm.row_words(1))
 
 
 # ------------------------------------------------------------------ kernels
@@ -153,12 +133,12 @@ def _gemv_kernel(tiles: DenseTiles, wtype: int, n_tok: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _gemm_kernel(tiles: DenseTiles, wtype: int):
-    BM, BN, BK = tiles.block_tokens, tiles.block_rows, tiles.k_chunk
-    TM, TN = tiles.thread_tokens, tiles.thread_rows
+def _gemm_kernel(cfg: TileConfig, wtype: int):
+    BM, BN, BK = cfg.block_pairs, cfg.block_cols, cfg.k_chunk  # tokens, weight rows, K step
+    TM, TN = cfg.thread_rows, cfg.thread_cols
     ROW_STRIDE, COL_STRIDE = BM // TM, BN // TN
-    THREADS, ACC = tiles.gemm_threads, TM * TN
-    ROW_WORDS = tiles.row_words
+    THREADS, ACC = cfg.threads, TM * TN
+    ROW_WORDS = cfg.row_words(1)
     offs_x = qc.TABLES  # shared tile after the decode tables: [BK][x (BM) | W (BN)]
     offs_w = offs_x + BM
     decode = qc.dense_tile_decoder(wtype, BN, BK, THREADS, ROW_WORDS)
@@ -310,9 +290,9 @@ class DeviceDense:
             kernel = _gemv_kernel(t, self.ggml_type, n_tok)
             kernel[grid, t.gemv_threads, stream, t.gemv_shared_bytes(n_tok)](x, self._w, out)
         else:
-            grid = (-(-n_tok // t.block_tokens), -(-rows // t.block_rows))
-            kernel = _gemm_kernel(t, self.ggml_type)
-            kernel[grid, t.gemm_threads, stream, t.gemm_shared_bytes](x, self._w, out)
+            grid = (-(-n_tok // t.gemm.block_pairs), -(-rows // t.gemm.block_cols))
+            kernel = _gemm_kernel(t.gemm, self.ggml_type)
+            kernel[grid, t.gemm.threads, stream, t.gemm_shared_bytes](x, self._w, out)
         return out
 
     def rows(self, ids, out=None, stream=0):
@@ -338,7 +318,6 @@ class DeviceDense:
 def variants(tiles: DenseTiles | None = None, gemv_tokens=(1, 8)):
     """Every dense kernel build for ``tiles`` (GEMV at the token counts ``gemv_tokens``), with the
     argument types ``DeviceDense`` passes (``kernels.Variant``)."""
-    from ..moe.kernels import Variant
     tiles = DenseTiles() if tiles is None else tiles
     A = lambda dt, nd: types.Array(dt, nd, "C")  # noqa: E731
     f32 = types.float32
@@ -349,8 +328,8 @@ def variants(tiles: DenseTiles | None = None, gemv_tokens=(1, 8)):
         for n in gemv_tokens:
             out.append(Variant(f"dense gemv {name} T={n}", _gemv_kernel(tiles, t, n), (A(f32, 2), w, A(f32, 2)),
                                tiles.gemv_threads, 4 * qc.TABLES, 1))
-        out.append(Variant(f"dense gemm {name}", _gemm_kernel(tiles, t), (A(f32, 2), w, A(f32, 2)),
-                           tiles.gemm_threads, tiles.gemm_shared_bytes, 2))
+        out.append(Variant(f"dense gemm {name}", _gemm_kernel(tiles.gemm, t), (A(f32, 2), w, A(f32, 2)),
+                           tiles.gemm.threads, tiles.gemm_shared_bytes, MIN_BLOCKS_PER_SM))
         out.append(Variant(f"dense rows {name}", _rows_kernel(t), (w, A(types.int32, 1), A(f32, 2)),
                            _ROWS_THREADS, 4 * qc.TABLES, 1))
     return out

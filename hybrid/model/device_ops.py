@@ -18,6 +18,8 @@ from numba import cuda, types
 
 from quant import cuda as qc
 
+from ..moe.kernels import Variant
+
 __all__ = ["rmsnorm", "rope_neox", "add", "to_device_f32", "check_device", "warp_sum", "WARP", "variants"]
 
 WARP = 32
@@ -204,7 +206,6 @@ def add(x, y, stream=0):
 
 def variants():
     """Every kernel here with the argument types the functions above pass (``kernels.Variant``)."""
-    from ..moe.kernels import Variant
     A = lambda dt, nd: types.Array(dt, nd, "C")  # noqa: E731
     f32 = types.float32
     threads = _NORM_WARPS * WARP
