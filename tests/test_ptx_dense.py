@@ -1,10 +1,9 @@
 """The dense and small-op kernels compiled for sm_80 and sm_90 with the machine's CUDA toolkit, no GPU needed.
 
-As ``test_ptx.py`` does for the expert kernels, through ``examples/kernel_report.py``
+As ``test_ptx.py`` does for the expert kernels, through ``examples/dense_kernel_report.py``
 (simulator off, in a subprocess): ptxas must report no spills and no stack frame,
 and the GEMM as many resident blocks per SM as its ``Variant`` assumes. The suite
-checks the GEMV at T=8 (the most accumulators) for MXFP4 and BF16, the GEMM for
-MXFP4, Q8_0 and BF16 (F32 decodes as the first two, F16 as BF16) and the ops;
+checks the script's ``SUBSET`` and the ops, one PTX for both archs;
 ``HYBRID_PTX_ALL=1`` checks every build, with PTX per architecture.
 """
 import json
@@ -22,34 +21,15 @@ import kernel_report  # noqa: E402
 TOOLKIT = kernel_report.find_toolkit()
 pytestmark = pytest.mark.skipif(TOOLKIT is None, reason="no CUDA toolkit (ptxas, libNVVM, libdevice; set CUDA_HOME)")
 
-# kernel_report compiles what ``hybrid.moe.kernels.variants`` lists: point it at the dense ones.
-_SCRIPT = """
-import json, os, sys
-sys.path[:0] = [{root!r}, {examples!r}]
-import kernel_report
-from hybrid.moe import kernels
-from hybrid.model import device_dense, device_ops
-full = {full}
-def dense_variants(cfg=None, full=True):
-    vs = device_dense.variants(gemv_tokens=(1, 8)) + device_ops.variants()
-    if full:
-        return vs
-    keep = ("dense gemv MXFP4 T=8", "dense gemv BF16 T=8", "dense gemm MXFP4", "dense gemm Q8_0", "dense gemm BF16")
-    return [v for v in vs if v.name in keep or not v.name.startswith("dense")]
-kernels.variants = dense_variants
-_, _, _, rows = kernel_report.compile_all([80, 90], full=full, shared_ptx=not full)
-print(json.dumps(rows))
-"""
-
 
 @pytest.fixture(scope="module")
 def rows():
     full = os.environ.get("HYBRID_PTX_ALL") == "1"
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    code = _SCRIPT.format(root=str(ROOT), examples=str(ROOT / "examples"), full=full)
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    args = [sys.executable, str(ROOT / "examples" / "dense_kernel_report.py"), "--json"] + ([] if full else ["--subset"])
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.splitlines()[-1])
+    return json.loads(r.stdout)
 
 
 def test_dense_kernels_compile_for_both_archs(rows):
