@@ -156,3 +156,29 @@ def test_bad_inputs():
 def test_bad_tiles(bad):
     with pytest.raises(ValueError, match="DenseTiles"):
         DenseTiles(**bad)
+
+
+def test_the_front_of_a_block_chained_on_the_device():
+    # What the device forward will chain: embedding rows -> rmsnorm -> q = Wq x + bq ->
+    # per-head rmsnorm (qwen3moe) -> NEOX rope over part of the head, against the CPU ops.
+    from hybrid.model import device_ops as dops
+    from hybrid.model import ops
+    rng = np.random.default_rng()
+    n_vocab, D, H, d, n_rot, eps = 40, 64, 2, 32, 16, 1e-6
+    embd, _ = _weights(T.Q8_0, n_vocab, D, rng)
+    wq, _ = _weights(T.MXFP4, H * d, D, rng)
+    norm, bq, q_norm = (rng.standard_normal(n).astype(np.float32) for n in (D, H * d, d))
+    ids = rng.integers(0, n_vocab, 3).astype(np.int32)
+    theta = rng.uniform(-5, 5, (3, n_rot // 2))
+    cos, sin = np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+
+    h = embd.rows(ids)
+    q = (wq.matmul(ops.rmsnorm(h, norm, eps)) + bq).reshape(3, H, d)
+    want = ops.rope_neox(ops.rmsnorm(q, q_norm, eps), cos, sin)
+
+    dev = lambda a: dops.to_device_f32(a)  # noqa: E731
+    h_d = DeviceDense(embd, tiles=SMALL).rows(cuda.to_device(ids))
+    q_d = DeviceDense(wq, tiles=SMALL).matmul(dops.rmsnorm(h_d, dev(norm), eps))
+    q_d = dops.add(q_d, dev(bq)).reshape(3, H, d)
+    got = dops.rope_neox(dops.rmsnorm(q_d, dev(q_norm), eps, out=q_d), dev(cos), dev(sin)).copy_to_host()
+    assert _rel(got, want) < 1e-5

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.skipif(TOOLKIT is None, reason="no CUDA toolkit (ptxas,
 def rows():
     full = os.environ.get("HYBRID_PTX_ALL") == "1"
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    args = [sys.executable, str(ROOT / "examples" / "dense_kernel_report.py"), "--json"] + ([] if full else ["--subset"])
+    args = [sys.executable, str(ROOT / "examples" / "dense_kernel_report.py"), "--json"]
+    args += [] if full else ["--subset"]
     r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout)
