@@ -54,7 +54,7 @@ from .kvcache import kv_nbytes, kv_sizes
 __all__ = ["DeviceKVCache", "attention", "AttentionTiles", "AttentionConfig", "LaunchPlan", "launch_plan",
            "MAX_SPLITS"]
 
-_F32 = np.float32
+_U = np.uint64
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
 _NEG_INF = np.float32(-np.inf)
@@ -146,11 +146,30 @@ class AttentionConfig:
 # ------------------------------------------------------------------ kernels
 
 @functools.lru_cache(maxsize=None)
+def _key_loader(D, ROW_WORDS, THREADS):
+    """Device function copying the ``n_k`` keys (or values) from ``kp0`` on of KV head ``g``,
+    ring slots ``slot0, slot0 + 1, ...`` wrapping at ``size``, into shared rows of ROW_WORDS
+    words at ``offs``. Consecutive threads take consecutive columns: global reads coalesce.
+    Rows past ``n_k`` are left as they are: no score or value of them is used."""
+    @cuda.jit(device=True, inline=True)
+    def load(src, g, slot0, size, n_k, sm, offs, tid):
+        for idx in range(_U(tid), _U(n_k * D), _U(THREADS)):
+            kk = idx // _U(D)
+            c = idx - kk * _U(D)
+            slot = _U(slot0) + kk
+            if slot >= _U(size):
+                slot -= _U(size)
+            sm[_U(offs) + kk * _U(ROW_WORDS) + c] = src[slot, g, c]
+    return load
+
+
+@functools.lru_cache(maxsize=None)
 def _attention_kernel(tiles: AttentionTiles, D: int, DV: int):
     BM, BK, TM, TK = tiles.rows, tiles.keys, tiles.thread_rows, tiles.thread_keys
     THREADS, LANES = tiles.threads, tiles.lanes
     ROW_STRIDE, KEY_STRIDE = BM // TM, BK // TK
     ACC = -(-DV // LANES)  # output columns per thread
+    SCORES = TM * TK  # scores per thread and key tile
     # Shared tiles (words). Q and K rows are D + 1 words: the score loop reads one
     # column of several rows at once, an odd stride puts them in different banks.
     QK_WORDS, S_WORDS = D + 1, BK + 1
@@ -159,6 +178,9 @@ def _attention_kernel(tiles: AttentionTiles, D: int, DV: int):
     offs_v = offs_k + BK * QK_WORDS
     offs_s = offs_v + BK * DV
     WORDS = offs_s + BM * S_WORDS
+
+    load_k = _key_loader(D, QK_WORDS, THREADS)
+    load_v = _key_loader(DV, DV, THREADS)
 
     @cuda.jit
     def attend(q, kc, vc, pos0, n_swa, scale, sinks, has_sinks, out, part_acc, part_m, part_l):
@@ -209,47 +231,34 @@ def _attention_kernel(tiles: AttentionTiles, D: int, DV: int):
         if has_sinks != 0 and n_splits == 1 and row_ok:
             m_run = sinks[my_h]
             l_run = _ONE
+        s_ptr = _U(offs_s + my_rr * S_WORDS)
+        v_ptr = _U(offs_v + lane)
         acc = cuda.local.array(ACC, np.float32)
         for a in range(ACC):
             acc[a] = _ZERO
         # The score block this thread computes.
         ty = tid // KEY_STRIDE
         tx = tid - ty * KEY_STRIDE
-        sc = cuda.local.array(TM * TK, np.float32)
+        sc = cuda.local.array(SCORES, np.float32)
+        # Unsigned shared offsets: numba skips its negative-index fix-up.
+        q_ptr = _U(offs_q + ty * QK_WORDS)
+        k_ptr = _U(offs_k + tx * QK_WORDS)
         qa = cuda.local.array(TM, np.float32)
 
         for kp0 in range(k_begin, k_end, BK):
             n_k = min(BK, k_end - kp0)
             slot0 = kp0 % size
-            for idx in range(tid, BK * D, THREADS):
-                kk = idx // D
-                c = idx - kk * D
-                val = _ZERO
-                if kk < n_k:
-                    slot = slot0 + kk
-                    if slot >= size:
-                        slot -= size
-                    val = kc[slot, g, c]
-                sm[offs_k + kk * QK_WORDS + c] = val
-            for idx in range(tid, BK * DV, THREADS):
-                kk = idx // DV
-                c = idx - kk * DV
-                val = _ZERO  # keys past the range: zero, never stale memory (0 * NaN is NaN)
-                if kk < n_k:
-                    slot = slot0 + kk
-                    if slot >= size:
-                        slot -= size
-                    val = vc[slot, g, c]
-                sm[offs_v + kk * DV + c] = val
+            load_k(kc, g, slot0, size, n_k, sm, offs_k, tid)
+            load_v(vc, g, slot0, size, n_k, sm, offs_v, tid)
             cuda.syncthreads()
 
-            for i in range(TM * TK):
+            for i in range(SCORES):
                 sc[i] = _ZERO
             for c in range(D):
                 for i in range(TM):
-                    qa[i] = sm[offs_q + (ty + i * ROW_STRIDE) * QK_WORDS + c]
+                    qa[i] = sm[q_ptr + _U(i * ROW_STRIDE * QK_WORDS + c)]
                 for j in range(TK):
-                    kv = sm[offs_k + (tx + j * KEY_STRIDE) * QK_WORDS + c]
+                    kv = sm[k_ptr + _U(j * KEY_STRIDE * QK_WORDS + c)]
                     for i in range(TM):
                         sc[i * TK + j] += qa[i] * kv
             for i in range(TM):
@@ -263,21 +272,20 @@ def _attention_kernel(tiles: AttentionTiles, D: int, DV: int):
                     sm[offs_s + rr * S_WORDS + kk] = sc[i * TK + j] if seen else _NEG_INF
             cuda.syncthreads()
 
-            s_row = offs_s + my_rr * S_WORDS
             m_new = m_run
-            for kk in range(BK):
-                m_new = max(m_new, sm[s_row + kk])
+            for kk in range(n_k):  # keys past n_k are masked in every row
+                m_new = max(m_new, sm[s_ptr + _U(kk)])
             if m_new > _NEG_INF:  # else no key of this tile is seen by the row yet
                 alpha = math.exp(m_run - m_new)
                 l_run *= alpha
                 for a in range(ACC):
                     acc[a] *= alpha
-                for kk in range(BK):
-                    p = math.exp(sm[s_row + kk] - m_new)
+                for kk in range(n_k):
+                    p = math.exp(sm[s_ptr + _U(kk)] - m_new)
                     l_run += p
                     for a in range(ACC):
                         if lane + a * LANES < DV:
-                            acc[a] += p * sm[offs_v + kk * DV + lane + a * LANES]
+                            acc[a] += p * sm[v_ptr + _U(kk * DV + a * LANES)]
                 m_run = m_new
             cuda.syncthreads()
 
