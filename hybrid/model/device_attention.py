@@ -528,3 +528,35 @@ def attention(cache: DeviceKVCache, il: int, q, pos0: int, scale: float, n_swa: 
         _combine_kernel[T * H, _COMBINE_THREADS, stream](cache.part_acc, cache.part_m, cache.part_l, n_splits,
                                                          sinks_arg, has_sinks, out)
     return out
+
+
+# ------------------------------------------------------------------ variants (for compile checks)
+
+# Resident blocks per SM the launches count on (the ptxas check holds the kernels to it):
+# two 128-thread wide blocks, so one's loads hide behind the other's FMAs; four one-warp
+# narrow blocks, the ``target_blocks`` of a split decode step spread over 132 SMs.
+WIDE_MIN_BLOCKS_PER_SM = 2
+NARROW_MIN_BLOCKS_PER_SM = 4
+
+
+def variants(full: bool = True) -> list:
+    """Every kernel build ``attention`` and ``DeviceKVCache.store`` launch under the default
+    ``AttentionConfig``, with the argument types they pass: head dims 64 (gpt-oss) and, with
+    ``full``, 128 (qwen3moe)."""
+    from ..moe.kernels import Variant
+    from numba import types
+    A = lambda dt, nd: types.Array(dt, nd, "C")  # noqa: E731
+    f32, i64 = types.float32, types.int64
+    sig = (A(f32, 3), A(f32, 3), A(f32, 3), i64, i64, f32, A(f32, 1), i64, A(f32, 2), A(f32, 2), A(f32, 1),
+           A(f32, 1))
+    config, out = AttentionConfig(), []
+    for d in (64, 128) if full else (64,):
+        for name, tiles, blocks in (("wide", config.wide, WIDE_MIN_BLOCKS_PER_SM),
+                                    ("narrow", config.narrow, NARROW_MIN_BLOCKS_PER_SM)):
+            t = tiles.fit(d, d)
+            out.append(Variant(f"attention {name} d{d}", _attention_kernel(t, d, d), sig, t.threads, 0, blocks))
+    out.append(Variant("attention combine", _combine_kernel,
+                       (A(f32, 2), A(f32, 1), A(f32, 1), i64, A(f32, 1), i64, A(f32, 2)), _COMBINE_THREADS, 0, 1))
+    out.append(Variant("kv store", _store_kernel, (A(f32, 3), A(f32, 3), i64, A(f32, 3), A(f32, 3)),
+                       _STORE_THREADS, 0, 1))
+    return out
