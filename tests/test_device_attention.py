@@ -103,11 +103,11 @@ def test_prefill_and_decode_match_references(n_head, n_head_kv, with_sinks):
 
 
 def test_large_logits_and_sinks_stay_finite():
-    # Logits near +-100 overflow exp in float32 unless the max is subtracted; a sink far above
+    # Logits of a few hundred overflow exp in float32 unless the max is subtracted; a sink far above
     # every logit takes nearly all the probability.
     cfg = make_cfg(n_head=4, n_head_kv=1, swa_layers=(True,), n_swa=3)
     sinks = np.array([40.0, -40.0, 0.0, 5.0], np.float32)
-    for il, pos0, T, out, ref, ref64 in run_steps(cfg, (4, 2, 1), 12, 4, sinks, 1.0, q_gain=12.0, seed=3):
+    for il, pos0, T, out, ref, ref64 in run_steps(cfg, (4, 2, 1), 12, 4, sinks, 2.0, q_gain=12.0, seed=3):
         assert np.isfinite(out).all()
         assert np.abs(out - ref64).max() < 1e-5 * max(1.0, np.abs(ref64).max())
         assert np.abs(out - ref).max() < 1e-5 * max(1.0, np.abs(ref).max())
