@@ -114,28 +114,25 @@ def test_large_logits_and_sinks_stay_finite():
 
 
 def test_default_config_prompt_and_decode():
-    # The tiles and split policy a GPU runs: 64-token rows exceed narrow_rows (wide tiles); a decode
-    # step at 520 keys splits them in two (split_keys 256).
-    cfg = make_cfg(n_head=2, n_head_kv=1, head_dim=16, head_dim_v=8, swa_layers=(False,))
-    plan = launch_plan(cfg, 1, 520)
+    # The tiles and split policy a GPU runs: a decode step at 512 keys splits them in two
+    # (split_keys 256); 40 tokens of 2 heads are 80 rows, past narrow_rows: wide tiles.
+    cfg = make_cfg(n_head=2, n_head_kv=1, head_dim=8, head_dim_v=4, swa_layers=(False,))
+    n = 511
+    plan = launch_plan(cfg, 1, n + 1)
     assert plan.tiles.rows == 8 and plan.n_splits == 2
     assert launch_plan(cfg, 40, 100).tiles.rows == 32
     rng = np.random.default_rng(5)
-    n = 519
-    K = rng.standard_normal((n + 1, 1, 16)).astype(np.float32)
-    V = rng.standard_normal((n + 1, 1, 8)).astype(np.float32)
-    dev = DeviceKVCache(cfg, 600, 128)
-    for p in range(0, n, 128):
-        e = min(n, p + 128)
+    K = rng.standard_normal((n + 1, 1, 8)).astype(np.float32)
+    V = rng.standard_normal((n + 1, 1, 4)).astype(np.float32)
+    dev = DeviceKVCache(cfg, 600, 256)
+    for p, e in ((0, 256), (256, n), (n, n + 1)):
         dev.store(0, p, cuda.to_device(K[p:e]), cuda.to_device(V[p:e]))
-    q = rng.standard_normal((1, 2, 16)).astype(np.float32)
-    dev.store(0, n, cuda.to_device(K[n:]), cuda.to_device(V[n:]))
+    q = rng.standard_normal((1, 2, 8)).astype(np.float32)
     out = attention(dev, 0, cuda.to_device(q), n, 0.25).copy_to_host()
     assert np.abs(out - attention_f64(q, K, V, n, 0.25, 0, None)).max() < 1e-5
-    # a 40-token ubatch at positions 60..99 after a fresh start: wide tiles, no split
+    q = rng.standard_normal((40, 2, 8)).astype(np.float32)  # positions 60..99, cache restarted
     dev.clear()
     dev.store(0, 0, cuda.to_device(K[:100]), cuda.to_device(V[:100]))
-    q = rng.standard_normal((40, 2, 16)).astype(np.float32)
     out = attention(dev, 0, cuda.to_device(q), 60, 0.25).copy_to_host()
     assert np.abs(out - attention_f64(q, K[:100], V[:100], 60, 0.25, 0, None)).max() < 1e-5
 
