@@ -25,8 +25,8 @@ layers a ring of ``n_swa + n_ubatch`` slots, position p in slot ``p % size``.
   value: the running max and sum start from it (max = sink, sum = 1).
 - Decode and short ubatches (flash-decoding). A T=1 step has r rows per KV
   head (8 for gpt-oss), too few for a 128-thread block and too few blocks for
-  a GPU. Up to ``narrow_rows`` rows take the ``narrow`` tiles (8 rows, one
-  warp), and whenever the row tiles give fewer than ``target_blocks`` blocks the
+  a GPU. Up to ``narrow_rows`` rows take the ``narrow`` tiles (8 rows x 16
+  keys, one warp), and whenever the row tiles give fewer than ``target_blocks`` blocks the
   key range of each is split into up to ``MAX_SPLITS`` contiguous parts of at
   least ``split_keys`` keys, one block each (grid z). Every split writes its
   unnormalised accumulator, max and sum to a scratch buffer in the cache, and a
@@ -123,15 +123,16 @@ class AttentionConfig:
 
     wide: prompt ubatches (32 rows x 32 keys, 128 threads; 29 KB of shared memory at
     head_dim 64, keys halved at 128). narrow: up to ``narrow_rows`` rows, decode steps
-    and short ubatches (8 rows: a gpt-oss decode step's 8 heads of one KV head, one warp).
+    and short ubatches (8 rows: a gpt-oss decode step's 8 heads of one KV head; 16 keys,
+    one warp; 11 KB of shared memory at head_dim 64, so many blocks share an SM).
     target_blocks: fewer blocks than this and the keys are split (about 4 one-warp
     blocks per SM of a 132-SM H100/H200). split_keys: fewest keys per split, so a
     split's partial row (dv + 2 floats, written and merged) costs little against its keys.
     """
 
     wide: AttentionTiles = field(default_factory=AttentionTiles)
-    narrow: AttentionTiles = field(default_factory=lambda: AttentionTiles(rows=8, keys=32, thread_rows=2,
-                                                                          thread_keys=4))
+    narrow: AttentionTiles = field(default_factory=lambda: AttentionTiles(rows=8, keys=16, thread_rows=2,
+                                                                          thread_keys=2))
     narrow_rows: int = 64
     target_blocks: int = 512
     split_keys: int = 256
