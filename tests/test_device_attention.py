@@ -205,10 +205,18 @@ def test_bad_input():
         attention(dev, 0, q, 0, float("nan"))
     with pytest.raises(ValueError, match="n_swa"):
         attention(dev, 0, q, 0, 0.3, n_swa=-1)
-    # layer 1's ring keeps 5 + 4 = 9 positions: full attention over 12 no longer fits
+    # layer 1's ring keeps 5 + 4 = 9 positions: full attention over 12 no longer fits, nor
+    # a window reaching back to keys the ring overwrote (after a rollback to position 3, too)
     dev.store(1, 9, k, v)
-    with pytest.raises(ValueError, match="keeps 9 positions"):
+    with pytest.raises(ValueError, match="holds positions 3..11"):
         attention(dev, 1, q, 9, 0.3, n_swa=0)
+    attention(dev, 1, q, 9, 0.3, n_swa=5)
+    with pytest.raises(ValueError, match="need keys from 1"):
+        attention(dev, 1, q, 5, 0.3, n_swa=5)
+    dev.store(1, 3, k, v)
+    with pytest.raises(ValueError, match="need keys from 0"):
+        attention(dev, 1, q, 3, 0.3, n_swa=5)
+    attention(dev, 1, q, 3, 0.3, n_swa=1)  # positions 0..2 were overwritten by 9..11 before the rollback
     with pytest.raises(TypeError, match="DeviceKVCache"):
         attention(KVCache(cfg, 12, 4), 0, q, 0, 0.3)
 

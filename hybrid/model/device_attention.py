@@ -386,7 +386,9 @@ class DeviceKVCache:
 
     Also holds the scratch of split launches (``MAX_SPLITS`` partial rows per head), counted
     in ``nbytes``. ``n_past`` is the caller's (as on ``KVCache``); the cache itself records per
-    layer up to which position its last store reached, and refuses gaps and reads past it.
+    layer which positions its slots hold (stores end where the last one ended; a ring
+    overwrites the oldest), and refuses a store that leaves a gap and an attention that
+    needs a key not held.
     """
 
     def __init__(self, cfg, n_ctx: int, n_ubatch: int):
@@ -406,7 +408,10 @@ class DeviceKVCache:
         self.no_sinks = cuda.device_array(1, np.float32)  # stands in for sinks=None
         self.nbytes = self.nbytes_for(cfg, self.n_ctx, self.n_ubatch)
         self.n_past = 0
-        self._stored = [0] * cfg.n_layer  # per layer: positions 0 .. _stored-1 hold its last stores
+        # Per layer, the positions [_oldest, _stored) its slots hold: stores end at _stored,
+        # and a ring's slots of older positions were overwritten by newer ones.
+        self._oldest = [0] * cfg.n_layer
+        self._stored = [0] * cfg.n_layer
 
     @staticmethod
     def nbytes_for(cfg, n_ctx: int, n_ubatch: int) -> int:
@@ -415,6 +420,7 @@ class DeviceKVCache:
 
     def clear(self):
         self.n_past = 0
+        self._oldest = [0] * len(self._oldest)
         self._stored = [0] * len(self._stored)
 
     def _layer(self, il) -> int:
@@ -447,6 +453,7 @@ class DeviceKVCache:
         n = T * cfg.n_head_kv * (cfg.head_dim + cfg.head_dim_v)
         blocks = min(-(-n // _STORE_THREADS), 1024)
         _store_kernel[blocks, _STORE_THREADS, stream](k, v, pos0, self.k[il], self.v[il])
+        self._oldest[il] = max(self._oldest[il], pos0 + T - self.size[il])
         self._stored[il] = pos0 + T
 
 
@@ -505,11 +512,12 @@ def attention(cache: DeviceKVCache, il: int, q, pos0: int, scale: float, n_swa: 
     if pos0 + T > cache._stored[il]:
         raise ValueError(f"attention: layer {il} holds positions up to {cache._stored[il] - 1}, "
                          f"queries at {pos0}..{pos0 + T - 1} need their own keys stored first")
-    k_lo = max(0, pos0 - n_swa + 1) if n_swa else 0
+    k_lo = max(0, pos0 - n_swa + 1) if n_swa else 0  # the first key any query sees
+    if k_lo < cache._oldest[il]:
+        raise ValueError(f"attention: layer {il} holds positions {cache._oldest[il]}..{cache._stored[il] - 1} "
+                         f"(a ring of {cache.size[il]} slots); queries at {pos0}..{pos0 + T - 1} with n_swa "
+                         f"{n_swa} need keys from {k_lo}")
     n_keys = pos0 + T - k_lo  # the widest key range of any row tile
-    if n_keys > cache.size[il]:
-        raise ValueError(f"attention: layer {il} keeps {cache.size[il]} positions, queries at {pos0}..{pos0 + T - 1} "
-                         f"with n_swa {n_swa} need {n_keys}")
     if sinks is not None:
         _check_device("sinks", sinks, (H,))
     if out is None:
