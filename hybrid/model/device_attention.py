@@ -483,9 +483,10 @@ def launch_plan(cfg, T: int, n_keys: int, config: AttentionConfig | None = None)
 
 def attention(cache: DeviceKVCache, il: int, q, pos0: int, scale: float, n_swa: int = 0, sinks=None, out=None,
               stream=0, *, config: AttentionConfig | None = None):
-    """Device float32 [T, n_head * head_dim_v]: queries q (device float32 [T, n_head, head_dim], positions pos0..pos0+T-1)
-    against layer il's cached keys (this ubatch's already stored), causal, GQA, sinks (device float32 [n_head] or None),
-    sliding window n_swa (0: none), exactly the masking of ops.attention.
+    """Device float32 [T, n_head * head_dim_v]: queries q (device float32 [T, n_head, head_dim],
+    positions pos0..pos0+T-1) against layer il's cached keys (this ubatch's already stored),
+    causal, GQA, sinks (device float32 [n_head] or None), sliding window n_swa (0: none),
+    exactly the masking of ops.attention.
 
     ``out``: a device float32 [T, n_head * head_dim_v] to write (else one is allocated).
     ``config``: tiles and split policy (default ``AttentionConfig()``).
