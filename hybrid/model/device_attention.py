@@ -210,6 +210,11 @@ def _attention_kernel(tiles: AttentionTiles, D: int, DV: int):
         k_begin = k_lo + split * tiles_per_split * BK
         k_end = min(k_hi, k_begin + tiles_per_split * BK)
 
+        # K rows past a partial tile's keys keep the previous tile's (or these zeros): their
+        # scores are masked, but never computed from uninitialised memory.
+        for idx in range(tid, BK * QK_WORDS, THREADS):
+            sm[offs_k + idx] = _ZERO
+        cuda.syncthreads()  # before any thread loads the first keys over them
         for idx in range(tid, BM * D, THREADS):
             rr = idx // D
             c = idx - rr * D
