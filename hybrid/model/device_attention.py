@@ -32,7 +32,8 @@ layers a ring of ``n_swa + n_ubatch`` slots, position p in slot ``p % size``.
   unnormalised accumulator, max and sum to a scratch buffer in the cache, and a
   second kernel merges them per row (rescaling each by exp(m_split - m), the
   sink added once there). A decode step at 128k context: 64 splits x 8 KV
-  heads = 512 one-warp blocks of 2,048 keys each.
+  heads = 512 one-warp blocks of 2,048 keys each. (r = 8 in gpt-oss and
+  qwen3moe-30B fills the 8 rows; a model with r < 8 leaves 8 - r idle.)
 
 All launches of one cache share its split scratch: run them on one stream, in
 order (layers are). Shapes, dtypes, positions and the stored range are checked
