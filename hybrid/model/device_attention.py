@@ -376,13 +376,14 @@ def _int(name, v) -> int:
 
 
 def _check_device(name, a, shape):
-    """``a`` must be a C-contiguous float32 device array of ``shape``."""
+    """``a`` must be a C-contiguous float32 device array of ``shape`` (None: any length, "T")."""
     if not is_device_array(a):
         raise TypeError(f"{name} must be a device array (numba.cuda), got {type(a).__name__}")
     if np.dtype(a.dtype) != np.float32:
         raise TypeError(f"{name} must be float32, got {a.dtype}")
-    if tuple(a.shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+    if len(a.shape) != len(shape) or any(n is not None and m != n for m, n in zip(a.shape, shape)):
+        want = ", ".join("T" if n is None else str(n) for n in shape)
+        raise ValueError(f"{name} has shape {tuple(a.shape)}, expected [{want}]")
     if not a.is_c_contiguous():
         raise ValueError(f"{name} must be C-contiguous")
 
@@ -402,7 +403,6 @@ class DeviceKVCache:
         self.n_ctx, self.n_ubatch = _int("n_ctx", n_ctx), _int("n_ubatch", n_ubatch)
         if self.n_ctx < 1 or self.n_ubatch < 1:
             raise ValueError(f"n_ctx and n_ubatch must be positive, got {n_ctx}, {n_ubatch}")
-        self.swa = [cfg.n_swa if s else 0 for s in cfg.swa_layers]
         self.size = kv_sizes(cfg, self.n_ctx, self.n_ubatch)
         Hkv, d, dv = cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
         self.k = [cuda.device_array((n, Hkv, d), np.float32) for n in self.size]
@@ -447,10 +447,8 @@ class DeviceKVCache:
         float32) of positions ``pos0 .. pos0 + T - 1`` for layer ``il``, into ring slots ``p % size``."""
         il = self._layer(il)
         cfg = self.cfg
-        if not is_device_array(k):
-            raise TypeError(f"k must be a device array (numba.cuda), got {type(k).__name__}")
-        T = k.shape[0] if len(k.shape) == 3 else -1
-        _check_device("k", k, (T, cfg.n_head_kv, cfg.head_dim))
+        _check_device("k", k, (None, cfg.n_head_kv, cfg.head_dim))
+        T = k.shape[0]
         _check_device("v", v, (T, cfg.n_head_kv, cfg.head_dim_v))
         pos0 = self._span(pos0, T)
         if pos0 > self._stored[il]:
@@ -505,10 +503,8 @@ def attention(cache: DeviceKVCache, il: int, q, pos0: int, scale: float, n_swa: 
     cfg = cache.cfg
     il = cache._layer(il)
     H, Hkv, d, dv = cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
-    if not is_device_array(q):
-        raise TypeError(f"q must be a device array (numba.cuda), got {type(q).__name__}")
-    T = q.shape[0] if len(q.shape) == 3 else -1
-    _check_device("q", q, (T, H, d))
+    _check_device("q", q, (None, H, d))
+    T = q.shape[0]
     pos0 = cache._span(pos0, T)
     n_swa = _int("n_swa", n_swa)
     if n_swa < 0:
