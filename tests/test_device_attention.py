@@ -132,9 +132,12 @@ def test_default_config_prompt_and_decode():
     assert np.abs(out - attention_f64(q, K, V, n, 0.25, 0, None)).max() < 1e-5
     q = rng.standard_normal((40, 2, 8)).astype(np.float32)  # positions 60..99, cache restarted
     dev.clear()
-    dev.store(0, 0, cuda.to_device(K[:100]), cuda.to_device(V[:100]))
-    out = attention(dev, 0, cuda.to_device(q), 60, 0.25).copy_to_host()
-    assert np.abs(out - attention_f64(q, K[:100], V[:100], 60, 0.25, 0, None)).max() < 1e-5
+    stream = cuda.stream()  # on a stream of its own, into a given output
+    dev.store(0, 0, cuda.to_device(K[:100], stream=stream), cuda.to_device(V[:100], stream=stream), stream=stream)
+    out = cuda.device_array((40, 8), np.float32)
+    assert attention(dev, 0, cuda.to_device(q, stream=stream), 60, 0.25, out=out, stream=stream) is out
+    stream.synchronize()
+    assert np.abs(out.copy_to_host() - attention_f64(q, K[:100], V[:100], 60, 0.25, 0, None)).max() < 1e-5
 
 
 def test_store_places_positions_in_ring_slots():
