@@ -46,10 +46,12 @@ import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from numba import cuda
+from numba import cuda, types
 
-from quant.cuda import is_device_array
+from quant import cuda as qc
 
+from ..moe.kernels import Variant
+from .device_ops import check_device
 from .kvcache import kv_nbytes, kv_sizes
 
 __all__ = ["DeviceKVCache", "attention", "AttentionTiles", "AttentionConfig", "LaunchPlan", "launch_plan",
@@ -375,19 +377,6 @@ def _int(name, v) -> int:
     return int(v)
 
 
-def _check_device(name, a, shape):
-    """``a`` must be a C-contiguous float32 device array of ``shape`` (None: any length, "T")."""
-    if not is_device_array(a):
-        raise TypeError(f"{name} must be a device array (numba.cuda), got {type(a).__name__}")
-    if np.dtype(a.dtype) != np.float32:
-        raise TypeError(f"{name} must be float32, got {a.dtype}")
-    if len(a.shape) != len(shape) or any(n is not None and m != n for m, n in zip(a.shape, shape)):
-        want = ", ".join("T" if n is None else str(n) for n in shape)
-        raise ValueError(f"{name} has shape {tuple(a.shape)}, expected [{want}]")
-    if not a.is_c_contiguous():
-        raise ValueError(f"{name} must be C-contiguous")
-
-
 class DeviceKVCache:
     """K and V of past positions per layer on the device, float32, the same sizes and ring layout as KVCache.
 
@@ -447,16 +436,16 @@ class DeviceKVCache:
         float32) of positions ``pos0 .. pos0 + T - 1`` for layer ``il``, into ring slots ``p % size``."""
         il = self._layer(il)
         cfg = self.cfg
-        _check_device("k", k, (None, cfg.n_head_kv, cfg.head_dim))
+        check_device("k", k, np.float32, ndims=(3,))
         T = k.shape[0]
-        _check_device("v", v, (T, cfg.n_head_kv, cfg.head_dim_v))
+        check_device("k", k, np.float32, (T, cfg.n_head_kv, cfg.head_dim))
+        check_device("v", v, np.float32, (T, cfg.n_head_kv, cfg.head_dim_v))
         pos0 = self._span(pos0, T)
         if pos0 > self._stored[il]:
             raise ValueError(f"KV cache: storing position {pos0} of layer {il} would leave positions "
                              f"{self._stored[il]}..{pos0 - 1} unstored")
         n = T * cfg.n_head_kv * (cfg.head_dim + cfg.head_dim_v)
-        blocks = min(-(-n // _STORE_THREADS), 1024)
-        _store_kernel[blocks, _STORE_THREADS, stream](k, v, pos0, self.k[il], self.v[il])
+        _store_kernel[qc.grid_blocks(n, _STORE_THREADS), _STORE_THREADS, stream](k, v, pos0, self.k[il], self.v[il])
         self._oldest[il] = max(self._oldest[il], pos0 + T - self.size[il])
         self._stored[il] = pos0 + T
 
@@ -503,8 +492,9 @@ def attention(cache: DeviceKVCache, il: int, q, pos0: int, scale: float, n_swa: 
     cfg = cache.cfg
     il = cache._layer(il)
     H, Hkv, d, dv = cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
-    _check_device("q", q, (None, H, d))
+    check_device("q", q, np.float32, ndims=(3,))
     T = q.shape[0]
+    check_device("q", q, np.float32, (T, H, d))
     pos0 = cache._span(pos0, T)
     n_swa = _int("n_swa", n_swa)
     if n_swa < 0:
@@ -522,11 +512,11 @@ def attention(cache: DeviceKVCache, il: int, q, pos0: int, scale: float, n_swa: 
                          f"{n_swa} need keys from {k_lo}")
     n_keys = pos0 + T - k_lo  # the widest key range of any row tile
     if sinks is not None:
-        _check_device("sinks", sinks, (H,))
+        check_device("sinks", sinks, np.float32, (H,))
     if out is None:
         out = cuda.device_array((T, H * dv), np.float32, stream=stream)
     else:
-        _check_device("out", out, (T, H * dv))
+        check_device("out", out, np.float32, (T, H * dv))
 
     plan = launch_plan(cfg, T, n_keys, config)
     tiles, n_splits = plan.tiles, plan.n_splits
@@ -555,8 +545,6 @@ def variants(full: bool = True) -> list:
     """Every kernel build ``attention`` and ``DeviceKVCache.store`` launch under the default
     ``AttentionConfig``, with the argument types they pass: head dims 64 (gpt-oss) and, with
     ``full``, 128 (qwen3moe)."""
-    from ..moe.kernels import Variant
-    from numba import types
     A = lambda dt, nd: types.Array(dt, nd, "C")  # noqa: E731
     f32, i64 = types.float32, types.int64
     sig = (A(f32, 3), A(f32, 3), A(f32, 3), i64, i64, f32, A(f32, 1), i64, A(f32, 2), A(f32, 2), A(f32, 1),
