@@ -1,5 +1,5 @@
-"""What ptxas says of the dense-weight and small-op kernels (``hybrid/model/device_dense.py``,
-``device_ops.py``) for sm_80 and sm_90, no GPU needed.
+"""What ptxas says of the dense-weight, small-op and attention kernels (``hybrid/model/device_dense.py``,
+``device_ops.py``, ``device_attention.py``) for sm_80 and sm_90, no GPU needed.
 
     python examples/dense_kernel_report.py            # table: every build (GEMV at T = 1, 4, 8)
     python examples/dense_kernel_report.py --subset   # the builds tests/test_ptx.py checks, one PTX each
@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 # The builds tests/test_ptx.py checks: the GEMV at T=8 (the most accumulators) for MXFP4 and BF16,
-# the GEMM for MXFP4, Q8_0 and BF16 (F32 decodes as the first two, F16 as BF16), and the ops.
+# the GEMM for MXFP4, Q8_0 and BF16 (F32 decodes as the first two, F16 as BF16), the ops, and
+# attention at head dim 64 (``device_attention.variants(full=False)``).
 SUBSET = ("dense gemv MXFP4 T=8", "dense gemv BF16 T=8", "dense gemm MXFP4", "dense gemm Q8_0", "dense gemm BF16")
 
 
@@ -27,11 +28,12 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     a = ap.parse_args(argv)
     import kernel_report
-    from hybrid.model import device_dense, device_ops
+    from hybrid.model import device_attention, device_dense, device_ops
     from hybrid.moe import kernels
 
     def dense_variants(cfg=None, full=True):
-        vs = device_dense.variants(gemv_tokens=(1, 4, 8) if full else (8,)) + device_ops.variants()
+        vs = (device_dense.variants(gemv_tokens=(1, 4, 8) if full else (8,)) + device_ops.variants()
+              + device_attention.variants(full=full))
         return vs if full else [v for v in vs if v.name in SUBSET or not v.name.startswith("dense")]
 
     kernels.variants = dense_variants  # kernel_report compiles what this lists

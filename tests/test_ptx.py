@@ -6,9 +6,10 @@ must let as many blocks share an SM as the launch configuration assumes
 (``kernels.MIN_BLOCKS_PER_SM``). The suite checks one gate+up build per expert
 type (together every activation and bias setting) and every down build, from one
 PTX per kernel; ``HYBRID_PTX_ALL=1`` checks every variant with PTX per arch.
-The dense-weight and small-op kernels (``examples/dense_kernel_report.py``: its
-``SUBSET`` and the ops, or every build with ``HYBRID_PTX_ALL=1``) are held to no
-spills, no stack and the GEMM's assumed occupancy the same way.
+The dense-weight, small-op and attention kernels (``examples/dense_kernel_report.py``:
+its ``SUBSET``, the ops and attention at head dim 64, or every build with
+``HYBRID_PTX_ALL=1``) are held to no spills, no stack and their assumed occupancy
+the same way.
 """
 import json
 import os
@@ -92,7 +93,8 @@ def test_sass_mix_finds_the_hot_loop():
 def test_dense_kernels_compile_for_both_archs(dense_rows):
     names = {row["kernel"] for row in dense_rows}
     assert {"dense gemm MXFP4", "dense gemm Q8_0", "dense gemm BF16", "dense gemv MXFP4 T=8", "dense gemv BF16 T=8",
-            "rmsnorm", "rope_neox", "add"} <= names
+            "rmsnorm", "rope_neox", "add", "attention wide d64", "attention narrow d64", "attention combine",
+            "kv store"} <= names
     assert {row["arch"] for row in dense_rows} == {"sm_80", "sm_90"}
 
 
