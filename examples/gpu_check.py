@@ -20,6 +20,8 @@
    default) copy-all vs used-only vs used+overlap+cache, beside PR #15346's measured
    speed-ups. 120b runs ``--layers-120b`` of its 36 blocks (default 8) to fit the
    budget: its t/s are for those blocks; the per-layer MoE costs and the speed-ups scale.
+   ``--share-experts`` builds one block's experts for all (when filling tens of GB of
+   fresh memory is slow where it runs: the build's GB/s is printed).
 Prints markdown tables; exits non-zero if a correctness check fails.
 """
 from __future__ import annotations
@@ -208,7 +210,7 @@ def count_launches(moe):
     return box
 
 
-def bench_whole_model(tiny, device, n_layers):
+def bench_whole_model(tiny, device, n_layers, share_experts=False):
     """PR #15346's comparison on the whole model at gpt-oss shapes, built in memory (``synthetic_model``)."""
     import gc
 
@@ -228,12 +230,12 @@ def bench_whole_model(tiny, device, n_layers):
             model = synthetic_model(shape, n_layers=1, n_embd=32, n_ff=32, n_experts=SHAPES[shape]["n_experts"] // 8,
                                     k=2, n_head=1, n_head_kv=1, head_dim=32, n_vocab=64, n_swa=4)
         else:
-            model = synthetic_model(shape, n_layers=min(want, full))
+            model = synthetic_model(shape, n_layers=min(want, full), share_experts=share_experts)
         t_build = time.perf_counter() - t0
-        gb = model.file_bytes / 1e9
+        gb = sum({model.raw(t).ctypes.data: model.raw(t).nbytes for t in model.tensors}.values()) / 1e9  # held once
         n = len(model.layers)
         print(f"\n{model.metadata['general.name']}: built in memory in {t_build:.1f} s ({gb:.1f} GB, "
-              f"{gb / t_build:.1f} GB/s)")
+              f"{gb / t_build:.1f} GB/s)" + ("; every block's experts are block 0's bytes" if share_experts else ""))
         if n < full and not tiny:
             print(f"only {n} of {full} blocks, to fit the time budget: t/s below are for {n} blocks (the full "
                   f"model's are about {n}/{full} of them, less the embedding and output); the speed-ups scale")
@@ -258,6 +260,7 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of sections to skip: doctor,paths,kernels,link,whole")
     ap.add_argument("--layers-20b", type=int, default=24, help="whole model: blocks of gpt-oss-20b (of 24)")
     ap.add_argument("--layers-120b", type=int, default=8, help="whole model: blocks of gpt-oss-120b (of 36)")
+    ap.add_argument("--share-experts", action="store_true", help="whole model: one block's experts for all blocks")
     a = ap.parse_args()
     device = "sim" if a.tiny else "cuda"
     skip = set(filter(None, a.skip.split(",")))
@@ -273,7 +276,8 @@ def main():
     if "link" not in skip:
         bench_link(a.tiny, device)
     if "whole" not in skip:
-        bench_whole_model(a.tiny, device, {"gpt-oss-20b": a.layers_20b, "gpt-oss-120b": a.layers_120b})
+        bench_whole_model(a.tiny, device, {"gpt-oss-20b": a.layers_20b, "gpt-oss-120b": a.layers_120b},
+                          a.share_experts)
     return 0 if ok else 1
 
 

@@ -86,6 +86,21 @@ def test_activations_stay_finite_through_36_layers():
     assert 0.05 < float(np.sqrt(np.mean(logits.astype(np.float64) ** 2))) < 20, f"seed {seed}"
 
 
+def test_shared_experts_are_one_blocks_bytes():
+    seed = fresh_seed()
+    a = synthetic_model("gpt-oss-20b", n_layers=3, seed=seed, **TINY)
+    b = synthetic_model("gpt-oss-20b", n_layers=3, seed=seed, share_experts=True, **TINY)
+    for L in b.layers[1:]:
+        for n in ("gate", "up", "down"):
+            assert np.shares_memory(getattr(L, n).raw, getattr(b.layers[0], n).raw)
+    for La, Lb in zip(a.layers, b.layers):  # routers and biases are each block's own, as without sharing
+        assert np.array_equal(La.router_w, Lb.router_w) and np.array_equal(La.down_b, Lb.down_b)
+    assert np.array_equal(a.layers[0].gate.raw, b.layers[0].gate.raw)
+    assert not np.array_equal(a.layers[1].gate.raw, b.layers[1].gate.raw)
+    logits = Transformer(b, n_ctx=6, n_ubatch=6).prefill(np.random.default_rng(seed).integers(0, 300, 6))
+    assert np.isfinite(logits).all()
+
+
 def test_random_blocks_are_sane_and_reproducible():
     seed = fresh_seed()
     x = np.random.default_rng(seed).standard_normal((4, 2880)).astype(np.float32)
@@ -124,6 +139,7 @@ def test_routing_is_skewed():
     (dict(k=9, n_experts=8), "k = 9 exceeds n_experts = 8"),
     (dict(skew=float("nan")), "skew must be a finite number"),
     (dict(n_heads=4), "unknown dimension"),
+    (dict(share_experts=1), "share_experts must be a bool"),
 ])
 def test_bad_arguments(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -8,15 +8,16 @@ types and ggml shapes are those ``write_tiny`` writes (``tiny.model_tensors``,
 ``tiny.model_metadata``): MXFP4 experts, Q8_0 matrices, F32 norms, biases, sinks and
 router, YaRN, a sliding window of 128 on the even layers.
 
-Random bytes are cheap at that scale: a Numba kernel fills every quantised tensor in
+Random bytes are cheap to compute: a Numba kernel fills every quantised tensor in
 parallel from a counter-based hash (splitmix64, 8 bytes per hash), then sets each
-block's scale, so no layer waits for numpy's generator and the cost is mostly the
-first touch of fresh pages, spread over the cores. Measured on this project's shared
-2-core Xeon (AVX-512), one 120b layer of experts (1.7 GB) at a time: 2.0 GB/s on one
-thread, 2.5 GB/s on two (numpy's generator: 0.4 GB/s; a plain first-touch memset:
-4.9 GB/s), so the 61 GB of 120b's experts take about 25 s on two cores, and the first
-fill of a process also starts Numba's thread pool. ``examples/gpu_check.py`` prints
-the build's time and GB/s wherever it runs.
+block's scale, so no layer waits for numpy's generator (0.4 GB/s here). What remains
+is the first touch of fresh pages, and that depends on the machine: on this project's
+shared, sandboxed 2-core Xeon the fill ran at 1.3-2.5 GB/s into memory the process had
+used before, but a whole model, growing into fresh memory, built at only 0.2-0.3 GB/s
+(6.4 GB in 20 s), which would make the 61 GB of 120b's experts take minutes there.
+``share_experts=True`` builds one block's experts and lets every block view them (own
+routers and biases): the copies and kernels are the same, the RAM and build time are
+one block's. ``examples/gpu_check.py`` prints the build's time and GB/s wherever it runs.
 
 Values sit where real weights do, so the activations stay finite through every layer:
 an MXFP4 block's E8M0 exponent is drawn from four values around ``1 / (5.85 sqrt(cols))``
@@ -94,10 +95,14 @@ class MemoryModel(Model):
 
 
 def synthetic_model(shape: str = "gpt-oss-20b", *, n_layers: int | None = None, seed: int = 0,
-                    **dims) -> MemoryModel:
+                    share_experts: bool = False, **dims) -> MemoryModel:
     """A gpt-oss model of ``shape`` (a key of ``SHAPES``) with random weights, in memory.
 
-    ``n_layers``: build only the first blocks (the per-layer costs scale). ``dims``
+    ``n_layers``: build only the first blocks (the per-layer costs scale).
+    ``share_experts``: every block's expert weights are views of block 0's bytes (its own
+    router and biases still): the host RAM and build time of one block, where the copies
+    and kernels are those of distinct blocks; what it does not show is the RAM, the
+    first touch and the pinning of the full model's experts. ``dims``
     override ``GPT_OSS`` and the shape's ``n_experts``/``skew`` (``n_embd``, ``n_ff``,
     ``n_experts``, ``k``, ``n_head``, ``n_head_kv``, ``head_dim``, ``n_swa``, ``n_vocab``,
     ``n_ctx``, ``skew``): the same structure at small sizes, for tests.
@@ -128,8 +133,13 @@ def synthetic_model(shape: str = "gpt-oss-20b", *, n_layers: int | None = None, 
     norm = lambda n: (1.0 + f32(n)).astype(np.float32)  # noqa: E731
     count = iter(range(1 << 30))
     mat = lambda rows, cols: (random_blocks(rows, cols, T.Q8_0, (seed, 0x3D, next(count))), T.Q8_0)  # noqa: E731
-    layers = [synthetic_layer(i, n_embd=D, n_ff=F, n_experts=spec["n_experts"], k=spec["k"], skew=spec["skew"],
-                              seed=seed) for i in range(n_layers)]
+    if not isinstance(share_experts, bool):
+        raise TypeError(f"synthetic_model: share_experts must be a bool, got {share_experts!r}")
+    layers = []
+    for i in range(n_layers):
+        shared = layers[0] if share_experts and layers else None
+        layers.append(synthetic_layer(i, n_embd=D, n_ff=F, n_experts=spec["n_experts"], k=spec["k"],
+                                      skew=spec["skew"], seed=seed, experts_of=shared))
     tensors = model_tensors("gpt-oss", layers, n_embd=D, n_head=spec["n_head"], n_head_kv=spec["n_head_kv"],
                             head_dim=spec["head_dim"], n_vocab=spec["n_vocab"], mat=mat, f32=f32, norm=norm)
     name = shape if n_layers == full else f"{shape} ({n_layers} of {full} layers)"
@@ -141,14 +151,17 @@ def synthetic_model(shape: str = "gpt-oss-20b", *, n_layers: int | None = None, 
 
 
 def synthetic_layer(index: int, *, n_embd: int, n_ff: int, n_experts: int, k: int, skew: float,
-                    seed: int = 0) -> MoELayer:
-    """One gpt-oss MoE layer of random weights: MXFP4 experts (``random_blocks``), F32 router whose
-    bias ``-skew * log(rank)`` favours a random few experts, biases of RMS 0.1."""
+                    seed: int = 0, experts_of: MoELayer | None = None) -> MoELayer:
+    """One gpt-oss MoE layer of random weights: MXFP4 experts (``random_blocks``; ``experts_of``:
+    that layer's, shared), F32 router whose bias ``-skew * log(rank)`` favours a random few
+    experts, biases of RMS 0.1."""
     rng = np.random.default_rng([seed, index, 0x4C])
     E, D, F = n_experts, n_embd, n_ff
     f32 = lambda *s, scale: (scale * rng.standard_normal(s, dtype=np.float32)).astype(np.float32)  # noqa: E731
 
     def experts(name, rows, cols):
+        if experts_of is not None:
+            return getattr(experts_of, ("gate", "up", "down")[name])
         raw = random_blocks(E * rows, cols, T.MXFP4, (seed, index, name)).reshape(E, rows, -1)
         return ExpertTensor(raw, int(T.MXFP4), rows, cols)
 
