@@ -237,8 +237,9 @@ def bench_whole_model(tiny, device, n_layers, share_experts=False):
         print(f"\n{model.metadata['general.name']}: built in memory in {t_build:.1f} s ({gb:.1f} GB, "
               f"{gb / t_build:.1f} GB/s)" + ("; every block's experts are block 0's bytes" if share_experts else ""))
         if n < full and not tiny:
-            print(f"only {n} of {full} blocks, to fit the time budget: t/s below are for {n} blocks (the full "
-                  f"model's are about {n}/{full} of them, less the embedding and output); the speed-ups scale")
+            print(f"only {n} of {full} blocks, to fit the time budget: t/s below are for {n} "
+                  f"block{'s' * (n > 1)} (the full model's are about {n}/{full} of them, less the embedding and "
+                  "output); the speed-ups scale")
         rng = np.random.default_rng(7)
         for n_p in tests:
             t0 = time.perf_counter()
