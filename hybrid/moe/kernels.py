@@ -39,6 +39,17 @@ SUPPORTED = (int(T.MXFP4), int(T.Q8_0), int(T.F32))
 MMA_TYPES = (int(T.MXFP4),)
 MATHS = ("auto", "fma", "mma")
 MMA_MIN_CC = (8, 0)  # mma.sync m16n8k16 with BF16 inputs: Ampere and later
+# Tolerance (max |err| / max |ref| against the float64 reference) of the tensor-core
+# kernels on real hardware. Their inputs and products are exact; the hardware's FP32
+# accumulation inside an MMA aligns and truncates rather than rounding to nearest
+# (Fasi et al., "Numerical behavior of NVIDIA tensor cores", PeerJ CS 2021), a biased
+# error of up to one unit in the last place of the accumulator per MMA. The kernels
+# add the hi pieces' products into one accumulator and the mid and lo pieces' into
+# another, so K/16 MMAs touch the large one: 180 at K = 2880, up to 180 * 2^-23 ~ 2e-5
+# of a partial sum, twice in a row (gate/up, then down), partial sums a few times the
+# result: 1e-4. The FFMA kernels (round to nearest, random-walk error) and the
+# simulator's emulation hold 1e-5. Not yet measured on a GPU (examples/gpu_check.py).
+MMA_HW_REL_TOL = 1e-4
 
 _F32 = np.float32
 _U = np.uint64
@@ -511,6 +522,16 @@ def _real_rows(ps, offs_pairs, bm, sentinel):
     return n
 
 
+@cuda.jit(device=True, inline=True)
+def _mma_acc(a0, a1, a2, a3, f, j, acc, i):
+    """acc[i:i+4] += the m16n8k16 product of A (a0..a3) and B (f[j], f[j+1]), one warp."""
+    d0, d1, d2, d3 = mma.mma_bf16(a0, a1, a2, a3, f[j], f[j + 1], acc[i], acc[i + 1], acc[i + 2], acc[i + 3])
+    acc[i] = d0
+    acc[i + 1] = d1
+    acc[i + 2] = d2
+    acc[i + 3] = d3
+
+
 @functools.lru_cache(maxsize=None)
 def _gate_up_mma_kernel(cfg: TileConfig, wtype: int, activation: str, has_bias: bool):
     if int(wtype) not in MMA_TYPES:
@@ -524,7 +545,6 @@ def _gate_up_mma_kernel(cfg: TileConfig, wtype: int, activation: str, has_bias: 
     decode = _mxfp4_bf16_decoder(BN, BK, THREADS, RS)
     split = _row_splitter(BM, BK, THREADS, RS)
     act_fn = _swiglu_oai if activation == "swiglu_oai" else _silu_mul
-    mma_bf16 = mma.mma_bf16
 
     @cuda.jit
     def gate_up_mma(x, pairs, tile_expert, tile0, slots, k, wg, wu, bg, bu, act):
@@ -563,13 +583,19 @@ def _gate_up_mma_kernel(cfg: TileConfig, wtype: int, activation: str, has_bias: 
         lane_g = _U(offs_gate + (warp * WN + g) * RS + t)
         lane_u = _U(offs_up + (warp * WN + g) * RS + t)
 
+        # acc: the hi pieces' products; low: mid and lo (2^-8 of them and less), kept apart so
+        # the MMA's own FP32 rounding of the big sums happens once per K step, not three times.
         acc_g = cuda.local.array(NACC, np.float32)
         acc_u = cuda.local.array(NACC, np.float32)
+        low_g = cuda.local.array(NACC, np.float32)
+        low_u = cuda.local.array(NACC, np.float32)
         fg = cuda.local.array(NF, np.uint32)
         fu = cuda.local.array(NF, np.uint32)
         for i in range(NACC):
             acc_g[i] = _ZERO
             acc_u[i] = _ZERO
+            low_g[i] = _ZERO
+            low_u[i] = _ZERO
         for k0 in range(0, K, BK):
             split(x, ps, offs_tokens, x.shape[0], k0, K, su, offs_x, tid)
             decode(wg, s, col0, n_ff, k0, K, su, offs_gate, tid, sm)
@@ -593,18 +619,12 @@ def _gate_up_mma_kernel(cfg: TileConfig, wtype: int, activation: str, has_bias: 
                             a3 = su[oa + _U(8 * RS + 4)]
                             for nt in range(NT):
                                 i = (mt * NT + nt) * 4
-                                d0, d1, d2, d3 = mma_bf16(a0, a1, a2, a3, fg[2 * nt], fg[2 * nt + 1],
-                                                          acc_g[i], acc_g[i + 1], acc_g[i + 2], acc_g[i + 3])
-                                acc_g[i] = d0
-                                acc_g[i + 1] = d1
-                                acc_g[i + 2] = d2
-                                acc_g[i + 3] = d3
-                                d0, d1, d2, d3 = mma_bf16(a0, a1, a2, a3, fu[2 * nt], fu[2 * nt + 1],
-                                                          acc_u[i], acc_u[i + 1], acc_u[i + 2], acc_u[i + 3])
-                                acc_u[i] = d0
-                                acc_u[i + 1] = d1
-                                acc_u[i + 2] = d2
-                                acc_u[i + 3] = d3
+                                if q == 0:
+                                    _mma_acc(a0, a1, a2, a3, fg, 2 * nt, acc_g, i)
+                                    _mma_acc(a0, a1, a2, a3, fu, 2 * nt, acc_u, i)
+                                else:
+                                    _mma_acc(a0, a1, a2, a3, fg, 2 * nt, low_g, i)
+                                    _mma_acc(a0, a1, a2, a3, fu, 2 * nt, low_u, i)
             cuda.syncthreads()
 
         for mt in range(MT):
@@ -615,8 +635,8 @@ def _gate_up_mma_kernel(cfg: TileConfig, wtype: int, activation: str, has_bias: 
                     p = ps[offs_pairs + row]
                     if 0 <= p < sentinel and col < n_ff:
                         a = (mt * NT + nt) * 4 + i
-                        gv = acc_g[a]
-                        uv = acc_u[a]
+                        gv = acc_g[a] + low_g[a]
+                        uv = acc_u[a] + low_u[a]
                         if has_bias:
                             gv += bg[s, col]
                             uv += bu[s, col]
@@ -636,7 +656,6 @@ def _down_mma_kernel(cfg: TileConfig, wtype: int, has_bias: bool):
     NACC, NF = MT * NT * 4, 2 * NT
     decode = _mxfp4_bf16_decoder(BN, BK, THREADS, RS)
     split = _row_splitter(BM, BK, THREADS, RS)
-    mma_bf16 = mma.mma_bf16
 
     @cuda.jit
     def down_mma(act, pairs, tile_expert, tile0, slots, wd, bd, weights, y):
@@ -667,10 +686,12 @@ def _down_mma_kernel(cfg: TileConfig, wtype: int, has_bias: bool):
         lane_a = _U(offs_x + g * RS + t)
         lane_w = _U(offs_w + (warp * WN + g) * RS + t)
 
-        acc = cuda.local.array(NACC, np.float32)
+        acc = cuda.local.array(NACC, np.float32)  # hi pieces; low: mid and lo (as in gate_up_mma)
+        low = cuda.local.array(NACC, np.float32)
         fw = cuda.local.array(NF, np.uint32)
         for i in range(NACC):
             acc[i] = _ZERO
+            low[i] = _ZERO
         for k0 in range(0, K, BK):
             split(act, ps, offs_pairs, sentinel, k0, K, su, offs_x, tid)
             decode(wd, s, col0, n_embd, k0, K, su, offs_w, tid, sm)
@@ -691,12 +712,10 @@ def _down_mma_kernel(cfg: TileConfig, wtype: int, has_bias: bool):
                             a3 = su[oa + _U(8 * RS + 4)]
                             for nt in range(NT):
                                 i = (mt * NT + nt) * 4
-                                d0, d1, d2, d3 = mma_bf16(a0, a1, a2, a3, fw[2 * nt], fw[2 * nt + 1],
-                                                          acc[i], acc[i + 1], acc[i + 2], acc[i + 3])
-                                acc[i] = d0
-                                acc[i + 1] = d1
-                                acc[i + 2] = d2
-                                acc[i + 3] = d3
+                                if q == 0:
+                                    _mma_acc(a0, a1, a2, a3, fw, 2 * nt, acc, i)
+                                else:
+                                    _mma_acc(a0, a1, a2, a3, fw, 2 * nt, low, i)
             cuda.syncthreads()
 
         for mt in range(MT):
@@ -706,7 +725,8 @@ def _down_mma_kernel(cfg: TileConfig, wtype: int, has_bias: bool):
                     col = col0 + warp * WN + nt * 8 + 2 * t + (i & 1)
                     p = ps[offs_pairs + row]
                     if 0 <= p < sentinel and col < n_embd:
-                        v = acc[(mt * NT + nt) * 4 + i]
+                        a = (mt * NT + nt) * 4 + i
+                        v = acc[a] + low[a]
                         if has_bias:
                             v += bd[s, col]
                         y[p, col] = weights[p] * v
