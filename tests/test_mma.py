@@ -23,9 +23,10 @@ from test_kernels import _check, _rel_err, _routed, device_ffn
 pytestmark = pytest.mark.skipif(not cuda.is_available(), reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")
 SIM = pytest.mark.skipif(not mma.SIMULATOR, reason="the emulated MMA runs on the simulator only")
 
-# Tensor-core tiles: 16 pairs, 16 columns in 2 warps of 8 (64 threads); K 32 or 64.
+# Tensor-core tiles: 16 pairs, 16 columns in 2 warps of 8 (one n8 tile each, 64 threads),
+# K 32; or 32 pairs (two m16 tiles), 64 columns in 2 warps of 32 (four n8 tiles each), K 64.
 MMA = K.TileConfig(block_pairs=16, block_cols=16, k_chunk=32, math="mma", warp_cols=8)
-MMA_K64 = K.TileConfig(block_pairs=32, block_cols=32, k_chunk=64, math="mma", warp_cols=16)
+MMA_K64 = K.TileConfig(block_pairs=32, block_cols=64, k_chunk=64, math="mma", warp_cols=32)
 FMA = K.TileConfig(block_pairs=16, block_cols=16, k_chunk=32, thread_rows=1, thread_cols=4, math="fma")
 
 
@@ -150,10 +151,10 @@ def test_mma_matches_reference(k):
 
 
 def test_mma_partial_tiles_and_widths():
-    # n_embd 96 is not a multiple of the 64-wide K chunk, n_ff 48 not one of the 32-column
+    # 96 (n_embd and n_ff) is a multiple neither of the 64-wide K chunk nor of the 64-column
     # blocks; 18 tokens with k=2 on 2 experts give 18 pairs each: a second, partly real
     # m16 row tile.
-    layer = random_layer(96, 48, 2, 2, seed=21)
+    layer = random_layer(96, 96, 2, 2, seed=21)
     x, ids, w = _routed(layer, 18, seed=21)
     out = _check(layer, x, ids, w, tiles=MMA_K64)
     assert out.shape == (18, 96)
