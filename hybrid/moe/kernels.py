@@ -14,9 +14,15 @@ expert ``e``: the same kernels serve the natural layout (slot = expert id) and
 compact slots. A block never touches a slot other than its tile's expert, and
 tiles that hold only padding return before reading any weight.
 
+Kernels 1 and 2 come in two kinds, chosen by ``TileConfig.math``: FFMA (every
+expert type) and, for MXFP4 experts, tensor cores (``mma.sync`` m16n8k16, BF16
+inputs exact, FP32 accumulation; the instruction and its simulator emulation are
+in ``hybrid.moe.mma``). ``"auto"`` picks tensor cores on compute capability >= 8.0.
+
 Public API: ``TileConfig``, ``DeviceBuckets``, ``moe_launch``, ``moe_reduce``
-(driven by ``engine.DeviceEngine``, the one host-side device path) and
-``variants`` (every kernel build, for the compile checks).
+(driven by ``engine.DeviceEngine``, the one host-side device path),
+``launch_math`` (which kind a launch runs here) and ``variants`` (every kernel
+build, for the compile checks).
 """
 from __future__ import annotations
 
