@@ -123,7 +123,8 @@ def bench_kernels(tiny, reps=5):
             logits = synthetic_logits(name, T, seed=1)[:, :E] if not tiny else rng.standard_normal((T, E))
             ids, w = route(np.ascontiguousarray(logits, dtype=np.float32), k)
             copy_ms = None
-            for math in maths:
+            # The simulator emulates every MMA in Python: one model's tensor-core row shows they run.
+            for math in (maths[:1] if tiny and name != "gpt-oss-20b" else maths):
                 cfg = tiles[math]
                 bk = bucket(ids, E, cfg.block_pairs)
                 s = cuda.stream()
