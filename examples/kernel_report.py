@@ -13,10 +13,13 @@ then ptxas for each architecture.
 
 Per kernel and architecture: registers, spills, static + dynamic shared memory,
 the resident blocks per SM those allow and the occupancy that gives, and the
-SASS instruction mix: FFMA against everything else, over the whole kernel and
-over its hot loop (the largest backward branch: one K step), with the FFMAs a
-thread issues per weight it decodes in one K step. These are static counts, the
-proxy for speed until a GPU runs the kernels (``examples/gpu_check.py``).
+SASS instruction mix: FFMA and HMMA (tensor-core MMA) against everything else,
+over the whole kernel and over its hot loop (the backward branch holding the
+most FFMA + HMMA: one K step), with the math a K step issues per weight it
+decodes (FFMA kernels: FFMAs per thread per weight that thread decodes; tensor-core
+kernels: MMA instructions per warp per weight the warp decodes, each m16n8k16
+MMA being 4,096 multiply-adds). These are static counts, the proxy for speed
+until a GPU runs the kernels (``examples/gpu_check.py``).
 """
 from __future__ import annotations
 
@@ -105,15 +108,15 @@ _FP = ("FMUL", "FADD", "FMNMX", "FSETP", "FSEL", "MUFU", "FCHK")
 def _mix(ops):
     c = Counter(ops)
     n = sum(c.values())
-    g = dict(ffma=c["FFMA"], fp_other=sum(v for k, v in c.items() if k in _FP), lds_sts=c["LDS"] + c["STS"],
+    g = dict(ffma=c["FFMA"], hmma=c["HMMA"], fp_other=sum(v for k, v in c.items() if k in _FP), lds_sts=c["LDS"] + c["STS"],
              ldg_stg=c["LDG"] + c["STG"], int_addr=sum(v for k, v in c.items() if k.startswith(_INT)))
     g["other"] = n - sum(g.values())
-    return dict(total=n, ffma_share=c["FFMA"] / n if n else 0.0, **g)
+    return dict(total=n, ffma_share=c["FFMA"] / n if n else 0.0, hmma_share=c["HMMA"] / n if n else 0.0, **g)
 
 
 def sass_mix(sass: str) -> dict:
     """Static opcode mix of a kernel's SASS, and of its hot loop: the loop (a backward
-    branch) holding the most FFMAs, the smallest such: the unrolled reduction step."""
+    branch) holding the most FFMAs + HMMAs, the smallest such: the unrolled reduction step."""
     ins, labels, pending = [], {}, []
     for line in sass.splitlines():
         m = _LABEL.match(line)
@@ -132,7 +135,7 @@ def sass_mix(sass: str) -> dict:
     best, best_key = None, (0, 0)
     for lo, hi in loops:
         body = [op for a, op, _ in ins if lo <= a <= hi]
-        key = (body.count("FFMA"), -len(body))
+        key = (body.count("FFMA") + body.count("HMMA"), -len(body))
         if key > best_key:
             best, best_key = body, key
     return dict(kernel=_mix([op for _, op, _ in ins]), hot_loop=_mix(best or []))
@@ -175,12 +178,19 @@ def compile_all(archs, full=True, cfg=None, shared_ptx=False):
                 if nvdisasm:
                     sass = sass_mix(subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True,
                                                    text=True, check=True).stdout)
-                row = dict(kernel=v.name, arch=f"sm_{arch}", registers=regs, spill_stores=spill_st,
+                row = dict(kernel=v.name, math=v.math, arch=f"sm_{arch}", registers=regs, spill_stores=spill_st,
                            spill_loads=spill_ld, stack=stack, shared_bytes=smem, threads=v.threads,
                            assumed_blocks_per_sm=v.min_blocks_per_sm,
                            **occupancy(arch, regs, smem, v.threads), sass=sass,
                            compile_s=round(time.perf_counter() - t0, 2))
-                if v.name.startswith(("gate_up", "down")):
+                if v.name.startswith(("gate_up", "down")) and v.math == "mma":
+                    # One K step, one warp, every m16 row tile live: 3 BF16 pieces x
+                    # (BK/16) x (BM/16) x (warp_cols/8) MMAs per matrix, against the
+                    # BN*BK/warps weights per matrix the warp decodes.
+                    warps = cfg.block_cols // cfg.warp_cols
+                    n_mma = 3 * (cfg.k_chunk // 16) * (cfg.block_pairs // 16) * (cfg.warp_cols // 8)
+                    row["mma_per_decoded_weight"] = n_mma / (cfg.block_cols * cfg.k_chunk / warps)
+                elif v.name.startswith(("gate_up", "down")):
                     n_mats = 2 if v.name.startswith("gate_up") else 1
                     # One K step, one thread: TM*TN*BK FFMAs per matrix against
                     # BN*BK/threads weights decoded per matrix.
@@ -211,18 +221,27 @@ def main(argv=None):
     print(f"toolkit: {tk}; nvdisasm: {nvdisasm or 'not found (pip install nvidia-cuda-nvdisasm): no SASS mix'}")
     print(f"tiles: {cfg}")
     print("\n| kernel | arch | regs | spills (st/ld B) | smem B | threads | blocks/SM (limit) | occupancy | "
-          "SASS FFMA share: kernel / hot loop | hot loop: FFMA, LDS+STS, int/addr, other | FFMA per decoded weight |")
+          "SASS FFMA / HMMA share: kernel / hot loop | hot loop: FFMA, HMMA, LDS+STS, int/addr, other | "
+          "math per decoded weight |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for r in rows:
-        nil = dict(ffma_share=None, ffma="-", lds_sts="-", int_addr="-", other=0, fp_other=0, ldg_stg=0)
+        nil = dict(ffma_share=None, hmma_share=None, ffma="-", hmma="-", lds_sts="-", int_addr="-", other=0,
+                   fp_other=0, ldg_stg=0)
         k, ml = (r["sass"]["kernel"], r["sass"]["hot_loop"]) if r["sass"] else (nil, nil)
         rest = ml["other"] + ml["fp_other"] + ml["ldg_stg"] if r["sass"] else "-"
         share = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731 (no SASS without nvdisasm)
-        fpw = f"{r['ffma_per_decoded_weight']:.0f}" if "ffma_per_decoded_weight" in r else "-"
+        fpw = "-"
+        if "ffma_per_decoded_weight" in r:
+            fpw = f"{r['ffma_per_decoded_weight']:.0f} FFMA/thread"
+        elif "mma_per_decoded_weight" in r:
+            fpw = f"{r['mma_per_decoded_weight']:.3f} HMMA/warp"
+        tc = r["math"] == "mma"
+        kshare = share(k["hmma_share"] if tc else k["ffma_share"])
+        lshare = share(ml["hmma_share"] if tc else ml["ffma_share"])
         print(f"| {r['kernel']} | {r['arch']} | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} | "
               f"{r['shared_bytes']} | {r['threads']} | {r['blocks_per_sm']} ({r['limited_by']}) | "
-              f"{r['occupancy']:.0%} | {share(k['ffma_share'])} / {share(ml['ffma_share'])} | "
-              f"{ml['ffma']}, {ml['lds_sts']}, {ml['int_addr']}, {rest} | "
+              f"{r['occupancy']:.0%} | {'HMMA' if tc else 'FFMA'} {kshare} / {lshare} | "
+              f"{ml['ffma']}, {ml['hmma']}, {ml['lds_sts']}, {ml['int_addr']}, {rest} | "
               f"{fpw} |")
     return 0
 

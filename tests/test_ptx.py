@@ -3,7 +3,8 @@
 numba-cuda's compiler (not the simulator) lowers every kernel to PTX, ptxas
 assembles it; ptxas must report no spills, and the registers and shared memory
 must let as many blocks share an SM as the launch configuration assumes
-(``kernels.MIN_BLOCKS_PER_SM``). The suite checks one gate+up build per expert
+(``kernels.MIN_BLOCKS_PER_SM``), and the tensor-core kernels' SASS must hold
+their HMMA instructions (when nvdisasm is found). The suite checks one gate+up build per expert
 type (together every activation and bias setting) and every down build, from one
 PTX per kernel; ``HYBRID_PTX_ALL=1`` checks every variant with PTX per arch.
 The dense-weight, small-op and attention kernels (``examples/dense_kernel_report.py``:
@@ -55,7 +56,24 @@ def test_every_kernel_compiles_for_both_archs(report):
         assert any(n.startswith(f"gate_up {t}") for n in names)
         assert {f"down {t}", f"down {t} bias"} <= names
     assert "reduce" in names
+    # The tensor-core builds (MXFP4): both activations, both bias settings, and down.
+    assert {"gate_up MXFP4 swiglu_oai bias mma", "gate_up MXFP4 silu mma", "down MXFP4 mma",
+            "down MXFP4 bias mma"} <= names
     assert {row["arch"] for row in report["rows"]} == {"sm_80", "sm_90"}
+
+
+def test_tensor_core_kernels_run_hmma(report):
+    if not report["nvdisasm"]:
+        pytest.skip("no nvdisasm (pip install nvidia-cuda-nvdisasm): no SASS to read")
+    for row in report["rows"]:
+        mix = row["sass"]
+        if row["math"] == "mma":
+            # Fully unrolled K step: 3 BF16 pieces x 2 (K 32 / 16) x 2 (M 32 / 16) x 2 (N 16 / 8) per matrix.
+            n_mats = 2 if row["kernel"].startswith("gate_up") else 1
+            assert mix["hot_loop"]["hmma"] == 24 * n_mats, row
+            assert mix["hot_loop"]["ffma"] == 0, row
+        else:
+            assert mix["kernel"]["hmma"] == 0, row
 
 
 def test_no_spills_and_no_stack(report):
@@ -88,6 +106,9 @@ def test_sass_mix_finds_the_hot_loop():
     m = kernel_report.sass_mix(sass)
     assert m["kernel"]["total"] == 6 and m["kernel"]["ffma"] == 2
     assert m["hot_loop"]["total"] == 4 and m["hot_loop"]["ffma_share"] == 0.5 and m["hot_loop"]["lds_sts"] == 1
+    hmma = sass.replace("FFMA R4, R2, R2, R4", "HMMA.16816.F32.BF16 R4, R2, R8, R4")
+    m = kernel_report.sass_mix(hmma)
+    assert m["hot_loop"]["hmma"] == 1 and m["hot_loop"]["ffma"] == 1 and m["hot_loop"]["hmma_share"] == 0.25
 
 
 def test_dense_kernels_compile_for_both_archs(dense_rows):
