@@ -115,7 +115,7 @@ def bench_kernels(tiny, reps=5):
     rng = np.random.default_rng(0)
     maths = ("fma", "mma") if has_mma else ("fma",)
     for name, E in (("gpt-oss-20b", 32), ("gpt-oss-120b", 128)):
-        D = F = 64 if tiny else 2880
+        D = F = 32 if tiny else 2880
         E, k = (6, 2) if tiny else (E, 4)
         tiles = {"fma": K.TileConfig(4, 32, 32, 1, 8, math="fma") if tiny else K.TileConfig(math="fma"),
                  "mma": K.TileConfig(16, 16, 32, math="mma", warp_cols=8) if tiny else K.TileConfig(math="mma")}
@@ -179,7 +179,7 @@ def pinned_peak(nbytes):
 
 def synthetic_layers(tiny, n_layers, rng):
     """gpt-oss-120b layer shapes; the router passes x[:, :E] through, so the logits are synthetic traffic."""
-    D = F = 64 if tiny else 2880
+    D = F = 32 if tiny else 2880
     E, k = (8, 2) if tiny else (128, 4)
     layers = []
     for i in range(n_layers):

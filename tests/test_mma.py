@@ -145,23 +145,23 @@ def test_variants_include_the_tensor_core_kernels():
 
 @pytest.mark.parametrize("k", [1, 4])
 def test_mma_matches_reference(k):
-    layer = random_layer(64, 64, 8, k, seed=10 + k)
+    layer = random_layer(32, 32, 4, k, seed=10 + k)
     x, ids, w = _routed(layer, 6, seed=k)
     _check(layer, x, ids, w, tiles=MMA)
 
 
 def test_mma_partial_tiles_and_widths():
-    # 96 (n_embd and n_ff) is a multiple neither of the 64-wide K chunk nor of the 64-column
-    # blocks; 18 tokens with k=2 on 2 experts give 18 pairs each: a second, partly real
-    # m16 row tile.
-    layer = random_layer(96, 96, 2, 2, seed=21)
-    x, ids, w = _routed(layer, 18, seed=21)
+    # n_embd 96 (down's columns, gate+up's K) and n_ff 32 (gate+up's columns, down's K) are
+    # multiples neither of the 64-wide K chunk nor of the 64-column blocks; 17 tokens on one
+    # expert give 17 pairs: a second m16 row tile with one real row.
+    layer = random_layer(96, 32, 1, 1, seed=21)
+    x, ids, w = _routed(layer, 17, seed=21)
     out = _check(layer, x, ids, w, tiles=MMA_K64)
-    assert out.shape == (18, 96)
+    assert out.shape == (17, 96)
 
 
 def test_mma_silu_without_biases_compact():
-    layer = random_layer(64, 64, 6, 2, seed=22, gpt_oss=False)
+    layer = random_layer(32, 32, 4, 2, seed=22, gpt_oss=False)
     assert layer.gate_b is None and layer.activation == "silu"
     x, ids, w = _routed(layer, 5, seed=22)
     _check(layer, x, ids, w, tiles=MMA, layout="compact")
@@ -170,7 +170,7 @@ def test_mma_silu_without_biases_compact():
 def test_mma_tiny_activations():
     # BF16 has float32's exponent range: hidden states FP16 would flush (< 2^-24) go
     # through exactly. (Large ones too, but the simulator's activation overflows math.exp.)
-    layer = random_layer(64, 64, 4, 2, seed=23)
+    layer = random_layer(32, 32, 4, 2, seed=23)
     x, ids, w = _routed(layer, 4, seed=23)
     x[0] *= 2.0 ** -30
     out = device_ffn(layer, x, ids, w, tiles=MMA)
@@ -180,7 +180,7 @@ def test_mma_tiny_activations():
 
 
 def test_mma_agrees_with_fma_and_is_deterministic():
-    layer = random_layer(64, 64, 6, 2, seed=24)
+    layer = random_layer(32, 32, 4, 2, seed=24)
     x, ids, w = _routed(layer, 6, seed=24)
     a = device_ffn(layer, x, ids, w, tiles=MMA)
     b = device_ffn(layer, x, ids, w, tiles=FMA)
@@ -191,7 +191,7 @@ def test_mma_agrees_with_fma_and_is_deterministic():
 
 
 def test_mma_never_reads_unused_slots():
-    layer = random_layer(64, 64, 8, 2, seed=25)
+    layer = random_layer(32, 32, 6, 2, seed=25)
     x, ids, w = _routed(layer, 3, seed=25)
     clean = device_ffn(layer, x, ids, w, tiles=MMA)
     assert np.array_equal(clean, device_ffn(layer, x, ids, w, tiles=MMA, poison=0xFF))
