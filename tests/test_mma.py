@@ -37,17 +37,6 @@ def _bf16(a):
 
 # ------------------------------------------------------------------ the instruction
 
-@cuda.jit
-def _mma_kernel(regs, c, d):
-    lane = cuda.threadIdx.x
-    d0, d1, d2, d3 = mma.mma_bf16(regs[lane, 0], regs[lane, 1], regs[lane, 2], regs[lane, 3],
-                                  regs[lane, 4], regs[lane, 5], c[lane, 0], c[lane, 1], c[lane, 2], c[lane, 3])
-    d[lane, 0] = d0
-    d[lane, 1] = d1
-    d[lane, 2] = d2
-    d[lane, 3] = d3
-
-
 @SIM
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_emulated_mma_matches_numpy(seed):
@@ -57,7 +46,7 @@ def test_emulated_mma_matches_numpy(seed):
     C = rng.standard_normal((16, 8)).astype(np.float32)
     regs, c = mma.fragments(A, B, C)
     d = np.zeros((32, 4), np.float32)
-    _mma_kernel[1, 32](regs, c, d)
+    mma.probe_kernel[1, 32](regs, c, d)
     D = mma.unfragment(d)
     ref = A.astype(np.float64) @ B.astype(np.float64) + C
     scale = np.abs(A.astype(np.float64)) @ np.abs(B.astype(np.float64)) + np.abs(C)
@@ -67,7 +56,7 @@ def test_emulated_mma_matches_numpy(seed):
         A1, B1 = np.zeros((16, 16), np.float32), np.zeros((16, 8), np.float32)
         A1[m, kk], B1[kk, n] = 3.0, 0.5
         regs, c = mma.fragments(A1, B1, np.zeros((16, 8), np.float32))
-        _mma_kernel[1, 32](regs, c, d)
+        mma.probe_kernel[1, 32](regs, c, d)
         want = np.zeros((16, 8), np.float32)
         want[m, n] = 1.5
         assert np.array_equal(mma.unfragment(d), want)
@@ -85,9 +74,28 @@ def test_emulated_mma_two_warps_do_not_mix():
         cs.append(c)
         refs.append(A.astype(np.float64) @ B)
     d = np.zeros((64, 4), np.float32)
-    _mma_kernel[1, 64](np.concatenate(regs), np.concatenate(cs), d)
+    mma.probe_kernel[1, 64](np.concatenate(regs), np.concatenate(cs), d)
     for w in range(2):
         np.testing.assert_allclose(mma.unfragment(d[32 * w:32 * w + 32]), refs[w], rtol=1e-6, atol=1e-6)
+
+
+@SIM
+def test_instruction_check_passes_and_catches_a_wrong_layout(monkeypatch):
+    # The check auto mode runs on a device before trusting its tensor cores: it passes on
+    # the emulation, and fails when the lanes' registers do not follow the layout.
+    assert mma.check_instruction(seed=7) is None
+    good = mma.fragments
+    monkeypatch.setattr(mma, "fragments", lambda A, B, C: (lambda r, c: (r[::-1].copy(), c))(*good(A, B, C)))
+    assert "elements off" in mma.check_instruction(seed=7)
+
+
+def test_auto_trusts_the_tensor_cores_only_after_the_check(monkeypatch):
+    monkeypatch.setattr(K, "device_cc", lambda: (9, 0))
+    monkeypatch.setattr(mma, "instruction_ok", lambda key: False)
+    assert K.launch_math(K.TileConfig(), 39) == "fma"
+    assert K.launch_math(K.TileConfig(math="mma"), 39) == "mma"  # asked for by name: no check
+    monkeypatch.setattr(mma, "instruction_ok", lambda key: True)
+    assert K.launch_math(K.TileConfig(), 39) == "mma"
 
 
 @cuda.jit

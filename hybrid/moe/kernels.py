@@ -1056,7 +1056,11 @@ def launch_math(tiles: TileConfig, wtype: int) -> str:
     if tiles.math == "mma" and cc is not None and cc < MMA_MIN_CC and int(wtype) in MMA_TYPES:
         raise ValueError(f"TileConfig(math='mma') needs compute capability >= {MMA_MIN_CC[0]}.{MMA_MIN_CC[1]} "
                          f"(mma.sync with BF16), this device has {cc[0]}.{cc[1]}; use math='auto' or 'fma'")
-    return tiles.math_for(wtype, cc)
+    math = tiles.math_for(wtype, cc)
+    if math == "mma" and tiles.math == "auto" and cc is not None:  # trusted only once seen to work here
+        if not mma.instruction_ok(id(cuda.current_context())):
+            return "fma"
+    return math
 
 
 _DUMMY = {}

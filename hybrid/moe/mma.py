@@ -30,6 +30,9 @@ own: bitwise agreement holds run to run on one path, not between the two.
 """
 from __future__ import annotations
 
+import functools
+import logging
+
 import numpy as np
 from numba import cuda
 from numba.cuda.core import config as cuda_config
@@ -38,6 +41,7 @@ SIMULATOR = bool(cuda_config.ENABLE_CUDASIM)
 PTX = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
 M, N, K = 16, 8, 16
 MAX_WARPS = 32  # warps per block (1024 threads): the emulation's scratch
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- simulator (plain numpy, run per thread)
@@ -197,3 +201,52 @@ def unfragment(d):
         g, t = lane >> 2, lane & 3
         D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1] = d[lane]
     return D
+
+
+# ---------------------------------------------------------------- a check of the instruction where it runs
+
+@cuda.jit
+def probe_kernel(regs, c, d):
+    """One warp: ``d[lane] = mma_bf16(regs[lane], c[lane])``, the instruction alone."""
+    lane = cuda.threadIdx.x
+    d0, d1, d2, d3 = mma_bf16(regs[lane, 0], regs[lane, 1], regs[lane, 2], regs[lane, 3],
+                              regs[lane, 4], regs[lane, 5], c[lane, 0], c[lane, 1], c[lane, 2], c[lane, 3])
+    d[lane, 0] = d0
+    d[lane, 1] = d1
+    d[lane, 2] = d2
+    d[lane, 3] = d3
+
+
+def check_instruction(seed: int = 0) -> str | None:
+    """Run one MMA on random fragments and compare it with numpy: None when it agrees,
+    else what went wrong. The fragment layout is written from the PTX ISA and checked on
+    the simulator against its emulation; this checks it (and the instruction) on the
+    device itself, once, before ``math="auto"`` trusts the tensor cores."""
+    rng = np.random.default_rng(seed)
+    bf16 = lambda a: (np.asarray(a, np.float32).view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)  # noqa: E731
+    A, B = bf16(rng.standard_normal((M, K))), bf16(rng.standard_normal((K, N)))
+    C = rng.standard_normal((M, N)).astype(np.float32)
+    regs, c = fragments(A, B, C)
+    d = np.zeros((32, 4), np.float32)
+    try:
+        probe_kernel[1, 32](regs, c, d)
+    except Exception as e:  # a compile or launch failure: report it, the caller falls back
+        return f"{type(e).__name__}: {e}"
+    D = unfragment(d)
+    ref = A.astype(np.float64) @ B.astype(np.float64) + C
+    # Products are exact; K + 1 float32 additions, truncating on tensor cores: 2 ulps each.
+    bound = (K + 1) * 2.0 ** -22 * (np.abs(A.astype(np.float64)) @ np.abs(B.astype(np.float64)) + np.abs(C))
+    bad = np.argwhere(~(np.abs(D - ref) <= bound))
+    if bad.size:
+        m, n = bad[0]
+        return f"D[{m}, {n}] = {D[m, n]!r}, expected {ref[m, n]!r} ({len(bad)} of {M * N} elements off)"
+    return None
+
+
+@functools.cache
+def instruction_ok(context_key: int) -> bool:
+    """``check_instruction`` once per CUDA context (device) and process; a failure is logged once."""
+    err = check_instruction()
+    if err is not None:
+        log.warning("tensor-core check failed on this device (%s): the expert kernels use FFMA", err)
+    return err is None
