@@ -87,15 +87,12 @@ class DeviceEngine:
         """
         if T not in self._scratch:
             self.compute_stream.synchronize()  # async copies may still read the buffers dropped here
-            k, D, F, bs, E = self.k, self.n_embd, self.n_ff, self.tiles.block_pairs, self.layers[0].n_experts
-            P = T * k + E * (bs - 1)  # pairs padded to whole tiles, at most
-            pin, dev = cuda.pinned_array, cuda.device_array
-            self._scratch = {T: dict(
-                act=dev((T * k, F), np.float32), y=dev((T * k, D), np.float32), out=dev((T, D), np.float32),
-                out_h=pin((T, D), np.float32), x=(pin((T, D), np.float32), dev((T, D), np.float32)),
-                logits=(pin((T, E), np.float32), dev((T, E), np.float32)),
-                w=(pin(T * k, np.float32), dev(T * k, np.float32)), pairs=(pin(P, np.int32), dev(P, np.int32)),
-                tile_expert=(pin(P // bs, np.int32), dev(P // bs, np.int32)), slots=[])}
+            E = self.layers[0].n_experts
+            shapes = scratch_shapes(T, self.k, self.n_embd, self.n_ff, E, self.tiles.block_pairs)
+            alloc = {"dev": lambda s, t: cuda.device_array(s, t), "pin": lambda s, t: cuda.pinned_array(s, t),
+                     "pair": lambda s, t: (cuda.pinned_array(s, t), cuda.device_array(s, t))}
+            self._scratch = {T: {name: alloc[kind](shape, dt) for name, (kind, shape, dt) in shapes.items()}}
+            self._scratch[T]["slots"] = []
         return self._scratch[T]
 
     def _slot_map(self, buf, i, slot_map):
@@ -237,6 +234,24 @@ class DeviceEngine:
                            v.get("gate_b"), v.get("up_b"), v.get("down_b"), w_d, buf["act"], buf["y"],
                            n_embd=self.n_embd, n_ff=self.n_ff, k=self.k, activation=L.activation,
                            tiles=self.tiles, stream=self.compute_stream)
+
+
+def scratch_shapes(T, k, n_embd, n_ff, n_experts, block_pairs) -> dict:
+    """The buffers ``DeviceEngine`` keeps for ubatches of ``T`` tokens: name -> (kind, shape,
+    dtype), kind ``dev`` (device), ``pin`` (pinned host) or ``pair`` (pinned upload buffer and
+    its device twin). Slot maps (int32 [n_experts], a pair per round) come on top."""
+    P = T * k + n_experts * (block_pairs - 1)  # pairs padded to whole tiles, at most
+    f32, i32 = np.float32, np.int32
+    return dict(act=("dev", (T * k, n_ff), f32), y=("dev", (T * k, n_embd), f32), out=("dev", (T, n_embd), f32),
+                out_h=("pin", (T, n_embd), f32), x=("pair", (T, n_embd), f32), logits=("pair", (T, n_experts), f32),
+                w=("pair", (T * k,), f32), pairs=("pair", (P,), i32), tile_expert=("pair", (P // block_pairs,), i32))
+
+
+def scratch_device_bytes(T, k, n_embd, n_ff, n_experts, block_pairs, n_rounds=1) -> int:
+    """Device bytes of ``scratch_shapes`` and ``n_rounds`` slot maps (VRAM accounting)."""
+    shapes = scratch_shapes(T, k, n_embd, n_ff, n_experts, block_pairs).values()
+    return (sum(int(np.prod(s)) * np.dtype(t).itemsize for kind, s, t in shapes if kind != "pin")
+            + n_rounds * n_experts * 4)
 
 
 class _Rows:

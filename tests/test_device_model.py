@@ -1,0 +1,132 @@
+"""The device-resident model on the simulator: everything but the experts on the device.
+
+Tiny random models of both architectures (the simulator runs a Python thread per GPU
+thread): a 7-token prompt in ubatches of 5 (offloaded: min_offload_batch 4) and 2 (CPU
+experts), then decode steps, which run the experts on the CPU. The logits must match
+the CPU target's and the float64 reference for every policy, layout and cache budget
+(all of them on gpt-oss; the engine does not depend on the architecture, so qwen3moe
+takes two, to stay within the suite's time). Prompts are drawn fresh each run; the
+seed is in every failure message.
+"""
+import functools
+import os
+
+import numpy as np
+import pytest
+from gguf.constants import GGMLQuantizationType as T
+
+from hybrid.model import load, write_tiny
+from hybrid.model.forward import Transformer
+from hybrid.model.reference import forward_reference
+from hybrid.model.vram import VRAMError
+from hybrid.moe.kernels import TileConfig
+from hybrid.moe.scheduler import HybridMoE
+
+pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1", reason="needs the simulator")
+
+SHAPE = dict(n_layers=2, n_embd=32, n_ff=32, n_experts=4, k=2, n_head=2, n_head_kv=1, head_dim=32, n_vocab=40,
+             n_swa=3, skew=1.0)
+TILES = TileConfig(block_pairs=4, block_cols=32, k_chunk=32, thread_rows=1, thread_cols=8)
+N, UB = 7, 5  # prompt tokens, ubatch: ubatches of 5 (offloaded) and 2 (CPU experts)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    @functools.cache
+    def case(arch):
+        """The model, a fresh prompt, and what the CPU target and the float64 reference say of it."""
+        m = load(write_tiny(tmp_path_factory.mktemp("m") / f"{arch}.gguf", arch=arch, seed=5,
+                            dense_type=T.Q8_0 if arch == "gpt-oss" else T.F16, **SHAPE))
+        seed = int(np.random.SeedSequence().entropy % 2**32)
+        toks = np.random.default_rng(seed).integers(0, SHAPE["n_vocab"], N)
+        cpu = Transformer(m, n_ctx=N, n_ubatch=UB, q8_decode=False)
+        steps = np.concatenate([cpu.prefill(toks[:UB])] + [cpu.decode_one_token(int(t))[None] for t in toks[UB:]])
+        return m, toks, f"{arch}, seed {seed}", dict(full=cpu.prefill(toks), steps=steps,
+                                                      ref=forward_reference(m, toks))
+    return case
+
+
+def close(a, b, msg, rel=2e-5):
+    np.testing.assert_allclose(a, b, rtol=0, atol=rel * float(np.abs(b).max()), err_msg=msg)
+
+
+def sim_model(m, n_ctx=N, n_ubatch=UB, vram_bytes=None, **moe_kw):
+    moe = HybridMoE(m.layers, device="sim", min_offload_batch=4, tiles=TILES, **moe_kw)
+    return Transformer(m, moe, n_ctx=n_ctx, n_ubatch=n_ubatch, q8_decode=False, vram_bytes=vram_bytes)
+
+
+def per_expert(m):
+    return m.layers[0].expert_bytes
+
+
+CONFIGS = {  # name -> HybridMoE options (budgets in experts)
+    "used": dict(policy="used"),
+    "all": dict(policy="all"),
+    "compact-rounds": dict(policy="used", layout="compact", device_bytes=1),
+    "cache": dict(policy="used", cache_bytes=3),
+}
+
+
+@pytest.mark.parametrize("arch, name", [("gpt-oss", n) for n in CONFIGS] + [("qwen3moe", "used"),
+                                                                          ("qwen3moe", "cache")])
+def test_device_logits_match_the_cpu_target_and_the_reference(cases, arch, name):
+    m, toks, msg, want = cases(arch)
+    msg = f"{name}, {msg}"
+    kw = {k: v * per_expert(m) if k.endswith("bytes") else v for k, v in CONFIGS[name].items()}
+    tr = sim_model(m, **kw)
+    full = tr.prefill(toks)
+    assert full.dtype == np.float32 and full.shape == (N, SHAPE["n_vocab"])
+    close(full, want["full"], msg, rel=1e-5)
+    close(full, want["ref"], msg)
+    assert np.abs(want["ref"][-1] - want["ref"][0]).max() > 1e-2 * np.abs(want["ref"]).max()  # not degenerate
+    # Prefill then decode (the experts of 1-token steps on the CPU) equals the full forward.
+    steps = np.concatenate([tr.prefill(toks[:UB])] + [tr.decode_one_token(int(t))[None] for t in toks[UB:]])
+    close(steps, want["steps"], msg, rel=1e-5)
+    close(steps, full, msg)
+    paths = [(r.n_tokens, r.path) for r in tr.moe.stats.records]
+    assert paths == [(5, "offload")] * 2 + [(1, "cpu")] * 4, paths
+    if name == "compact-rounds":
+        assert max(r.rounds for r in tr.moe.stats.records) > 1
+    if name == "used":  # a second run gives identical bits; "last" is the last row of "all"
+        last = tr.prefill(toks, logits="last")
+        assert last.shape == (1, SHAPE["n_vocab"]) and np.array_equal(last[0], full[-1]), msg
+
+
+def test_vram_budget_is_checked_before_allocating_and_its_hints_fit(cases, monkeypatch):
+    from numba import cuda
+    m, toks, msg, _ = cases("gpt-oss")
+    with monkeypatch.context() as mp:  # no backend given: nothing is allocated before the check
+        for name in ("to_device", "device_array", "pinned_array", "stream"):
+            mp.setattr(cuda, name, lambda *a, **k: pytest.fail("allocated before the VRAM check"))
+        with pytest.raises(VRAMError) as e:
+            Transformer(m, n_ctx=N, n_ubatch=UB, device="sim", vram_bytes=1000)
+    text = str(e.value)
+    assert "does not fit in device memory" in text and "KV cache (n_ctx 7, n_ubatch 5)" in text
+    need = int(text.split("it needs ")[1].split(" bytes")[0].replace(",", ""))
+    assert f"{need - 1000:,} bytes short" in text
+    tr = Transformer(m, n_ctx=N, n_ubatch=UB, device="sim", vram_bytes=need)  # exactly enough
+    assert tr.on_device and tr.moe.device == "sim"
+    with pytest.raises(VRAMError, match=r"available: 1 bytes short"):
+        Transformer(m, n_ctx=N, n_ubatch=UB, device="sim", vram_bytes=need - 1)
+
+    # A budget the default misses by a little: each hint, applied alone, must fit.
+    short = 64
+    with pytest.raises(VRAMError) as e:
+        Transformer(m, n_ctx=N, n_ubatch=UB, device="sim", vram_bytes=need - short)
+    hints = dict(line.split(" -> ") for line in str(e.value).splitlines()[1:])
+    by = {k.split(" (")[0].split(":")[0].strip(): v for k, v in hints.items()}
+    assert by["dense weights"] == "fixed"
+    n_ctx = int(by["KV cache"].split("-c ")[1].split()[0])
+    assert n_ctx < N
+    Transformer(m, n_ctx=n_ctx, n_ubatch=UB, device="sim", vram_bytes=need - short)
+    n_ub = int(by["ubatch scratch"].split("-ub ")[1].split()[0])
+    assert n_ub < UB
+    Transformer(m, n_ctx=N, n_ubatch=n_ub, device="sim", vram_bytes=need - short)
+    mb = float(by["MoE backend"].split("--device-mb ")[1].split()[0])
+    moe = HybridMoE(m.layers, device="sim", layout="compact", device_bytes=round(mb * 2**20))
+    Transformer(m, moe, n_ctx=N, n_ubatch=UB, vram_bytes=need - short)
+    # A built backend counts as allocated, and still counts against an explicit budget.
+    with pytest.raises(VRAMError, match=r"\(allocated\)"):
+        Transformer(m, HybridMoE(m.layers, device="sim"), n_ctx=N, n_ubatch=UB, vram_bytes=need - short)
+    with pytest.raises(ValueError, match="vram_bytes must be"):
+        Transformer(m, n_ctx=N, n_ubatch=UB, device="sim", vram_bytes=-1)
