@@ -122,7 +122,10 @@ class Transformer:
     ``policy``). A backend on ``cuda``/``sim`` puts the rest of the model on the device
     too (the module doc); ``vram_bytes`` bounds the device memory it may take in all
     (default: what the device has free, plus what ``moe`` already holds; the simulator
-    has no bound). ``n_ctx`` sizes the KV cache (default: the training context).
+    has no bound); ``dense_tiles`` (a ``device_dense.DenseTiles``) and ``attention_config``
+    (a ``device_attention.AttentionConfig``) size its kernels (default: for a GPU; the
+    simulator's tests take small ones). ``n_ctx`` sizes the KV cache (default: the
+    training context).
 
     Precision: prompt ubatches compute the experts with float32 activations, so a
     prompt's logits do not depend on how it is split. Decode steps (``decode_one_token``)
@@ -133,7 +136,7 @@ class Transformer:
 
     def __init__(self, model, moe: HybridMoE | None = None, *, n_ctx: int | None = None,
                  n_batch: int = 2048, n_ubatch: int = 512, policy: str = "used", device: str = "cpu",
-                 q8_decode: bool = True, vram_bytes: int | None = None):
+                 q8_decode: bool = True, vram_bytes: int | None = None, dense_tiles=None, attention_config=None):
         self.model = model
         self.cfg = cfg = read_config(model)
         if model.dense_blocks:
@@ -161,6 +164,15 @@ class Transformer:
             self.moe = moe if moe is not None else HybridMoE(model.layers, device=device, policy=policy)
         else:  # everything counted against the device's memory before anything is allocated
             from . import vram
+            from .device_attention import AttentionConfig
+            from .device_dense import DenseTiles
+            self.dense_tiles = DenseTiles() if dense_tiles is None else dense_tiles
+            self.attention_config = AttentionConfig() if attention_config is None else attention_config
+            if not isinstance(self.dense_tiles, DenseTiles):
+                raise TypeError(f"dense_tiles must be a DenseTiles or None, got {type(dense_tiles).__name__}")
+            if not isinstance(self.attention_config, AttentionConfig):
+                raise TypeError(f"attention_config must be an AttentionConfig or None, "
+                                f"got {type(attention_config).__name__}")
             vram.check(self, moe, vram_bytes, resolve_device(device))
             self.moe = moe if moe is not None else HybridMoE(model.layers, device=device, policy=policy)
             self._to_device()
@@ -308,7 +320,7 @@ class Transformer:
 
         def up(v):
             if isinstance(v, Dense):
-                return DeviceDense(v, stream=s)
+                return DeviceDense(v, stream=s, tiles=self.dense_tiles)
             return None if v is None else cuda.to_device(np.ascontiguousarray(v, np.float32), stream=s)
 
         self.dev_blocks = [dataclasses.replace(b, **{f.name: up(getattr(b, f.name)) for f in dataclasses.fields(b)})
@@ -383,7 +395,8 @@ class Transformer:
         rope_neox_d(k, *rope, stream=s)
         self.cache.store(il, pos0, k, v, stream=s)
         n_swa = cfg.n_swa if cfg.swa_layers[il] else 0
-        a = attention_d(self.cache, il, q, pos0, cfg.kq_scale, n_swa, b.sinks, out=buf["attn"], stream=s)
+        a = attention_d(self.cache, il, q, pos0, cfg.kq_scale, n_swa, b.sinks, out=buf["attn"], stream=s,
+                        config=self.attention_config)
         o = b.wo.matmul(a, out=buf["o"], stream=s)
         if b.bo is not None:
             add(o, b.bo, stream=s)
