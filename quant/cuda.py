@@ -294,3 +294,133 @@ def dequantize_cuda(blocks, ggml_type=T.MXFP4, stream=0):
     if on_device:
         return out.reshape(out_shape)
     return out.copy_to_host(stream=stream).reshape(out_shape)
+
+
+# ---------------------------------------------------------------- dense matrices (any type a file holds)
+#
+# Whole weight matrices (attention, embeddings, output head) come in more types
+# than the experts: F16 and BF16 too. A kernel reads a row as ``dense_dtype``
+# elements (the stored bytes, viewed) and walks it in *items*: item ``i`` holds
+# the values at columns ``c = 32*(i//16) + i%16`` and ``c + 16`` (an MXFP4 qs
+# byte's two nibbles; the same pairing for every type), so 32 consecutive items
+# are two consecutive quant blocks and a warp's loads coalesce.
+
+DENSE_TYPES = (int(T.F32), int(T.F16), int(T.BF16), int(T.Q8_0), int(T.MXFP4))
+_DENSE_DTYPES = {int(T.F32): np.float32, int(T.F16): np.uint16, int(T.BF16): np.uint16}
+_BF16_UNIT = np.float32(1.0 / 128.0)  # 2^-7: one step of the 7-bit mantissa
+
+
+def dense_dtype(ggml_type) -> np.dtype:
+    """The element type a kernel reads rows of ``ggml_type`` as: float32 (F32), uint16 (F16, BF16
+    bits), uint8 (MXFP4, Q8_0 blocks)."""
+    qt = int(ggml_type)
+    if qt not in DENSE_TYPES:
+        raise NotImplementedError(f"dense rows of GGML type {_name(qt)} are not supported "
+                                  f"(supported: {', '.join(_name(t) for t in DENSE_TYPES)})")
+    return np.dtype(_DENSE_DTYPES.get(qt, np.uint8))
+
+
+@cuda.jit(device=True, inline=True)
+def bf16_bits_to_f32(h, tabs):
+    """bfloat16 from its 16 bits, exactly, as float32 (the upper half of its bits). The
+    simulator has no bit casts: 1.m times 2^(e-127), the power from the MXFP4 scale table
+    ``tabs[e + 1] = 2^(e-127)`` (``load_tables``); both products are exact."""
+    hi = np.int32(h)
+    ex = (hi >> 7) & 0xFF
+    man = hi & 0x7F
+    if ex == 0xFF:
+        v = np.float32(math.inf) if man == 0 else np.float32(math.nan)
+    elif ex == 0:  # zero or subnormal: 0.m * 2^-126
+        v = np.float32(man) * _BF16_UNIT * tabs[2]
+    else:
+        v = np.float32(man | 0x80) * _BF16_UNIT * tabs[ex + 1]
+    return -v if hi & 0x8000 else v
+
+
+@functools.lru_cache(maxsize=None)
+def pair_reader(ggml_type):
+    """Device function ``read(w, s, row, i, K, tabs) -> (lo, hi)``: the values of item ``i`` of
+    row ``row`` of matrix ``s`` (columns ``c = 32*(i//16) + i%16`` and ``c + 16``; 0 past ``K``).
+
+    ``w`` is ``[n_mats, n_rows, n]`` of ``dense_dtype(ggml_type)``: the stored row bytes
+    viewed; ``tabs`` is from ``load_tables`` (MXFP4 and BF16 read it). The caller keeps
+    ``s`` and ``row`` in range; the block types' K is a multiple of 32.
+    """
+    qt = int(ggml_type)
+    dense_dtype(qt)  # refuses other types
+    U = np.uint64
+
+    if qt == int(T.MXFP4):
+        @cuda.jit(device=True, inline=True)
+        def read(w, s, row, i, K, tabs):
+            iu = U(i)
+            base = (iu >> U(4)) * U(MXFP4_BYTES)
+            d = tabs[w[s, row, base]]
+            q = U(w[s, row, base + U(1) + (iu & U(15))])
+            return tabs[U(KV_OFFSET) + (q & U(15))] * d, tabs[U(KV_OFFSET) + (q >> U(4))] * d
+        return read
+
+    if qt == int(T.Q8_0):
+        @cuda.jit(device=True, inline=True)
+        def read(w, s, row, i, K, tabs):
+            iu = U(i)
+            base = (iu >> U(4)) * U(Q8_0_BYTES)
+            j = base + U(2) + (iu & U(15))
+            d = f16_bits_to_f32(w[s, row, base], w[s, row, base + U(1)])
+            return q8_0_value(w[s, row, j], d), q8_0_value(w[s, row, j + U(16)], d)
+        return read
+
+    # One element per column: F32, F16, BF16.
+    if qt == int(T.F32):
+        @cuda.jit(device=True, inline=True)
+        def value(e, tabs):
+            return e
+    elif qt == int(T.F16):
+        @cuda.jit(device=True, inline=True)
+        def value(e, tabs):
+            return f16_bits_to_f32(np.int32(e) & 0xFF, np.int32(e) >> 8)
+    else:
+        value = bf16_bits_to_f32
+
+    @cuda.jit(device=True, inline=True)
+    def read(w, s, row, i, K, tabs):
+        iu = U(i)
+        c = ((iu >> U(4)) << U(5)) + (iu & U(15))
+        lo = np.float32(0.0)
+        hi = np.float32(0.0)
+        if c < U(K):
+            lo = value(w[s, row, c], tabs)
+        if c + U(16) < U(K):
+            hi = value(w[s, row, c + U(16)], tabs)
+        return lo, hi
+    return read
+
+
+@functools.lru_cache(maxsize=None)
+def dense_tile_decoder(ggml_type, rows, k_chunk, n_threads, stride):
+    """``tile_decoder``'s device function (same arguments, same tile) for every type in
+    ``DENSE_TYPES``, ``w`` as ``pair_reader`` takes it: ``tile_decoder`` itself for MXFP4,
+    Q8_0 and F32, else one ``pair_reader`` item (two values) per step."""
+    qt = int(ggml_type)
+    if qt in (int(T.MXFP4), int(T.Q8_0), int(T.F32)):
+        return tile_decoder(qt, rows, k_chunk, n_threads, stride)
+    read = pair_reader(qt)
+    ITEMS = rows * k_chunk // 2
+    U = np.uint64
+    PER_ROW, ST = U(k_chunk // 2), U(stride)
+
+    @cuda.jit(device=True, inline=True)
+    def decode(w, s, row0, n_rows, k0, K, dst, off, tid, tabs):
+        r0, nr, item0, o = U(row0), U(n_rows), U(k0 // 2), U(off)
+        for i in range(tid, ITEMS, n_threads):
+            idx = U(i)
+            n = idx // PER_ROW
+            rem = idx - n * PER_ROW  # item within the chunk: columns kk and kk + 16
+            kk = ((rem >> U(4)) << U(5)) + (rem & U(15))
+            lo = np.float32(0.0)
+            hi = np.float32(0.0)
+            if r0 + n < nr:
+                lo, hi = read(w, s, r0 + n, item0 + rem, K, tabs)
+            dst[o + kk * ST + n] = lo
+            dst[o + (kk + U(16)) * ST + n] = hi
+    return decode

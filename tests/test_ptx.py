@@ -6,6 +6,10 @@ must let as many blocks share an SM as the launch configuration assumes
 (``kernels.MIN_BLOCKS_PER_SM``). The suite checks one gate+up build per expert
 type (together every activation and bias setting) and every down build, from one
 PTX per kernel; ``HYBRID_PTX_ALL=1`` checks every variant with PTX per arch.
+The dense-weight, small-op and attention kernels (``examples/dense_kernel_report.py``:
+its ``SUBSET``, the ops and attention at head dim 64, or every build with
+``HYBRID_PTX_ALL=1``) are held to no spills, no stack and their assumed occupancy
+the same way.
 """
 import json
 import os
@@ -23,15 +27,26 @@ TOOLKIT = kernel_report.find_toolkit()
 pytestmark = pytest.mark.skipif(TOOLKIT is None, reason="no CUDA toolkit (ptxas, libNVVM, libdevice; set CUDA_HOME)")
 
 
-@pytest.fixture(scope="module")
-def report():
-    full = os.environ.get("HYBRID_PTX_ALL") == "1"
+FULL = os.environ.get("HYBRID_PTX_ALL") == "1"
+
+
+def _run_json(script, *args):
+    """``examples/<script> --json args`` with the simulator off, its JSON output."""
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    args = [sys.executable, str(ROOT / "examples" / "kernel_report.py"), "--json", "--arch", "80,90"]
-    args += [] if full else ["--subset", "--shared-ptx"]
-    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--json", *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def report():
+    return _run_json("kernel_report.py", "--arch", "80,90", *([] if FULL else ["--subset", "--shared-ptx"]))
+
+
+@pytest.fixture(scope="module")
+def dense_rows():
+    return _run_json("dense_kernel_report.py", *([] if FULL else ["--subset"]))
 
 
 def test_every_kernel_compiles_for_both_archs(report):
@@ -73,3 +88,17 @@ def test_sass_mix_finds_the_hot_loop():
     m = kernel_report.sass_mix(sass)
     assert m["kernel"]["total"] == 6 and m["kernel"]["ffma"] == 2
     assert m["hot_loop"]["total"] == 4 and m["hot_loop"]["ffma_share"] == 0.5 and m["hot_loop"]["lds_sts"] == 1
+
+
+def test_dense_kernels_compile_for_both_archs(dense_rows):
+    names = {row["kernel"] for row in dense_rows}
+    assert {"dense gemm MXFP4", "dense gemm Q8_0", "dense gemm BF16", "dense gemv MXFP4 T=8", "dense gemv BF16 T=8",
+            "rmsnorm", "rope_neox", "add", "attention wide d64", "attention narrow d64", "attention combine",
+            "kv store"} <= names
+    assert {row["arch"] for row in dense_rows} == {"sm_80", "sm_90"}
+
+
+def test_dense_kernels_no_spills_no_stack_and_the_assumed_occupancy(dense_rows):
+    for row in dense_rows:
+        assert (row["spill_stores"], row["spill_loads"], row["stack"]) == (0, 0, 0), row
+        assert row["blocks_per_sm"] >= row["assumed_blocks_per_sm"], row

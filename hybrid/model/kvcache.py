@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-__all__ = ["KVCache", "physical_memory"]
+__all__ = ["KVCache", "kv_sizes", "kv_nbytes", "physical_memory"]
 
 
 def physical_memory() -> int | None:
@@ -27,12 +27,23 @@ def physical_memory() -> int | None:
         return None
 
 
+def kv_sizes(cfg, n_ctx: int, n_ubatch: int) -> list[int]:
+    """Slots of each layer's cache: ``n_ctx``, or on sliding-window layers the ring of
+    ``min(n_ctx, n_swa + n_ubatch)`` (the host and the device cache both use this)."""
+    return [min(int(n_ctx), cfg.n_swa + int(n_ubatch)) if s else int(n_ctx) for s in cfg.swa_layers]
+
+
+def kv_nbytes(cfg, n_ctx: int, n_ubatch: int) -> int:
+    """Bytes of K and V (float32) over all layers."""
+    return sum(kv_sizes(cfg, n_ctx, n_ubatch)) * cfg.n_head_kv * (cfg.head_dim + cfg.head_dim_v) * 4
+
+
 class KVCache:
     def __init__(self, cfg, n_ctx: int, n_ubatch: int):
         self.n_ctx, self.n_ubatch = int(n_ctx), int(n_ubatch)
         self.swa = [cfg.n_swa if s else 0 for s in cfg.swa_layers]
-        self.size = [min(self.n_ctx, w + self.n_ubatch) if w else self.n_ctx for w in self.swa]
-        need = sum(self.size) * cfg.n_head_kv * (cfg.head_dim + cfg.head_dim_v) * 4
+        self.size = kv_sizes(cfg, n_ctx, n_ubatch)
+        need = kv_nbytes(cfg, n_ctx, n_ubatch)
         ram = physical_memory()
         if ram is not None and need > ram:
             raise ValueError(f"a context of {self.n_ctx:,} tokens needs a KV cache of {need / 2**30:.1f} GiB "
