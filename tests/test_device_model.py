@@ -29,8 +29,8 @@ pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1", r
 SHAPE = dict(n_layers=2, n_embd=32, n_ff=32, n_experts=4, k=2, n_head=2, n_head_kv=1, head_dim=32, n_vocab=40,
              n_swa=3, skew=1.0)
 TILES = TileConfig(block_pairs=4, block_cols=32, k_chunk=32, thread_rows=1, thread_cols=8)
-DENSE = DenseTiles(gemv_tokens=1, gemv_warps=1, gemv_rows=64, block_tokens=8, block_rows=64, k_chunk=32,
-                   thread_tokens=2, thread_rows=8)
+DENSE = DenseTiles(gemv_tokens=1, gemv_warps=1, gemv_rows=64,
+                   gemm=TileConfig(block_pairs=4, block_cols=64, k_chunk=32, thread_rows=1, thread_cols=8))
 ATTENTION = AttentionConfig(wide=AttentionTiles(rows=8, keys=8, thread_rows=2, thread_keys=2),
                             narrow=AttentionTiles(rows=4, keys=4, thread_rows=2, thread_keys=2),
                             narrow_rows=4, target_blocks=64, split_keys=4)
@@ -58,7 +58,8 @@ def close(a, b, msg, rel=2e-5):
 
 
 def sim_model(m, n_ctx=N, n_ubatch=UB, vram_bytes=None, min_offload_batch=UB, **moe_kw):
-    moe = HybridMoE(m.layers, device="sim", min_offload_batch=min_offload_batch, tiles=TILES, **moe_kw)
+    moe = HybridMoE(m.layers, device="sim", min_offload_batch=min_offload_batch, tiles=TILES, dense_tiles=DENSE,
+                    **moe_kw)
     return Transformer(m, moe, n_ctx=n_ctx, n_ubatch=n_ubatch, q8_decode=False, vram_bytes=vram_bytes,
                        dense_tiles=DENSE, attention_config=ATTENTION)
 

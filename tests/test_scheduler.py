@@ -352,8 +352,10 @@ def test_hidden_states_on_the_device_stay_there(layers):
     rng = np.random.default_rng()
     seed = int(rng.integers(1 << 30))
     xs = {T: hidden(T, seed + T) for T in (6, 2)}
+    from hybrid.model.device_dense import DenseTiles
+    router = DenseTiles(gemv_tokens=1, gemv_warps=1, gemv_rows=8, gemm=TILES)  # few threads: the simulator runs each
     for cfg, ls in ((dict(), layers), (dict(cache_bytes=3 * layers[0].expert_bytes), layers[:1])):
-        with HybridMoE(ls, device="sim", min_offload_batch=4, tiles=TILES, **cfg) as moe:
+        with HybridMoE(ls, device="sim", min_offload_batch=4, tiles=TILES, dense_tiles=router, **cfg) as moe:
             for T, x in xs.items():
                 for i, L in enumerate(ls):
                     want = moe.forward(i, x)

@@ -33,11 +33,15 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+from numba import cuda
 
 from ..moe.cpu import CpuTiles
 from ..moe.scheduler import HybridMoE, resolve_device
+from . import device_ops, vram
 from .config import Config, read_config
 from .dense import Dense
+from .device_attention import AttentionConfig, DeviceKVCache, attention as device_attention
+from .device_dense import DenseTiles, DeviceDense
 from .gguf import GGUFError
 from .kvcache import KVCache
 from .ops import attention, rmsnorm, rope_cos_sin, rope_neox
@@ -163,9 +167,6 @@ class Transformer:
             self.cache = KVCache(cfg, self.n_ctx, self.n_ubatch)  # refuses a cache beyond the machine's memory
             self.moe = moe if moe is not None else HybridMoE(model.layers, device=device, policy=policy)
         else:  # everything counted against the device's memory before anything is allocated
-            from . import vram
-            from .device_attention import AttentionConfig
-            from .device_dense import DenseTiles
             self.dense_tiles = DenseTiles() if dense_tiles is None else dense_tiles
             self.attention_config = AttentionConfig() if attention_config is None else attention_config
             if not isinstance(self.dense_tiles, DenseTiles):
@@ -311,11 +312,6 @@ class Transformer:
     def _to_device(self):
         """Device copies of the dense weights (DeviceDense, in the file's type), of the norms,
         biases and sinks (float32), and the KV cache on the device."""
-        from numba import cuda
-
-        from .device_attention import DeviceKVCache
-        from .device_dense import DeviceDense
-
         s = self.moe.stream
 
         def up(v):
@@ -335,16 +331,12 @@ class Transformer:
         """Device activations of a ubatch of ``T`` tokens (kept for the last T): no allocation per
         layer, which could synchronise the device."""
         if T not in self._scratch:
-            from numba import cuda
             self.moe.synchronize()  # enqueued work may still use the buffers dropped here
             self._scratch = {T: {name: cuda.device_array(shape, np.float32)
                                  for name, shape in device_activations(self.cfg, T).items()}}
         return self._scratch[T]
 
     def _ubatch_device(self, ids: np.ndarray, want, cpu_tiles) -> np.ndarray | None:
-        from numba import cuda
-
-        from .device_ops import add, rmsnorm as rmsnorm_d
         cfg, cache, s = self.cfg, self.cache, self.moe.stream
         T, pos0 = len(ids), cache.n_past
         pos = np.arange(pos0, pos0 + T)
@@ -356,10 +348,10 @@ class Transformer:
         h = self.dev_embd.rows(cuda.to_device(ids.astype(np.int32), stream=s), out=buf["h"], stream=s)
         with self._cpu_threads(T):  # decode steps run the experts on the CPU
             for il, b in enumerate(self.dev_blocks):
-                x = rmsnorm_d(h, b.attn_norm, cfg.rms_eps, out=buf["x"], stream=s)
-                add(h, self._attention_device(il, b, x, pos0, rope[cfg.rope_base(il)], buf), stream=s)
-                x = rmsnorm_d(h, b.ffn_norm, cfg.rms_eps, out=buf["x"], stream=s)
-                add(h, self.moe.forward(il, x, cpu_tiles=cpu_tiles, out=buf["moe"]), stream=s)
+                x = device_ops.rmsnorm(h, b.attn_norm, cfg.rms_eps, out=buf["x"], stream=s)
+                device_ops.add(h, self._attention_device(il, b, x, pos0, rope[cfg.rope_base(il)], buf), stream=s)
+                x = device_ops.rmsnorm(h, b.ffn_norm, cfg.rms_eps, out=buf["x"], stream=s)
+                device_ops.add(h, self.moe.forward(il, x, cpu_tiles=cpu_tiles, out=buf["moe"]), stream=s)
         self.moe.end_ubatch()
         cache.n_past = pos0 + T
         if want is None:
@@ -368,38 +360,36 @@ class Transformer:
         if want == "last":
             h = h[T - 1:]
         n = h.shape[0]
-        x = rmsnorm_d(h, self.dev_output_norm, cfg.rms_eps, out=buf["x"][:n], stream=s)
+        x = device_ops.rmsnorm(h, self.dev_output_norm, cfg.rms_eps, out=buf["x"][:n], stream=s)
         logits = self.dev_output.matmul(x, out=buf["logits"][:n], stream=s).copy_to_host(stream=s)
         self.moe.synchronize()  # (the logits are on the host; this completes the step times)
         return logits
 
     def _attention_device(self, il: int, b: Block, x, pos0: int, rope, buf):
-        from .device_attention import attention as attention_d
-        from .device_ops import add, rmsnorm as rmsnorm_d, rope_neox as rope_neox_d
         cfg, s = self.cfg, self.moe.stream
         T = x.shape[0]
         q = b.wq.matmul(x, out=buf["q"], stream=s)
         k = b.wk.matmul(x, out=buf["k"], stream=s)
         v = b.wv.matmul(x, out=buf["v"], stream=s)
         if cfg.qkv_bias:
-            add(q, b.bq, stream=s)
-            add(k, b.bk, stream=s)
-            add(v, b.bv, stream=s)
+            device_ops.add(q, b.bq, stream=s)
+            device_ops.add(k, b.bk, stream=s)
+            device_ops.add(v, b.bv, stream=s)
         q = q.reshape(T, cfg.n_head, cfg.head_dim)
         k = k.reshape(T, cfg.n_head_kv, cfg.head_dim)
         v = v.reshape(T, cfg.n_head_kv, cfg.head_dim_v)
         if cfg.qk_norm:
-            q = rmsnorm_d(q, b.q_norm, cfg.rms_eps, out=buf["qn"].reshape(q.shape), stream=s)
-            k = rmsnorm_d(k, b.k_norm, cfg.rms_eps, out=buf["kn"].reshape(k.shape), stream=s)
-        rope_neox_d(q, *rope, stream=s)
-        rope_neox_d(k, *rope, stream=s)
+            q = device_ops.rmsnorm(q, b.q_norm, cfg.rms_eps, out=q, stream=s)  # (in place is allowed)
+            k = device_ops.rmsnorm(k, b.k_norm, cfg.rms_eps, out=k, stream=s)
+        device_ops.rope_neox(q, *rope, stream=s)
+        device_ops.rope_neox(k, *rope, stream=s)
         self.cache.store(il, pos0, k, v, stream=s)
         n_swa = cfg.n_swa if cfg.swa_layers[il] else 0
-        a = attention_d(self.cache, il, q, pos0, cfg.kq_scale, n_swa, b.sinks, out=buf["attn"], stream=s,
-                        config=self.attention_config)
+        a = device_attention(self.cache, il, q, pos0, cfg.kq_scale, n_swa, b.sinks, out=buf["attn"], stream=s,
+                             config=self.attention_config)
         o = b.wo.matmul(a, out=buf["o"], stream=s)
         if b.bo is not None:
-            add(o, b.bo, stream=s)
+            device_ops.add(o, b.bo, stream=s)
         return o
 
 
@@ -407,8 +397,5 @@ def device_activations(cfg: Config, T: int) -> dict:
     """Float32 device buffers a ubatch of ``T`` tokens uses (name -> shape): the residual, a
     normed copy, q/k/v, attention and projection outputs, the MoE output, the logits."""
     D, H, Hkv, d, dv = cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
-    out = dict(h=(T, D), x=(T, D), q=(T, H * d), k=(T, Hkv * d), v=(T, Hkv * dv), attn=(T, H * dv), o=(T, D),
-               moe=(T, D), logits=(T, cfg.n_vocab))
-    if cfg.qk_norm:  # normed q and k (a norm does not write over its input)
-        out.update(qn=(T, H * d), kn=(T, Hkv * d))
-    return out
+    return dict(h=(T, D), x=(T, D), q=(T, H * d), k=(T, Hkv * d), v=(T, Hkv * dv), attn=(T, H * dv), o=(T, D),
+                moe=(T, D), logits=(T, cfg.n_vocab))

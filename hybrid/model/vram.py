@@ -15,6 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..moe.engine import router_dense, scratch_device_bytes
+from ..moe.kernels import TileConfig
+from .device_attention import DeviceKVCache
+from .device_dense import DeviceDense
+
 __all__ = ["Item", "VRAMError", "items", "check"]
 
 MIB = 1 << 20
@@ -50,11 +55,7 @@ def items(tr, moe=None, *, device_bytes=None) -> list[Item]:
     """The VRAM items of Transformer ``tr`` (its config, dense weights, ``n_ctx``, ``n_ubatch``)
     over ``moe`` (a built HybridMoE, counted as allocated; None: the default backend, natural
     layout, one layer's experts)."""
-    from ..moe.engine import scratch_device_bytes
-    from ..moe.kernels import TileConfig
-    from .device_attention import DeviceKVCache
-    from .device_dense import DeviceDense
-    from .forward import device_activations
+    from .forward import device_activations  # (forward imports this module)
 
     cfg, L = tr.cfg, tr.model.layers[0]
     n_ctx, n_ub = tr.n_ctx, tr.n_ubatch
@@ -79,7 +80,7 @@ def items(tr, moe=None, *, device_bytes=None) -> list[Item]:
     out.append(Item(f"KV cache (n_ctx {n_ctx}, n_ubatch {n_ub})", kv_now,
                     fit=lambda room: _option("-c", _largest(1, n_ctx - 1, lambda c: kv(c, n_ub) <= room))))
     E, per = L.n_experts, L.expert_bytes
-    routers = len(tr.model.layers) * E * L.n_embd * 4
+    routers = sum(DeviceDense.nbytes_for(router_dense(layer)) for layer in tr.model.layers)
     if moe is None:
         slots, layout, cache = E, "natural", 0
     else:

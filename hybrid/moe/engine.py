@@ -38,7 +38,6 @@ import time
 import numpy as np
 from numba import cuda
 
-from quant.cuda import grid_blocks
 from quant.types import type_name
 
 from . import copyplan, kernels
@@ -46,7 +45,7 @@ from .transfer import HostMemory, device_buffer
 
 
 class DeviceEngine:
-    def __init__(self, layers, n_slots, *, host="auto", tiles=None, launch_tiles=None):
+    def __init__(self, layers, n_slots, *, host="auto", tiles=None, launch_tiles=None, dense_tiles=None):
         self.layers = layers
         first = layers[0]
         for t in (first.gate, first.up, first.down):
@@ -69,8 +68,8 @@ class DeviceEngine:
         self._views = {c.role: view for c, (_, _, view) in zip(self.roles, self.dev)}
         self.copy_stream = cuda.stream()
         self.compute_stream = cuda.stream()
-        # Router weights for logits of hidden states on the device (F32 [E, n_embd] each).
-        self.routers = [cuda.to_device(L.router_w) for L in layers]
+        # Routers for the logits of hidden states on the device: the dense device matmul (F32).
+        self.routers = [router_on_device(L, self.compute_stream, dense_tiles) for L in layers]
         self._scratch = {}
         self._pending = []  # (times, spans, t_host, t_done) of runs whose events are not read yet
         self.launch_tiles = launch_tiles or fill_tiles(self.tiles, self.n_ff, _sm_count())
@@ -130,7 +129,7 @@ class DeviceEngine:
         T = x.shape[0]
         buf = self._buffers(T)
         logits_h, logits_d = buf["logits"]
-        _router_logits(x, self.routers[self._index[id(L)]], logits_d, ps)
+        self.routers[self._index[id(L)]].matmul(x, out=logits_d, stream=ps)
         logits_d.copy_to_host(logits_h, stream=ps)
         if with_x:
             x.copy_to_host(buf["x"][0], stream=ps)
@@ -305,25 +304,18 @@ def _upload(pair, host, stream, n=None):
     return dev
 
 
-_ROUTER_THREADS = 128
+def router_dense(L):
+    """Layer ``L``'s router weight (float32 [E, n_embd]) as a dense F32 weight."""
+    from gguf.constants import GGMLQuantizationType as T
+
+    from ..model.dense import Dense
+    return Dense(L.tensor_names()["router_w"], L.router_w, T.F32, L.router_w.shape)
 
 
-@cuda.jit
-def _router_kernel(x, w, out):
-    # Interim, until the dense device matmul lands: one output per thread step, summed in c order.
-    n_exp, n_embd = w.shape
-    for i in range(cuda.grid(1), out.shape[0] * n_exp, cuda.gridsize(1)):
-        t = i // n_exp
-        e = i - t * n_exp
-        acc = np.float32(0.0)
-        for c in range(n_embd):
-            acc += x[t, c] * w[e, c]
-        out[t, e] = acc
-
-
-def _router_logits(x, w, out, stream):
-    n = out.shape[0] * out.shape[1]
-    _router_kernel[grid_blocks(n, _ROUTER_THREADS), _ROUTER_THREADS, stream](x, w, out)
+def router_on_device(L, stream=0, tiles=None):
+    """The router of ``L`` on the device (``DeviceDense``): the logits of device hidden states."""
+    from ..model.device_dense import DeviceDense
+    return DeviceDense(router_dense(L), stream=stream, tiles=tiles)
 
 
 def _event(stream):

@@ -84,8 +84,9 @@ class HybridMoE:
     at least this many tiles per kernel launch (None: enough to fill the GPU;
     1: one launch per copy range). ``cache_bytes`` above what every layer's
     experts take is capped there (logged): a larger pool could never fill.
-    ``tiles`` (a ``kernels.TileConfig``) sizes the device kernels; the cpu target
-    has none and ignores it.
+    ``tiles`` (a ``kernels.TileConfig``) sizes the device kernels and ``dense_tiles``
+    (a ``device_dense.DenseTiles``) the router's device matmul, for hidden states on
+    the device; the cpu target has none and ignores both.
 
     Inputs are validated here and in ``forward``; the calls inside trust them.
     """
@@ -93,7 +94,7 @@ class HybridMoE:
     def __init__(self, layers, *, device="auto", policy="used", layout="natural", host="auto",
                  cache_bytes=0, device_bytes=None, min_offload_batch=MIN_OFFLOAD_BATCH,
                  overlap=True, merge: copyplan.CostModel | None = None, tiles=None,
-                 launch_tiles: int | None = None, stats: Stats | None = None):
+                 launch_tiles: int | None = None, dense_tiles=None, stats: Stats | None = None):
         layers = list(layers)
         if not layers or not all(isinstance(l, MoELayer) for l in layers):
             raise TypeError("layers must be a non-empty list of MoELayer")
@@ -161,7 +162,7 @@ class HybridMoE:
         self.engine = None
         if self.device in ("cuda", "sim"):
             from .engine import DeviceEngine
-            self.engine = DeviceEngine(layers, self.n_slots, host=host, tiles=tiles,
+            self.engine = DeviceEngine(layers, self.n_slots, host=host, tiles=tiles, dense_tiles=dense_tiles,
                                        launch_tiles=None if launch_tiles is None else int(launch_tiles))
             log.info("host memory: %s %s", self.engine.host.mode, self.engine.host.note)
         log.info("device: %s, policy %s, layout %s, %d slots", self.device, policy, layout, self.n_slots)
