@@ -107,6 +107,21 @@ def test_every_policy_layout_and_cache_gives_the_same_bits(cases):
     close(runs["all"], want["full"][:UB], msg, rel=1e-5)
 
 
+def test_decode_steps_offloaded_too(tmp_path):
+    # min_offload_batch 1: every ubatch, decode steps included, runs the experts' CUDA kernels.
+    m = load(write_tiny(tmp_path / "micro.gguf", n_layers=1, n_embd=32, n_ff=32, n_experts=4, k=2, n_head=1,
+                        n_head_kv=1, head_dim=32, n_vocab=40, n_swa=3, seed=8))
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    toks = np.random.default_rng(seed).integers(0, 40, 6)
+    out = {}
+    for device in ("cpu", "sim"):
+        moe = HybridMoE(m.layers, device=device, min_offload_batch=1, tiles=TILES, dense_tiles=DENSE)
+        tr = Transformer(m, moe, n_ctx=7, n_ubatch=3, q8_decode=False, dense_tiles=DENSE, attention_config=ATTENTION)
+        out[device] = np.concatenate([tr.prefill(toks), tr.decode_one_token(int(toks[0]))[None]])
+        assert {r.path for r in moe.stats.records} == {"offload"} and tr.on_device == (device == "sim")
+    close(out["sim"], out["cpu"], f"seed {seed}", rel=1e-5)
+
+
 def test_vram_budget_is_checked_before_allocating_and_its_hints_fit(cases, monkeypatch):
     from numba import cuda
     m, toks, msg, _ = cases("gpt-oss")
