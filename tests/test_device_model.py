@@ -69,11 +69,20 @@ def per_expert(m):
 
 
 @pytest.mark.parametrize("arch", ["gpt-oss", "qwen3moe"])
-def test_device_logits_match_the_cpu_target_and_the_reference(cases, arch):
+def test_device_logits_match_the_cpu_target_and_the_reference(cases, arch, monkeypatch):
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
     m, toks, msg, want = cases(arch)
     tr = sim_model(m)
     assert tr.on_device
-    full = tr.prefill(toks)
+    downloads = []  # the shape of every device -> host copy
+    real = FakeCUDAArray.copy_to_host
+    with monkeypatch.context() as mp:
+        mp.setattr(FakeCUDAArray, "copy_to_host", lambda a, *r, **k: downloads.append(tuple(a.shape)) or real(a, *r, **k))
+        full = tr.prefill(toks)
+    # Per layer only the router logits come down (the 2-token ubatch, on the CPU experts, also
+    # its hidden states); then each ubatch's logits. No other host round trip.
+    E, D, V = m.n_experts, SHAPE["n_embd"], SHAPE["n_vocab"]
+    assert downloads == [(UB, E)] * 2 + [(UB, V)] + [(2, E), (2, D)] * 2 + [(2, V)], downloads
     assert full.dtype == np.float32 and full.shape == (N, SHAPE["n_vocab"])
     close(full, want["full"], msg, rel=1e-5)
     close(full, want["ref"], msg)
