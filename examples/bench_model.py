@@ -5,7 +5,9 @@ real model's layers cost: n_embd = n_ff = 2880, 32 MXFP4 experts (k = 4), 64
 query and 8 KV heads of 64, Q8_0 attention, with ``--layers`` blocks (24 in
 gpt-oss-20b) and the tiny tokenizer's small vocabulary. Weights are random
 bytes (speed does not depend on the values; MXFP4 exponents in the range real
-experts use), written once to ``--out``.
+experts use, routers skewed as ``synthetic_model``'s), written once to ``--out``:
+llama-bench needs a file. The whole model at real shapes without a file, and its
+PR #15346 comparison on a GPU: ``examples/gpu_check.py``.
 
 Run:
     .venv/bin/python examples/bench_model.py --layers 4 -t 2 -p 512 -n 128 \
@@ -16,38 +18,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 
 from hybrid.cli import main as hybrid_main
 from hybrid.model.gguf import load
+from hybrid.model.synthetic import GPT_OSS, SHAPES, synthetic_layer
 from hybrid.model.tiny import default_model_path, write_tiny
-from hybrid.moe.layer import ExpertTensor, MoELayer
 
-D = F = 2880
-E, K = 32, 4
-N_HEAD, N_HEAD_KV, HEAD_DIM = 64, 8, 64
-
-
-def random_experts(rng, rows, cols):
-    """E x [rows, cols] MXFP4 bytes: random nibbles, exponents 118..123 (|w| ~ 0.004..0.2)."""
-    raw = rng.integers(0, 256, (E, rows, cols // 32, 17), dtype=np.uint8)
-    raw[..., 0] = rng.integers(118, 124, raw.shape[:-1], dtype=np.uint8)
-    return ExpertTensor(raw.reshape(E, rows, -1), int(T.MXFP4), rows, cols)
-
-
-def random_layer_20b(rng, index):
-    f32 = lambda *s, scale: (scale * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
-    rank = rng.permutation(E) + 1  # popular experts, as real routers have
-    return MoELayer(router_w=f32(E, D, scale=1 / np.sqrt(D)), router_b=(-2.0 * np.log(rank)).astype(np.float32),
-                    gate=random_experts(rng, F, D), up=random_experts(rng, F, D), down=random_experts(rng, D, F),
-                    gate_b=f32(E, F, scale=0.1), up_b=f32(E, F, scale=0.1), down_b=f32(E, D, scale=0.1),
-                    k=K, index=index)
+D, F, K = GPT_OSS["n_embd"], GPT_OSS["n_ff"], GPT_OSS["k"]
+E = SHAPES["gpt-oss-20b"]["n_experts"]
+N_HEAD, N_HEAD_KV, HEAD_DIM = GPT_OSS["n_head"], GPT_OSS["n_head_kv"], GPT_OSS["head_dim"]
 
 
 def ensure_file(path: Path, n_layers: int) -> Path:
@@ -58,27 +42,14 @@ def ensure_file(path: Path, n_layers: int) -> Path:
         except ValueError:
             pass
     print(f"writing {path} ({n_layers} blocks at gpt-oss-20b shapes) ...", file=sys.stderr)
-    rng = np.random.default_rng(0)
-    layers = [random_layer_20b(rng, i) for i in range(n_layers)]
+    layers = [synthetic_layer(i, n_embd=D, n_ff=F, n_experts=E, k=K, skew=SHAPES["gpt-oss-20b"]["skew"])
+              for i in range(n_layers)]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     write_tiny(tmp, n_layers=n_layers, n_embd=D, n_ff=F, n_experts=E, k=K, n_head=N_HEAD,
                n_head_kv=N_HEAD_KV, head_dim=HEAD_DIM, layers=layers, dense_type=T.Q8_0)
     os.replace(tmp, path)
     return path
-
-
-def cpu_line() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from hybrid.moe.cpu_ir import best_isa
-    return f"CPU: {model}, {os.cpu_count()} logical cores; our kernels: {best_isa()}"
 
 
 def main():
@@ -94,7 +65,6 @@ def main():
     args = ap.parse_args()
     path = args.out or default_model_path().with_name(f"gpt-oss-20b-shapes-{args.layers}L.gguf")
     path = ensure_file(path, args.layers)
-    print(cpu_line())
     print(f"file: {path} ({path.stat().st_size / 2**30:.2f} GiB)\n")
     print("## ours: python -m hybrid bench")
     hybrid_main(["bench", "-m", str(path), "-p", str(args.p), "-n", str(args.n), "-ub", args.ub,

@@ -14,7 +14,14 @@
    used-only vs used+overlap (waves, pinned) vs used+per-range (one launch per
    copy range) vs used+staged (pinned double buffer) vs used+cache vs used+merge
    at gpt-oss-120b layer shapes with skewed synthetic routing, ubatch
-   128..2048: MoE-layer t/s, achieved GB/s, and the kernel launches per layer.
+   128..2048: MoE-layer t/s, achieved GB/s, and the kernel launches per layer;
+4. whole model: gpt-oss-20b and -120b shapes with random weights built in memory
+   (nothing downloaded, no 65 GB file): pp512 and pp2048 (ubatch 512, llama-bench's
+   default) copy-all vs used-only vs used+overlap+cache, beside PR #15346's measured
+   speed-ups. 120b runs ``--layers-120b`` of its 36 blocks (default 8) to fit the
+   budget: its t/s are for those blocks; the per-layer MoE costs and the speed-ups scale.
+   ``--share-experts`` builds one block's experts for all (when filling tens of GB of
+   fresh memory is slow where it runs: the build's GB/s is printed).
 Prints markdown tables; exits non-zero if a correctness check fails.
 """
 from __future__ import annotations
@@ -203,10 +210,58 @@ def count_launches(moe):
     return box
 
 
+def bench_whole_model(tiny, device, n_layers, share_experts=False):
+    """PR #15346's comparison on the whole model at gpt-oss shapes, built in memory (``synthetic_model``)."""
+    import gc
+
+    from hybrid.bench import PR_15346, compare_whole_model
+    from hybrid.model.config import read_config
+    from hybrid.model.synthetic import SHAPES, synthetic_model
+    from hybrid.report import bench_table, machine_line
+
+    print("\n" + machine_line(device))
+    variants = ["all", "used", "used+cache"]
+    ub, tests = (4, (4, 8)) if tiny else (512, (512, 2048))
+    opts = dict(min_offload_batch=1, tiles=K.TileConfig(4, 32, 32, 1, 8)) if tiny else {}
+    for shape, want in n_layers.items():
+        full = SHAPES[shape]["n_layers"]
+        t0 = time.perf_counter()
+        if tiny:  # the same structure at simulator sizes
+            model = synthetic_model(shape, n_layers=1, n_embd=32, n_ff=32, n_experts=SHAPES[shape]["n_experts"] // 8,
+                                    k=2, n_head=1, n_head_kv=1, head_dim=32, n_vocab=64, n_swa=4)
+        else:
+            model = synthetic_model(shape, n_layers=min(want, full), share_experts=share_experts)
+        t_build = time.perf_counter() - t0
+        gb = sum({model.raw(t).ctypes.data: model.raw(t).nbytes for t in model.tensors}.values()) / 1e9  # held once
+        n = len(model.layers)
+        print(f"\n{model.metadata['general.name']}: built in memory in {t_build:.1f} s ({gb:.1f} GB, "
+              f"{gb / t_build:.1f} GB/s)" + ("; every block's experts are block 0's bytes" if share_experts else ""))
+        if n < full and not tiny:
+            print(f"only {n} of {full} blocks, to fit the time budget: t/s below are for {n} "
+                  f"block{'s' * (n > 1)} (the full model's are about {n}/{full} of them, less the embedding and "
+                  "output); the speed-ups scale")
+        rng = np.random.default_rng(7)
+        for n_p in tests:
+            t0 = time.perf_counter()
+            c = compare_whole_model(model, rng.integers(0, read_config(model).n_vocab, n_p), [ub], variants,
+                                    device=device, **opts)
+            print(f"\n{bench_table(shape, n_p, c.rows, variants, device)}\n"
+                  f"({time.perf_counter() - t0:.1f} s; used+cache: {c.cache_bytes / 2**30:.2f} GiB of VRAM)")
+        before, after = PR_15346[shape][512]
+        lo, hi = (min(b / a for a, b in PR_15346[shape].values()), max(b / a for a, b in PR_15346[shape].values()))
+        print(f"PR #15346 on {shape} (the real model, pp2048): ubatch 512 {before} -> {after} t/s "
+              f"({after / before:.2f}x); ubatch 128..2048: {lo:.2f}x-{hi:.2f}x")
+        del model, c
+        gc.collect()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="small shapes (simulator smoke test)")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: doctor,paths,kernels,link")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: doctor,paths,kernels,link,whole")
+    ap.add_argument("--layers-20b", type=int, default=24, help="whole model: blocks of gpt-oss-20b (of 24)")
+    ap.add_argument("--layers-120b", type=int, default=8, help="whole model: blocks of gpt-oss-120b (of 36)")
+    ap.add_argument("--share-experts", action="store_true", help="whole model: one block's experts for all blocks")
     a = ap.parse_args()
     device = "sim" if a.tiny else "cuda"
     skip = set(filter(None, a.skip.split(",")))
@@ -221,6 +276,9 @@ def main():
         bench_kernels(a.tiny)
     if "link" not in skip:
         bench_link(a.tiny, device)
+    if "whole" not in skip:
+        bench_whole_model(a.tiny, device, {"gpt-oss-20b": a.layers_20b, "gpt-oss-120b": a.layers_120b},
+                          a.share_experts)
     return 0 if ok else 1
 
 

@@ -20,27 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
+from .bench import VARIANTS, compare_moe_only, compare_whole_model, default_variants, run_prompt, warm_up, warm_up_model
 from .model import GGUFError, ensure_default_model, load
 from .model.kvcache import physical_memory
-from .moe.copyplan import LAYOUTS, CostModel
+from .moe.copyplan import LAYOUTS
 from .moe.scheduler import DEVICES, MIN_OFFLOAD_BATCH, POLICIES
 from .moe.transfer import HOST_MODES
 from .moe.traffic import synthetic_hidden, ubatches, usage_counts
-from .report import ReportError, bench_table, heatmap_path, save_heatmap, usage_report
+from .report import ReportError, bench_table, heatmap_path, machine_line, save_heatmap, usage_report
 
 MAX_TOKENS = 1 << 20  # a sanity bound on -p, -n of bench and prompts: hidden states are held in RAM
 MAX_PROMPT_BYTES = 16 * MAX_TOKENS  # a prompt file larger than this is refused before it is read
-# Bench variants: what each column runs. "all" is llama.cpp before PR #15346,
-# "used" the PR (copy, then compute), the rest go beyond it.
-VARIANTS = {
-    "all": dict(policy="all", overlap=False),
-    "used": dict(policy="used", overlap=False),
-    "used+overlap": dict(policy="used", overlap=True),
-    "used+compact": dict(policy="used", layout="compact", overlap=True),
-    "used+cache": dict(policy="used", overlap=True, cache=True),
-    # A gap is copied when that costs less than one more copy: 10 us per copy at 25 GB/s (PCIe 4 x16).
-    "used+merge": dict(policy="used", overlap=True, merge=CostModel(latency_s=10e-6, bandwidth_Bps=25e9)),
-}
 CPU_NOTE = ("no GPU: the experts run on the CPU and copies are only planned and counted; "
             "times are CPU times")
 SIM_NOTE = "numba-cuda simulator: results and copy counts are real, times are not"
@@ -206,17 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-mb", type=_mb, default=None, help="bound on the expert slots in VRAM (MiB)")
     p.add_argument("--no-overlap", action="store_true", help="copy everything, then compute")
 
-    p = sub.add_parser("bench", help="llama-bench's table: pp<P> and tg<N> of the whole model "
-                       "(--moe-only: copy-all vs used-only on the MoE layers)")
+    p = sub.add_parser("bench", help="llama-bench's table: pp<P> and tg<N> of the whole model, then PR #15346's "
+                       "copy-all vs used-only comparison on a device (--moe-only: on the MoE layers alone)")
     common(p, "512 (--moe-only: 2048)", None, ub_type=_int_list,
            ub_help="ubatch sizes, comma-separated (default 512; --moe-only: 128,...,2048)")
     device(p)
     whole(p)
     p.add_argument("-n", "--n-gen", type=nonneg, default=128, help="tokens generated for tg<N> (default 128)")
     p.add_argument("--variants", type=_variant_list, default=None,
-                   help=f"MoE-only mode (implies --moe-only): comma-separated, from {', '.join(VARIANTS)} "
-                        "(default: all,used,used+overlap "
-                        "on a GPU, all,used otherwise)")
+                   help=f"PR #15346's comparison: comma-separated, from {', '.join(VARIANTS)} (default, "
+                        "whole model: all,used,used+overlap,used+cache on cuda/sim, none on the cpu; "
+                        "--moe-only: all,used,used+overlap on a GPU, all,used otherwise)")
     p.add_argument("--cache-mb", type=_mb, default=0.0,
                    help="VRAM cache of used+cache (MiB; default: half of all the experts)")
 
@@ -329,35 +319,6 @@ def make_backend(layers, args, **kw):
         raise CLIError(str(e)) from None
 
 
-def warm_up(moe, x, ub):
-    """Compile the kernels (offload and CPU paths) outside the timed run, then forget it:
-    no statistics, nothing resident. Returns the seconds it took."""
-    t0 = time.perf_counter()
-    if moe.device != "sim":  # simulator times mean nothing; spare the slow extra pass
-        for part in (x[:ub], x[:1]):
-            for i in range(len(moe.layers)):
-                moe.forward(i, part, ubatch=-1)
-    moe.reset()
-    return 0.0 if moe.device == "sim" else time.perf_counter() - t0
-
-
-def run_prompt(moe, x: np.ndarray, ub: int, progress: bool = False) -> float:
-    """Every ubatch of ``x`` through every layer of ``moe``; returns the wall time (s)."""
-    from tqdm import tqdm
-
-    parts = ubatches(x.shape[0], ub)
-    bar = tqdm(total=x.shape[0], unit="tok", file=sys.stderr, leave=False,
-               disable=None if progress else True, desc="prompt")
-    t0 = time.perf_counter()
-    with bar:
-        for u, (s, e) in enumerate(parts):
-            for i in range(len(moe.layers)):
-                moe.forward(i, x[s:e], ubatch=u)
-            moe.end_ubatch()
-            bar.update(e - s)
-    return time.perf_counter() - t0
-
-
 def describe_device(moe) -> str:
     note = {"cpu": CPU_NOTE, "sim": SIM_NOTE}.get(moe.device)
     return f"device: {moe.device}, host memory: {moe.host_mode}" + (f" ({note})" if note else "")
@@ -443,51 +404,56 @@ def cmd_run_moe(args):
 
 
 def cmd_bench_moe(args):
-    from .moe.scheduler import resolve_device
     model = open_model(args.model, args.check_tensors)
     x, source = hidden_states(args, model.n_embd)
     n = x.shape[0]
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-    variants = args.variants or (["all", "used", "used+overlap"] if device == "cuda" else ["all", "used"])
+    device = _device(args)
+    variants = args.variants or default_variants(device, whole_model=False)
     sizes = [u for u in dict.fromkeys(args.ubatch_size) if u <= n]
     skipped = [u for u in args.ubatch_size if u > n]
     if not sizes:
         raise CLIError(f"every ubatch size ({', '.join(map(str, args.ubatch_size))}) exceeds -p {n}")
-    cache_bytes = int(args.cache_mb * 2**20) or model.expert_bytes // 2
-    name = model.metadata.get("general.name") or model.path.name
-
     print(_model_line(model))
+    print(machine_line(device))
     print(f"device: {device}" + {"cpu": f" ({CPU_NOTE})", "sim": f" ({SIM_NOTE})"}.get(device, ""))
     print(source)
     if skipped:
         print(f"skipped ubatch sizes larger than the prompt: {', '.join(map(str, skipped))}")
-    res = {ub: {} for ub in sizes}
-    for v in variants:  # one backend per variant: host memory is pinned once, not per ubatch size
-        kw = dict(VARIANTS[v])
-        kw["cache_bytes"] = cache_bytes if kw.pop("cache", False) else 0
-        with make_backend(model.layers, args, **kw) as moe:
-            if kw["cache_bytes"]:
-                used_cache = moe.cache_bytes  # capped at every expert of every layer
-            for ub in sizes:
-                with _computing():
-                    warm_up(moe, x, ub)  # also resets: each size starts with a cold cache
-                    wall = run_prompt(moe, x, ub, progress=not args.no_progress)
-                t = moe.stats.totals()
-                res[ub][v] = dict(tps=n / wall, mb=t["bytes"] / n / 1e6, copies=t["copies"] / n)
-    rows = [(ub, res[ub]) for ub in sizes]
+    with _computing():
+        c = compare_moe_only(model.layers, x, sizes, variants, cache_bytes=_cache_bytes(args),
+                             make_moe=lambda **kw: make_backend(model.layers, args, **kw),
+                             progress=not args.no_progress)
     print()
-    print(bench_table(name, n, rows, variants, device))
-    if device != "cuda":
-        print(f"\n{device} target: every variant computes the same experts "
-              f"{'on the CPU' if device == 'cpu' else 'in the simulator'}, so t/s and speedup show no copy "
+    _print_comparison(args, model, c)
+
+
+def _device(args) -> str:
+    from .moe.scheduler import resolve_device
+    try:
+        return resolve_device(args.device)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _cache_bytes(args):
+    """used+cache's VRAM: --cache-mb, or None (the default: half the experts)."""
+    return int(args.cache_mb * 2**20) or None
+
+
+def _print_comparison(args, model, c):
+    """PR #15346's table of a ``bench.Comparison``, with what its numbers mean off a GPU."""
+    print(bench_table(model.metadata.get("general.name") or model.path.name, c.n_prompt, c.rows, c.variants,
+                      c.device))
+    if c.device != "cuda":
+        print(f"\n{c.device} target: every variant computes the same experts "
+              f"{'on the CPU' if c.device == 'cpu' else 'in the simulator'}, so t/s and speedup show no copy "
               "cost (noise only); MB and copies per token are what a GPU would move.")
-    if "used+cache" in variants:
-        print(f"\nused+cache: {used_cache / 2**20:.1f} MiB of VRAM cache"
+    if "used+cache" in c.variants:
+        asked = _cache_bytes(args)
+        print(f"\nused+cache: {c.cache_bytes / 2**20:.1f} MiB of VRAM cache"
               + (f" (--cache-mb {args.cache_mb:g} capped: every expert of every layer fits)"
-                 if used_cache < cache_bytes else ""))
+                 if asked and c.cache_bytes < asked else " (half the experts; --cache-mb sets it)"
+                 if not asked else ""))
 
 
 def cmd_usage(args):
@@ -515,8 +481,8 @@ def cmd_usage(args):
 
 def _moe_only(args) -> bool:
     """The MoE layers alone on synthetic or given hidden states: asked for, or implied by
-    options only that mode has (--hidden; bench's --variants, PR #15346's table)."""
-    return args.moe_only or bool(args.hidden) or bool(getattr(args, "variants", None))
+    the option only that mode has (--hidden)."""
+    return args.moe_only or bool(args.hidden)
 
 
 def cmd_run(args):
@@ -560,7 +526,7 @@ def _run_whole(args, model, tok, prompt, source, tr):
     print(describe_device(tr.moe))
     print(f"prompt: {len(prompt)} tokens ({source}); context {tr.n_ctx}, batch {tr.n_batch}, "
           f"ubatch {tr.n_ubatch}; policy {tr.moe.policy}, layout {tr.moe.layout}, " + _cache_note(args, tr.moe))
-    t_warm = _warm_up(tr)
+    t_warm = warm_up_model(tr)
     out_text = []
 
     def show(t):  # stream the text; a token that ends inside a UTF-8 character waits for the next
@@ -712,21 +678,6 @@ def _transformer(model, args, n_ctx, ubatch, moe=None, **kw):
         raise CLIError(str(e)) from None
 
 
-def _warm_up(tr) -> float:
-    """Compile every kernel a run uses (a prompt ubatch and a decode step), then forget it."""
-    if tr.moe.device == "sim":  # simulator times mean nothing; spare the slow extra pass
-        return 0.0
-    t0 = time.perf_counter()
-    n = min(tr.n_ubatch, tr.n_ctx - 1, max(tr.moe.min_offload_batch, 1))
-    if n >= 1:
-        tr.prefill(np.zeros(n, np.int64), logits="last")
-        tr.decode_one_token(0)
-    else:
-        tr.prefill(np.zeros(1, np.int64), logits="last")
-    tr.reset()
-    return time.perf_counter() - t0
-
-
 def _summary(tr, g, t_warm, logits_out=None):
     moe = tr.moe
     st = moe.stats
@@ -784,6 +735,7 @@ def cmd_bench(args):
     rows = []
     # one backend: host memory is pinned once
     moe = make_backend(model.layers, args, policy="used", cache_bytes=int(args.cache_mb * 2**20))
+    print(machine_line(moe.device))
     with moe, _computing("these token ids"):
         for ub in sizes:
             if ub > n_p:
@@ -798,6 +750,27 @@ def cmd_bench(args):
         print("| " + " | ".join(r) + " |")
     if _is_builtin(model):
         print(f"\n{model.metadata.get('general.name')}: random weights; token ids drawn at random (seed {args.seed})")
+    _bench_variants(args, model, moe.device, prompt, [u for u in sizes if u <= n_p])
+
+
+def _bench_variants(args, model, device, prompt, sizes):
+    """PR #15346's comparison on the whole model (after the llama-bench backend is closed:
+    one backend pins the host memory at a time)."""
+    variants = args.variants or default_variants(device, whole_model=True)
+    print(f"\nPR #15346's comparison: pp{len(prompt)} of the whole model by copy policy, ubatch "
+          f"{', '.join(map(str, sizes))}")
+    if not variants:
+        print("skipped on the cpu target: the experts run on the CPU whatever the policy, so the variants differ "
+              "only in the copies they plan, not in time; run with --device cuda (or name --variants to see "
+              "the planned MB and copies per token)")
+        return
+    with _computing("these token ids"):
+        c = compare_whole_model(model, prompt, sizes, variants, cache_bytes=_cache_bytes(args),
+                                n_batch=args.batch_size, repetitions=args.repetitions,
+                                make_moe=lambda **kw: make_backend(model.layers, args, **kw),
+                                progress=not args.no_progress)
+    print()
+    _print_comparison(args, model, c)
 
 
 def _bench_ubatch(args, model, moe, ub, prompt, gen, name, params) -> list[list[str]]:
@@ -806,7 +779,7 @@ def _bench_ubatch(args, model, moe, ub, prompt, gen, name, params) -> list[list[
     n_p = len(prompt)
     tr = _transformer(model, args, n_p + args.n_gen, ub, moe=moe)
     backend = {"cpu": "CPU", "sim": "CUDA-sim", "cuda": "CUDA"}[moe.device]
-    _warm_up(tr)
+    warm_up_model(tr)
     pp, tg = [], []
     for _ in range(args.repetitions):
         t0 = time.perf_counter()

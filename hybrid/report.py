@@ -1,6 +1,8 @@
-"""What the command line prints beyond plain lines: PR #15346's bench table, usage lines, the heatmap."""
+"""What the command line prints beyond plain lines: PR #15346's bench table, the machine, usage lines, the heatmap."""
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,26 @@ def bench_table(model_name, n_prompt, rows, variants, device="cuda") -> str:
         cells += [f"{res[v]['mb']:.4f}" for v in variants] + [f"{res[v]['copies']:.3f}" for v in variants]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def machine_line(device: str = "cpu") -> str:
+    """The machine a table was measured on: CPU model, logical cores, the ISA of our CPU
+    kernels, and on the ``cuda`` target the GPU's name (``sim``: the simulator)."""
+    from .moe.cpu_ir import best_isa
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    line = f"CPU: {model}, {os.cpu_count()} logical cores; our CPU kernels: {best_isa()}"
+    if device == "cuda":
+        from numba import cuda
+        name = cuda.get_current_device().name
+        line += f"; GPU: {name.decode() if isinstance(name, bytes) else name}"
+    elif device == "sim":
+        line += "; GPU: the numba-cuda simulator (no speed)"
+    return line
 
 
 def usage_report(stats, parts) -> list[str]:

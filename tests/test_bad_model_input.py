@@ -156,7 +156,7 @@ def test_context_beyond_memory_is_refused_naming_the_bytes(capsys, talker, monke
 def test_a_prompt_longer_than_the_context_fails_before_the_warm_up(capsys, talker, monkeypatch):
     def no_warm_up(tr):
         raise AssertionError("warm-up ran")
-    monkeypatch.setattr(cli, "_warm_up", no_warm_up)
+    monkeypatch.setattr(cli, "warm_up_model", no_warm_up)  # the warm-up now lives in hybrid.bench
     fails(capsys, "run", "-m", talker, "--tokens", "1,2,3", "-c", 2, *RUN, match="exceed the context of 2")
 
 

@@ -21,3 +21,9 @@ def test_gpu_check_tiny_runs_on_the_simulator():
         assert f"| {variant} |" in r.stdout
     assert "| 8 | used+staged | staged |" in r.stdout
     assert "simulator: ON" in r.stdout  # the doctor section runs and says where it is
+    # the whole model at both shapes, built in memory: pp4 and pp8 copy-all vs used-only vs used+cache
+    for model in ("gpt-oss-20b", "gpt-oss-120b"):
+        for test in ("pp4", "pp8"):
+            assert f"| {model} | 4 | {test} |" in r.stdout
+        assert f"PR #15346 on {model} (the real model, pp2048)" in r.stdout
+    assert "| t/s all (sim) | t/s used (sim) | speedup | t/s used+cache (sim) |" in r.stdout

@@ -11,14 +11,17 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGUFWriter, quants
-from gguf.constants import GGML_QUANT_VERSION, GGMLQuantizationType as T, LlamaFileType, RopeScalingType
+from gguf.constants import (GGML_QUANT_VERSION, GGMLQuantizationType as T, GGUFValueType, Keys, LlamaFileType,
+                             RopeScalingType)
 
 from quant import mxfp4
 
 from ..moe.layer import ExpertTensor, MoELayer
 from .gguf import GGUFError, load
 
-__all__ = ["random_layer", "tiny_layers", "tiny_vocab", "write_tiny", "default_model_path", "ensure_default_model"]
+__all__ = ["random_layer", "tiny_layers", "tiny_vocab", "write_tiny", "model_metadata", "model_tensors",
+           "write_gguf", "check_dims",
+           "default_model_path", "ensure_default_model"]
 
 
 def random_layer(n_embd=64, n_ff=64, n_experts=8, k=2, *, wtype=None, gpt_oss=True,
@@ -120,60 +123,51 @@ def tiny_vocab(n_vocab: int, pre: str = "gpt-4o"):
     return tokens, merges, [int(t) for t in types]
 
 
-def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_experts=32, k=4, seed=0,
-               n_vocab=1024, n_head=4, n_head_kv=2, head_dim=32, skew=2.0, n_swa=128, tokenizer=None,
-               expert_type=None, dense_type=T.Q8_0, split_max_tensors=0, layers=None) -> Path:
-    """Write a small MoE GGUF laid out like the real files; returns the path to load.
-
-    ``arch="gpt-oss"``: keys, tensor names, types and ggml shapes follow llama.cpp's
-    converter for gpt-oss (MXFP4 experts, Q8_0 matrices, F32 norms/biases/sinks/router,
-    YaRN, sliding window ``n_swa`` on even layers). ``arch="qwen3moe"``: per-head q/k
-    norms, no biases, no sinks, full attention, Q8_0 experts by default. ``skew``
-    biases each gpt-oss router towards a few experts, as real routing is.
-    ``tokenizer``: a byte-level BPE trained on ``CORPUS`` (``tiny_vocab``) with a chat
-    template; None: one when ``n_vocab`` has room for it (256 bytes + specials).
-    ``split_max_tensors`` > 0 writes ``NAME-0000i-of-0000N.gguf`` parts. ``layers``:
-    MoE layers to store instead of random ones (one per block, of the shapes given).
-    """
-    if arch not in TINY_PRE:
-        raise ValueError(f"write_tiny: arch must be one of {tuple(TINY_PRE)}, got {arch!r}")
-    gpt_oss = arch == "gpt-oss"
+def check_dims(who, *, n_embd, n_ff, n_head, n_head_kv, head_dim, n_vocab):
+    """A ValueError naming ``who`` unless the dimensions make a model the block formats can hold."""
+    for name, v in (("n_head", n_head), ("n_head_kv", n_head_kv), ("head_dim", head_dim), ("n_vocab", n_vocab)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{who}: {name} must be a positive int, got {v!r}")
     for name, v in (("n_embd", n_embd), ("n_ff", n_ff), ("n_head*head_dim", n_head * head_dim),
                     ("n_head_kv*head_dim", n_head_kv * head_dim)):
-        if v <= 0 or v % mxfp4.QK:
-            raise ValueError(f"write_tiny: {name} = {v} must be a positive multiple of {mxfp4.QK}")
-    if n_head % n_head_kv or n_vocab < 1:
-        raise ValueError("write_tiny: n_head must be a multiple of n_head_kv, n_vocab >= 1")
-    path = Path(path)
-    if tokenizer is None:
-        tokenizer = n_vocab >= 256 + len(TINY_SPECIALS)
-    vocab = tiny_vocab(n_vocab, TINY_PRE[arch]) if tokenizer else None
-    rng = np.random.default_rng([seed, 1])
-    f32 = lambda *s, scale=0.1: (scale * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
-    norm = lambda n: (1.0 + f32(n)).astype(np.float32)  # noqa: E731
-    dense_type = T(int(dense_type))
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % mxfp4.QK:
+            raise ValueError(f"{who}: {name} = {v!r} must be a positive multiple of {mxfp4.QK}")
+    if n_head % n_head_kv:
+        raise ValueError(f"{who}: n_head = {n_head} must be a multiple of n_head_kv = {n_head_kv}")
 
-    def mat(*s):
-        w = f32(*s, scale=1 / np.sqrt(s[-1]))
-        if dense_type == T.F32:
-            return w
-        return (mxfp4.quantize(w) if dense_type == T.MXFP4 else quants.quantize(w, dense_type), dense_type)
 
-    q, kv = n_head * head_dim, n_head_kv * head_dim
-    etype = (T.MXFP4 if gpt_oss else T.Q8_0) if expert_type is None else T(int(expert_type))
-    if layers is not None:
-        layers = list(layers)
-        want = (n_experts, n_embd, n_ff, k)
-        if len(layers) != n_layers or any((L.n_experts, L.n_embd, L.n_ff, L.k) != want for L in layers):
-            raise ValueError(f"write_tiny: layers must be {n_layers} MoELayers of (experts, n_embd, n_ff, k) {want}")
-        etype = T(int(layers[0].gate.ggml_type))
-    elif gpt_oss:
-        layers = tiny_layers(n_layers=n_layers, n_embd=n_embd, n_ff=n_ff, n_experts=n_experts, k=k,
-                             seed=seed, skew=skew, wtype=etype)
+def model_metadata(arch, *, name, n_layers, n_ctx, n_embd, n_ff, n_head, n_head_kv, head_dim, n_experts, k,
+                   n_swa, expert_type) -> dict:
+    """The hyper-parameter keys llama.cpp's converter writes for ``arch`` (gpt-oss: YaRN factor 32 over
+    4096, RoPE base 150000, sliding window ``n_swa``), as ``load`` reads them back: key -> value,
+    floats rounded to float32 as the file stores them. ``write_tiny`` writes these; the in-memory
+    models of ``synthetic.py`` hold them."""
+    gpt_oss = arch == "gpt-oss"
+    L, A, R = Keys.LLM, Keys.Attention, Keys.Rope
+    f32 = lambda v: float(np.float32(v))  # noqa: E731
+    meta = {Keys.General.NAME: name,
+            Keys.General.FILE_TYPE: int(LlamaFileType.MOSTLY_MXFP4_MOE if T(int(expert_type)) == T.MXFP4
+                                        else LlamaFileType.MOSTLY_Q8_0),
+            Keys.General.QUANTIZATION_VERSION: GGML_QUANT_VERSION,
+            L.BLOCK_COUNT: n_layers, L.CONTEXT_LENGTH: n_ctx, L.EMBEDDING_LENGTH: n_embd,
+            L.FEED_FORWARD_LENGTH: n_ff, A.HEAD_COUNT: n_head, A.HEAD_COUNT_KV: n_head_kv,
+            A.KEY_LENGTH: head_dim, A.VALUE_LENGTH: head_dim, A.LAYERNORM_RMS_EPS: f32(1e-5 if gpt_oss else 1e-6),
+            L.EXPERT_COUNT: n_experts, L.EXPERT_USED_COUNT: k, L.EXPERT_FEED_FORWARD_LENGTH: n_ff}
+    if gpt_oss:
+        meta.update({R.FREQ_BASE: f32(150000.0), A.SLIDING_WINDOW: n_swa, R.SCALING_TYPE: RopeScalingType.YARN.value,
+                     R.SCALING_FACTOR: f32(32.0), R.SCALING_ORIG_CTX_LEN: 4096})
     else:
-        layers = [random_layer(n_embd, n_ff, n_experts, k, wtype=etype, gpt_oss=False, seed=seed * 1009 + i,
-                               index=i, skew=0.0) for i in range(n_layers)]
+        meta[R.FREQ_BASE] = f32(1000000.0)
+    return {key.format(arch=arch): v for key, v in meta.items()}
 
+
+def model_tensors(arch, layers, *, n_embd, n_head, n_head_kv, head_dim, n_vocab, mat, f32, norm) -> list:
+    """Every tensor of a model laid out as llama.cpp's converter names them, in file order:
+    ``(name, value)`` with value a float32 array or ``(raw bytes, ggml type)``. ``layers``: the
+    MoE layers (one per block); ``mat(rows, cols)``, ``f32(*shape, scale=0.1)`` and ``norm(n)``
+    make the dense weights, vectors and norms (``write_tiny``: numpy; ``synthetic``: fast random bytes)."""
+    gpt_oss = arch == "gpt-oss"
+    q, kv = n_head * head_dim, n_head_kv * head_dim
     tensors = [("token_embd.weight", mat(n_vocab, n_embd))]
     for layer in layers:
         b = f"blk.{layer.index}."
@@ -197,31 +191,73 @@ def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_expe
             if bias is not None:
                 tensors += [(b + f"ffn_{n}_exps.bias", bias)]
     tensors += [("output_norm.weight", norm(n_embd)), ("output.weight", mat(n_vocab, n_embd))]
+    return tensors
 
-    w = GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
-    w.add_name(f"tiny-{arch}")
-    w.add_file_type(LlamaFileType.MOSTLY_MXFP4_MOE if etype == T.MXFP4 else LlamaFileType.MOSTLY_Q8_0)
-    w.add_quantization_version(GGML_QUANT_VERSION)
-    w.add_block_count(n_layers)
-    w.add_context_length(4096)
-    w.add_embedding_length(n_embd)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_layer_norm_rms_eps(1e-5 if gpt_oss else 1e-6)
-    w.add_expert_count(n_experts)
-    w.add_expert_used_count(k)
-    w.add_expert_feed_forward_length(n_ff)
-    if gpt_oss:
-        w.add_rope_freq_base(150000.0)
-        w.add_sliding_window(n_swa)
-        w.add_rope_scaling_type(RopeScalingType.YARN)
-        w.add_rope_scaling_factor(32.0)
-        w.add_rope_scaling_orig_ctx_len(4096)
+
+def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_experts=32, k=4, seed=0,
+               n_vocab=1024, n_head=4, n_head_kv=2, head_dim=32, skew=2.0, n_swa=128, tokenizer=None,
+               expert_type=None, dense_type=T.Q8_0, split_max_tensors=0, layers=None) -> Path:
+    """Write a small MoE GGUF laid out like the real files; returns the path to load.
+
+    ``arch="gpt-oss"``: keys, tensor names, types and ggml shapes follow llama.cpp's
+    converter for gpt-oss (MXFP4 experts, Q8_0 matrices, F32 norms/biases/sinks/router,
+    YaRN, sliding window ``n_swa`` on even layers). ``arch="qwen3moe"``: per-head q/k
+    norms, no biases, no sinks, full attention, Q8_0 experts by default. ``skew``
+    biases each gpt-oss router towards a few experts, as real routing is.
+    ``tokenizer``: a byte-level BPE trained on ``CORPUS`` (``tiny_vocab``) with a chat
+    template; None: one when ``n_vocab`` has room for it (256 bytes + specials).
+    ``split_max_tensors`` > 0 writes ``NAME-0000i-of-0000N.gguf`` parts. ``layers``:
+    MoE layers to store instead of random ones (one per block, of the shapes given).
+    """
+    if arch not in TINY_PRE:
+        raise ValueError(f"write_tiny: arch must be one of {tuple(TINY_PRE)}, got {arch!r}")
+    gpt_oss = arch == "gpt-oss"
+    check_dims("write_tiny", n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
+               n_vocab=n_vocab)
+    path = Path(path)
+    if tokenizer is None:
+        tokenizer = n_vocab >= 256 + len(TINY_SPECIALS)
+    vocab = tiny_vocab(n_vocab, TINY_PRE[arch]) if tokenizer else None
+    rng = np.random.default_rng([seed, 1])
+    f32 = lambda *s, scale=0.1: (scale * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
+    norm = lambda n: (1.0 + f32(n)).astype(np.float32)  # noqa: E731
+    dense_type = T(int(dense_type))
+
+    def mat(*s):
+        w = f32(*s, scale=1 / np.sqrt(s[-1]))
+        if dense_type == T.F32:
+            return w
+        return (mxfp4.quantize(w) if dense_type == T.MXFP4 else quants.quantize(w, dense_type), dense_type)
+
+    etype = (T.MXFP4 if gpt_oss else T.Q8_0) if expert_type is None else T(int(expert_type))
+    if layers is not None:
+        layers = list(layers)
+        want = (n_experts, n_embd, n_ff, k)
+        if len(layers) != n_layers or any((L.n_experts, L.n_embd, L.n_ff, L.k) != want for L in layers):
+            raise ValueError(f"write_tiny: layers must be {n_layers} MoELayers of (experts, n_embd, n_ff, k) {want}")
+        etype = T(int(layers[0].gate.ggml_type))
+    elif gpt_oss:
+        layers = tiny_layers(n_layers=n_layers, n_embd=n_embd, n_ff=n_ff, n_experts=n_experts, k=k,
+                             seed=seed, skew=skew, wtype=etype)
     else:
-        w.add_rope_freq_base(1000000.0)
+        layers = [random_layer(n_embd, n_ff, n_experts, k, wtype=etype, gpt_oss=False, seed=seed * 1009 + i,
+                               index=i, skew=0.0) for i in range(n_layers)]
+
+    tensors = model_tensors(arch, layers, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
+                            n_vocab=n_vocab, mat=mat, f32=f32, norm=norm)
+    meta = model_metadata(arch, name=f"tiny-{arch}", n_layers=n_layers, n_ctx=4096, n_embd=n_embd, n_ff=n_ff,
+                          n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_experts=n_experts, k=k,
+                          n_swa=n_swa, expert_type=etype)
+    return write_gguf(path, arch, meta, tensors, vocab=vocab, split_max_tensors=split_max_tensors)
+
+
+def write_gguf(path, arch, metadata: dict, tensors, *, vocab=None, split_max_tensors=0) -> Path:
+    """Write ``metadata`` (``model_metadata``'s form) and ``tensors`` (``model_tensors``' form) as a
+    GGUF, with the tiny tokenizer ``vocab`` (``tiny_vocab``'s form) when given; returns the path to load."""
+    w = GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
+    for key, v in metadata.items():
+        w.add_key_value(key, v, GGUFValueType.STRING if isinstance(v, str) else
+                        GGUFValueType.FLOAT32 if isinstance(v, float) else GGUFValueType.UINT32)
     if vocab is not None:
         tokens, merges, types = vocab
         w.add_tokenizer_model("gpt2")
@@ -243,7 +279,7 @@ def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_expe
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return w.format_shard_names(path)[0]
+    return w.format_shard_names(Path(path))[0]
 
 
 def default_model_path() -> Path:
