@@ -218,21 +218,6 @@ def test_dense_rejects_other_types_by_name():
         Dense("blk.0.attn_q.weight", np.zeros((4, 18), np.uint8), T.Q4_0, (4, 32))
 
 
-@pytest.mark.skipif(__import__("os").environ.get("NUMBA_ENABLE_CUDASIM") != "1", reason="needs the simulator")
-def test_the_simulated_device_gives_the_cpu_targets_logits(tmp_path):
-    # Every ubatch offloads (min_offload_batch 1): the CUDA kernels run the experts in the simulator.
-    m = load(write_tiny(tmp_path / "micro.gguf", n_layers=1, n_embd=32, n_ff=32, n_experts=4, k=2, n_head=1,
-                        n_head_kv=1, head_dim=32, n_vocab=40, n_swa=3, seed=8))
-    toks, seed = prompt(6, 40)
-    out = {}
-    for device in ("cpu", "sim"):
-        with HybridMoE(m.layers, device=device, min_offload_batch=1) as moe:
-            tr = Transformer(m, moe, n_ctx=7, n_ubatch=3, q8_decode=False)
-            out[device] = np.concatenate([tr.prefill(toks), tr.decode_one_token(int(toks[0]))[None]])
-            assert {r.path for r in moe.stats.records} == {"offload"}
-    close(out["sim"], out["cpu"], seed, rel=1e-5)
-
-
 def test_the_moe_backend_must_be_the_models_own(model, tmp_path):
     other = load(write_tiny(tmp_path / "o.gguf", arch=model.arch, tokenizer=False, seed=9, **SHAPE))
     with pytest.raises(ValueError, match="this model's own MoE layers"):

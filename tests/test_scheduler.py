@@ -342,3 +342,63 @@ def test_cpu_tiles_reach_the_cpu_path():
     assert np.array_equal(exact, cpu.moe_ffn_cpu(layer, x, ids, w, tiles=f32))
     assert np.array_equal(q8, cpu.moe_ffn_cpu(layer, x, ids, w))  # the default: int8 for one token
     assert not np.array_equal(q8, exact)
+
+
+def test_hidden_states_on_the_device_stay_there(layers):
+    # Device in -> device out: the router logits are computed on the device, the offload path
+    # reads x in place, the CPU path (2 tokens < 4) takes x down and its result back up.
+    # Router weights and x on a grid of 1/8 make every logit exact in float32 whatever the
+    # summation order, so the routing is the numpy path's and the outputs are its bits.
+    import dataclasses
+
+    from numba import cuda
+
+    from hybrid.model.device_dense import DenseTiles
+    seed = int(np.random.default_rng().integers(1 << 30))
+    on_grid = lambda a: (np.round(a * 8) / 8).astype(np.float32)  # noqa: E731
+    ls = [dataclasses.replace(L, router_w=on_grid(L.router_w)) for L in layers]
+    xs = {T: on_grid(hidden(T, seed + T)) for T in (6, 2)}
+    router = DenseTiles(gemv_tokens=1, gemv_warps=1, gemv_rows=8, gemm=TILES)  # few threads: the simulator runs each
+    for cfg, ls in ((dict(), ls), (dict(cache_bytes=3 * layers[0].expert_bytes), ls[:1])):
+        with HybridMoE(ls, device="sim", min_offload_batch=4, tiles=TILES, dense_tiles=router, **cfg) as moe:
+            for T, x in xs.items():
+                for i, L in enumerate(ls):
+                    want = moe.forward(i, x)
+                    x_d = cuda.to_device(x)
+                    out = cuda.device_array_like(x)
+                    assert moe.forward(i, x_d, out=out) is out
+                    got = out.copy_to_host()
+                    assert np.array_equal(got, want) and rel_err(got, moe_reference(L, x)) < 1e-5, (cfg, seed)
+                    assert np.array_equal(x_d.copy_to_host(), x)
+                    a, b = moe.stats.records[-2:]
+                    assert (a.path, a.used) == (b.path, b.used), (cfg, seed)
+                    if not cfg:  # (the cache turns the second call's copies into hits)
+                        assert a.copies == b.copies
+                    assert b.path == ("offload" if T >= 4 else "cpu")
+            moe.synchronize()
+            assert all(r.times["compute"] > 0 for r in moe.stats.records)
+
+
+def test_device_hidden_states_are_checked(layers):
+    from numba import cuda
+    x = hidden(5, seed=3)
+    with HybridMoE(layers[:1], device="cpu") as moe:
+        with pytest.raises(TypeError, match="need device='cuda' or 'sim'"):
+            moe.forward(0, cuda.to_device(x))
+    with HybridMoE(layers[:1], device="sim", min_offload_batch=4, tiles=TILES) as moe:
+        with pytest.raises(TypeError, match="out is for hidden states on the device"):
+            moe.forward(0, x, out=cuda.to_device(x))
+        for bad_out, exc, match in ((cuda.device_array((4, 32), np.float32), ValueError, r"out must be \[n_tokens"),
+                                    (cuda.device_array((5, 32), np.float64), TypeError, "out must be float32"),
+                                    (np.zeros((5, 32), np.float32), TypeError, "out must be a device array")):
+            with pytest.raises(exc, match=match):
+                moe.forward(0, cuda.to_device(x), out=bad_out)
+        with pytest.raises(ValueError, match=r"\[n_tokens, 32\]"):
+            moe.forward(0, cuda.to_device(x[:, :16].copy()))
+        with pytest.raises(ValueError, match="C-contiguous"):
+            moe.forward(0, cuda.to_device(np.zeros((32, 5), np.float32)).T)
+        for T in (5, 2):  # offload and CPU paths
+            bad = hidden(T, seed=4)
+            bad[1, 7] = np.nan
+            with pytest.raises(ValueError, match="router logits hold NaN or inf"):
+                moe.forward(0, cuda.to_device(bad))

@@ -12,19 +12,36 @@ A prompt is split as llama.cpp splits it: batches of ``n_batch`` tokens, each
 into ubatches of ``n_ubatch``; every ubatch runs all blocks before the next one
 starts, so the MoE backend sees one ubatch per layer in order and its usage
 lines are the model's own routing of the prompt.
+
+Two targets run the ubatch. ``cpu``: numpy and Numba on the host (``_ubatch``).
+``cuda``/``sim`` (the MoE backend has a device engine): PR #15346's setup, every
+weight but the experts on the device in the file's type, the KV cache there,
+and the hidden states on the device from the embedding lookup to the logits
+(``_ubatch_device``, written to mirror ``_ubatch`` line by line so the two
+read side by side; a shared ops layer would hide the device's in-place adds,
+output buffers and stream behind indirection that the CPU path does not
+need). All device work runs in order on the MoE backend's stream; the one
+synchronisation per layer is the router logits going to the host, inside
+``HybridMoE.forward``. The splitting, token checks and progress bar are shared.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import sys
 from dataclasses import dataclass
 
 import numba
 import numpy as np
+from numba import cuda
 
 from ..moe.cpu import CpuTiles
-from ..moe.scheduler import HybridMoE
+from ..moe.scheduler import HybridMoE, resolve_device
+from . import device_ops, vram
 from .config import Config, read_config
 from .dense import Dense
+from .device_attention import AttentionConfig, DeviceKVCache, attention as device_attention
+from .device_dense import DenseTiles, DeviceDense
 from .gguf import GGUFError
 from .kvcache import KVCache
 from .ops import attention, rmsnorm, rope_cos_sin, rope_neox
@@ -105,8 +122,14 @@ def load_blocks(model, cfg: Config) -> list[Block]:
 class Transformer:
     """A loaded model ready to run: ``prefill``, ``decode_one_token``, ``eval``.
 
-    ``moe``: a ``HybridMoE`` over ``model.layers`` (default: one on the CPU target
-    with ``policy``). ``n_ctx`` sizes the KV cache (default: the training context).
+    ``moe``: a ``HybridMoE`` over ``model.layers`` (default: one on ``device`` with
+    ``policy``). A backend on ``cuda``/``sim`` puts the rest of the model on the device
+    too (the module doc); ``vram_bytes`` bounds the device memory it may take in all
+    (default: what the device has free, plus what ``moe`` already holds; the simulator
+    has no bound); ``dense_tiles`` (a ``device_dense.DenseTiles``) and ``attention_config``
+    (a ``device_attention.AttentionConfig``) size its kernels (default: for a GPU; the
+    simulator's tests take small ones). ``n_ctx`` sizes the KV cache (default: the
+    training context).
 
     Precision: prompt ubatches compute the experts with float32 activations, so a
     prompt's logits do not depend on how it is split. Decode steps (``decode_one_token``)
@@ -117,7 +140,7 @@ class Transformer:
 
     def __init__(self, model, moe: HybridMoE | None = None, *, n_ctx: int | None = None,
                  n_batch: int = 2048, n_ubatch: int = 512, policy: str = "used", device: str = "cpu",
-                 q8_decode: bool = True):
+                 q8_decode: bool = True, vram_bytes: int | None = None, dense_tiles=None, attention_config=None):
         self.model = model
         self.cfg = cfg = read_config(model)
         if model.dense_blocks:
@@ -136,10 +159,24 @@ class Transformer:
         # No output.weight: the head is tied to the embedding (llama.cpp does the same).
         self.output = (_dense(model, "output.weight", (cfg.n_vocab, cfg.n_embd))
                        if "output.weight" in model.tensors else self.embd)
-        self.cache = KVCache(cfg, self.n_ctx, self.n_ubatch)  # refuses a cache beyond the machine's memory
-        self.moe = moe if moe is not None else HybridMoE(model.layers, device=device, policy=policy)
-        if len(self.moe.layers) != cfg.n_layer or any(a is not b for a, b in zip(self.moe.layers, model.layers)):
+        if moe is not None and (len(moe.layers) != cfg.n_layer
+                                or any(a is not b for a, b in zip(moe.layers, model.layers))):
             raise ValueError("moe must run this model's own MoE layers (HybridMoE(model.layers, ...))")
+        self.on_device = (moe.engine is not None) if moe is not None else resolve_device(device) != "cpu"
+        if not self.on_device:
+            self.cache = KVCache(cfg, self.n_ctx, self.n_ubatch)  # refuses a cache beyond the machine's memory
+            self.moe = moe if moe is not None else HybridMoE(model.layers, device=device, policy=policy)
+        else:  # everything counted against the device's memory before anything is allocated
+            self.dense_tiles = DenseTiles() if dense_tiles is None else dense_tiles
+            self.attention_config = AttentionConfig() if attention_config is None else attention_config
+            if not isinstance(self.dense_tiles, DenseTiles):
+                raise TypeError(f"dense_tiles must be a DenseTiles or None, got {type(dense_tiles).__name__}")
+            if not isinstance(self.attention_config, AttentionConfig):
+                raise TypeError(f"attention_config must be an AttentionConfig or None, "
+                                f"got {type(attention_config).__name__}")
+            vram.check(self, moe, vram_bytes, resolve_device(device))
+            self.moe = moe if moe is not None else HybridMoE(model.layers, device=device, policy=policy)
+            self._to_device()
         self._tiles = {False: _PROMPT_TILES, True: None if q8_decode else _PROMPT_TILES}  # by "is a decode step"
         first = model.layers[0]
         self._expert_step_bytes = first.k * first.expert_bytes  # what one token's MoE step reads
@@ -178,7 +215,8 @@ class Transformer:
         try:
             for s, e in self.ubatch_bounds(len(ids)):
                 want = "all" if logits == "all" else ("last" if e == len(ids) else None)
-                y = self._ubatch(ids[s:e], want, self._tiles[bool(decode)])
+                run = self._ubatch_device if self.on_device else self._ubatch
+                y = run(ids[s:e], want, self._tiles[bool(decode)])
                 if y is not None:
                     out.append(y)
                 if bar is not None:
@@ -213,24 +251,29 @@ class Transformer:
 
     # -- one ubatch through every block ----------------------------------------------
 
-    def _ubatch(self, ids: np.ndarray, want, cpu_tiles) -> np.ndarray | None:
-        cfg, cache = self.cfg, self.cache
-        T, pos0 = len(ids), cache.n_past
-        pos = np.arange(pos0, pos0 + T)
-        h = self.embd.rows(ids)
+    @contextlib.contextmanager
+    def _cpu_threads(self, T: int):
         # A step too small to share: the CPU expert kernels' parallel regions would cost
         # more in wake-ups and barriers than the work (tiny models' decode steps).
         threads = numba.get_num_threads()
         if T * self._expert_step_bytes < _SMALL_STEP_BYTES and threads > 1:
             numba.set_num_threads(1)
         try:
+            yield
+        finally:
+            numba.set_num_threads(threads)
+
+    def _ubatch(self, ids: np.ndarray, want, cpu_tiles) -> np.ndarray | None:
+        cfg, cache = self.cfg, self.cache
+        T, pos0 = len(ids), cache.n_past
+        pos = np.arange(pos0, pos0 + T)
+        h = self.embd.rows(ids)
+        with self._cpu_threads(T):
             for il, b in enumerate(self.blocks):
                 x = rmsnorm(h, b.attn_norm, cfg.rms_eps)
                 h = h + self._attention(il, b, x, pos)
                 x = rmsnorm(h, b.ffn_norm, cfg.rms_eps)
                 h = h + self.moe.forward(il, x, cpu_tiles=cpu_tiles)
-        finally:
-            numba.set_num_threads(threads)
         self.moe.end_ubatch()
         cache.n_past = pos0 + T
         if want is None:
@@ -263,3 +306,96 @@ class Transformer:
         if b.bo is not None:
             o += b.bo
         return o
+
+    # -- the same on the device (the module doc) ----------------------------------------
+
+    def _to_device(self):
+        """Device copies of the dense weights (DeviceDense, in the file's type), of the norms,
+        biases and sinks (float32), and the KV cache on the device."""
+        s = self.moe.stream
+
+        def up(v):
+            if isinstance(v, Dense):
+                return DeviceDense(v, stream=s, tiles=self.dense_tiles)
+            return None if v is None else cuda.to_device(np.ascontiguousarray(v, np.float32), stream=s)
+
+        self.dev_blocks = [dataclasses.replace(b, **{f.name: up(getattr(b, f.name)) for f in dataclasses.fields(b)})
+                           for b in self.blocks]
+        self.dev_embd = up(self.embd)
+        self.dev_output = self.dev_embd if self.output is self.embd else up(self.output)
+        self.dev_output_norm = up(self.output_norm)
+        self.cache = DeviceKVCache(self.cfg, self.n_ctx, self.n_ubatch)
+        self._scratch = {}
+
+    def _buffers(self, T: int) -> dict:
+        """Device activations of a ubatch of ``T`` tokens (kept for the last T): no allocation per
+        layer, which could synchronise the device."""
+        if T not in self._scratch:
+            self.moe.synchronize()  # enqueued work may still use the buffers dropped here
+            self._scratch = {T: {name: cuda.device_array(shape, np.float32)
+                                 for name, shape in device_activations(self.cfg, T).items()}}
+        return self._scratch[T]
+
+    def _ubatch_device(self, ids: np.ndarray, want, cpu_tiles) -> np.ndarray | None:
+        cfg, cache, s = self.cfg, self.cache, self.moe.stream
+        T, pos0 = len(ids), cache.n_past
+        pos = np.arange(pos0, pos0 + T)
+        buf = self._buffers(T)
+        rope = {}  # (cos, sin) on the device by RoPE base: one upload per ubatch, not per layer
+        for il in range(cfg.n_layer):
+            if cfg.rope_base(il) not in rope:
+                rope[cfg.rope_base(il)] = [cuda.to_device(a, stream=s) for a in rope_cos_sin(cfg, il, pos)]
+        h = self.dev_embd.rows(cuda.to_device(ids.astype(np.int32), stream=s), out=buf["h"], stream=s)
+        with self._cpu_threads(T):  # decode steps run the experts on the CPU
+            for il, b in enumerate(self.dev_blocks):
+                x = device_ops.rmsnorm(h, b.attn_norm, cfg.rms_eps, out=buf["x"], stream=s)
+                device_ops.add(h, self._attention_device(il, b, x, pos0, rope[cfg.rope_base(il)], buf), stream=s)
+                x = device_ops.rmsnorm(h, b.ffn_norm, cfg.rms_eps, out=buf["x"], stream=s)
+                device_ops.add(h, self.moe.forward(il, x, cpu_tiles=cpu_tiles, out=buf["moe"]), stream=s)
+        self.moe.end_ubatch()
+        cache.n_past = pos0 + T
+        if want is None:
+            self.moe.synchronize()
+            return None
+        if want == "last":
+            h = h[T - 1:]
+        n = h.shape[0]
+        x = device_ops.rmsnorm(h, self.dev_output_norm, cfg.rms_eps, out=buf["x"][:n], stream=s)
+        logits = self.dev_output.matmul(x, out=buf["logits"][:n], stream=s).copy_to_host(stream=s)
+        self.moe.synchronize()  # (the logits are on the host; this completes the step times)
+        return logits
+
+    def _attention_device(self, il: int, b: Block, x, pos0: int, rope, buf):
+        cfg, s = self.cfg, self.moe.stream
+        T = x.shape[0]
+        q = b.wq.matmul(x, out=buf["q"], stream=s)
+        k = b.wk.matmul(x, out=buf["k"], stream=s)
+        v = b.wv.matmul(x, out=buf["v"], stream=s)
+        if cfg.qkv_bias:
+            device_ops.add(q, b.bq, stream=s)
+            device_ops.add(k, b.bk, stream=s)
+            device_ops.add(v, b.bv, stream=s)
+        q = q.reshape(T, cfg.n_head, cfg.head_dim)
+        k = k.reshape(T, cfg.n_head_kv, cfg.head_dim)
+        v = v.reshape(T, cfg.n_head_kv, cfg.head_dim_v)
+        if cfg.qk_norm:
+            q = device_ops.rmsnorm(q, b.q_norm, cfg.rms_eps, out=q, stream=s)  # (in place is allowed)
+            k = device_ops.rmsnorm(k, b.k_norm, cfg.rms_eps, out=k, stream=s)
+        device_ops.rope_neox(q, *rope, stream=s)
+        device_ops.rope_neox(k, *rope, stream=s)
+        self.cache.store(il, pos0, k, v, stream=s)
+        n_swa = cfg.n_swa if cfg.swa_layers[il] else 0
+        a = device_attention(self.cache, il, q, pos0, cfg.kq_scale, n_swa, b.sinks, out=buf["attn"], stream=s,
+                             config=self.attention_config)
+        o = b.wo.matmul(a, out=buf["o"], stream=s)
+        if b.bo is not None:
+            device_ops.add(o, b.bo, stream=s)
+        return o
+
+
+def device_activations(cfg: Config, T: int) -> dict:
+    """Float32 device buffers a ubatch of ``T`` tokens uses (name -> shape): the residual, a
+    normed copy, q/k/v, attention and projection outputs, the MoE output, the logits."""
+    D, H, Hkv, d, dv = cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
+    return dict(h=(T, D), x=(T, D), q=(T, H * d), k=(T, Hkv * d), v=(T, Hkv * dv), attn=(T, H * dv), o=(T, D),
+                moe=(T, D), logits=(T, cfg.n_vocab))

@@ -23,6 +23,12 @@ rounds or layers still reading the slots it will overwrite. Uploads of the
 hidden states, routing weights, buckets and slot maps go on the compute stream
 from pinned buffers, after the first round's copies are enqueued, so the
 experts never queue behind them.
+
+Hidden states already on the device (the device-resident model) are read in
+place and the output is written into a device array: nothing waits at the end
+of ``run``. The router logits are computed on the device and brought to the
+host by ``route_inputs``, the one synchronisation per layer; the step times of
+earlier layers, whose events are complete by then, are read there (``settle``).
 """
 from __future__ import annotations
 
@@ -39,7 +45,7 @@ from .transfer import HostMemory, device_buffer
 
 
 class DeviceEngine:
-    def __init__(self, layers, n_slots, *, host="auto", tiles=None, launch_tiles=None):
+    def __init__(self, layers, n_slots, *, host="auto", tiles=None, launch_tiles=None, dense_tiles=None):
         self.layers = layers
         first = layers[0]
         for t in (first.gate, first.up, first.down):
@@ -62,7 +68,10 @@ class DeviceEngine:
         self._views = {c.role: view for c, (_, _, view) in zip(self.roles, self.dev)}
         self.copy_stream = cuda.stream()
         self.compute_stream = cuda.stream()
+        # Routers for the logits of hidden states on the device: the dense device matmul (F32).
+        self.routers = [router_on_device(L, self.compute_stream, dense_tiles) for L in layers]
         self._scratch = {}
+        self._pending = []  # (times, spans, t_host, t_done) of runs whose events are not read yet
         self.launch_tiles = launch_tiles or fill_tiles(self.tiles, self.n_ff, _sm_count())
 
     def close(self):
@@ -76,14 +85,13 @@ class DeviceEngine:
         since a pinned buffer must not be rewritten before its copy has run.
         """
         if T not in self._scratch:
-            k, D, F, bs, E = self.k, self.n_embd, self.n_ff, self.tiles.block_pairs, self.layers[0].n_experts
-            P = T * k + E * (bs - 1)  # pairs padded to whole tiles, at most
-            pin, dev = cuda.pinned_array, cuda.device_array
-            self._scratch = {T: dict(
-                act=dev((T * k, F), np.float32), y=dev((T * k, D), np.float32), out=dev((T, D), np.float32),
-                out_h=pin((T, D), np.float32), x=(pin((T, D), np.float32), dev((T, D), np.float32)),
-                w=(pin(T * k, np.float32), dev(T * k, np.float32)), pairs=(pin(P, np.int32), dev(P, np.int32)),
-                tile_expert=(pin(P // bs, np.int32), dev(P // bs, np.int32)), slots=[])}
+            self.compute_stream.synchronize()  # async copies may still read the buffers dropped here
+            E = self.layers[0].n_experts
+            shapes = scratch_shapes(T, self.k, self.n_embd, self.n_ff, E, self.tiles.block_pairs)
+            alloc = {"dev": lambda s, t: cuda.device_array(s, t), "pin": lambda s, t: cuda.pinned_array(s, t),
+                     "pair": lambda s, t: (cuda.pinned_array(s, t), cuda.device_array(s, t))}
+            self._scratch = {T: {name: alloc[kind](shape, dt) for name, (kind, shape, dt) in shapes.items()}}
+            self._scratch[T]["slots"] = []
         return self._scratch[T]
 
     def _slot_map(self, buf, i, slot_map):
@@ -110,9 +118,55 @@ class DeviceEngine:
         except BaseException as e:  # handed to the thread that waits on the rows
             rows.fail(e)
 
-    def run(self, L, x, weights, bk, rounds, *, overlap, times):
+    def route_inputs(self, L, x, with_x):
+        """The router logits ``x @ router_w.T`` (float32 [T, E], no bias) of hidden states ``x``
+        on the device, and ``x`` itself when ``with_x`` (the CPU expert path), on the host.
+
+        This is the one synchronisation per layer, as in llama.cpp: top-k and the copy plan
+        run on the host and need the logits; everything else stays on the device. The
+        arrays returned are pinned buffers, valid until the next call."""
+        ps = self.compute_stream
+        T = x.shape[0]
+        buf = self._buffers(T)
+        logits_h, logits_d = buf["logits"]
+        self.routers[self._index[id(L)]].matmul(x, out=logits_d, stream=ps)
+        logits_d.copy_to_host(logits_h, stream=ps)
+        if with_x:
+            x.copy_to_host(buf["x"][0], stream=ps)
+        wait = self.settle()
+        return logits_h, buf["x"][0] if with_x else None, wait
+
+    def upload(self, out_h, out):
+        """A result computed on the host into the device array ``out``, async on the compute stream."""
+        pinned = self._buffers(out_h.shape[0])["out_h"]
+        pinned[...] = out_h
+        out.copy_to_device(pinned, stream=self.compute_stream)
+        return out
+
+    def settle(self) -> float:
+        """Wait for both streams, then read the step times of the runs not read yet; returns
+        the seconds waited."""
+        t_wait = time.perf_counter()
+        self.compute_stream.synchronize()
+        self.copy_stream.synchronize()
+        waited = time.perf_counter() - t_wait
+        for times, spans, t_host, t_done in self._pending:
+            for step, a, b in spans:
+                ms = a.elapsed_time(b)
+                # The simulator has no device clock (-1): it copies and computes while
+                # enqueueing, so the host time of the whole call is all there is.
+                times[step] += ms / 1e3 if ms >= 0 else (t_done - t_host) / len(spans)
+        self._pending.clear()
+        return waited
+
+    def run(self, L, x, weights, bk, rounds, *, overlap, times, out=None):
         """Copy and compute every round; returns ``(out float32 [T, n_embd], enqueued int64 [tensors, 2])``
-        where ``enqueued[r] = (copies, bytes)`` of the layer's tensor ``r`` (``L.copied()`` order)."""
+        where ``enqueued[r] = (copies, bytes)`` of the layer's tensor ``r`` (``L.copied()`` order).
+
+        ``x`` numpy: uploaded here, and the output comes back as a new numpy array after
+        both streams are done. ``x`` a device array (on the compute stream): read in place,
+        the output reduced into the device array ``out``, and nothing waits; ``times`` are
+        filled at the next ``settle``."""
         pos = self._index[id(L)]
         cs, ps = self.copy_stream, self.compute_stream
         T = x.shape[0]
@@ -151,25 +205,22 @@ class DeviceEngine:
                 if worker:
                     worker.join()  # this round's copies are all enqueued before the next touches the stream
             spans.append(("copy", c0, rows.get_end()))
-        kernels.moe_reduce(buf["y"], buf["out"], self.k, stream=ps)
-        buf["out"].copy_to_host(buf["out_h"], stream=ps)
-        t_wait = time.perf_counter()
-        ps.synchronize()
-        cs.synchronize()
-        t_end = time.perf_counter()
-        times["wait"] += t_end - t_wait
-        for step, a, b in spans:
-            ms = a.elapsed_time(b)
-            # The simulator has no device clock (-1): it copies and computes while
-            # enqueueing, so the host time of the whole call is all there is.
-            times[step] += ms / 1e3 if ms >= 0 else (t_wait - t_host) / len(spans)
+        on_device = out is not None
+        kernels.moe_reduce(buf["y"], out if on_device else buf["out"], self.k, stream=ps)
+        if not on_device:
+            buf["out"].copy_to_host(buf["out_h"], stream=ps)
+        self._pending.append((times, spans, t_host, time.perf_counter()))
+        if on_device:
+            return out, enqueued
+        times["wait"] += self.settle()
         return buf["out_h"].copy(), enqueued
 
     def _upload(self, buf, x, weights, bk):
-        """Hidden states, routing weights and buckets to the device on the compute stream, via pinned buffers."""
+        """Hidden states (unless already on the device), routing weights and buckets to the
+        device on the compute stream, via pinned buffers."""
         ps = self.compute_stream
         P, nt = bk.pairs.shape[0], bk.tile_expert.shape[0]
-        x_d = _upload(buf["x"], x, ps)
+        x_d = _upload(buf["x"], x, ps) if isinstance(x, np.ndarray) else x
         w_d = _upload(buf["w"], weights.reshape(-1), ps)
         pairs = _upload(buf["pairs"], bk.pairs, ps, P)
         tile_expert = _upload(buf["tile_expert"], bk.tile_expert, ps, nt)
@@ -182,6 +233,24 @@ class DeviceEngine:
                            v.get("gate_b"), v.get("up_b"), v.get("down_b"), w_d, buf["act"], buf["y"],
                            n_embd=self.n_embd, n_ff=self.n_ff, k=self.k, activation=L.activation,
                            tiles=self.tiles, stream=self.compute_stream)
+
+
+def scratch_shapes(T, k, n_embd, n_ff, n_experts, block_pairs) -> dict:
+    """The buffers ``DeviceEngine`` keeps for ubatches of ``T`` tokens: name -> (kind, shape,
+    dtype), kind ``dev`` (device), ``pin`` (pinned host) or ``pair`` (pinned upload buffer and
+    its device twin). Slot maps (int32 [n_experts], a pair per round) come on top."""
+    P = T * k + n_experts * (block_pairs - 1)  # pairs padded to whole tiles, at most
+    f32, i32 = np.float32, np.int32
+    return dict(act=("dev", (T * k, n_ff), f32), y=("dev", (T * k, n_embd), f32), out=("dev", (T, n_embd), f32),
+                out_h=("pin", (T, n_embd), f32), x=("pair", (T, n_embd), f32), logits=("pair", (T, n_experts), f32),
+                w=("pair", (T * k,), f32), pairs=("pair", (P,), i32), tile_expert=("pair", (P // block_pairs,), i32))
+
+
+def scratch_device_bytes(T, k, n_embd, n_ff, n_experts, block_pairs, n_rounds=1) -> int:
+    """Device bytes of ``scratch_shapes`` and ``n_rounds`` slot maps (VRAM accounting)."""
+    shapes = scratch_shapes(T, k, n_embd, n_ff, n_experts, block_pairs).values()
+    return (sum(int(np.prod(s)) * np.dtype(t).itemsize for kind, s, t in shapes if kind != "pin")
+            + n_rounds * n_experts * 4)
 
 
 class _Rows:
@@ -233,6 +302,20 @@ def _upload(pair, host, stream, n=None):
     pinned[...] = host
     dev.copy_to_device(pinned, stream=stream)
     return dev
+
+
+def router_dense(L):
+    """Layer ``L``'s router weight (float32 [E, n_embd]) as a dense F32 weight."""
+    from gguf.constants import GGMLQuantizationType as T
+
+    from ..model.dense import Dense
+    return Dense(L.tensor_names()["router_w"], L.router_w, T.F32, L.router_w.shape)
+
+
+def router_on_device(L, stream=0, tiles=None):
+    """The router of ``L`` on the device (``DeviceDense``): the logits of device hidden states."""
+    from ..model.device_dense import DeviceDense
+    return DeviceDense(router_dense(L), stream=stream, tiles=tiles)
 
 
 def _event(stream):

@@ -143,9 +143,13 @@ class MoELayer:
     def route(self, x: np.ndarray):
         """Router logits of hidden states ``x`` (float32 [n_tokens, n_embd]), then top-k:
         ``(ids int32 [n_tokens, k], weights float32 [n_tokens, k])``."""
+        return self.route_logits(x @ self.router_w.T)
+
+    def route_logits(self, logits: np.ndarray):
+        """As ``route``, from ``x @ router_w.T`` computed elsewhere (the device): adds the
+        router bias in place, then top-k."""
         from .routing import route
 
-        logits = x @ self.router_w.T
         if self.router_b is not None:
             logits += self.router_b
         return route(logits, self.k, self.gating, self.renormalize)

@@ -19,6 +19,12 @@ runner that routes elsewhere).
 
 Batches below ``min_offload_batch`` tokens run on the CPU path. The ``cpu``
 target plans and counts the copies it would make but computes on the CPU.
+
+Hidden states may live on the device (the device-resident model): then the
+router logits are computed there and only they come to the host (step 1, the
+one synchronisation per layer), the kernels read the hidden states in place
+and the output is reduced into a device array. Below ``min_offload_batch`` the
+small ``x`` comes down with the logits and the CPU experts' result goes back up.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ import time
 
 import numba
 import numpy as np
+
+from quant.cuda import is_device_array
 
 from . import copyplan, routing
 from .cpu import CpuTiles, moe_ffn_cpu_trusted
@@ -76,8 +84,9 @@ class HybridMoE:
     at least this many tiles per kernel launch (None: enough to fill the GPU;
     1: one launch per copy range). ``cache_bytes`` above what every layer's
     experts take is capped there (logged): a larger pool could never fill.
-    ``tiles`` (a ``kernels.TileConfig``) sizes the device kernels; the cpu target
-    has none and ignores it.
+    ``tiles`` (a ``kernels.TileConfig``) sizes the device kernels and ``dense_tiles``
+    (a ``device_dense.DenseTiles``) the router's device matmul, for hidden states on
+    the device; the cpu target has none and ignores both.
 
     Inputs are validated here and in ``forward``; the calls inside trust them.
     """
@@ -85,7 +94,7 @@ class HybridMoE:
     def __init__(self, layers, *, device="auto", policy="used", layout="natural", host="auto",
                  cache_bytes=0, device_bytes=None, min_offload_batch=MIN_OFFLOAD_BATCH,
                  overlap=True, merge: copyplan.CostModel | None = None, tiles=None,
-                 launch_tiles: int | None = None, stats: Stats | None = None):
+                 launch_tiles: int | None = None, dense_tiles=None, stats: Stats | None = None):
         layers = list(layers)
         if not layers or not all(isinstance(l, MoELayer) for l in layers):
             raise TypeError("layers must be a non-empty list of MoELayer")
@@ -153,7 +162,7 @@ class HybridMoE:
         self.engine = None
         if self.device in ("cuda", "sim"):
             from .engine import DeviceEngine
-            self.engine = DeviceEngine(layers, self.n_slots, host=host, tiles=tiles,
+            self.engine = DeviceEngine(layers, self.n_slots, host=host, tiles=tiles, dense_tiles=dense_tiles,
                                        launch_tiles=None if launch_tiles is None else int(launch_tiles))
             log.info("host memory: %s %s", self.engine.host.mode, self.engine.host.note)
         log.info("device: %s, policy %s, layout %s, %d slots", self.device, policy, layout, self.n_slots)
@@ -161,6 +170,17 @@ class HybridMoE:
     @property
     def host_mode(self) -> str:
         return self.engine.host.mode if self.engine else "none"
+
+    @property
+    def stream(self):
+        """The device stream hidden states on the device are read and written on, in order
+        (None on the cpu target): a caller enqueues its own work on it."""
+        return self.engine.compute_stream if self.engine else None
+
+    def synchronize(self) -> None:
+        """Wait for the device work enqueued so far and complete its step times in ``stats``."""
+        if self.engine:
+            self.engine.settle()
 
     def reset(self) -> None:
         """Forget statistics and every resident expert (start a new prompt cold)."""
@@ -179,25 +199,43 @@ class HybridMoE:
     def __exit__(self, *exc):
         self.close()
 
-    def forward(self, layer, x: np.ndarray, ubatch: int | None = None, *,
-                cpu_tiles: CpuTiles | None = None) -> np.ndarray:
+    def forward(self, layer, x, ubatch: int | None = None, *, cpu_tiles: CpuTiles | None = None, out=None):
         """The MoE output float32 ``[n_tokens, n_embd]`` of ``layer`` (index or MoELayer) for ``x``.
 
+        ``x`` a numpy array: a new numpy array. ``x`` a device array (``cuda``/``sim``
+        targets): the output goes into the device array ``out`` (default: a new one), which
+        is returned; both are used in order on ``self.stream`` (see the module doc).
         ``cpu_tiles`` (a ``cpu.CpuTiles``) for batches on the CPU path; default ``cpu.TILES``,
         whose ``q8_tokens`` multiplies 1-token calls with int8 activations as ggml does.
         """
         L = self._layer(layer)
         _check_call(ubatch, cpu_tiles)
-        x = _check_hidden(x, L.n_embd)
+        on_device = is_device_array(x)
+        if on_device:
+            out = self._check_device_io(x, out, L.n_embd)
+        else:
+            x = _check_hidden(x, L.n_embd)
+            if out is not None:
+                raise TypeError("out is for hidden states on the device; numpy hidden states get a new array")
         # 1. route
         t0 = time.perf_counter()
-        ids, weights = L.route(x)
-        return self._forward(L, x, ids, weights, ubatch, time.perf_counter() - t0, cpu_tiles)
+        x_host, wait = x, 0.0
+        if on_device:
+            # The one synchronisation per layer, as in llama.cpp: the router logits (T x E) come
+            # to the host for the Numba top-k and the copy plan (with x when the CPU runs the experts).
+            logits, x_host, wait = self.engine.route_inputs(L, x, with_x=x.shape[0] < self.min_offload_batch)
+            if not np.isfinite(logits).all():
+                raise ValueError(f"layer {L.index}: the router logits hold NaN or inf: so do the hidden states")
+            ids, weights = L.route_logits(logits)
+        else:
+            ids, weights = L.route(x)
+        return self._forward(L, x, ids, weights, ubatch, time.perf_counter() - t0 - wait, cpu_tiles,
+                             x_host=x_host, out=out, wait=wait)
 
     def forward_routed(self, layer, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
                        ubatch: int | None = None, *, cpu_tiles: CpuTiles | None = None) -> np.ndarray:
-        """As ``forward``, with the routing given: ``ids`` int [T, k] (distinct per token, in
-        ``[0, n_experts)``) and ``weights`` float32 [T, k] (finite)."""
+        """As ``forward`` for numpy ``x``, with the routing given: ``ids`` int [T, k] (distinct per
+        token, in ``[0, n_experts)``) and ``weights`` float32 [T, k] (finite)."""
         L = self._layer(layer)
         _check_call(ubatch, cpu_tiles)
         x = _check_hidden(x, L.n_embd)
@@ -215,7 +253,7 @@ class HybridMoE:
         if not np.isfinite(weights).all():
             raise ValueError("weights hold NaN or inf")
         return self._forward(L, x, np.ascontiguousarray(ids, np.int32), np.ascontiguousarray(weights), ubatch, 0.0,
-                             cpu_tiles)
+                             cpu_tiles, x_host=x)
 
     def _layer(self, layer) -> MoELayer:
         if isinstance(layer, (bool, np.bool_)):
@@ -228,10 +266,34 @@ class HybridMoE:
             return layer
         raise ValueError("layer is not one of this backend's layers")
 
-    def _forward(self, L, x, ids, weights, ubatch, t_route, cpu_tiles):
+    def _check_device_io(self, x, out, n_embd):
+        """Hidden states on the device and the output array for them (made when None)."""
+        if self.engine is None:
+            raise TypeError("hidden states on the device need device='cuda' or 'sim'; this backend "
+                            "runs on the cpu target")
+        for name, a in (("hidden states", x), ("out", out)):
+            if a is None:
+                continue
+            if not is_device_array(a):
+                raise TypeError(f"{name} must be a device array like the hidden states, got {type(a).__name__}")
+            if np.dtype(a.dtype) != np.float32:
+                raise TypeError(f"{name} must be float32, got {a.dtype}")
+            if len(a.shape) != 2 or a.shape[1] != n_embd or a.shape[0] != x.shape[0]:
+                raise ValueError(f"{name} must be [n_tokens, {n_embd}], got {tuple(a.shape)}")
+            if not a.is_c_contiguous():
+                raise ValueError(f"{name} must be C-contiguous")
+        if x.shape[0] == 0:
+            raise ValueError("hidden states hold no tokens")
+        if out is None:
+            from numba import cuda
+            out = cuda.device_array(tuple(x.shape), np.float32, stream=self.stream)
+        return out
+
+    def _forward(self, L, x, ids, weights, ubatch, t_route, cpu_tiles, *, x_host, out=None, wait=0.0):
         T, E = x.shape[0], L.n_experts
         rec = UbatchRecord(layer=L.index, ubatch=self._ubatch if ubatch is None else ubatch, n_tokens=T,
                            path="cpu", policy=self.policy, used=0, n_experts=E)
+        rec.times["wait"] = wait
         t0 = time.perf_counter()
         block = self.engine.tiles.block_pairs if self.engine else 1
         bk = routing.bucket(ids, E, block_size=block)
@@ -249,16 +311,18 @@ class HybridMoE:
                 rec.times["plan"] = time.perf_counter() - t0
             self._record_copies(rec, L, rounds, planned(L, rounds))
             t0 = time.perf_counter()
-            out = moe_ffn_cpu_trusted(L, x, ids, weights, cpu_tiles)  # all checked above
+            y = moe_ffn_cpu_trusted(L, x_host, ids, weights, cpu_tiles)  # all checked above
+            if out is not None:  # hidden states on the device: the result goes back up
+                y = self.engine.upload(y, out)
             rec.times["compute"] = time.perf_counter() - t0
             self.stats.add(rec)
-            return out
+            return y
         # 2. plan
         t0 = time.perf_counter()
         rounds = self._rounds(L, bk)
         rec.times["plan"] = time.perf_counter() - t0
         # 3-4. copy and compute, round by round; the engine reports what it enqueued
-        out, enqueued = self.engine.run(L, x, weights, bk, rounds, overlap=self.overlap, times=rec.times)
+        out, enqueued = self.engine.run(L, x, weights, bk, rounds, overlap=self.overlap, times=rec.times, out=out)
         # 5. record
         self._record_copies(rec, L, rounds, enqueued)
         self.stats.add(rec)
