@@ -106,7 +106,7 @@ class AttentionTiles:
         return self.threads // self.rows
 
     def shared_bytes(self, d: int, dv: int) -> int:
-        """Static shared memory: Q [rows][d+1], K [keys][d+1], V [keys][dv], S [rows][keys+1]."""
+        """Shared memory: Q [rows][d+1], K [keys][d+1], V [keys][dv], S [rows][keys+1]."""
         return 4 * ((self.rows + self.keys) * (d + 1) + self.keys * dv + self.rows * (self.keys + 1))
 
     def fit(self, d: int, dv: int) -> "AttentionTiles":
@@ -182,6 +182,7 @@ def _attention_kernel(tiles: AttentionTiles, D: int, DV: int):
     offs_v = offs_k + BK * QK_WORDS
     offs_s = offs_v + BK * DV
     WORDS = offs_s + BM * S_WORDS
+    assert 4 * WORDS == tiles.shared_bytes(D, DV)  # what the launch asks for
 
     load_k = _key_loader(D, QK_WORDS, THREADS)
     load_v = _key_loader(DV, DV, THREADS)
@@ -202,7 +203,9 @@ def _attention_kernel(tiles: AttentionTiles, D: int, DV: int):
         split, n_splits = cuda.blockIdx.z, cuda.gridDim.z
         row0 = cuda.blockIdx.x * BM
         tid = cuda.threadIdx.x
-        sm = cuda.shared.array(WORDS, np.float32)
+        # Dynamic shared memory (launched with WORDS words): the simulator creates a static
+        # shared array racily (two threads of a block can get different ones).
+        sm = cuda.shared.array(0, types.float32)
 
         # The keys some row of this tile can see, then this split's part of them (whole tiles).
         t_first = row0 // r
@@ -523,7 +526,7 @@ def attention(cache: DeviceKVCache, il: int, q, pos0: int, scale: float, n_swa: 
     has_sinks = 0 if sinks is None else 1
     sinks_arg = cache.no_sinks if sinks is None else sinks
     kernel = _attention_kernel(tiles, d, dv)
-    kernel[(plan.row_tiles, Hkv, n_splits), tiles.threads, stream](
+    kernel[(plan.row_tiles, Hkv, n_splits), tiles.threads, stream, tiles.shared_bytes(d, dv)](
         q, cache.k[il], cache.v[il], pos0, n_swa, np.float32(scale), sinks_arg, has_sinks, out,
         cache.part_acc, cache.part_m, cache.part_l)
     if n_splits > 1:
@@ -554,7 +557,8 @@ def variants(full: bool = True) -> list:
         for name, tiles, blocks in (("wide", config.wide, WIDE_MIN_BLOCKS_PER_SM),
                                     ("narrow", config.narrow, NARROW_MIN_BLOCKS_PER_SM)):
             t = tiles.fit(d, d)
-            out.append(Variant(f"attention {name} d{d}", _attention_kernel(t, d, d), sig, t.threads, 0, blocks))
+            out.append(Variant(f"attention {name} d{d}", _attention_kernel(t, d, d), sig, t.threads,
+                               t.shared_bytes(d, d), blocks))
     out.append(Variant("attention combine", _combine_kernel,
                        (A(f32, 2), A(f32, 1), A(f32, 1), i64, A(f32, 1), i64, A(f32, 2)), _COMBINE_THREADS, 0, 1))
     out.append(Variant("kv store", _store_kernel, (A(f32, 3), A(f32, 3), i64, A(f32, 3), A(f32, 3)),
