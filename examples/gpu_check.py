@@ -262,12 +262,17 @@ def bench_whole_model(tiny, device, n_layers, share_experts=False):
     from hybrid.bench import PR_15346, compare_whole_model
     from hybrid.model.config import read_config
     from hybrid.model.synthetic import SHAPES, synthetic_model
+    from hybrid.model.tiny import simulator_tiles
     from hybrid.report import bench_table, machine_line
 
     print("\n" + machine_line(device))
     variants = ["all", "used", "used+cache"]
     ub, tests = (4, (4, 8)) if tiny else (512, (512, 2048))
-    opts = dict(min_offload_batch=1, tiles=K.TileConfig(4, 32, 32, 1, 8)) if tiny else {}
+    opts, model_opts = {}, {}
+    if tiny:  # the simulator's tiles for every kernel of the model
+        sim = simulator_tiles()
+        opts = dict(min_offload_batch=1, tiles=sim.moe, dense_tiles=sim.dense)
+        model_opts = dict(dense_tiles=sim.dense, attention_config=sim.attention)
     for shape, want in n_layers.items():
         full = SHAPES[shape]["n_layers"]
         t0 = time.perf_counter()
@@ -289,7 +294,7 @@ def bench_whole_model(tiny, device, n_layers, share_experts=False):
         for n_p in tests:
             t0 = time.perf_counter()
             c = compare_whole_model(model, rng.integers(0, read_config(model).n_vocab, n_p), [ub], variants,
-                                    device=device, **opts)
+                                    device=device, model_options=model_opts, **opts)
             print(f"\n{bench_table(shape, n_p, c.rows, variants, device)}\n"
                   f"({time.perf_counter() - t0:.1f} s; used+cache: {c.cache_bytes / 2**30:.2f} GiB of VRAM)")
         before, after = PR_15346[shape][512]

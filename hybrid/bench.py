@@ -92,14 +92,15 @@ def compare(make_moe, variants, sizes, measure, n_tokens: int, cache_bytes: int)
 
 
 def compare_whole_model(model, prompt, sizes, variants=None, *, device="auto", cache_bytes=None, n_batch=2048,
-                        repetitions=1, make_moe=None, progress=False, **backend) -> Comparison:
+                        repetitions=1, make_moe=None, progress=False, model_options=None, **backend) -> Comparison:
     """PR #15346's comparison on the whole model: ``prompt`` (token ids) through ``Transformer``
     at each ubatch size in ``sizes``, for each variant (default: ``default_variants``).
 
     The time of a test is the mean over ``repetitions`` prefills, after a warm-up that
     compiles the kernels; each prefill starts cold (no resident expert). ``cache_bytes``:
     the used+cache VRAM (default ``half_the_experts``). ``make_moe(**options)`` builds a
-    backend (default ``HybridMoE(model.layers, device=device, **backend, **options)``).
+    backend (default ``HybridMoE(model.layers, device=device, **backend, **options)``);
+    ``model_options``: more keywords for ``Transformer`` (the device kernels' tiles).
     """
     from .model.forward import Transformer
     prompt = np.asarray(prompt)
@@ -116,7 +117,7 @@ def compare_whole_model(model, prompt, sizes, variants=None, *, device="auto", c
         raise ValueError(f"ubatch sizes and repetitions must be positive ints, got {list(sizes)}, {repetitions!r}")
 
     def measure(moe, ub):
-        tr = Transformer(model, moe, n_ctx=len(prompt), n_batch=n_batch, n_ubatch=ub)
+        tr = Transformer(model, moe, n_ctx=len(prompt), n_batch=n_batch, n_ubatch=ub, **(model_options or {}))
         warm_up_model(tr, decode=False)
         walls = []
         for _ in range(repetitions):

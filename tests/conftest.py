@@ -15,6 +15,38 @@ def _short_gil_switch():
     sys.setswitchinterval(old)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _poison_fresh_simulator_memory():
+    # A real GPU's fresh device and shared memory holds leftovers; the simulator's holds
+    # whatever numpy gave. Fill both with 0xFF bytes (NaN as float32), so a kernel that
+    # reads memory nothing wrote gives NaN in some test instead of passing by luck.
+    from numba.core import config
+    if not config.ENABLE_CUDASIM:
+        yield
+        return
+    import numpy as np
+    from numba import cuda
+    from numba.cuda.simulator import kernelapi
+    from numba.cuda.simulator.cudadrv import devicearray
+
+    fresh, shared_init = devicearray.device_array, kernelapi.FakeCUDAShared.__init__
+
+    def device_array(*args, **kwargs):
+        arr = fresh(*args, **kwargs)
+        arr._ary.view(np.uint8).fill(0xFF)
+        return arr
+
+    def shared(self, dynshared_size):
+        shared_init(self, dynshared_size)
+        self._dynshared.fill(-1)
+
+    devicearray.device_array, cuda.device_array = device_array, device_array
+    kernelapi.FakeCUDAShared.__init__ = shared
+    yield
+    devicearray.device_array, cuda.device_array = fresh, fresh
+    kernelapi.FakeCUDAShared.__init__ = shared_init
+
+
 def _edit_tensor(src, dst, name, edit):
     shutil.copy(src, dst)
     r = GGUFReader(dst, "r+")

@@ -46,13 +46,15 @@ def tables(out):
 
 @needs_sim
 def test_compare_whole_model_on_the_simulator():
-    from hybrid.moe.kernels import TileConfig
+    from hybrid.model.tiny import simulator_tiles
     model = synthetic_model("gpt-oss-20b", n_layers=2, n_embd=32, n_ff=32, n_experts=6, k=2, n_head=1, n_head_kv=1,
                             head_dim=32, n_vocab=16, n_swa=4)
     seed = int(np.random.SeedSequence().entropy % 2**31)
     prompt = np.random.default_rng(seed).integers(0, 16, 6)
-    c = compare_whole_model(model, prompt, [3, 6], device="sim", min_offload_batch=1,
-                            tiles=TileConfig(4, 32, 32, 1, 8))
+    sim = simulator_tiles()
+    c = compare_whole_model(model, prompt, [3, 6], device="sim", min_offload_batch=1, tiles=sim.moe,
+                            dense_tiles=sim.dense,
+                            model_options=dict(dense_tiles=sim.dense, attention_config=sim.attention))
     assert c.device == "sim" and c.variants == FOUR and c.n_prompt == 6 and [ub for ub, _ in c.rows] == [3, 6]
     assert c.cache_bytes == half_the_experts(model.layers)
     for ub, res in c.rows:

@@ -16,24 +16,18 @@ import pytest
 from gguf.constants import GGMLQuantizationType as T
 
 from hybrid.model import load, write_tiny
-from hybrid.model.device_attention import AttentionConfig, AttentionTiles
-from hybrid.model.device_dense import DenseTiles
 from hybrid.model.forward import Transformer
 from hybrid.model.reference import forward_reference
+from hybrid.model.tiny import simulator_tiles
 from hybrid.model.vram import VRAMError
-from hybrid.moe.kernels import TileConfig
 from hybrid.moe.scheduler import HybridMoE
 
 pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1", reason="needs the simulator")
 
 SHAPE = dict(n_layers=2, n_embd=32, n_ff=32, n_experts=4, k=2, n_head=2, n_head_kv=1, head_dim=32, n_vocab=40,
              n_swa=3, skew=1.0)
-TILES = TileConfig(block_pairs=4, block_cols=32, k_chunk=32, thread_rows=1, thread_cols=8)
-DENSE = DenseTiles(gemv_tokens=1, gemv_warps=1, gemv_rows=64,
-                   gemm=TileConfig(block_pairs=4, block_cols=64, k_chunk=32, thread_rows=1, thread_cols=8))
-ATTENTION = AttentionConfig(wide=AttentionTiles(rows=8, keys=8, thread_rows=2, thread_keys=2),
-                            narrow=AttentionTiles(rows=4, keys=4, thread_rows=2, thread_keys=2),
-                            narrow_rows=4, target_blocks=64, split_keys=4)
+_SIM = simulator_tiles()
+TILES, DENSE, ATTENTION = _SIM.moe, _SIM.dense, _SIM.attention
 N, UB = 6, 4  # prompt tokens, ubatch: ubatches of 4 (offloaded) and 2 (CPU experts)
 
 

@@ -20,7 +20,7 @@ from ..moe.layer import ExpertTensor, MoELayer
 from .gguf import GGUFError, load
 
 __all__ = ["random_layer", "tiny_layers", "tiny_vocab", "write_tiny", "model_metadata", "model_tensors",
-           "write_gguf", "check_dims",
+           "write_gguf", "check_dims", "simulator_tiles",
            "default_model_path", "ensure_default_model"]
 
 
@@ -314,3 +314,24 @@ def ensure_default_model() -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def simulator_tiles():
+    """Kernel tiles small enough for the simulator, which runs every thread in Python: the MoE
+    kernels' (``moe``), the dense matmuls' (``dense``) and attention's (``attention``), for
+    ``HybridMoE(tiles=moe, dense_tiles=dense)`` and ``Transformer(dense_tiles=dense,
+    attention_config=attention)``. Results do not depend on tiles; launches then take
+    threads by the tens, not hundreds."""
+    from types import SimpleNamespace
+
+    from ..moe.kernels import TileConfig
+    from .device_attention import AttentionConfig, AttentionTiles
+    from .device_dense import DenseTiles
+    moe = TileConfig(block_pairs=4, block_cols=32, k_chunk=32, thread_rows=1, thread_cols=8)
+    return SimpleNamespace(
+        moe=moe,
+        dense=DenseTiles(gemv_tokens=1, gemv_warps=1, gemv_rows=64,
+                         gemm=TileConfig(block_pairs=4, block_cols=64, k_chunk=32, thread_rows=1, thread_cols=8)),
+        attention=AttentionConfig(wide=AttentionTiles(rows=8, keys=8, thread_rows=2, thread_keys=2),
+                                  narrow=AttentionTiles(rows=4, keys=4, thread_rows=2, thread_keys=2),
+                                  narrow_rows=4, target_blocks=64, split_keys=4))
