@@ -1,6 +1,7 @@
 """The model around the MoE layers: GGUF loading (``gguf``), the whole forward (``config``, ``dense``,
-``ops``, ``kvcache``, ``forward``, ``generate``, float64 ``reference``), the tokenizer, the
-built-in tiny models (``tiny``) and gpt-oss shapes with random weights in memory (``synthetic``)."""
+``ops``, ``kvcache``, ``forward``, ``generate``, float64 ``reference``), its device side
+(``device_dense``, ``device_ops``, ``device_attention``, ``vram``), the tokenizer, the built-in
+tiny models (``tiny``) and gpt-oss shapes with random weights in memory (``synthetic``)."""
 from .config import Config, read_config
 from .forward import Transformer
 from .generate import generate, sample
