@@ -332,7 +332,7 @@ class Transformer:
         layer, which could synchronise the device."""
         if T not in self._scratch:
             self.moe.synchronize()  # enqueued work may still use the buffers dropped here
-            self._scratch = {T: {name: cuda.device_array(shape, np.float32)
+            self._scratch = {T: {name: cuda.device_array(shape, np.int32 if name == "ids" else np.float32)
                                  for name, shape in device_activations(self.cfg, T).items()}}
         return self._scratch[T]
 
@@ -341,11 +341,13 @@ class Transformer:
         T, pos0 = len(ids), cache.n_past
         pos = np.arange(pos0, pos0 + T)
         buf = self._buffers(T)
-        rope = {}  # (cos, sin) on the device by RoPE base: one upload per ubatch, not per layer
-        for il in range(cfg.n_layer):
-            if cfg.rope_base(il) not in rope:
-                rope[cfg.rope_base(il)] = [cuda.to_device(a, stream=s) for a in rope_cos_sin(cfg, il, pos)]
-        h = self.dev_embd.rows(cuda.to_device(ids.astype(np.int32), stream=s), out=buf["h"], stream=s)
+        rope = {}  # (cos, sin) by RoPE base: one upload per ubatch, not per layer
+        for i, (base, il) in enumerate({cfg.rope_base(il): il for il in range(cfg.n_layer)}.items()):
+            rope[base] = buf["rope"][i, 0], buf["rope"][i, 1]
+            for dev, host in zip(rope[base], rope_cos_sin(cfg, il, pos)):
+                dev.copy_to_device(host, stream=s)
+        buf["ids"].copy_to_device(ids.astype(np.int32), stream=s)
+        h = self.dev_embd.rows(buf["ids"], out=buf["h"], stream=s)
         with self._cpu_threads(T):  # decode steps run the experts on the CPU
             for il, b in enumerate(self.dev_blocks):
                 x = device_ops.rmsnorm(h, b.attn_norm, cfg.rms_eps, out=buf["x"], stream=s)
@@ -394,8 +396,10 @@ class Transformer:
 
 
 def device_activations(cfg: Config, T: int) -> dict:
-    """Float32 device buffers a ubatch of ``T`` tokens uses (name -> shape): the residual, a
-    normed copy, q/k/v, attention and projection outputs, the MoE output, the logits."""
+    """Device buffers a ubatch of ``T`` tokens uses (name -> shape; 4-byte elements, int32 ``ids``,
+    else float32): the token ids, RoPE's cos and sin per base, the residual, a normed copy,
+    q/k/v, attention and projection outputs, the MoE output, the logits."""
     D, H, Hkv, d, dv = cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
-    return dict(h=(T, D), x=(T, D), q=(T, H * d), k=(T, Hkv * d), v=(T, Hkv * dv), attn=(T, H * dv), o=(T, D),
-                moe=(T, D), logits=(T, cfg.n_vocab))
+    n_bases = len({cfg.rope_base(il) for il in range(cfg.n_layer)})
+    return dict(ids=(T,), rope=(n_bases, 2, T, cfg.n_rot // 2), h=(T, D), x=(T, D), q=(T, H * d), k=(T, Hkv * d),
+                v=(T, Hkv * dv), attn=(T, H * dv), o=(T, D), moe=(T, D), logits=(T, cfg.n_vocab))
