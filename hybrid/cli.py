@@ -310,8 +310,20 @@ class _computing:
         return False
 
 
+def _sim_tiles(device) -> dict:
+    """On the simulator, small kernel tiles (results do not depend on them): every GPU thread
+    is a Python thread there, and the built-in model takes minutes with a GPU's tiles."""
+    if device != "sim":
+        return {}
+    from .model.tiny import simulator_tiles
+    t = simulator_tiles()
+    return dict(tiles=t.moe, dense_tiles=t.dense, attention_config=t.attention)
+
+
 def make_backend(layers, args, **kw):
     from .moe.scheduler import HybridMoE
+    sim = _sim_tiles(args.device)
+    kw = {"tiles": sim.get("tiles"), "dense_tiles": sim.get("dense_tiles"), **kw}
     try:
         return HybridMoE(layers, device=args.device, host=args.host,
                          min_offload_batch=args.min_offload_batch, **kw)
@@ -670,8 +682,10 @@ def _transformer(model, args, n_ctx, ubatch, moe=None, **kw):
     from .model.forward import Transformer
     moe = moe if moe is not None else make_backend(model.layers, args, **kw)
     try:
+        sim = _sim_tiles(moe.device)
         return Transformer(model, moe, n_ctx=n_ctx, n_batch=args.batch_size, n_ubatch=ubatch,
-                           q8_decode=not args.f32_decode)
+                           q8_decode=not args.f32_decode, dense_tiles=sim.get("dense_tiles"),
+                           attention_config=sim.get("attention_config"))
     except GGUFError as e:
         raise CLIError(f"bad model: {e}") from None
     except ValueError as e:
@@ -768,7 +782,8 @@ def _bench_variants(args, model, device, prompt, sizes):
         c = compare_whole_model(model, prompt, sizes, variants, cache_bytes=_cache_bytes(args),
                                 n_batch=args.batch_size, repetitions=args.repetitions,
                                 make_moe=lambda **kw: make_backend(model.layers, args, **kw),
-                                progress=not args.no_progress)
+                                progress=not args.no_progress,
+                                model_options={k: v for k, v in _sim_tiles(args.device).items() if k != "tiles"})
     print()
     _print_comparison(args, model, c)
 
