@@ -149,27 +149,22 @@ else:
 
         return sig, codegen
 
-    @intrinsic
-    def f32_bits(typingctx, x):
-        if not isinstance(x, types.Float):
-            return None
+    def _bitcast(accepts, src, dst, dst_ir):
+        """An intrinsic reinterpreting the bits of a ``src`` value as ``dst`` (one LLVM bitcast)."""
+        @intrinsic
+        def bitcast(typingctx, v):
+            if not isinstance(v, accepts):
+                return None
 
-        def codegen(context, builder, sig, args):
-            v = context.cast(builder, args[0], sig.args[0], types.float32)
-            return builder.bitcast(v, ir.IntType(32))
+            def codegen(context, builder, sig, args):
+                return builder.bitcast(context.cast(builder, args[0], sig.args[0], src), dst_ir)
 
-        return types.uint32(x), codegen
+            return dst(v), codegen
 
-    @intrinsic
-    def bits_f32(typingctx, u):
-        if not isinstance(u, types.Integer):
-            return None
+        return bitcast
 
-        def codegen(context, builder, sig, args):
-            v = context.cast(builder, args[0], sig.args[0], types.uint32)
-            return builder.bitcast(v, ir.FloatType())
-
-        return types.float32(u), codegen
+    f32_bits = _bitcast(types.Float, types.float32, types.uint32, ir.IntType(32))
+    bits_f32 = _bitcast(types.Integer, types.uint32, types.float32, ir.FloatType())
 
 
 # ---------------------------------------------------------------- host-side reference of the layout (tests)
