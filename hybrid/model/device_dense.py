@@ -25,7 +25,7 @@ from numba import cuda, types
 from quant import cuda as qc
 from quant import types as qtypes
 
-from ..moe.kernels import MIN_BLOCKS_PER_SM, TileConfig, Variant
+from ..moe.kernels import MIN_BLOCKS_PER_SM, TileConfig, Variant, tile_fma
 from .dense import Dense
 from .device_ops import WARP, check_device, scratch_words, warp_sum
 
@@ -142,6 +142,7 @@ def _gemm_kernel(cfg: TileConfig, wtype: int):
     offs_x = qc.TABLES  # shared tile after the decode tables: [BK][x (BM) | W (BN)]
     offs_w = offs_x + BM
     decode = qc.dense_tile_decoder(wtype, BN, BK, THREADS, ROW_WORDS)
+    fma_step = tile_fma(BK, TM, TN, ROW_WORDS, ROW_STRIDE, COL_STRIDE)
 
     @cuda.jit
     def gemm(x, w, out):
@@ -179,14 +180,7 @@ def _gemm_kernel(cfg: TileConfig, wtype: int):
                 sm[_U(offs_x) + kk * _U(ROW_WORDS) + r] = v
             decode(w, 0, col0, n_cols, k0, K, sm, offs_w, tid, sm)
             cuda.syncthreads()
-            for kk in range(BK):
-                row = _U(kk * ROW_WORDS)
-                for i in range(TM):
-                    a[i] = sm[row + row_x + _U(i * ROW_STRIDE)]
-                for j in range(TN):
-                    wv = sm[row + col_w + _U(j * COL_STRIDE)]
-                    for i in range(TM):
-                        acc[i * TN + j] += a[i] * wv
+            fma_step(sm, row_x, col_w, a, acc)
             cuda.syncthreads()
 
         for i in range(TM):

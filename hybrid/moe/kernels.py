@@ -343,6 +343,7 @@ def _down_kernel(cfg: TileConfig, wtype: int, has_bias: bool):
     offs_w = offs_x + BM
     decode = qc.tile_decoder(wtype, BN, BK, THREADS, ROW_WORDS)
     gather = _row_gatherer(BM, BK, THREADS, ROW_WORDS)
+    fma_step = tile_fma(BK, TM, TN, ROW_WORDS, ROW_STRIDE, COL_STRIDE)
 
     @cuda.jit
     def down(act, pairs, tile_expert, tile0, slots, wd, bd, weights, y):
@@ -382,14 +383,7 @@ def _down_kernel(cfg: TileConfig, wtype: int, has_bias: bool):
             decode(wd, s, col0, n_embd, k0, K, sm, offs_w, tid, sm)
             cuda.syncthreads()
             if nr > 0 and nc > 0:
-                for kk in range(BK):
-                    r = _U(kk * ROW_WORDS)
-                    for i in range(TM):
-                        a[i] = sm[r + row_x + _U(i * ROW_STRIDE)]
-                    for j in range(TN):
-                        wv = sm[r + col_w + _U(j * COL_STRIDE)]
-                        for i in range(TM):
-                            acc[i * TN + j] += a[i] * wv
+                fma_step(sm, row_x, col_w, a, acc)
             cuda.syncthreads()
 
         for i in range(TM):
@@ -472,6 +466,25 @@ def _row_splitter(BM, BK, THREADS, RS):
             su[o + _U(PIECE)] = w1
             su[o + _U(2 * PIECE)] = w2
     return split
+
+
+@functools.lru_cache(maxsize=None)
+def tile_fma(BK, TM, TN, ROW_WORDS, ROW_STRIDE, COL_STRIDE):
+    """Device function: one K step of a thread's TM x TN register tile from a shared tile of
+    BK rows of ROW_WORDS words, x at ``row_x + i*ROW_STRIDE`` and W at ``col_w +
+    j*COL_STRIDE`` of each row: ``acc[i*TN + j] += x[i] * w[j]`` (``a``: TM floats of scratch).
+    The down kernel and the dense GEMM share it."""
+    @cuda.jit(device=True, inline=True)
+    def fma_step(sm, row_x, col_w, a, acc):
+        for kk in range(BK):
+            row = _U(kk * ROW_WORDS)
+            for i in range(TM):
+                a[i] = sm[row + row_x + _U(i * ROW_STRIDE)]
+            for j in range(TN):
+                wv = sm[row + col_w + _U(j * COL_STRIDE)]
+                for i in range(TM):
+                    acc[i * TN + j] += a[i] * wv
+    return fma_step
 
 
 @functools.lru_cache(maxsize=None)
