@@ -7,6 +7,7 @@ one expert's slab is contiguous.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,10 @@ import numpy as np
 from quant import types as qtypes
 
 from . import activation
+from .spec import MoESpec, legacy
 
+_LEGACY_GATINGS = ("softmax_topk", "topk_softmax_all")
+_LEGACY_DEFAULTS = ("softmax_topk", False, "swiglu_oai")
 
 
 @dataclass
@@ -79,8 +83,11 @@ class Copied:
 class MoELayer:
     """Router and experts of one layer.
 
-    gpt-oss: ``gating="softmax_topk"``, ``activation="swiglu_oai"``, biases set.
-    Mixtral/Qwen3-MoE: ``gating="topk_softmax_all"``, ``activation="silu"``, no biases.
+    ``spec`` (a ``spec.MoESpec``) says how it routes, weighs and activates; without one it is
+    made from the older spelling ``gating``/``renormalize``/``activation`` (gpt-oss:
+    ``"softmax_topk"``, ``"swiglu_oai"``, biases set; Mixtral/Qwen3-MoE: ``"topk_softmax_all"``,
+    ``"silu"``, no biases). With a spec, those three fields are set from it. ``select_b``:
+    the selection bias (``exp_probs_b``), added to the probabilities for the choice only.
 
     Construction checks shapes, types and that the router and biases are finite
     (small arrays: one pass each). Expert weights are not scanned (they may be a
@@ -101,10 +108,12 @@ class MoELayer:
     activation: str = "swiglu_oai"
     renormalize: bool = False  # only for topk_softmax_all
     index: int = 0  # block number in the model (for names in reports)
+    spec: MoESpec | None = None
+    select_b: np.ndarray | None = None  # float32 [n_experts]
 
     def __post_init__(self):
         E, D, F = self.n_experts, self.n_embd, self.n_ff
-        activation.check(self.gating, self.activation)
+        self._settle_spec()
         if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)):
             raise TypeError(f"k must be an int, got {type(self.k).__name__}")
         if not 1 <= self.k <= E:
@@ -112,6 +121,8 @@ class MoELayer:
         names = self.tensor_names()
         _check_f32("router_w", self.router_w, (E, D), gguf=names["router_w"])
         _check_f32("router_b", self.router_b, (E,), optional=True, gguf=names["router_b"])
+        _check_f32("select_b", self.select_b, (E,), optional=True, gguf=names["select_b"])
+        self.spec.check_layer(E, self.k)
         for name, t, shape in (("gate", self.gate, (E, F, D)), ("up", self.up, (E, F, D)),
                                ("down", self.down, (E, D, F))):
             if (t.n_experts, t.rows, t.cols) != shape:
@@ -121,10 +132,35 @@ class MoELayer:
         for name, shape in (("gate_b", (E, F)), ("up_b", (E, F)), ("down_b", (E, D))):
             _check_f32(name, getattr(self, name), shape, optional=True, gguf=names[name])
 
+    def _settle_spec(self):
+        # The spec, or the older three fields where they say something else than it: a caller
+        # who gave them (or changed them with dataclasses.replace) meant them.
+        if self.spec is not None and not isinstance(self.spec, MoESpec):
+            raise TypeError(f"spec must be a MoESpec or None, got {type(self.spec).__name__}")
+        mine = (self.gating, bool(self.renormalize), self.activation)
+        view = None if self.spec is None else (self.spec.legacy_gating, self.spec.norm, self.spec.activation)
+        if self.spec is None or (mine != view and mine != _LEGACY_DEFAULTS):
+            if self.gating not in _LEGACY_GATINGS:
+                raise ValueError(f"gating must be one of {_LEGACY_GATINGS} (other gatings: give a spec), "
+                                 f"got {self.gating!r}")
+            activation.check(activation=self.activation)
+            new = legacy(self.gating, self.renormalize, self.activation)
+            self.spec = new if self.spec is None else dataclasses.replace(
+                self.spec, gating=new.gating, norm=new.norm, activation=new.activation)
+        self.gating, self.renormalize, self.activation = \
+            self.spec.legacy_gating, self.spec.norm, self.spec.activation
+
+    def with_spec(self, spec: MoESpec, **changes) -> "MoELayer":
+        """This layer routed as ``spec`` says (``dataclasses.replace`` would keep the older
+        fields, which then win over a new spec)."""
+        return dataclasses.replace(self, spec=spec, gating=spec.legacy_gating, renormalize=spec.norm,
+                                   activation=spec.activation, **changes)
+
     def tensor_names(self) -> dict[str, str]:
         """The GGUF tensor name of each field (for messages)."""
         b = f"blk.{self.index}."
         return {"router_w": b + "ffn_gate_inp.weight", "router_b": b + "ffn_gate_inp.bias",
+                "select_b": b + "exp_probs_b.bias",
                 **{f"{n}_b": b + f"ffn_{n}_exps.bias" for n in ("gate", "up", "down")},
                 **{n: b + f"ffn_{n}_exps.weight" for n in ("gate", "up", "down")}}
 
@@ -148,11 +184,11 @@ class MoELayer:
     def route_logits(self, logits: np.ndarray):
         """As ``route``, from ``x @ router_w.T`` computed elsewhere (the device): adds the
         router bias in place, then top-k."""
-        from .routing import route
+        from .routing import route_spec
 
         if self.router_b is not None:
             logits += self.router_b
-        return route(logits, self.k, self.gating, self.renormalize)
+        return route_spec(logits, self.k, self.spec, self.select_b)
 
     def tensors(self) -> dict[str, ExpertTensor]:
         """Expert tensors by their GGUF names, in copy order."""

@@ -8,26 +8,41 @@ from __future__ import annotations
 import numpy as np
 
 from .activation import SWIGLU_ALPHA, SWIGLU_LIMIT, silu as silu_gated, swiglu_oai  # noqa: F401
+from .spec import legacy
 
 
-def route_reference(logits, k, gating="softmax_topk", renormalize=False):
-    """Top-k ids (ties to the lower id) and float64 weights."""
+def route_reference(logits, k, gating="softmax_topk", renormalize=False, *, spec=None, select_b=None):
+    """Top-k ids (ties to the lower id) and float64 weights, as ``spec`` says (default: the
+    older ``gating``/``renormalize`` spelling, ``spec.legacy``); the formulas of ``spec.py``."""
+    spec = legacy(gating, renormalize) if spec is None else spec
     z = np.asarray(logits, dtype=np.float64)
-    # Stable sort on -z keeps equal logits in id order: lower id first.
-    ids = np.argsort(-z, axis=1, kind="stable")[:, :k]
-    if gating == "softmax_topk":
-        sel = np.take_along_axis(z, ids, axis=1)
-        w = np.exp(sel - sel.max(axis=1, keepdims=True))
-        w /= w.sum(axis=1, keepdims=True)
-    elif gating == "topk_softmax_all":
+    if spec.gating == "sigmoid":
+        p = 1.0 / (1.0 + np.exp(-z))
+    elif spec.gating == "softmax":
         p = np.exp(z - z.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
-        w = np.take_along_axis(p, ids, axis=1)
-        if renormalize:
-            w = w / w.sum(axis=1, keepdims=True)
     else:
-        raise ValueError(f"unknown gating {gating!r}")
-    return ids.astype(np.int32), w
+        p = z
+    sel = p + (0.0 if select_b is None else np.asarray(select_b, np.float64))
+    if spec.n_group > 1:
+        T, E = z.shape
+        groups = sel.reshape(T, spec.n_group, E // spec.n_group)
+        score = np.sort(groups, axis=2)[:, :, -2:].sum(axis=2)
+        best = np.argsort(-score, axis=1, kind="stable")[:, :spec.topk_group]
+        keep = np.zeros((T, spec.n_group), bool)
+        np.put_along_axis(keep, best, True, axis=1)
+        sel = np.where(np.repeat(keep, E // spec.n_group, axis=1), sel, -np.inf)
+    # Stable sort on -sel keeps equal scores in id order: lower id first.
+    ids = np.argsort(-sel, axis=1, kind="stable")[:, :k]
+    if spec.gating == "softmax_chosen":
+        chosen = np.take_along_axis(z, ids, axis=1)
+        w = np.exp(chosen - chosen.max(axis=1, keepdims=True))
+        w /= w.sum(axis=1, keepdims=True)
+    else:
+        w = np.take_along_axis(p, ids, axis=1)
+        if spec.norm:
+            w = w / np.maximum(w.sum(axis=1, keepdims=True), 6.103515625e-5)
+    return ids.astype(np.int32), w * spec.scale
 
 
 def router_logits_reference(layer, x):
@@ -45,9 +60,9 @@ def moe_reference(layer, x, ids=None, weights=None):
     """
     x = np.asarray(x, dtype=np.float64)
     if ids is None:
-        ids, weights = route_reference(router_logits_reference(layer, x), layer.k,
-                                       layer.gating, layer.renormalize)
-    act = swiglu_oai if layer.activation == "swiglu_oai" else silu_gated
+        ids, weights = route_reference(router_logits_reference(layer, x), layer.k, spec=layer.spec,
+                                       select_b=layer.select_b)
+    act = {"swiglu_oai": swiglu_oai, "silu": silu_gated}[layer.spec.activation]
     out = np.zeros((x.shape[0], layer.n_embd))
     for e in np.unique(ids):
         t, j = np.nonzero(ids == e)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import numba as nb
 import numpy as np
 
-from . import activation
+from . import spec as spec_mod
+from .spec import MoESpec
 
 _INT32_MAX = np.iinfo(np.int32).max
 
@@ -19,55 +20,115 @@ _INT32_MAX = np.iinfo(np.int32).max
 # --------------------------------------------------------------------------- route
 
 @nb.njit(cache=True)
-def _topk(z, k, ids, vals):
-    # Per token, a sorted list of the k best so far, scanning experts in id
-    # order: the first k fill it, then a newcomer must beat the k-th (kept in a
-    # register). It only passes strictly smaller values, so among equal logits
-    # the lower expert id stays first.
-    n_tok, n_exp = z.shape
-    bv = np.empty(k, np.float32)
-    bi = np.empty(k, np.int32)
-    kth = np.float32(0.0)
-    for t in range(n_tok):
-        for e in range(n_exp):
-            v = z[t, e]
-            if e < k:
-                pos = e
-            elif v > kth:
-                pos = k - 1
-            else:
-                continue
-            while pos > 0 and bv[pos - 1] < v:
-                bv[pos] = bv[pos - 1]
-                bi[pos] = bi[pos - 1]
-                pos -= 1
-            bv[pos] = v
-            bi[pos] = e
-            kth = bv[k - 1]
-        for j in range(k):
-            ids[t, j] = bi[j]
-            vals[t, j] = bv[j]
+def _topk_row(sel, k, bi, bv):
+    # A sorted list of the k best so far, scanning experts in id order: the first k
+    # fill it, then a newcomer must beat the k-th. It only passes strictly smaller
+    # values, so among equal scores the lower expert id stays first.
+    kth = 0.0
+    for e in range(sel.shape[0]):
+        v = sel[e]
+        if e < k:
+            pos = e
+        elif v > kth:
+            pos = k - 1
+        else:
+            continue
+        while pos > 0 and bv[pos - 1] < v:
+            bv[pos] = bv[pos - 1]
+            bi[pos] = bi[pos - 1]
+            pos -= 1
+        bv[pos] = v
+        bi[pos] = e
+        kth = bv[k - 1]
 
 
 @nb.njit(cache=True)
-def _weights(z, vals, all_experts, renormalize, w):
-    # Float64 inside; vals[t, 0] is the token's max logit. Selected-only softmax
-    # (gpt-oss) divides by the sum over the k; the softmax over all experts by
-    # the sum over every expert, unless renormalised to the k again.
-    n_tok, k = vals.shape
+def _route(z, bias, has_bias, k, gating, norm, scale, n_group, topk_group, ids, w):
+    # One router for every spec (spec.py), float64 inside. Selection scores: the raw
+    # logits when nothing is added (every gating is monotone in them: the same choice),
+    # else the gating's probabilities plus the selection bias. Weights: the unbiased
+    # probabilities of the chosen, softmax_chosen over the chosen logits only.
+    n_tok, n_exp = z.shape
+    sel = np.empty(n_exp, np.float64)
+    p = np.empty(n_exp, np.float64)
+    bi = np.empty(k, np.int32)
+    bv = np.empty(k, np.float64)
     ex = np.empty(k, np.float64)
+    per = n_exp // n_group if n_group > 1 else n_exp
+    gsc = np.empty(max(n_group, 1), np.float64)
+    gi = np.empty(max(topk_group, 1), np.int32)
+    gv = np.empty(max(topk_group, 1), np.float64)
     for t in range(n_tok):
-        m = np.float64(vals[t, 0])
-        s = 0.0
-        for j in range(k):
-            ex[j] = np.exp(np.float64(vals[t, j]) - m)
-            s += ex[j]
-        if all_experts and not renormalize:
+        m = np.float64(z[t, 0])
+        for e in range(1, n_exp):
+            m = max(m, np.float64(z[t, e]))
+        if gating == 1:  # sigmoid
+            for e in range(n_exp):
+                p[e] = 1.0 / (1.0 + np.exp(-np.float64(z[t, e])))
+        elif gating == 0:  # softmax over all
             s = 0.0
-            for e in range(z.shape[1]):
-                s += np.exp(np.float64(z[t, e]) - m)
+            for e in range(n_exp):
+                p[e] = np.exp(np.float64(z[t, e]) - m)
+                s += p[e]
+            for e in range(n_exp):
+                p[e] /= s
+        else:  # softmax_chosen: llama.cpp selects on the logits themselves
+            for e in range(n_exp):
+                p[e] = np.float64(z[t, e])
+        for e in range(n_exp):  # (groups are scored by probabilities, as llama.cpp does)
+            sel[e] = (p[e] + np.float64(bias[e])) if has_bias or n_group > 1 else np.float64(z[t, e])
+        if n_group > 1:  # group-limited: keep the topk_group groups with the best two-expert sums
+            for g in range(n_group):
+                b1 = -np.inf
+                b2 = -np.inf
+                for e in range(g * per, (g + 1) * per):
+                    if sel[e] > b1:
+                        b2 = b1
+                        b1 = sel[e]
+                    elif sel[e] > b2:
+                        b2 = sel[e]
+                gsc[g] = b1 + b2
+            _topk_row(gsc, topk_group, gi, gv)
+            for g in range(n_group):
+                keep = False
+                for j in range(topk_group):
+                    if gi[j] == g:
+                        keep = True
+                if not keep:
+                    for e in range(g * per, (g + 1) * per):
+                        sel[e] = -np.inf
+        _topk_row(sel, k, bi, bv)
+        if gating == 1:
+            for j in range(k):
+                ex[j] = p[bi[j]]
+            s = 1.0
+            if norm:
+                s = 0.0
+                for j in range(k):
+                    s += ex[j]
+                s = max(s, 6.103515625e-5)  # llama.cpp's clamp of the sum
+        else:
+            # softmax_chosen, and softmax renormalised (the same number): exp over the chosen
+            # divided by their sum; plain softmax: by the sum over every expert.
+            mc = m
+            if gating == 2:
+                mc = np.float64(z[t, bi[0]])
+                for j in range(1, k):
+                    mc = max(mc, np.float64(z[t, bi[j]]))
+            s = 0.0
+            for j in range(k):
+                ex[j] = np.exp(np.float64(z[t, bi[j]]) - mc)
+                s += ex[j]
+            if gating == 0 and (not norm or has_bias or n_group > 1):
+                s_all = 0.0
+                for e in range(n_exp):
+                    s_all += np.exp(np.float64(z[t, e]) - m)
+                # renormalised: llama.cpp's clamp, reachable only when the choice may miss the
+                # largest probability (the chosen then hold at least 1/n_experts of the mass)
+                s = s_all if not norm else max(s, 6.103515625e-5 * s_all)
         for j in range(k):
-            w[t, j] = ex[j] / s
+            ids[t, j] = bi[j]
+            w[t, j] = ex[j] / s * scale if scale != 1.0 else ex[j] / s
 
 
 def _check_logits(logits, k):
@@ -94,7 +155,7 @@ def _check_logits(logits, k):
 
 
 def route(logits, k, gating="softmax_topk", renormalize=False):
-    """Top-k experts per token and their weights.
+    """Top-k experts per token and their weights, in the older spelling of the gating.
 
     logits: float32 ``[n_tokens, n_experts]``, finite. Returns ``ids`` int32
     ``[n_tokens, k]`` in descending logit order (equal logits: lower expert id
@@ -102,19 +163,43 @@ def route(logits, k, gating="softmax_topk", renormalize=False):
 
     gating ``"softmax_topk"`` (gpt-oss): softmax over the k selected logits.
     ``"topk_softmax_all"`` (Mixtral/Qwen3-MoE): softmax over all experts, the
-    selected probabilities, renormalised to sum 1 if ``renormalize``.
+    selected probabilities, renormalised to sum 1 if ``renormalize``. A ``MoESpec``
+    may stand in place of the gating (then ``renormalize`` is ignored): ``route_spec``.
     """
-    activation.check(gating=gating)
+    if isinstance(gating, MoESpec):
+        return route_spec(logits, k, gating)
+    if gating not in ("softmax_topk", "topk_softmax_all"):
+        raise ValueError(f"gating must be one of ('softmax_topk', 'topk_softmax_all') or a MoESpec, "
+                         f"got {gating!r}")
+    return route_spec(logits, k, spec_mod.legacy(gating, renormalize))
+
+
+def route_spec(logits, k, spec: MoESpec, select_b=None):
+    """Top-k experts per token and their weights as ``spec`` says (``spec.py``): ``ids`` int32
+    ``[n_tokens, k]`` in descending selection order (equal scores: lower id first), ``weights``
+    float32 ``[n_tokens, k]``. ``select_b``: float32 ``[n_experts]`` added for the choice only."""
+    if not isinstance(spec, MoESpec):
+        raise TypeError(f"spec must be a MoESpec, got {type(spec).__name__}")
     z = _check_logits(logits, k)
     k = int(k)
-    n_tok = z.shape[0]
+    n_tok, n_exp = z.shape
+    try:
+        spec.check_layer(n_exp, k)
+    except ValueError as e:
+        raise ValueError(f"route: {e}") from None
+    if select_b is not None:
+        if not isinstance(select_b, np.ndarray) or select_b.dtype != np.float32 or select_b.shape != (n_exp,):
+            raise ValueError(f"select_b must be float32 [{n_exp}], got {getattr(select_b, 'dtype', type(select_b))} "
+                             f"{getattr(select_b, 'shape', '')}")
+        if not np.isfinite(select_b).all():
+            raise ValueError("select_b must be finite")
     ids = np.empty((n_tok, k), np.int32)
-    vals = np.empty((n_tok, k), np.float32)
     w = np.empty((n_tok, k), np.float32)
     if n_tok == 0:
         return ids, w
-    _topk(z, k, ids, vals)
-    _weights(z, vals, gating == "topk_softmax_all", bool(renormalize), w)
+    bias = select_b if select_b is not None else np.zeros(n_exp, np.float32)
+    _route(z, bias, select_b is not None, k, spec_mod.GATING_CODE[spec.gating], spec.norm, float(spec.scale),
+           spec.n_group if spec.grouped else 0, spec.topk_group if spec.grouped else 0, ids, w)
     return ids, w
 
 
