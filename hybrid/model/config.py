@@ -11,18 +11,12 @@ from dataclasses import dataclass
 
 from gguf.constants import Keys
 
-from .gguf import GGUFError
+from . import arch as archs
+from .errors import GGUFError
 
 __all__ = ["Config", "read_config", "ARCHS"]
 
-# What each architecture's graph has (llama.cpp src/models/openai-moe.cpp, qwen3moe.cpp).
-ARCHS = {
-# kq_scale: 1/sqrt of n_rot (openai-moe.cpp) or of head_dim (qwen3moe.cpp); equal in the released files.
-    "gpt-oss": dict(qkv_bias=True, sinks=True, qk_norm=False, swa_pattern=2, ffn_norm="post_attention_norm",
-                    scale_by_rot=True),
-    "qwen3moe": dict(qkv_bias=False, sinks=False, qk_norm=True, swa_pattern=None, ffn_norm="ffn_norm",
-                     scale_by_rot=False),
-}
+ARCHS = archs.REGISTRY  # the one table (hybrid/model/arch/); each says what its graph has
 ROPE_SCALINGS = ("none", "linear", "yarn")
 
 
@@ -54,6 +48,9 @@ class Config:
     qk_norm: bool
     ffn_norm: str  # name of the norm before the MoE block
     kq_scale: float  # attention scores are q.k * kq_scale
+    kinds: tuple = ()  # each layer's FFN: "dense", "moe" or "moe_shared" (arch.base.KINDS)
+    n_ff_dense: int = 0  # rows of the dense FFN layers' ffn_up (0: none)
+    n_ff_shexp: int = 0  # rows of the shared experts' ffn_up_shexp (0: none)
 
     @property
     def n_gqa(self) -> int:
@@ -72,9 +69,7 @@ class Config:
 def read_config(model) -> Config:
     """The ``Config`` of a loaded ``gguf.Model`` (its metadata and tensor shapes)."""
     arch = model.arch
-    if arch not in ARCHS:
-        raise GGUFError(f"{model.path}: architecture {arch!r} has no whole-model graph here; "
-                        f"supported: {', '.join(ARCHS)}")
+    spec = archs.get(arch, model.path, graph=True)
     meta = model.metadata
     k = lambda key: key.format(arch=arch)  # noqa: E731
 
@@ -129,19 +124,13 @@ def read_config(model) -> Config:
         attn_factor /= 1.0 + 0.1 * math.log(f)
     attn_factor *= get(R.SCALING_ATTN_FACTOR, float, 1.0, lo=0.0)
 
-    spec = ARCHS[arch]
-    n_swa, swa = 0, (False,) * n_layer
-    if spec["swa_pattern"]:
-        n_swa = get(A.SLIDING_WINDOW, int, lo=1)
-        pat = meta.get(k(A.SLIDING_WINDOW_PATTERN), spec["swa_pattern"])
-        if isinstance(pat, list):  # one flag per layer
-            if len(pat) != n_layer:
-                raise GGUFError(f"{model.path}: {k(A.SLIDING_WINDOW_PATTERN)} has {len(pat)} entries, "
-                                f"expected {n_layer}")
-            swa = tuple(bool(p) for p in pat)
-        else:
-            p = get(A.SLIDING_WINDOW_PATTERN, int, spec["swa_pattern"], lo=0)
-            swa = tuple(p == 0 or il % p < p - 1 for il in range(n_layer))
+    try:
+        n_swa, swa = spec.sliding_window(get, lambda key: meta.get(k(key)), n_layer)
+    except GGUFError as e:
+        if str(e).startswith(str(model.path)):
+            raise
+        raise GGUFError(f"{model.path}: {e}") from None
+    kinds, ff = _layer_kinds(model, spec, n_layer)
 
     emb = model.tensors.get("token_embd.weight")
     if emb is None:
@@ -156,5 +145,27 @@ def read_config(model) -> Config:
         beta_fast=get(R.SCALING_YARN_BETA_FAST, float, 32.0, above=0.0),
         beta_slow=get(R.SCALING_YARN_BETA_SLOW, float, 1.0, above=0.0),
         n_ctx_orig=get(R.SCALING_ORIG_CTX_LEN, int, n_ctx_train, lo=1), n_swa=n_swa, swa_layers=swa,
-        qkv_bias=spec["qkv_bias"], sinks=spec["sinks"], qk_norm=spec["qk_norm"], ffn_norm=spec["ffn_norm"],
-        kq_scale=1.0 / math.sqrt(n_rot if spec["scale_by_rot"] else head_dim))
+        qkv_bias=spec.qkv_bias, sinks=spec.sinks, qk_norm=spec.qk_norm, ffn_norm=spec.ffn_norm,
+        kq_scale=1.0 / math.sqrt(n_rot if spec.kq_scale_by_rot else head_dim), kinds=kinds,
+        n_ff_dense=ff["dense"], n_ff_shexp=ff["moe_shared"])
+
+
+def _layer_kinds(model, spec, n_layer):
+    """Each layer's FFN kind (the MoE layers are the loader's), and the one width each kind of
+    dense FFN has (llama.cpp's feed_forward_length is one number too)."""
+    moe = {L.index for L in model.layers}
+    kinds, ff = [], {"dense": 0, "moe_shared": 0}
+    for il in range(n_layer):
+        kind = spec.layer_kind(model.tensors.__contains__, il)
+        if (il in moe) != (kind in ("moe", "moe_shared")):
+            raise GGUFError(f"{model.path}: block {il} has neither MoE nor dense FFN tensors")
+        kinds.append(kind)
+        if kind in ff:
+            name = f"blk.{il}.ffn_up{'_shexp' if kind == 'moe_shared' else ''}.weight"
+            info = model.tensors.get(name)
+            if info is None or len(info.shape) != 2:
+                raise GGUFError(f"{model.path}: block {il} ({kind}) has no 2-D tensor {name}")
+            if ff[kind] and info.shape[0] != ff[kind]:
+                raise GGUFError(f"{model.path}: {name} has {info.shape[0]} rows, the other layers {ff[kind]}")
+            ff[kind] = info.shape[0]
+    return tuple(kinds), ff

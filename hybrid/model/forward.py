@@ -1,35 +1,24 @@
 """The whole model's forward pass: tokens -> logits, llama.cpp's graph with ``HybridMoE`` as the MoE sublayer.
 
-Per block (gpt-oss; qwen3moe differs as ``Config`` says):
-    x = rmsnorm(h) * attn_norm
-    q, k, v = Wq x + bq, Wk x + bk, Wv x + bv        (qwen3moe: rmsnorm per head of q, k)
-    q, k = rope(q), rope(k)                          (NEOX, YaRN)
-    h += Wo attention(q, K, V) + bo                  (GQA, sinks, sliding window on some layers)
-    h += moe(rmsnorm(h) * post_attention_norm)
-then logits = output (rmsnorm(h) * output_norm).
+Each layer is its architecture's block (``arch/``: ``Arch.block``, written once), run by one
+of two ``Ops`` (``arch.base.Ops``): ``ops_host.HostOps`` (the ``cpu`` target: numpy and
+Numba on the host) or ``ops_device.DeviceOps`` (``cuda``/``sim``, when the MoE backend has a
+device engine: PR #15346's setup, every weight but the experts on the device in the file's
+type, the KV cache there, the hidden states on the device from the embedding lookup to the
+logits). A layer's FFN is its kind: dense, routed experts, or routed plus shared experts.
+Then ``logits = output (rmsnorm(h) * output_norm)``.
 
 A prompt is split as llama.cpp splits it: batches of ``n_batch`` tokens, each
 into ubatches of ``n_ubatch``; every ubatch runs all blocks before the next one
 starts, so the MoE backend sees one ubatch per layer in order and its usage
-lines are the model's own routing of the prompt.
-
-Two targets run the ubatch. ``cpu``: numpy and Numba on the host (``_ubatch``).
-``cuda``/``sim`` (the MoE backend has a device engine): PR #15346's setup, every
-weight but the experts on the device in the file's type, the KV cache there,
-and the hidden states on the device from the embedding lookup to the logits
-(``_ubatch_device``, written to mirror ``_ubatch`` line by line so the two
-read side by side; a shared ops layer would hide the device's in-place adds,
-output buffers and stream behind indirection that the CPU path does not
-need). All device work runs in order on the MoE backend's stream; the one
-synchronisation per layer is the router logits going to the host, inside
-``HybridMoE.forward``. The splitting, token checks and progress bar are shared.
+lines are the model's own routing of the prompt. The splitting, token checks and
+progress bar are shared by both targets; ``_ubatch`` and ``_ubatch_device`` only set
+up the ubatch (positions, RoPE tables, buffers) and read the logits.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
-from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -37,86 +26,28 @@ from numba import cuda
 
 from ..moe.cpu import CpuTiles
 from ..moe.scheduler import HybridMoE, resolve_device
-from . import device_ops, vram
+from . import arch as archs, device_ops, vram
+from .arch.base import Block
 from .config import Config, read_config
 from .dense import Dense
-from .device_attention import AttentionConfig, DeviceKVCache, attention as device_attention
+from .device_attention import AttentionConfig, DeviceKVCache
 from .device_dense import DenseTiles, DeviceDense
-from .gguf import GGUFError
 from .kvcache import KVCache
-from .ops import attention, rmsnorm, rope_cos_sin, rope_neox
+from .ops import rope_cos_sin
+from .ops_device import DeviceOps
+from .ops_host import HostOps
+from .weights import Weights
 
-__all__ = ["Transformer", "Block"]
+__all__ = ["Transformer", "Block", "load_blocks"]
 
 _PROMPT_TILES = CpuTiles(q8_tokens=0)  # prompt ubatches: float32 activations at any size
 _SMALL_STEP_BYTES = 1 << 20  # expert bytes a ubatch reads below which the layers run on one thread
 
 
-@dataclass
-class Block:
-    attn_norm: np.ndarray
-    wq: Dense
-    wk: Dense
-    wv: Dense
-    wo: Dense
-    ffn_norm: np.ndarray
-    bq: np.ndarray | None = None
-    bk: np.ndarray | None = None
-    bv: np.ndarray | None = None
-    bo: np.ndarray | None = None
-    sinks: np.ndarray | None = None
-    q_norm: np.ndarray | None = None
-    k_norm: np.ndarray | None = None
-
-
-def _dense(model, name, shape) -> Dense:
-    info = model.tensors.get(name)
-    if info is None:
-        raise GGUFError(f"{model.path}: missing tensor {name} (arch {model.arch})")
-    if info.shape != tuple(shape):
-        raise GGUFError(f"{model.path}: {name} has shape {info.shape}, expected {tuple(shape)}")
-    try:
-        return Dense(name, model.raw(name), info.ggml_type, shape)
-    except TypeError as e:
-        raise GGUFError(f"{model.path}: {e}") from None
-
-
-def _vector(model, name, n, required=True):
-    info = model.tensors.get(name)
-    if info is None:
-        if required:
-            raise GGUFError(f"{model.path}: missing tensor {name} (arch {model.arch})")
-        return None
-    if info.shape != (n,):
-        raise GGUFError(f"{model.path}: {name} has shape {info.shape}, expected ({n},)")
-    try:
-        return model.tensor(name)
-    except NotImplementedError as e:
-        raise GGUFError(f"{model.path}: {name}: {e}") from None
-
-
 def load_blocks(model, cfg: Config) -> list[Block]:
     """Views of every block's dense weights (nothing decoded but norms, biases and sinks)."""
-    D, H, Hkv, d, dv = cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
-    blocks = []
-    for il in range(cfg.n_layer):
-        p = f"blk.{il}."
-        b = Block(attn_norm=_vector(model, p + "attn_norm.weight", D),
-                  wq=_dense(model, p + "attn_q.weight", (H * d, D)),
-                  wk=_dense(model, p + "attn_k.weight", (Hkv * d, D)),
-                  wv=_dense(model, p + "attn_v.weight", (Hkv * dv, D)),
-                  wo=_dense(model, p + "attn_output.weight", (D, H * dv)),
-                  ffn_norm=_vector(model, p + cfg.ffn_norm + ".weight", D))
-        if cfg.qkv_bias:
-            b.bq, b.bk = _vector(model, p + "attn_q.bias", H * d), _vector(model, p + "attn_k.bias", Hkv * d)
-            b.bv, b.bo = _vector(model, p + "attn_v.bias", Hkv * dv), _vector(model, p + "attn_output.bias", D)
-        if cfg.sinks:
-            b.sinks = _vector(model, p + "attn_sinks.weight", H)
-        if cfg.qk_norm:
-            b.q_norm = _vector(model, p + "attn_q_norm.weight", d)
-            b.k_norm = _vector(model, p + "attn_k_norm.weight", d)
-        blocks.append(b)
-    return blocks
+    arch, w = archs.get(model.arch, model.path, graph=True), Weights(model)
+    return [arch.load_block(w, cfg, il, cfg.kinds[il]) for il in range(cfg.n_layer)]
 
 
 class Transformer:
@@ -143,9 +74,7 @@ class Transformer:
                  q8_decode: bool = True, vram_bytes: int | None = None, dense_tiles=None, attention_config=None):
         self.model = model
         self.cfg = cfg = read_config(model)
-        if model.dense_blocks:
-            raise GGUFError(f"{model.path}: blocks {model.dense_blocks} have a dense FFN; "
-                            "only all-MoE models are supported")
+        self.arch = archs.get(model.arch, model.path, graph=True)
         for name, v in (("n_batch", n_batch), ("n_ubatch", n_ubatch)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -154,10 +83,11 @@ class Transformer:
             raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
         self.n_batch, self.n_ubatch, self.n_ctx = int(n_batch), int(min(n_ubatch, n_batch)), int(n_ctx)
         self.blocks = load_blocks(model, cfg)
-        self.embd = _dense(model, "token_embd.weight", (cfg.n_vocab, cfg.n_embd))
-        self.output_norm = _vector(model, "output_norm.weight", cfg.n_embd)
+        w = Weights(model)
+        self.embd = w.mat("token_embd.weight", (cfg.n_vocab, cfg.n_embd))
+        self.output_norm = w.vec("output_norm.weight", cfg.n_embd)
         # No output.weight: the head is tied to the embedding (llama.cpp does the same).
-        self.output = (_dense(model, "output.weight", (cfg.n_vocab, cfg.n_embd))
+        self.output = (w.mat("output.weight", (cfg.n_vocab, cfg.n_embd))
                        if "output.weight" in model.tensors else self.embd)
         if moe is not None and (len(moe.layers) != cfg.n_layer
                                 or any(a is not b for a, b in zip(moe.layers, model.layers))):
@@ -166,6 +96,7 @@ class Transformer:
         if not self.on_device:
             self.cache = KVCache(cfg, self.n_ctx, self.n_ubatch)  # refuses a cache beyond the machine's memory
             self.moe = moe if moe is not None else HybridMoE(model.layers, device=device, policy=policy)
+            self.ops = HostOps(cfg, self.cache, self.moe)
         else:  # everything counted against the device's memory before anything is allocated
             self.dense_tiles = DenseTiles() if dense_tiles is None else dense_tiles
             self.attention_config = AttentionConfig() if attention_config is None else attention_config
@@ -177,6 +108,8 @@ class Transformer:
             vram.check(self, moe, vram_bytes, resolve_device(device))
             self.moe = moe if moe is not None else HybridMoE(model.layers, device=device, policy=policy)
             self._to_device()
+            self.ops = DeviceOps(cfg, self.cache, self.moe, self.attention_config)
+        self.ops.moe_index = {L.index: j for j, L in enumerate(model.layers)}
         self._tiles = {False: _PROMPT_TILES, True: None if q8_decode else _PROMPT_TILES}  # by "is a decode step"
         first = model.layers[0]
         self._expert_step_bytes = first.k * first.expert_bytes  # what one token's MoE step reads
@@ -264,48 +197,18 @@ class Transformer:
             numba.set_num_threads(threads)
 
     def _ubatch(self, ids: np.ndarray, want, cpu_tiles) -> np.ndarray | None:
-        cfg, cache = self.cfg, self.cache
+        cfg, cache, ops = self.cfg, self.cache, self.ops
         T, pos0 = len(ids), cache.n_past
-        pos = np.arange(pos0, pos0 + T)
-        h = self.embd.rows(ids)
+        ops.begin(np.arange(pos0, pos0 + T), cpu_tiles)
+        h = ops.embed(self.embd, ids)
         with self._cpu_threads(T):
             for il, b in enumerate(self.blocks):
-                x = rmsnorm(h, b.attn_norm, cfg.rms_eps)
-                h = h + self._attention(il, b, x, pos)
-                x = rmsnorm(h, b.ffn_norm, cfg.rms_eps)
-                h = h + self.moe.forward(il, x, cpu_tiles=cpu_tiles)
+                self.arch.block(ops, cfg, il, b, h)
         self.moe.end_ubatch()
         cache.n_past = pos0 + T
         if want is None:
             return None
-        if want == "last":
-            h = h[-1:]
-        return self.output.matmul(rmsnorm(h, self.output_norm, cfg.rms_eps))
-
-    def _attention(self, il: int, b: Block, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        cfg = self.cfg
-        T = x.shape[0]
-        q, k, v = b.wq.matmul(x), b.wk.matmul(x), b.wv.matmul(x)
-        if cfg.qkv_bias:
-            q += b.bq
-            k += b.bk
-            v += b.bv
-        q = q.reshape(T, cfg.n_head, cfg.head_dim)
-        k = k.reshape(T, cfg.n_head_kv, cfg.head_dim)
-        v = v.reshape(T, cfg.n_head_kv, cfg.head_dim_v)
-        if cfg.qk_norm:
-            q = rmsnorm(q, b.q_norm, cfg.rms_eps)
-            k = rmsnorm(k, b.k_norm, cfg.rms_eps)
-        cos, sin = rope_cos_sin(cfg, il, pos)
-        q, k = rope_neox(q, cos, sin), rope_neox(k, cos, sin)
-        self.cache.store(il, int(pos[0]), k, v)
-        K, V, kpos = self.cache.window(il, int(pos[0]), T)
-        n_swa = cfg.n_swa if cfg.swa_layers[il] else 0
-        a = attention(q, K, V, pos, kpos, cfg.kq_scale, n_swa, b.sinks)
-        o = b.wo.matmul(a)
-        if b.bo is not None:
-            o += b.bo
-        return o
+        return ops.logits(self.output, self.output_norm, h[-1:] if want == "last" else h)
 
     # -- the same on the device (the module doc) ----------------------------------------
 
@@ -317,10 +220,9 @@ class Transformer:
         def up(v):
             if isinstance(v, Dense):
                 return DeviceDense(v, stream=s, tiles=self.dense_tiles)
-            return None if v is None else cuda.to_device(np.ascontiguousarray(v, np.float32), stream=s)
+            return cuda.to_device(np.ascontiguousarray(v, np.float32), stream=s)
 
-        self.dev_blocks = [dataclasses.replace(b, **{f.name: up(getattr(b, f.name)) for f in dataclasses.fields(b)})
-                           for b in self.blocks]
+        self.dev_blocks = [b.map(up) for b in self.blocks]
         self.dev_embd = up(self.embd)
         self.dev_output = self.dev_embd if self.output is self.embd else up(self.output)
         self.dev_output_norm = up(self.output_norm)
@@ -333,7 +235,7 @@ class Transformer:
         if T not in self._scratch:
             self.moe.synchronize()  # enqueued work may still use the buffers dropped here
             self._scratch = {T: {name: cuda.device_array(shape, np.int32 if name == "ids" else np.float32)
-                                 for name, shape in device_activations(self.cfg, T).items()}}
+                                 for name, shape in vram.device_activations(self.cfg, T).items()}}
         return self._scratch[T]
 
     def _ubatch_device(self, ids: np.ndarray, want, cpu_tiles) -> np.ndarray | None:
@@ -348,12 +250,10 @@ class Transformer:
                 dev.copy_to_device(host, stream=s)
         buf["ids"].copy_to_device(ids.astype(np.int32), stream=s)
         h = self.dev_embd.rows(buf["ids"], out=buf["h"], stream=s)
+        self.ops.begin(buf, pos0, rope, cpu_tiles)
         with self._cpu_threads(T):  # decode steps run the experts on the CPU
             for il, b in enumerate(self.dev_blocks):
-                x = device_ops.rmsnorm(h, b.attn_norm, cfg.rms_eps, out=buf["x"], stream=s)
-                device_ops.add(h, self._attention_device(il, b, x, pos0, rope[cfg.rope_base(il)], buf), stream=s)
-                x = device_ops.rmsnorm(h, b.ffn_norm, cfg.rms_eps, out=buf["x"], stream=s)
-                device_ops.add(h, self.moe.forward(il, x, cpu_tiles=cpu_tiles, out=buf["moe"]), stream=s)
+                self.arch.block(self.ops, cfg, il, b, h)
         self.moe.end_ubatch()
         cache.n_past = pos0 + T
         if want is None:
@@ -366,40 +266,3 @@ class Transformer:
         logits = self.dev_output.matmul(x, out=buf["logits"][:n], stream=s).copy_to_host(stream=s)
         self.moe.synchronize()  # (the logits are on the host; this completes the step times)
         return logits
-
-    def _attention_device(self, il: int, b: Block, x, pos0: int, rope, buf):
-        cfg, s = self.cfg, self.moe.stream
-        T = x.shape[0]
-        q = b.wq.matmul(x, out=buf["q"], stream=s)
-        k = b.wk.matmul(x, out=buf["k"], stream=s)
-        v = b.wv.matmul(x, out=buf["v"], stream=s)
-        if cfg.qkv_bias:
-            device_ops.add(q, b.bq, stream=s)
-            device_ops.add(k, b.bk, stream=s)
-            device_ops.add(v, b.bv, stream=s)
-        q = q.reshape(T, cfg.n_head, cfg.head_dim)
-        k = k.reshape(T, cfg.n_head_kv, cfg.head_dim)
-        v = v.reshape(T, cfg.n_head_kv, cfg.head_dim_v)
-        if cfg.qk_norm:
-            q = device_ops.rmsnorm(q, b.q_norm, cfg.rms_eps, out=q, stream=s)  # (in place is allowed)
-            k = device_ops.rmsnorm(k, b.k_norm, cfg.rms_eps, out=k, stream=s)
-        device_ops.rope_neox(q, *rope, stream=s)
-        device_ops.rope_neox(k, *rope, stream=s)
-        self.cache.store(il, pos0, k, v, stream=s)
-        n_swa = cfg.n_swa if cfg.swa_layers[il] else 0
-        a = device_attention(self.cache, il, q, pos0, cfg.kq_scale, n_swa, b.sinks, out=buf["attn"], stream=s,
-                             config=self.attention_config)
-        o = b.wo.matmul(a, out=buf["o"], stream=s)
-        if b.bo is not None:
-            device_ops.add(o, b.bo, stream=s)
-        return o
-
-
-def device_activations(cfg: Config, T: int) -> dict:
-    """Device buffers a ubatch of ``T`` tokens uses (name -> shape; 4-byte elements, int32 ``ids``,
-    else float32): the token ids, RoPE's cos and sin per base, the residual, a normed copy,
-    q/k/v, attention and projection outputs, the MoE output, the logits."""
-    D, H, Hkv, d, dv = cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
-    n_bases = len({cfg.rope_base(il) for il in range(cfg.n_layer)})
-    return dict(ids=(T,), rope=(n_bases, 2, T, cfg.n_rot // 2), h=(T, D), x=(T, D), q=(T, H * d), k=(T, Hkv * d),
-                v=(T, Hkv * dv), attn=(T, H * dv), o=(T, D), moe=(T, D), logits=(T, cfg.n_vocab))

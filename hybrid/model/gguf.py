@@ -30,27 +30,18 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGUFReader
-from gguf.constants import (GGML_QUANT_SIZES, ExpertGatingFuncType, GGMLQuantizationType as T,
-                            GGUFValueType, Keys)
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType, Keys
 
 from quant import check as qcheck, types as qtypes
 
 from ..moe.layer import ExpertTensor, MoELayer
+from . import arch as archs
+from .errors import GGUFError
 
 __all__ = ["GGUFError", "TensorInfo", "Model", "load", "split_paths", "ARCHS", "EXPERT_TYPES"]
 
 
-class GGUFError(ValueError):
-    """A GGUF file that cannot be loaded as a MoE model (the message names file and problem)."""
-
-
-# How each supported architecture routes and activates; `expert_biases` = the
-# file must hold ffn_*_exps.bias. Mixtral files use arch "llama".
-ARCHS = {
-    "gpt-oss": dict(gating="softmax_topk", activation="swiglu_oai", renormalize=False, expert_biases=True),
-    "qwen3moe": dict(gating="topk_softmax_all", activation="silu", renormalize=True, expert_biases=False),
-    "llama": dict(gating="topk_softmax_all", activation="silu", renormalize=True, expert_biases=False),
-}
+ARCHS = archs.REGISTRY  # the one table of architectures (hybrid/model/arch/)
 EXPERT_TYPES = tuple(qtypes.DEQUANTIZERS)  # the expert types the backend decodes
 _SPLIT_RE = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _MAX_META_ARRAY = 64  # longer metadata arrays (tokenizer lists) are left out of Model.metadata
@@ -222,6 +213,7 @@ class Model:
     Attributes: ``paths`` (all parts), ``path`` (first), ``arch``, ``n_embd``, ``n_ff``,
     ``n_experts``, ``k``, ``n_layers``, ``layers`` (MoELayer per MoE block; ``index`` is
     the block number), ``dense_blocks`` (blocks with a dense FFN, not in ``layers``),
+    ``moe_spec`` (the MoE operation, ``hybrid.moe.spec``, from the architecture and its keys),
     ``tensors`` (name -> TensorInfo, in file order), ``metadata`` (key -> value, first
     part; arrays longer than 64 items, i.e. tokenizer lists, are not parsed: their
     lengths are in ``metadata_array_lengths``).
@@ -248,9 +240,7 @@ class Model:
                 self.tensors[t.name] = TensorInfo(t.name, int(t.tensor_type), shape, int(t.n_bytes),
                                                   part, int(t.data_offset))
         self.arch = self._str("general.architecture")
-        if self.arch not in ARCHS:
-            raise GGUFError(f"{self.path}: architecture {self.arch!r} is not supported; supported MoE "
-                            f"architectures: {', '.join(ARCHS)} (llama = Mixtral)")
+        archs.get(self.arch, self.path)
         self._read_hparams()
         beyond = sorted({n for n in self.tensors if (b := _block_of(n)) is not None and b >= self.n_layers})
         if beyond:
@@ -327,21 +317,12 @@ class Model:
             self._fail(f"not a Mixture-of-Experts model ({key(L.EXPERT_COUNT)} is missing or 0)")
         if not 1 <= self.k <= self.n_experts:
             self._fail(f"{key(L.EXPERT_USED_COUNT)} = {self.k} is not in 1..{self.n_experts}")
-        # Mixtral has no expert_feed_forward_length: its feed_forward_length is the experts'.
         self.n_ff = self._int(key(L.EXPERT_FEED_FORWARD_LENGTH))
-        if self.n_ff is None:
+        self.arch_def = spec = archs.get(a, self.path)
+        if self.n_ff is None and spec.n_ff_from_feed_forward:
             ff = self.metadata.get(key(L.FEED_FORWARD_LENGTH))
-            self.n_ff = ff if isinstance(ff, int) and a == "llama" else None
-        gating_func = self.metadata.get(key(L.EXPERT_GATING_FUNC))
-        if gating_func not in (None, ExpertGatingFuncType.SOFTMAX):
-            self._fail(f"{key(L.EXPERT_GATING_FUNC)} = {gating_func} is not supported (softmax only)")
-        scale = self.metadata.get(key(L.EXPERT_WEIGHTS_SCALE))
-        if scale not in (None, 1.0):
-            self._fail(f"{key(L.EXPERT_WEIGHTS_SCALE)} = {scale} is not supported (1.0 only)")
-        self.moe_config = dict(ARCHS[a])
-        norm = self.metadata.get(key(L.EXPERT_WEIGHTS_NORM))
-        if a == "qwen3moe" and norm is not None:
-            self.moe_config["renormalize"] = bool(norm)
+            self.n_ff = ff if isinstance(ff, int) else None
+        self.moe_spec = spec.moe_spec(lambda k: self.metadata.get(key(k)), f"{self.path}: ")
 
     def metadata_array(self, key: str):
         """A metadata array in full, also the long ones ``metadata`` leaves out (parsed now, from
@@ -414,14 +395,13 @@ class Model:
         p = f"blk.{i}."
         names = {n: p + n for n in ("ffn_gate_inp.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight",
                                     "ffn_down_exps.weight")}
-        has = {n for n, full in names.items() if full in self.tensors}
-        if not has and p + "ffn_up.weight" in self.tensors:
-            return None  # a dense FFN block (some MoE models have a few)
+        if self.arch_def.layer_kind(self.tensors.__contains__, i) == "dense":
+            return None  # a dense FFN block (leading dense layers; the forward runs them)
         if p + "ffn_gate.0.weight" in self.tensors:
             self._fail(f"block {i} stores one tensor per expert (old Mixtral GGUF layout); "
                        "re-convert it with a current llama.cpp (ffn_*_exps tensors)")
         biases = ("ffn_gate_inp.bias", "ffn_gate_exps.bias", "ffn_up_exps.bias", "ffn_down_exps.bias")
-        need = list(names.values()) + ([p + b for b in biases] if self.moe_config["expert_biases"] else [])
+        need = list(names.values()) + ([p + b for b in biases] if self.arch_def.expert_biases else [])
         missing = [n for n in need if n not in self.tensors]
         if missing:
             self._fail(f"missing tensor(s) {', '.join(missing)} (arch {self.arch})")
@@ -439,8 +419,7 @@ class Model:
                 down=self._experts(names["ffn_down_exps.weight"], D, F),
                 gate_b=opt("ffn_gate_exps.bias", (E, F)), up_b=opt("ffn_up_exps.bias", (E, F)),
                 down_b=opt("ffn_down_exps.bias", (E, D)),
-                k=self.k, gating=self.moe_config["gating"], activation=self.moe_config["activation"],
-                renormalize=self.moe_config["renormalize"], index=i)
+                k=self.k, spec=self.moe_spec, select_b=opt("exp_probs_b.bias", (E,)), index=i)
         except GGUFError:
             raise
         except (ValueError, TypeError) as e:
@@ -481,8 +460,8 @@ class Model:
                  f"{len(self.paths)} file(s), {self.file_bytes / 2**20:.1f} MiB)", "",
                  f"- blocks {self.n_layers} (MoE {len(self.layers)}), n_embd {self.n_embd}, "
                  f"n_ff {self.n_ff}, experts {self.n_experts}, used {self.k}",
-                 f"- gating {self.moe_config['gating']}, activation {self.moe_config['activation']}, "
-                 f"renormalize {self.moe_config['renormalize']}",
+                 f"- gating {self.moe_spec.legacy_gating}, activation {self.moe_spec.activation}, "
+                 f"renormalize {self.moe_spec.norm}",
                  f"- experts {self.expert_bytes / 2**20:.1f} MiB of {len(self.tensors)} tensors",
                  "", "| type | tensors | MiB |", "|---|---:|---:|"]
         lines += [f"| {k} | {n} | {b / 2**20:.2f} |" for k, (n, b) in sorted(by_type.items())]

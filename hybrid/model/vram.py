@@ -18,9 +18,10 @@ import numpy as np
 from ..moe.engine import router_dense, scratch_device_bytes
 from ..moe.kernels import TileConfig
 from .device_attention import DeviceKVCache
+from .dense import Dense
 from .device_dense import DeviceDense
 
-__all__ = ["Item", "VRAMError", "items", "check"]
+__all__ = ["Item", "VRAMError", "items", "check", "device_activations"]
 
 MIB = 1 << 20
 
@@ -35,6 +36,22 @@ class Item:
     nbytes: int
     allocated: bool = False  # already on the device (a backend built before the model)
     fit: object = None  # bytes this item may take -> the option that fits it ("-c 2048"), or None
+
+
+def device_activations(cfg, T: int) -> dict:
+    """Device buffers a ubatch of ``T`` tokens uses (name -> shape; 4-byte elements, int32 ``ids``,
+    else float32): the token ids, RoPE's cos and sin per base, the residual, a normed copy,
+    q/k/v, attention and projection outputs, the MoE output, the logits; with dense FFN
+    layers or shared experts, their gate/up outputs (and the shared experts' own output)."""
+    D, H, Hkv, d, dv = cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
+    n_bases = len({cfg.rope_base(il) for il in range(cfg.n_layer)})
+    out = dict(ids=(T,), rope=(n_bases, 2, T, cfg.n_rot // 2), h=(T, D), x=(T, D), q=(T, H * d), k=(T, Hkv * d),
+               v=(T, Hkv * dv), attn=(T, H * dv), o=(T, D), moe=(T, D), logits=(T, cfg.n_vocab))
+    if cfg.n_ff_dense:
+        out.update(ffn_g=(T, cfg.n_ff_dense), ffn_u=(T, cfg.n_ff_dense))
+    if cfg.n_ff_shexp:
+        out.update(shexp_g=(T, cfg.n_ff_shexp), shexp_u=(T, cfg.n_ff_shexp), shexp=(T, D))
+    return out
 
 
 def _largest(lo, hi, ok):
@@ -55,14 +72,12 @@ def items(tr, moe=None, *, device_bytes=None) -> list[Item]:
     """The VRAM items of Transformer ``tr`` (its config, dense weights, ``n_ctx``, ``n_ubatch``)
     over ``moe`` (a built HybridMoE, counted as allocated; None: the default backend, natural
     layout, one layer's experts)."""
-    from .forward import device_activations  # (forward imports this module)
-
     cfg, L = tr.cfg, tr.model.layers[0]
     n_ctx, n_ub = tr.n_ctx, tr.n_ubatch
-    dense = {id(d): d for b in tr.blocks for d in (b.wq, b.wk, b.wv, b.wo)}
+    held = [v for b in tr.blocks for v in b.weights.values() if v is not None]
+    dense = {id(d): d for d in held if isinstance(d, Dense)}
     dense.update({id(tr.embd): tr.embd, id(tr.output): tr.output})
-    vectors = [v for b in tr.blocks for v in (b.attn_norm, b.ffn_norm, b.bq, b.bk, b.bv, b.bo, b.sinks, b.q_norm,
-                                              b.k_norm) if v is not None] + [tr.output_norm]
+    vectors = [v for v in held if not isinstance(v, Dense)] + [tr.output_norm]
     weights = sum(DeviceDense.nbytes_for(d) for d in dense.values()) + sum(v.size * 4 for v in vectors)
     out = [Item(f"dense weights ({len(dense)} matrices in the file's types, {len(vectors)} float32 vectors)",
                 weights)]

@@ -42,6 +42,11 @@ def silu(g, u):
     return g / (1.0 + np.exp(-g)) * u
 
 
+def sigmoid(x):
+    """``1 / (1 + exp(-x))`` in numpy (the shared experts' gate)."""
+    return 1.0 / (1.0 + np.exp(-x))
+
+
 def swiglu_oai_f32(g, u):
     """Scalar float32 form for compiled code (numba CPU and CUDA)."""
     if g > _LIMIT:
