@@ -17,6 +17,7 @@ from gguf.constants import (GGML_QUANT_VERSION, GGMLQuantizationType as T, GGUFV
 from quant import mxfp4
 
 from ..moe.layer import ExpertTensor, MoELayer
+from . import arch as archs
 from .gguf import GGUFError, load
 
 __all__ = ["random_layer", "tiny_layers", "tiny_vocab", "write_tiny", "model_metadata", "model_tensors",
@@ -84,7 +85,7 @@ Numbers: 0 1 2 3 4 5 6 7 8 9 10 16 32 64 128 256 512 1024 2048 4096.
 TINY_SPECIALS = ("<|endoftext|>", "<|start|>", "<|message|>", "<|end|>", "<|return|>")
 TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{% endfor %}"
                       "{% if add_generation_prompt %}<|start|>assistant<|message|>{% endif %}")
-TINY_PRE = {"gpt-oss": "gpt-4o", "qwen3moe": "qwen2"}
+TINY_PRE = {n: a.tiny["pre"] for n, a in archs.REGISTRY.items() if a.tiny}  # the architectures tiny writes
 
 
 def tiny_vocab(n_vocab: int, pre: str = "gpt-4o"):
@@ -142,7 +143,7 @@ def model_metadata(arch, *, name, n_layers, n_ctx, n_embd, n_ff, n_head, n_head_
     4096, RoPE base 150000, sliding window ``n_swa``), as ``load`` reads them back: key -> value,
     floats rounded to float32 as the file stores them. ``write_tiny`` writes these; the in-memory
     models of ``synthetic.py`` hold them."""
-    gpt_oss = arch == "gpt-oss"
+    a = archs.REGISTRY[arch]
     L, A, R = Keys.LLM, Keys.Attention, Keys.Rope
     f32 = lambda v: float(np.float32(v))  # noqa: E731
     meta = {Keys.General.NAME: name,
@@ -151,37 +152,47 @@ def model_metadata(arch, *, name, n_layers, n_ctx, n_embd, n_ff, n_head, n_head_
             Keys.General.QUANTIZATION_VERSION: GGML_QUANT_VERSION,
             L.BLOCK_COUNT: n_layers, L.CONTEXT_LENGTH: n_ctx, L.EMBEDDING_LENGTH: n_embd,
             L.FEED_FORWARD_LENGTH: n_ff, A.HEAD_COUNT: n_head, A.HEAD_COUNT_KV: n_head_kv,
-            A.KEY_LENGTH: head_dim, A.VALUE_LENGTH: head_dim, A.LAYERNORM_RMS_EPS: f32(1e-5 if gpt_oss else 1e-6),
+            A.KEY_LENGTH: head_dim, A.VALUE_LENGTH: head_dim, A.LAYERNORM_RMS_EPS: f32(a.tiny["rms_eps"]),
             L.EXPERT_COUNT: n_experts, L.EXPERT_USED_COUNT: k, L.EXPERT_FEED_FORWARD_LENGTH: n_ff}
-    if gpt_oss:
-        meta.update({R.FREQ_BASE: f32(150000.0), A.SLIDING_WINDOW: n_swa, R.SCALING_TYPE: RopeScalingType.YARN.value,
-                     R.SCALING_FACTOR: f32(32.0), R.SCALING_ORIG_CTX_LEN: 4096})
-    else:
-        meta[R.FREQ_BASE] = f32(1000000.0)
+    meta[R.FREQ_BASE] = f32(a.tiny["rope_base"])
+    if a.swa_pattern:
+        meta[A.SLIDING_WINDOW] = n_swa
+    if "yarn" in a.tiny:
+        meta.update({R.SCALING_TYPE: RopeScalingType.YARN.value, R.SCALING_FACTOR: f32(a.tiny["yarn"]["factor"]),
+                     R.SCALING_ORIG_CTX_LEN: a.tiny["yarn"]["orig_ctx"]})
     return {key.format(arch=arch): v for key, v in meta.items()}
 
 
-def model_tensors(arch, layers, *, n_embd, n_head, n_head_kv, head_dim, n_vocab, mat, f32, norm) -> list:
+def model_tensors(arch, layers, *, n_embd, n_head, n_head_kv, head_dim, n_vocab, mat, f32, norm,
+                  dense_ff=None) -> list:
     """Every tensor of a model laid out as llama.cpp's converter names them, in file order:
     ``(name, value)`` with value a float32 array or ``(raw bytes, ggml type)``. ``layers``: the
-    MoE layers (one per block); ``mat(rows, cols)``, ``f32(*shape, scale=0.1)`` and ``norm(n)``
+    MoE layers (one per MoE block); ``dense_ff``: ``{block: n_ff}`` of dense FFN blocks (their
+    ``ffn_gate/up/down.weight``); ``mat(rows, cols)``, ``f32(*shape, scale=0.1)`` and ``norm(n)``
     make the dense weights, vectors and norms (``write_tiny``: numpy; ``synthetic``: fast random bytes)."""
-    gpt_oss = arch == "gpt-oss"
+    a = archs.REGISTRY[arch]
     q, kv = n_head * head_dim, n_head_kv * head_dim
+    dense_ff = dict(dense_ff or {})
+    moe = {L.index: L for L in layers}
     tensors = [("token_embd.weight", mat(n_vocab, n_embd))]
-    for layer in layers:
-        b = f"blk.{layer.index}."
+    for il in sorted(moe.keys() | dense_ff.keys()):
+        b = f"blk.{il}."
         tensors += [(b + "attn_norm.weight", norm(n_embd)), (b + "attn_q.weight", mat(q, n_embd))]
-        tensors += [(b + "attn_q.bias", f32(q))] if gpt_oss else []
-        tensors += [(b + "attn_k.weight", mat(kv, n_embd))] + ([(b + "attn_k.bias", f32(kv))] if gpt_oss else [])
-        tensors += [(b + "attn_v.weight", mat(kv, n_embd))] + ([(b + "attn_v.bias", f32(kv))] if gpt_oss else [])
+        tensors += [(b + "attn_q.bias", f32(q))] if a.qkv_bias else []
+        tensors += [(b + "attn_k.weight", mat(kv, n_embd))] + ([(b + "attn_k.bias", f32(kv))] if a.qkv_bias else [])
+        tensors += [(b + "attn_v.weight", mat(kv, n_embd))] + ([(b + "attn_v.bias", f32(kv))] if a.qkv_bias else [])
         tensors += [(b + "attn_output.weight", mat(n_embd, q))]
-        if gpt_oss:
-            tensors += [(b + "attn_output.bias", f32(n_embd)), (b + "attn_sinks.weight", f32(n_head, scale=1.0)),
-                        (b + "post_attention_norm.weight", norm(n_embd))]
-        else:
-            tensors += [(b + "attn_q_norm.weight", norm(head_dim)), (b + "attn_k_norm.weight", norm(head_dim)),
-                        (b + "ffn_norm.weight", norm(n_embd))]
+        tensors += [(b + "attn_output.bias", f32(n_embd))] if a.qkv_bias else []
+        tensors += [(b + "attn_sinks.weight", f32(n_head, scale=1.0))] if a.sinks else []
+        if a.qk_norm:
+            tensors += [(b + "attn_q_norm.weight", norm(head_dim)), (b + "attn_k_norm.weight", norm(head_dim))]
+        tensors += [(b + a.ffn_norm + ".weight", norm(n_embd))]
+        if il in dense_ff:
+            F = dense_ff[il]
+            tensors += [(b + "ffn_gate.weight", mat(F, n_embd)), (b + "ffn_up.weight", mat(F, n_embd)),
+                        (b + "ffn_down.weight", mat(n_embd, F))]
+            continue
+        layer = moe[il]
         tensors += [(b + "ffn_gate_inp.weight", layer.router_w)]
         if layer.router_b is not None:
             tensors += [(b + "ffn_gate_inp.bias", layer.router_b)]
@@ -196,7 +207,7 @@ def model_tensors(arch, layers, *, n_embd, n_head, n_head_kv, head_dim, n_vocab,
 
 def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_experts=32, k=4, seed=0,
                n_vocab=1024, n_head=4, n_head_kv=2, head_dim=32, skew=2.0, n_swa=128, tokenizer=None,
-               expert_type=None, dense_type=T.Q8_0, split_max_tensors=0, layers=None) -> Path:
+               expert_type=None, dense_type=T.Q8_0, split_max_tensors=0, layers=None, dense_blocks=()) -> Path:
     """Write a small MoE GGUF laid out like the real files; returns the path to load.
 
     ``arch="gpt-oss"``: keys, tensor names, types and ggml shapes follow llama.cpp's
@@ -208,10 +219,16 @@ def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_expe
     template; None: one when ``n_vocab`` has room for it (256 bytes + specials).
     ``split_max_tensors`` > 0 writes ``NAME-0000i-of-0000N.gguf`` parts. ``layers``:
     MoE layers to store instead of random ones (one per block, of the shapes given).
+    ``dense_blocks``: blocks whose FFN is dense (``ffn_gate/up/down.weight`` of ``n_ff`` rows,
+    as leading dense layers are) instead of experts.
     """
     if arch not in TINY_PRE:
         raise ValueError(f"write_tiny: arch must be one of {tuple(TINY_PRE)}, got {arch!r}")
-    gpt_oss = arch == "gpt-oss"
+    a = archs.REGISTRY[arch]
+    dense_blocks = sorted(set(int(i) for i in dense_blocks))
+    if any(not 0 <= i < n_layers for i in dense_blocks) or len(dense_blocks) >= n_layers:
+        raise ValueError(f"write_tiny: dense_blocks {dense_blocks} must be blocks of 0..{n_layers - 1}, "
+                         "and at least one block must be MoE")
     check_dims("write_tiny", n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
                n_vocab=n_vocab)
     path = Path(path)
@@ -229,22 +246,23 @@ def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_expe
             return w
         return (mxfp4.quantize(w) if dense_type == T.MXFP4 else quants.quantize(w, dense_type), dense_type)
 
-    etype = (T.MXFP4 if gpt_oss else T.Q8_0) if expert_type is None else T(int(expert_type))
+    etype = a.tiny["expert_type"] if expert_type is None else T(int(expert_type))
     if layers is not None:
         layers = list(layers)
         want = (n_experts, n_embd, n_ff, k)
         if len(layers) != n_layers or any((L.n_experts, L.n_embd, L.n_ff, L.k) != want for L in layers):
             raise ValueError(f"write_tiny: layers must be {n_layers} MoELayers of (experts, n_embd, n_ff, k) {want}")
         etype = T(int(layers[0].gate.ggml_type))
-    elif gpt_oss:
+    elif a.expert_biases:  # (gpt-oss-like: biases everywhere, a router skewed as real ones are)
         layers = tiny_layers(n_layers=n_layers, n_embd=n_embd, n_ff=n_ff, n_experts=n_experts, k=k,
                              seed=seed, skew=skew, wtype=etype)
     else:
         layers = [random_layer(n_embd, n_ff, n_experts, k, wtype=etype, gpt_oss=False, seed=seed * 1009 + i,
                                index=i, skew=0.0) for i in range(n_layers)]
+    layers = [L for L in layers if L.index not in dense_blocks]
 
     tensors = model_tensors(arch, layers, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
-                            n_vocab=n_vocab, mat=mat, f32=f32, norm=norm)
+                            n_vocab=n_vocab, mat=mat, f32=f32, norm=norm, dense_ff={i: n_ff for i in dense_blocks})
     meta = model_metadata(arch, name=f"tiny-{arch}", n_layers=n_layers, n_ctx=4096, n_embd=n_embd, n_ff=n_ff,
                           n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_experts=n_experts, k=k,
                           n_swa=n_swa, expert_type=etype)

@@ -1,0 +1,85 @@
+"""The architecture registry: one table, one file each, the block written once. Every test runs for
+every registered architecture that tiny.py can write (a new one is tested without editing a list)."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hybrid.model import arch as archs, config, gguf, load, write_tiny
+from hybrid.model.config import read_config
+from hybrid.model.forward import Transformer
+from hybrid.model.gguf import GGUFError
+from hybrid.model.reference import forward_reference
+from hybrid.model.tiny import TINY_PRE
+
+WRITTEN = [n for n in archs.with_graph() if n in TINY_PRE]
+SHAPE = dict(n_layers=3, n_embd=64, n_ff=64, n_experts=8, k=2, n_vocab=300, n_head=4, n_head_kv=2,
+             head_dim=32, n_swa=5, skew=1.0)
+
+
+def close(a, b, msg, rel=2e-5):
+    np.testing.assert_allclose(a, b, rtol=0, atol=rel * float(np.abs(b).max()), err_msg=msg)
+
+
+def test_one_table():
+    assert gguf.ARCHS is config.ARCHS is archs.REGISTRY
+    assert set(WRITTEN) >= {"gpt-oss", "qwen3moe"}
+    for name, a in archs.REGISTRY.items():
+        assert a.name == name and issubclass(a, archs.Arch)
+    with pytest.raises(GGUFError, match="'nope' is not supported; supported MoE architectures: gpt-oss"):
+        archs.get("nope")
+    for name in set(archs.names()) - set(archs.with_graph()):
+        with pytest.raises(GGUFError, match=f"{name!r} has no whole-model graph"):
+            archs.get(name, graph=True)
+
+
+def test_architecture_names_live_in_their_files():
+    # No code outside hybrid/model/arch/ compares against an architecture's name.
+    root = Path(__file__).resolve().parents[2] / "hybrid"
+    names = "|".join(re.escape(n) for n in archs.names())
+    pattern = re.compile(rf"""(==|!=|\bin)\s*\(?["']({names})["']|["']({names})["']\s*(==|!=)""")
+    bad = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py") if "arch" not in p.parent.name
+           for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not bad, bad
+
+
+@pytest.fixture(scope="module", params=WRITTEN)
+def dense_first(request, tmp_path_factory):
+    """A model whose block 0 has a dense FFN (a leading dense layer), the others experts."""
+    path = write_tiny(tmp_path_factory.mktemp("a") / f"{request.param}.gguf", arch=request.param, seed=7,
+                      dense_blocks=(0,), **SHAPE)
+    return load(path)
+
+
+def test_kinds_are_read_from_the_tensors(dense_first):
+    cfg = read_config(dense_first)
+    assert cfg.kinds == ("dense", "moe", "moe") and cfg.n_ff_dense == 64 and cfg.n_ff_shexp == 0
+    assert dense_first.dense_blocks == [0] and [L.index for L in dense_first.layers] == [1, 2]
+
+
+def test_a_dense_layer_runs_against_the_float64_reference(dense_first):
+    toks = np.random.default_rng(3).integers(0, 300, 11)
+    tr = Transformer(dense_first, n_ctx=16, n_ubatch=4, q8_decode=False)
+    got = tr.prefill(toks)
+    want = forward_reference(dense_first, toks)
+    close(got, want, dense_first.arch)
+    # the same logits one token at a time
+    tr.prefill(toks[:8], logits="last")
+    steps = np.stack([tr.decode_one_token(int(t)) for t in toks[8:]])
+    close(steps, want[8:], dense_first.arch, rel=1e-4)
+    # the MoE backend saw only the MoE blocks, one record per ubatch and MoE layer
+    assert {r.layer for r in tr.moe.stats.records} == {1, 2}
+
+
+def test_missing_dense_tensor_is_named(tmp_path):
+    path = write_tiny(tmp_path / "m.gguf", arch=WRITTEN[0], dense_blocks=(1,), **SHAPE)
+    m = load(path)
+    del m.tensors["blk.1.ffn_down.weight"]
+    with pytest.raises(GGUFError, match=r"missing tensor blk\.1\.ffn_down\.weight"):
+        Transformer(m)
+
+
+def test_write_tiny_refuses_all_dense(tmp_path):
+    with pytest.raises(ValueError, match="at least one block must be MoE"):
+        write_tiny(tmp_path / "m.gguf", dense_blocks=(0, 1, 2), **SHAPE)
