@@ -51,6 +51,7 @@ class Config:
     kinds: tuple = ()  # each layer's FFN: "dense", "moe" or "moe_shared" (arch.base.KINDS)
     n_ff_dense: int = 0  # rows of the dense FFN layers' ffn_up (0: none)
     n_ff_shexp: int = 0  # rows of the shared experts' ffn_up_shexp (0: none)
+    rope_neox: bool = True  # NEOX pairs (i, i + n_rot/2), else ggml's normal pairs (2i, 2i + 1)
 
     @property
     def n_gqa(self) -> int:
@@ -147,7 +148,7 @@ def read_config(model) -> Config:
         n_ctx_orig=get(R.SCALING_ORIG_CTX_LEN, int, n_ctx_train, lo=1), n_swa=n_swa, swa_layers=swa,
         qkv_bias=spec.qkv_bias, sinks=spec.sinks, qk_norm=spec.qk_norm, ffn_norm=spec.ffn_norm,
         kq_scale=1.0 / math.sqrt(n_rot if spec.kq_scale_by_rot else head_dim), kinds=kinds,
-        n_ff_dense=ff["dense"], n_ff_shexp=ff["moe_shared"])
+        n_ff_dense=ff["dense"], n_ff_shexp=ff["moe_shared"], rope_neox=spec.rope_neox)
 
 
 def _layer_kinds(model, spec, n_layer):

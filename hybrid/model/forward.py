@@ -89,7 +89,7 @@ class Transformer:
         # No output.weight: the head is tied to the embedding (llama.cpp does the same).
         self.output = (w.mat("output.weight", (cfg.n_vocab, cfg.n_embd))
                        if "output.weight" in model.tensors else self.embd)
-        if moe is not None and (len(moe.layers) != cfg.n_layer
+        if moe is not None and (len(moe.layers) != len(model.layers)
                                 or any(a is not b for a, b in zip(moe.layers, model.layers))):
             raise ValueError("moe must run this model's own MoE layers (HybridMoE(model.layers, ...))")
         self.on_device = (moe.engine is not None) if moe is not None else resolve_device(device) != "cpu"

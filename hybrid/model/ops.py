@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-__all__ = ["rmsnorm", "rope_cos_sin", "rope_neox", "attention"]
+__all__ = ["rmsnorm", "rope_cos_sin", "rope_neox", "rope_norm", "attention"]
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -48,6 +48,17 @@ def rope_neox(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     out = x.copy()
     out[..., :half] = x0 * c - x1 * s
     out[..., half:2 * half] = x0 * s + x1 * c
+    return out
+
+
+def rope_norm(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """ggml's normal RoPE (llama, deepseek2): adjacent pairs (2i, 2i + 1); dims past n_rot stay."""
+    n_rot = 2 * cos.shape[1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    x0, x1 = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
+    out = x.copy()
+    out[..., 0:n_rot:2] = x0 * c - x1 * s
+    out[..., 1:n_rot:2] = x0 * s + x1 * c
     return out
 
 

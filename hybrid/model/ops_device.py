@@ -49,6 +49,26 @@ def _gate_rows_kernel(y, x, w):
             y[t, c] *= gate
 
 
+@cuda.jit
+def _rope_norm_kernel(x, cos, sin):
+    """Tiling: grid-stride over (token, head, i < n_rot/2); each step rotates the adjacent pair
+    (2i, 2i + 1) of one head in place (ggml's normal RoPE); dims past n_rot are never touched."""
+    n_tok, n_head, _ = x.shape
+    half = cos.shape[1]
+    per_tok = n_head * half
+    for idx in range(cuda.grid(1), n_tok * per_tok, cuda.gridsize(1)):
+        t = idx // per_tok
+        rem = idx - t * per_tok
+        h = rem // half
+        i = rem - h * half
+        c = cos[t, i]
+        s = sin[t, i]
+        x0 = x[t, h, 2 * i]
+        x1 = x[t, h, 2 * i + 1]
+        x[t, h, 2 * i] = x0 * c - x1 * s
+        x[t, h, 2 * i + 1] = x0 * s + x1 * c
+
+
 class DeviceOps:
     def __init__(self, cfg, cache, moe, attention_config):
         self.cfg, self.cache, self.backend = cfg, cache, moe
@@ -76,7 +96,13 @@ class DeviceOps:
         device_ops.add(h, y, stream=self.s)
 
     def rope(self, il, x):
-        return device_ops.rope_neox(x, *self.rope_tables[self.cfg.rope_base(il)], stream=self.s)
+        cos, sin = self.rope_tables[self.cfg.rope_base(il)]
+        if self.cfg.rope_neox:
+            return device_ops.rope_neox(x, cos, sin, stream=self.s)
+        n = x.shape[0] * x.shape[1] * cos.shape[1]  # (shapes checked by rope_neox's caller: the same tables)
+        if n:
+            _rope_norm_kernel[qc.grid_blocks(n, _THREADS), _THREADS, self.s](x, cos, sin)
+        return x
 
     def attend(self, il, q, k, v, sinks, n_swa, out):
         self.cache.store(il, self.pos0, k, v, stream=self.s)

@@ -52,7 +52,7 @@ class F64Ops:
                     theta = theta * (1 - ramp_mix) + theta_extrap * ramp_mix
                     mscale *= 1.0 + 0.1 * math.log(1.0 / cfg.freq_scale)
                 c, s = math.cos(theta) * mscale, math.sin(theta) * mscale
-                i, j = i0 // 2, i0 // 2 + n_rot // 2
+                i, j = (i0 // 2, i0 // 2 + n_rot // 2) if cfg.rope_neox else (i0, i0 + 1)
                 x0, x1 = x[t, :, i], x[t, :, j]
                 out[t, :, i] = x0 * c - x1 * s
                 out[t, :, j] = x0 * s + x1 * c

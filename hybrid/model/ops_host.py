@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..moe import activation as act
-from .ops import attention, rmsnorm, rope_cos_sin, rope_neox
+from .ops import attention, rmsnorm, rope_cos_sin, rope_neox, rope_norm
 
 __all__ = ["HostOps"]
 
@@ -44,7 +44,7 @@ class HostOps:
         base = self.cfg.rope_base(il)
         if base not in self._rope:
             self._rope[base] = rope_cos_sin(self.cfg, il, self.pos)
-        return rope_neox(x, *self._rope[base])
+        return (rope_neox if self.cfg.rope_neox else rope_norm)(x, *self._rope[base])
 
     def attend(self, il, q, k, v, sinks, n_swa, out=None):
         pos0 = int(self.pos[0])

@@ -182,7 +182,7 @@ def model_tensors(arch, layers, *, n_embd, n_head, n_head_kv, head_dim, n_vocab,
         tensors += [(b + "attn_k.weight", mat(kv, n_embd))] + ([(b + "attn_k.bias", f32(kv))] if a.qkv_bias else [])
         tensors += [(b + "attn_v.weight", mat(kv, n_embd))] + ([(b + "attn_v.bias", f32(kv))] if a.qkv_bias else [])
         tensors += [(b + "attn_output.weight", mat(n_embd, q))]
-        tensors += [(b + "attn_output.bias", f32(n_embd))] if a.qkv_bias else []
+        tensors += [(b + "attn_output.bias", f32(n_embd))] if a.out_bias else []
         tensors += [(b + "attn_sinks.weight", f32(n_head, scale=1.0))] if a.sinks else []
         if a.qk_norm:
             tensors += [(b + "attn_q_norm.weight", norm(head_dim)), (b + "attn_k_norm.weight", norm(head_dim))]
@@ -201,6 +201,11 @@ def model_tensors(arch, layers, *, n_embd, n_head, n_head_kv, head_dim, n_vocab,
             tensors += [(b + f"ffn_{n}_exps.weight", (t.raw, t.ggml_type))]
             if bias is not None:
                 tensors += [(b + f"ffn_{n}_exps.bias", bias)]
+        if a.shared != "none":  # one shared expert of the experts' width, as Qwen2-MoE's converter writes
+            F = layer.n_ff
+            tensors += [(b + "ffn_gate_inp_shexp.weight", f32(n_embd))] if a.shared == "sigmoid_gated" else []
+            tensors += [(b + "ffn_gate_shexp.weight", mat(F, n_embd)), (b + "ffn_up_shexp.weight", mat(F, n_embd)),
+                        (b + "ffn_down_shexp.weight", mat(n_embd, F))]
     tensors += [("output_norm.weight", norm(n_embd)), ("output.weight", mat(n_vocab, n_embd))]
     return tensors
 

@@ -54,7 +54,9 @@ def dense_first(request, tmp_path_factory):
 
 def test_kinds_are_read_from_the_tensors(dense_first):
     cfg = read_config(dense_first)
-    assert cfg.kinds == ("dense", "moe", "moe") and cfg.n_ff_dense == 64 and cfg.n_ff_shexp == 0
+    shared = archs.get(dense_first.arch).shared != "none"
+    moe = "moe_shared" if shared else "moe"
+    assert cfg.kinds == ("dense", moe, moe) and cfg.n_ff_dense == 64 and cfg.n_ff_shexp == (64 if shared else 0)
     assert dense_first.dense_blocks == [0] and [L.index for L in dense_first.layers] == [1, 2]
 
 
@@ -83,3 +85,20 @@ def test_missing_dense_tensor_is_named(tmp_path):
 def test_write_tiny_refuses_all_dense(tmp_path):
     with pytest.raises(ValueError, match="at least one block must be MoE"):
         write_tiny(tmp_path / "m.gguf", dense_blocks=(0, 1, 2), **SHAPE)
+
+
+@pytest.mark.skipif(__import__("os").environ.get("NUMBA_ENABLE_CUDASIM") != "1", reason="needs the simulator")
+@pytest.mark.parametrize("arch", WRITTEN)
+def test_a_dense_layer_on_the_device(arch, tmp_path):
+    from hybrid.model.tiny import simulator_tiles
+    from hybrid.moe.scheduler import HybridMoE
+    shape = dict(SHAPE, n_layers=2, n_embd=32, n_ff=32, n_experts=4, n_head=2, n_head_kv=1, n_vocab=40, n_swa=3)
+    m = load(write_tiny(tmp_path / "m.gguf", arch=arch, seed=5, dense_blocks=(0,), **shape))
+    toks = np.random.default_rng(1).integers(0, 40, 6)
+    want = Transformer(m, n_ctx=6, n_ubatch=4, q8_decode=False).prefill(toks)
+    t = simulator_tiles()
+    moe = HybridMoE(m.layers, device="sim", min_offload_batch=4, tiles=t.moe, dense_tiles=t.dense)
+    tr = Transformer(m, moe, n_ctx=6, n_ubatch=4, q8_decode=False, dense_tiles=t.dense, attention_config=t.attention)
+    assert tr.on_device and tr.cfg.kinds[0] == "dense"
+    close(tr.prefill(toks), want, arch, rel=1e-5)
+    close(want, forward_reference(m, toks), arch)

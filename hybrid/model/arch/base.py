@@ -66,12 +66,14 @@ class Arch:
     note: ClassVar[str] = ""  # shown in the list of supported architectures
     has_graph: ClassVar[bool] = True
     # attention
-    qkv_bias: ClassVar[bool] = False  # q, k, v and output biases
+    qkv_bias: ClassVar[bool] = False  # q, k, v biases
+    out_bias: ClassVar[bool] = False  # attention output bias
     sinks: ClassVar[bool] = False  # attn_sinks: one extra logit per head
     qk_norm: ClassVar[bool] = False  # per-head RMSNorm of q and k before RoPE
     swa_pattern: ClassVar[int | None] = None  # sliding-window layers: il % n < n - 1
     kq_scale_by_rot: ClassVar[bool] = False  # 1/sqrt(n_rot) instead of 1/sqrt(head_dim)
     ffn_norm: ClassVar[str] = "ffn_norm"  # the norm before the FFN
+    rope_neox: ClassVar[bool] = True  # llama.cpp's LLAMA_ROPE_TYPE_NEOX, else _NORM (adjacent pairs)
     # MoE (hybrid.moe.spec): defaults, and the keys a file may change them with
     gating: ClassVar[str] = "softmax"
     norm: ClassVar[bool] = True
@@ -164,7 +166,7 @@ class Arch:
                  bq=w.vec(p + "attn_q.bias", H * d) if bias else None,
                  bk=w.vec(p + "attn_k.bias", Hkv * d) if bias else None,
                  bv=w.vec(p + "attn_v.bias", Hkv * dv) if bias else None,
-                 bo=w.vec(p + "attn_output.bias", D) if bias else None,
+                 bo=w.vec(p + "attn_output.bias", D) if cls.out_bias else None,
                  sinks=w.vec(p + "attn_sinks.weight", H) if cls.sinks else None,
                  q_norm=w.vec(p + "attn_q_norm.weight", d) if cls.qk_norm else None,
                  k_norm=w.vec(p + "attn_k_norm.weight", d) if cls.qk_norm else None,

@@ -11,6 +11,7 @@ from .base import Arch
 
 class GptOss(Arch, name="gpt-oss"):
     qkv_bias = True
+    out_bias = True
     sinks = True
     swa_pattern = 2  # llama.cpp: il % 2 < 1, the even layers, unless the file says otherwise
     kq_scale_by_rot = True  # openai-moe.cpp scales by 1/sqrt(n_rot); equal to head_dim in the released files

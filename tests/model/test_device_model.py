@@ -18,7 +18,8 @@ from gguf.constants import GGMLQuantizationType as T
 from hybrid.model import load, write_tiny
 from hybrid.model.forward import Transformer
 from hybrid.model.reference import forward_reference
-from hybrid.model.tiny import simulator_tiles
+from hybrid.model import arch as archs
+from hybrid.model.tiny import TINY_PRE, simulator_tiles
 from hybrid.model.vram import VRAMError
 from hybrid.moe.scheduler import HybridMoE
 
@@ -62,7 +63,7 @@ def per_expert(m):
     return m.layers[0].expert_bytes
 
 
-@pytest.mark.parametrize("arch", ["gpt-oss", "qwen3moe"])
+@pytest.mark.parametrize("arch", [n for n in archs.with_graph() if n in TINY_PRE])  # every architecture
 def test_device_logits_match_the_cpu_target_and_the_reference(cases, arch, monkeypatch):
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
     m, toks, msg, want = cases(arch)
