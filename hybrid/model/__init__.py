@@ -1,6 +1,7 @@
-"""The model around the MoE layers: GGUF loading (``gguf``), the whole forward (``config``, ``dense``,
-``ops``, ``kvcache``, ``forward``, ``generate``, float64 ``reference``), its device side
-(``device_dense``, ``device_ops``, ``device_attention``, ``vram``), the tokenizer, the built-in
+"""The model around the MoE layers: GGUF loading (``gguf``), the architectures (``arch/``: one file
+each, the block written once), the whole forward (``config``, ``dense``, ``weights``, ``ops``,
+``ops_host``, ``kvcache``, ``forward``, ``generate``, float64 ``ops_f64`` and ``reference``), its
+device side (``device_dense``, ``device_ops``, ``device_attention``, ``ops_device``, ``vram``), the tokenizer, the built-in
 tiny models (``tiny``) and gpt-oss shapes with random weights in memory (``synthetic``)."""
 from .config import Config, read_config
 from .forward import Transformer

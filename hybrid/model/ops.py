@@ -1,8 +1,8 @@
-"""The dense ops of one transformer block in float32: RMSNorm, NEOX RoPE with YaRN, attention.
+"""The dense ops of one transformer block in float32: RMSNorm, RoPE (NEOX and normal) with YaRN, attention.
 
 Formulas as ggml computes them (ggml-cpu ops.cpp: rms_norm, rope_yarn, soft_max
-with sinks); the float64 reference in ``reference.py`` writes them again
-independently.
+with sinks); ``ops_host.HostOps`` calls them, and the float64 reference
+(``ops_f64.py``) writes them again independently.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Router gatings and expert activations: the one definition every path uses.
+"""Expert activations: the one definition every path uses (gatings are ``spec.MoESpec``'s).
 
 - ``swiglu_oai`` (gpt-oss): ``g' = min(g, LIMIT)``, ``u' = clamp(u, -LIMIT, LIMIT)``,
   ``a = g' * sigmoid(ALPHA * g') * (u' + 1)``.
@@ -19,7 +19,6 @@ import math
 
 import numpy as np
 
-GATINGS = ("softmax_topk", "topk_softmax_all")
 ACTIVATIONS = ("swiglu_oai", "silu")
 ACT_CODE = {name: code for code, name in enumerate(ACTIVATIONS)}  # what compiled code branches on
 SWIGLU_ALPHA = 1.702
@@ -63,9 +62,7 @@ def silu_f32(g, u):
     return g / (_ONE + math.exp(-g)) * u
 
 
-def check(gating=None, activation=None):
-    """Raise ValueError naming the choices for an unknown gating or activation."""
-    if gating is not None and gating not in GATINGS:
-        raise ValueError(f"gating must be one of {GATINGS}, got {gating!r}")
+def check(activation=None):
+    """Raise ValueError naming the choices for an unknown activation."""
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")

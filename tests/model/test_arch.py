@@ -102,3 +102,50 @@ def test_a_dense_layer_on_the_device(arch, tmp_path):
     assert tr.on_device and tr.cfg.kinds[0] == "dense"
     close(tr.prefill(toks), want, arch, rel=1e-5)
     close(want, forward_reference(m, toks), arch)
+
+
+def test_moe_keys_are_read_where_the_architecture_reads_them():
+    from gguf.constants import Keys
+    from hybrid.moe.spec import MoESpec
+    L = Keys.LLM
+
+    class AllKeys(archs.Arch):  # not registered: only its key reading is under test
+        name = "all-keys"
+        moe_keys = frozenset({"gating", "norm", "scale", "groups"})
+
+    meta = {L.EXPERT_GATING_FUNC: 2, L.EXPERT_WEIGHTS_NORM: True, L.EXPERT_WEIGHTS_SCALE: 2.5,
+            L.EXPERT_GROUP_COUNT: 4, L.EXPERT_GROUP_USED_COUNT: 2}
+    assert AllKeys.moe_spec(meta.get) == MoESpec(gating="sigmoid", norm=True, scale=2.5, n_group=4, topk_group=2,
+                                                 activation="silu")
+    assert AllKeys.moe_spec({L.EXPERT_WEIGHTS_SCALE: 0.0}.get).scale == 1.0  # llama.cpp's 0: no scale
+    for bad, match in (({L.EXPERT_GATING_FUNC: 9}, "expert_gating_func = 9 is not a gating"),
+                       ({L.EXPERT_WEIGHTS_SCALE: "x"}, "expert_weights_scale = 'x' is not a non-negative"),
+                       ({L.EXPERT_GROUP_COUNT: 4, L.EXPERT_GROUP_USED_COUNT: 5}, "topk_group = 5")):
+        with pytest.raises(GGUFError, match=match):
+            AllKeys.moe_spec(bad.get, "f.gguf: ")
+    # An architecture that does not read a key is not changed by it (llama.cpp's graph hard-codes it).
+    for name in WRITTEN:
+        a = archs.get(name)
+        spec = a.moe_spec(meta.get)
+        assert spec.gating == (a.gating if "gating" not in a.moe_keys else "sigmoid")
+        assert spec.scale == (1.0 if "scale" not in a.moe_keys else 2.5)
+
+
+def test_groups_that_do_not_fit_the_experts_are_one_clear_line(tmp_path):
+    from hybrid.model.arch.base import REGISTRY
+
+    class Grouped(archs.Arch, name="grouped-test"):
+        moe_keys = frozenset({"groups"})
+        tiny = dict(REGISTRY["qwen3moe"].tiny)
+    try:
+        path = write_tiny(tmp_path / "g.gguf", arch="qwen3moe", **SHAPE)
+        m = load(path)
+        m.metadata["grouped-test.expert_group_count"] = 3  # 8 experts in 3 groups
+        m.metadata["grouped-test.expert_group_used_count"] = 1
+        with pytest.raises(GGUFError, match="expert count 8 is not a multiple of the group count 3"):
+            m.arch = "grouped-test"
+            m.metadata = {k.replace("qwen3moe.", "grouped-test."): v for k, v in m.metadata.items()}
+            m._read_hparams()
+            m._layer(0)
+    finally:
+        del REGISTRY["grouped-test"]
