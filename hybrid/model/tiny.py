@@ -203,7 +203,8 @@ def model_tensors(arch, layers, *, n_embd, n_head, n_head_kv, head_dim, n_vocab,
                 tensors += [(b + f"ffn_{n}_exps.bias", bias)]
         if a.shared != "none":  # one shared expert of the experts' width, as Qwen2-MoE's converter writes
             F = layer.n_ff
-            tensors += [(b + "ffn_gate_inp_shexp.weight", f32(n_embd))] if a.shared == "sigmoid_gated" else []
+            # (a Linear(n_embd, 1) in the HF model: one row, as the converter writes it)
+            tensors += [(b + "ffn_gate_inp_shexp.weight", f32(1, n_embd))] if a.shared == "sigmoid_gated" else []
             tensors += [(b + "ffn_gate_shexp.weight", mat(F, n_embd)), (b + "ffn_up_shexp.weight", mat(F, n_embd)),
                         (b + "ffn_down_shexp.weight", mat(n_embd, F))]
     tensors += [("output_norm.weight", norm(n_embd)), ("output.weight", mat(n_vocab, n_embd))]

@@ -35,11 +35,14 @@ class Weights:
             raise GGUFError(f"{self.model.path}: {e}") from None
 
     def vec(self, name, n, required=True):
+        """A float32 vector ``[n]`` (also stored as one row ``[1, n]``, as converters write a
+        ``Linear(n, 1)``: Qwen2-MoE's ffn_gate_inp_shexp)."""
         if not required and name not in self.model.tensors:
             return None
-        self._info(name, (n,))
+        info = self.model.tensors.get(name)
+        self._info(name, (1, n) if info is not None and info.shape == (1, n) else (n,))
         try:
-            return self.model.tensor(name)
+            return self.model.tensor(name).reshape(n)
         except NotImplementedError as e:
             raise GGUFError(f"{self.model.path}: {name}: {e}") from None
 

@@ -62,21 +62,22 @@ def _route(z, bias, has_bias, k, gating, norm, scale, n_group, topk_group, ids, 
         m = np.float64(z[t, 0])
         for e in range(1, n_exp):
             m = max(m, np.float64(z[t, e]))
-        if gating == 1:  # sigmoid
+        need_p = has_bias or n_group > 1  # else the choice is made on the logits: no p needed
+        if need_p and gating == 1:  # sigmoid
             for e in range(n_exp):
                 p[e] = 1.0 / (1.0 + np.exp(-np.float64(z[t, e])))
-        elif gating == 0:  # softmax over all
+        elif need_p and gating == 0:  # softmax over all
             s = 0.0
             for e in range(n_exp):
                 p[e] = np.exp(np.float64(z[t, e]) - m)
                 s += p[e]
             for e in range(n_exp):
                 p[e] /= s
-        else:  # softmax_chosen: llama.cpp selects on the logits themselves
+        elif need_p:  # softmax_chosen: llama.cpp selects on the logits themselves
             for e in range(n_exp):
                 p[e] = np.float64(z[t, e])
         for e in range(n_exp):  # (groups are scored by probabilities, as llama.cpp does)
-            sel[e] = (p[e] + np.float64(bias[e])) if has_bias or n_group > 1 else np.float64(z[t, e])
+            sel[e] = (p[e] + np.float64(bias[e])) if need_p else np.float64(z[t, e])
         if n_group > 1:  # group-limited: keep the topk_group groups with the best two-expert sums
             for g in range(n_group):
                 b1 = -np.inf
@@ -100,7 +101,7 @@ def _route(z, bias, has_bias, k, gating, norm, scale, n_group, topk_group, ids, 
         _topk_row(sel, k, bi, bv)
         if gating == 1:
             for j in range(k):
-                ex[j] = p[bi[j]]
+                ex[j] = 1.0 / (1.0 + np.exp(-np.float64(z[t, bi[j]])))
             s = 1.0
             if norm:
                 s = 0.0
