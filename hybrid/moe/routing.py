@@ -1,6 +1,7 @@
 """Routing on the CPU (Numba): logits -> top-k ids + weights -> used experts -> buckets.
 
-``route`` picks each token's k experts and their weights; ``bucket`` groups the
+``route_spec`` picks each token's k experts and their weights as a layer's ``spec.MoESpec``
+says (``route``: the same in the older gating spelling); ``bucket`` groups the
 (token, slot) pairs by expert, the order the grouped expert matmuls consume.
 Inputs are checked here, in Python, before any Numba code sees them.
 """
