@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFValueType as V, GGUFWriter
 
-from hybrid import cli
+from hybrid.cli import run as cli_run  # the run command: its limits and its imports are patched here
 from hybrid.cli import main
 from hybrid.model import GGUFError, load, write_tiny
 from hybrid.model import tokenizer as tokmod
@@ -123,7 +123,7 @@ def test_prompt_files_that_never_end_or_are_too_large(capsys, talker, tmp_path, 
         fails(capsys, "run", "-m", talker, "-f", "/dev/zero", *RUN, match="not a regular file")
     big = tmp_path / "big.txt"
     big.write_text("word " * 100)
-    monkeypatch.setattr(cli, "MAX_PROMPT_BYTES", 64)
+    monkeypatch.setattr(cli_run, "MAX_PROMPT_BYTES", 64)
     fails(capsys, "run", "-m", talker, "-f", big, *RUN, match="more than the 64 bytes")
 
 
@@ -147,7 +147,7 @@ def test_context_beyond_memory_is_refused_naming_the_bytes(capsys, talker, monke
     fails(capsys, "bench", "-m", talker, "-p", 8, "-ub", 8, "-n", 10**12, match="-n: 1,000,000,000,000 tokens, more than")
     with pytest.raises(ValueError, match=r"KV cache of .* bytes\), more than"):
         Transformer(load(talker), n_ctx=10**12)
-    monkeypatch.setattr(cli, "physical_memory", lambda: 1000)
+    monkeypatch.setattr(cli_run, "physical_memory", lambda: 1000)
     fails(capsys, "run", "-m", talker, "--tokens", "1,2", *RUN, "--logits-out", tmp_path / "l.npy",
           match="--logits-out: the logits of 2 prompt tokens take 0.0 GiB (2,400 bytes)")
     assert not (tmp_path / "l.npy").exists()
@@ -156,7 +156,7 @@ def test_context_beyond_memory_is_refused_naming_the_bytes(capsys, talker, monke
 def test_a_prompt_longer_than_the_context_fails_before_the_warm_up(capsys, talker, monkeypatch):
     def no_warm_up(tr):
         raise AssertionError("warm-up ran")
-    monkeypatch.setattr(cli, "warm_up_model", no_warm_up)  # the warm-up now lives in hybrid.bench
+    monkeypatch.setattr(cli_run, "warm_up_model", no_warm_up)  # the warm-up now lives in hybrid.bench
     fails(capsys, "run", "-m", talker, "--tokens", "1,2,3", "-c", 2, *RUN, match="exceed the context of 2")
 
 
