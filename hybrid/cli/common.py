@@ -243,7 +243,7 @@ class computing:
         return self
 
     def __exit__(self, kind, e, tb):
-        if kind is not None and issubclass(kind, ValueError):
+        if kind is not None and issubclass(kind, (ValueError, ArithmeticError)):
             raise CLIError(f"cannot run this model on {self.what}: {e}") from None
         return False
 
@@ -258,15 +258,39 @@ def sim_tiles(device) -> dict:
     return dict(tiles=t.moe, dense_tiles=t.dense, attention_config=t.attention)
 
 
+# The library's errors name its parameters; the command line's user knows the flags.
+_FLAG_WORDS = [(r"device_bytes is ([\d,]+)", r"--device-mb gives \1 bytes"),
+               (r"use layout='compact'", "use --layout compact"), (r"device='(\w+)'", r"--device \1"),
+               (r"\(lower -c / n_ctx\)", "(lower -c)")]
+
+
+def flag_words(msg: str, args=None) -> str:
+    """``msg`` with the API's parameter names replaced by the flags that set them."""
+    import re
+    for pat, rep in _FLAG_WORDS:
+        msg = re.sub(pat, rep, msg)
+    if args is not None and not getattr(args, "ctx_size", 1):  # -c not given: the context is prompt + -n
+        msg = msg.replace("(lower -c)", "(lower -n, or give a smaller -c)")
+    return msg
+
+
+def warn(msg: str):
+    print(f"hybrid: warning: {msg}", file=sys.stderr)
+
+
 def make_backend(layers, args, **kw):
     from ..moe.scheduler import HybridMoE
     sim = sim_tiles(args.device)
     kw = {"tiles": sim.get("tiles"), "dense_tiles": sim.get("dense_tiles"), **kw}
     try:
-        return HybridMoE(layers, device=args.device, host=args.host,
-                         min_offload_batch=args.min_offload_batch, **kw)
+        moe = HybridMoE(layers, device=args.device, host=args.host,
+                        min_offload_batch=args.min_offload_batch, **kw)
     except (ValueError, RuntimeError) as e:  # bad combinations, no GPU, pinning refused
-        raise CLIError(str(e)) from None
+        raise CLIError(flag_words(str(e), args)) from None
+    if moe.device == "cpu" and args.host != "auto" and not getattr(args, "host_warned", False):
+        args.host_warned = True  # bench makes a backend per variant: say it once
+        warn(f"--host {args.host} has no effect on the cpu target: nothing is copied")
+    return moe
 
 
 def describe_device(moe) -> str:
@@ -320,7 +344,7 @@ def make_transformer(model, args, n_ctx, ubatch, moe=None, **kw):
     except GGUFError as e:
         raise CLIError(f"bad model: {e}") from None
     except ValueError as e:
-        raise CLIError(str(e)) from None
+        raise CLIError(flag_words(str(e), args)) from None
 
 
 def resolve_device_flag(args) -> str:

@@ -17,7 +17,7 @@ from ..report import usage_report
 from .common import (MAX_TOKENS, NONNEG, CLIError, add_common, add_device, add_whole,
                      check_tokens_bound, computing, describe_device, float_type, hidden_states, is_builtin,
                      make_backend, make_transformer, mb_type, model_line, moe_only, n_vocab_of, open_model,
-                     open_tokenizer, set_threads, token_list)
+                     open_tokenizer, set_threads, token_list, warn)
 
 HELP = "a prompt through the whole model, then generation (or --moe-only)"
 MAX_PROMPT_BYTES = 16 * MAX_TOKENS  # a prompt file larger than this is refused before it is read
@@ -40,6 +40,8 @@ def add_arguments(p):
     p.add_argument("--temp", type=float_type(0.0), default=0.0, help="temperature (default 0: greedy)")
     p.add_argument("--top-p", type=float_type(0.0, 1.0, lo_open=True), default=1.0, help="nucleus sampling")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the file's chat template")
+    p.add_argument("--special", action="store_true", help="parse control-token text (<|end|>...) in the prompt "
+                   "as special tokens, as llama.cpp's parse_special (default: plain text)")
     p.add_argument("--logits-out", metavar="FILE.npy", help="save the prompt's logits, float32 "
                    "[n_tokens, n_vocab]")
     p.add_argument("--policy", default="used", choices=POLICIES,
@@ -53,6 +55,7 @@ def add_arguments(p):
 
 def main(args):
     set_threads(args.threads)
+    refuse_ignored(args)
     if moe_only(args):
         args.p_default = 2048
         return run_moe(args)
@@ -77,8 +80,30 @@ def main(args):
     tr = make_transformer(model, args, n_ctx, args.ubatch_size, policy=args.policy, layout=args.layout,
                           cache_bytes=int(args.cache_mb * 2**20), overlap=not args.no_overlap,
                           device_bytes=None if args.device_mb is None else int(args.device_mb * 2**20))
+    if tr.n_ctx > tr.cfg.n_ctx_train:  # as llama.cpp warns: positions past training are extrapolated
+        warn(f"the context of {tr.n_ctx:,} tokens exceeds the {tr.cfg.n_ctx_train:,} the model was trained on")
     with tr.moe, computing("this prompt"):
         _run_whole(args, model, tok, prompt, source, tr)
+
+
+def refuse_ignored(args):
+    """Flags that the chosen mode would silently ignore are an error, not a surprise."""
+    given = lambda *names: [n for n in names if getattr(args, _DEST[n]) not in (None, False)]  # noqa: E731
+    if moe_only(args):
+        why = "--hidden feeds the MoE layers alone" if args.hidden else "--moe-only runs the MoE layers alone"
+        extra = given("--tokens", "--prompt", "-f", "--chat", "--special", "--logits-out")
+        if extra:
+            raise CLIError(f"{extra[0]} applies to the whole model; {why} (drop one of them)")
+        return
+    src = given("--tokens", "--prompt", "-f")
+    if args.n_prompt is not None and src:
+        raise CLIError(f"-p {args.n_prompt} makes a prompt of random ids; {src[0]} gives the prompt: give one")
+    if args.special and (args.tokens is not None or args.n_prompt is not None):
+        raise CLIError("--special parses a text prompt (--prompt, -f); it does not apply to token ids")
+
+
+_DEST = {"--tokens": "tokens", "--prompt": "prompt", "-f": "file", "--chat": "chat", "--special": "special",
+         "--logits-out": "logits_out"}
 
 
 def _cache_note(args, moe) -> str:
@@ -121,32 +146,58 @@ def _run_whole(args, model, tok, prompt, source, tr):
     if args.n_predict:
         print(f"\n[{len(g.tokens)} tokens, stopped: {g.stopped}]")
     if args.logits_out:
-        try:
-            np.save(args.logits_out, g.prompt_logits.astype(np.float32))
-        except OSError as e:
-            raise CLIError(f"cannot write {args.logits_out}: {e.strerror or e}") from None
+        save_logits(args.logits_out, g.prompt_logits.astype(np.float32))
     _summary(tr, g, t_warm, args.logits_out)
 
 
 def logits_path(path) -> Path:
-    """The file ``--logits-out`` writes (``.npy`` added as np.save adds it), checked before
-    any work is done: a folder, a missing folder or one that cannot be written is a CLIError."""
+    """The file ``--logits-out`` writes (``.npy`` added as np.save adds it), checked before any
+    work without touching the filesystem: a folder, a missing or unwritable folder, a symbolic
+    link or anything but a regular file (a FIFO, /dev/null) is a CLIError."""
     if not str(path).strip():
         raise CLIError("--logits-out: empty file name")
-    path = Path(path)
-    if path.suffix != ".npy":
-        path = path.with_name(path.name + ".npy")
-    if path.is_dir():
-        raise CLIError(f"--logits-out: {path} is a directory: give a file name, e.g. {path / 'logits.npy'}")
-    existed = path.exists()
-    try:  # opened, not truncated: what np.save will need; a file made here only for the test goes again
-        with open(path, "ab"):
-            pass
-        if not existed:
-            path.unlink()
-    except OSError as e:
-        raise CLIError(f"--logits-out: cannot write {path}: {e.strerror or e}") from None
+    given = Path(path)
+    path = given if given.suffix == ".npy" else given.with_name(given.name + ".npy")
+    for p in dict.fromkeys((given, path)):
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise CLIError(f"--logits-out: cannot write {p}: {e.strerror or e}") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise CLIError(f"--logits-out: {p} is a directory: give a file name, e.g. {p / 'logits.npy'}")
+        if stat.S_ISLNK(st.st_mode):
+            raise CLIError(f"--logits-out: {p} is a symbolic link: give the path of a regular file")
+        if not stat.S_ISREG(st.st_mode):
+            raise CLIError(f"--logits-out: {p} is not a regular file (a device, FIFO or socket)")
+    folder = path.parent
+    if not folder.is_dir():
+        raise CLIError(f"--logits-out: cannot write {path}: no folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CLIError(f"--logits-out: cannot write {path}: the folder is not writable")
     return path
+
+
+def save_logits(path, logits):
+    """Written to a temporary file in the same folder, then renamed: a reader never sees half a file,
+    and an error leaves no file behind."""
+    import tempfile
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)  # as np.save's open() would make it, not mkstemp's 0600
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, logits)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        raise CLIError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _read_prompt_file(path) -> str:
@@ -191,17 +242,13 @@ def _prompt_tokens(args, model, tok):
         raise CLIError("the model has no tokenizer: give --tokens or -p N")
     if text is None:
         text = DEMO_PROMPT
-    if args.chat:
-        try:
-            text = tok.chat(text)
-        except ValueError as e:
-            raise CLIError(str(e)) from None
-    # A template that writes the BOS token itself must not get a second one.
-    bos_text = tok.tokens[tok.bos] if tok.bos is not None else None
-    try:
-        ids = tok.encode(text, add_bos=False if args.chat and bos_text and text.startswith(bos_text) else None)
+    try:  # control-token text in the user's words stays text unless --special
+        if args.chat:  # (the template's own control tokens are parsed; a BOS it writes is not doubled)
+            text, ids = tok.encode_chat(text, special=args.special)
+        else:
+            ids = tok.encode(text, special=args.special)
     except ValueError as e:
-        raise CLIError(f"the prompt: {e}") from None
+        raise CLIError(str(e) if args.chat else f"the prompt: {e}") from None
     if not ids:
         raise CLIError("the prompt is empty: no tokens to run")
     check_tokens_bound("the prompt", len(ids))
