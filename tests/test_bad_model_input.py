@@ -1,6 +1,7 @@
 """Bad input on the whole model's surfaces: tokenizer keys, chat templates, prompts, context,
 sampling options, RoPE keys. Each is a clear error (one ``hybrid: error:`` line, exit 2,
 from the command line), never a traceback, a hang or a machine's memory."""
+import math
 import os
 import time
 
@@ -216,3 +217,31 @@ def test_the_printed_text_is_every_generated_token(capsys, talker, monkeypatch):
     printed = out.split("):\n", 1)[1].split("\n[", 1)[0]
     g_tokens = int(out.split("\n[", 1)[1].split(" tokens")[0])
     assert g_tokens == 4 and printed.endswith("\ufffd")
+
+
+# ------------------------------------------------------------------ 64-bit key forms, in the file
+
+@pytest.mark.parametrize("key, value, vtype, match", [
+    ("gpt-oss.rope.scaling.factor", 5e-324, V.FLOAT64, "RoPE/YaRN keys"),  # was: math domain error
+    ("gpt-oss.rope.scaling.factor", math.exp(-10), V.FLOAT64, "RoPE/YaRN keys"),  # was: ZeroDivisionError
+    ("gpt-oss.rope.scaling.yarn_log_multiplier", "zero mscale", V.FLOAT64, "RoPE/YaRN keys"),  # ZeroDivisionError
+    ("gpt-oss.rope.scaling.yarn_beta_fast", 5e-324, V.FLOAT64, "RoPE/YaRN keys"),  # was: OverflowError
+    ("gpt-oss.attention.sliding_window", 2**63, V.UINT64, "out of range"),  # was: OverflowError in ops.py
+    ("gpt-oss.context_length", 2**64 - 1, V.UINT64, "out of range"),
+    ("gpt-oss.block_count", 2**63, V.UINT64, "blk."),  # the loader: no such blocks
+])
+def test_float64_and_uint64_key_forms_are_one_clean_line(capsys, talker, tmp_path, key, value, vtype, match):
+    if value == "zero mscale":  # 0.1 * m * ln(factor) + 1 == 0
+        value = -10.0 / math.log(load(talker).metadata["gpt-oss.rope.scaling.factor"])
+    bad = rewrite(talker, tmp_path / "wide.gguf", set={key: (value, vtype)})
+    with pytest.raises(GGUFError, match=match):
+        read_config(load(bad))
+    fails(capsys, "run", "-m", bad, "--tokens", "1,2", *RUN, match=match)
+
+
+@pytest.mark.parametrize("value, vtype", [(True, V.BOOL), (2**63, V.UINT64), (1.0, V.FLOAT64), (-1, V.INT64)])
+def test_stop_token_ids_of_any_other_form_are_refused(capsys, talker, tmp_path, value, vtype):
+    bad = rewrite(talker, tmp_path / "eot.gguf", set={"tokenizer.ggml.eot_token_id": (value, vtype)})
+    with pytest.raises(GGUFError, match="eot_token_id"):
+        Tokenizer.from_model(load(bad))
+    fails(capsys, "run", "-m", bad, "--prompt", "hi", *RUN, match="eot_token_id")

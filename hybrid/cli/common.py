@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 
 import numpy as np
@@ -160,6 +161,8 @@ def add_whole(p):
 # ------------------------------------------------------------------ inputs
 
 def open_model(path, check_tensors=False):
+    if path is not None and not str(path).strip():  # not the built-in model by accident
+        raise CLIError("-m: empty file name (leave -m out for the built-in model)")
     try:
         return load(path if path else ensure_default_model(), check_tensors=check_tensors)
     except FileNotFoundError as e:
@@ -174,6 +177,8 @@ def open_model(path, check_tensors=False):
 def load_hidden(path, n_embd: int) -> np.ndarray:
     """Hidden states from a ``.npy`` file: a float array ``[n_tokens, n_embd]``, finite."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # before open: a FIFO would wait for a writer forever
+            raise CLIError(f"{path}: not a regular file (a folder, device, FIFO or socket), not a .npy array")
         _check_npy_header(path, n_embd)
         x = np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -218,6 +223,8 @@ def hidden_states(args, n_embd) -> tuple[np.ndarray, str]:
     n = args.n_prompt
     if n is not None:
         check_tokens_bound("-p", n)
+    if args.hidden is not None and not args.hidden.strip():  # not synthetic states by accident
+        raise CLIError("--hidden: empty file name")
     if args.hidden:
         x = load_hidden(args.hidden, n_embd)
         if n is not None:
@@ -306,7 +313,7 @@ def model_line(model) -> str:
 def moe_only(args) -> bool:
     """The MoE layers alone on synthetic or given hidden states: asked for, or implied by
     the option only that mode has (--hidden)."""
-    return args.moe_only or bool(args.hidden)
+    return args.moe_only or args.hidden is not None
 
 
 def is_builtin(model) -> bool:

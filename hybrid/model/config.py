@@ -79,9 +79,10 @@ def _usable_rope(read):
         try:
             v = (c.freq_scale, 1.0 / c.freq_scale, c.attn_factor, *c.rope_corr_dims(c.rope_freq_base),
                  *c.rope_corr_dims(c.rope_freq_base_swa))
-        except ArithmeticError as e:  # division by zero, overflow
+        except (ArithmeticError, ValueError) as e:  # division by zero, overflow, log(0)
             v = (e,)
-        if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in v) or not c.freq_scale > 0:
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in v) \
+                or not (c.freq_scale > 0 and c.attn_factor >= 0):
             raise GGUFError(f"{model.path}: the RoPE/YaRN keys (rope.scaling.*, rope.freq_base) give no finite "
                             f"scaling ({v[0] if len(v) == 1 else 'inf or NaN'}): out of range")
         return c
