@@ -272,6 +272,9 @@ def test_api_misuse_is_a_clear_type_error(tok):
             Tokenizer.from_model(bad)
     with pytest.raises(TypeError, match="Transformer"):
         generate(None, [1], 1)
+    for bad in (None, "model.gguf"):
+        with pytest.raises(TypeError, match="loaded model"):
+            Transformer(bad)
     with pytest.raises(TypeError):
         tok.chat(None)
 

@@ -75,6 +75,8 @@ def _usable_rope(read):
     formulas must give finite numbers from them, or the file is refused here, not at the forward."""
     @functools.wraps(read)
     def checked(model):
+        if not all(hasattr(model, a) for a in ("arch", "metadata", "tensors")):  # not an AttributeError later
+            raise TypeError(f"expected a loaded model (hybrid.load(path)), got {type(model).__name__}")
         c = read(model)
         try:
             v = (c.freq_scale, 1.0 / c.freq_scale, c.attn_factor, *c.rope_corr_dims(c.rope_freq_base),
