@@ -318,7 +318,7 @@ def test_a_model_truncated_while_mapped_names_the_file(tmp_path):
             "print(sum(int(m.raw(t).view('u1').sum()) for t in m.tensors))\n")
     r = child(["-c", code, path], timeout=90)
     assert r.returncode == -signal.SIGBUS, (r.returncode, r.stderr[-2000:])
-    assert "truncated or changed while in use" in r.stderr and str(path) in r.stderr
+    assert "model file was truncated or changed while in use" in r.stderr and str(path) in r.stderr
 
 
 def test_stop_ids_stored_as_bool_are_refused(talker, tmp_path):

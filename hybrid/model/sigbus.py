@@ -52,8 +52,8 @@ def watch(paths):
         return
     with _lock:
         _paths.extend(str(p) for p in paths if str(p) not in _paths)
-        msg = ("hybrid: error: bus error reading a memory-mapped model file: it was truncated or changed "
-               f"while in use, or its disk failed ({', '.join(_paths[-8:])})\n").encode("utf-8", "replace")
+        msg = ("hybrid: error: bus error (SIGBUS), most likely a memory-mapped model file was truncated or "
+               f"changed while in use, or its disk failed: {', '.join(_paths[-8:])}\n").encode("utf-8", "replace")
         msg = msg[:_BUF.size - 2] + (b"\n" if len(msg) > _BUF.size - 2 else b"")
         _BUF[:] = 0
         _BUF[:len(msg)] = np.frombuffer(msg, np.uint8)
