@@ -62,7 +62,7 @@ def main(args):
     text_given = args.prompt is not None or args.file is not None
     if args.chat and (args.tokens is not None or (args.n_prompt is not None and not text_given)):
         raise CLIError("--chat wraps a text prompt (--prompt, -f) in the chat template; it does not apply to "
-                   "token ids (--tokens, -p)")
+                       "token ids (--tokens, -p)")
     logits_out = None if args.logits_out is None else logits_path(args.logits_out)  # a bad path fails now
     model = open_model(args.model, args.check_tensors)
     tok = open_tokenizer(model, needed=args.tokens is None and args.n_prompt is None)
