@@ -8,6 +8,9 @@
 
 The whole model: ``Transformer(model).prefill(ids)`` (logits), ``generate``, ``Tokenizer.from_model``.
 """
+from ._env import check_numba_env
+
+check_numba_env()  # before numba's import: a bad NUMBA_NUM_THREADS is one line, not its traceback
 from .model import (GGUFError, Model, Tokenizer, Transformer, ensure_default_model, generate, load,
                     random_layer, write_tiny)
 from .moe.copyplan import CopyPlan, CostModel, plan

@@ -1,4 +1,4 @@
-"""``python -m hybrid`` and the ``hybrid-moe`` console script: see ``hybrid.cli``."""
+"""``python -m hybrid`` and the ``hybrid-moe`` console script: see ``hybrid.cli`` (one module per command)."""
 import sys
 
 from .cli import main

@@ -285,3 +285,78 @@ def test_huge_cache_is_capped_not_a_traceback(capsys, corpus):
     assert main(["bench", "-m", str(good), "-p", "8", "-ub", "8", "--device", "cpu", "--no-progress",
                  "--variants", "used,used+cache", "--cache-mb", "1e300"]) == 0
     assert "--cache-mb 1e+300 capped" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ 64-bit key forms (issue 23 item 5)
+
+# The FLOAT64/UINT64 forms reach values the 32-bit forms cannot: the reader gives Python
+# floats and ints either way, so the values are set in memory (the file forms: test_bad_model_input).
+WIDE_FLOATS = [0.0, -0.0, 5e-324, 2.2e-308, 4.54e-05, 0.5, 1.0, -2.885, 1e300, 1.7976931348623157e308,
+               -1.7976931348623157e308, float("nan"), float("inf")]
+WIDE_INTS = [0, 1, 2, 2**31 - 1, 2**31, 2**32, 2**63 - 1, 2**63, 2**64 - 1, -1, -2**63]
+KEY_SUFFIXES = ["rope.scaling.factor", "rope.scaling.yarn_log_multiplier", "rope.scaling.yarn_beta_fast",
+                "rope.scaling.yarn_beta_slow", "rope.scaling.yarn_ext_factor", "rope.scaling.attn_factor",
+                "rope.freq_base", "attention.layer_norm_rms_epsilon", "attention.sliding_window",
+                "context_length", "rope.scaling.original_context_length", "attention.head_count",  # (block_count:
+                # the loader refuses it first, for the tensors; in memory it would only allocate)
+                "attention.head_count_kv", "attention.key_length", "rope.dimension_count",
+                "attention.sliding_window_pattern"]
+
+
+def test_key_forms_fuzz(base):
+    """Any key the whole model reads, at any 64-bit value: a GGUFError from read_config, or a
+    model whose prompt runs to finite logits (or stops with a ValueError): never another exception."""
+    from hybrid.model.config import read_config
+    from hybrid.model.forward import Transformer
+    path = base["folder"] / "keys.gguf"
+    path.write_bytes(base["data"])
+    outcomes = []
+
+    @given(st.sampled_from(KEY_SUFFIXES), st.sampled_from(WIDE_FLOATS + WIDE_INTS))
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None)
+    def fuzz(suffix, value):
+        m = load(path)
+        m.metadata[f"gpt-oss.{suffix}"] = value
+        try:
+            read_config(m)
+        except GGUFError:
+            outcomes.append("error")
+            return
+        try:
+            logits = Transformer(m, n_ctx=4).prefill([1, 2])
+        except ValueError:
+            outcomes.append("refused")
+            return
+        assert logits.shape == (2, m.tensors["token_embd.weight"].shape[0])  # NaN: generate's check
+        outcomes.append("ran")
+
+    fuzz()
+    assert "error" in outcomes and "ran" in outcomes
+
+
+# ------------------------------------------------------------------ path cases (issue 23 item 2)
+
+@pytest.fixture(scope="module")
+def odd_paths(tmp_path_factory):
+    d = tmp_path_factory.mktemp("paths")
+    (d / "dir").mkdir()
+    (d / "loop1").symlink_to(d / "loop2")
+    (d / "loop2").symlink_to(d / "loop1")
+    (d / "dangling").symlink_to(d / "nowhere")
+    return {"empty name": "", "folder": d / "dir", "symlink loop": d / "loop1", "dangling symlink": d / "dangling",
+            "device": "/dev/zero"}
+
+
+@pytest.mark.parametrize("flag, command", [("-m", "info"), ("-m", "run"), ("-f", "run"), ("--hidden", "usage"),
+                                           ("--hidden", "run"), ("--logits-out", "run")])
+def test_odd_paths_on_every_path_flag(capsys, corpus, odd_paths, tmp_path, flag, command):
+    good, _ = corpus
+    for name, p in odd_paths.items():
+        if flag == "--logits-out" and name == "device":
+            p = "/dev/null"
+        argv = [command] + ([] if flag == "-m" else ["-m", good]) + [flag, p] + (
+            ["--tokens", "1,2", "--no-progress", "-n", "0"] if flag == "--logits-out" else
+            ["--no-progress", "-n", "0"] if command == "run" and flag != "--hidden" else [])
+        fails_cleanly(capsys, argv)
+        assert not (tmp_path / "nowhere").exists() and not os.path.exists("/dev/null.npy"), name
+    assert (odd_paths["dangling symlink"]).is_symlink() and not os.path.exists(odd_paths["dangling symlink"])

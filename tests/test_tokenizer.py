@@ -32,7 +32,8 @@ def test_vocabulary_comes_from_the_file(model, tok):
 def test_merges_make_words_and_specials_are_one_token(tok):
     ids = tok.encode("The sky is blue")
     assert len(ids) <= 4  # whole words from the trained merges, not bytes
-    s = tok.encode("a<|start|>b")
+    s = tok.encode("a<|start|>b", special=True)  # parsed only when asked (llama.cpp parse_special)
+    assert tok.tokens.index("<|start|>") not in tok.encode("a<|start|>b")
     assert tok.tokens.index("<|start|>") in s and len(s) == 3
 
 
@@ -85,7 +86,7 @@ def test_a_file_without_a_tokenizer(tmp_path):
 def test_chat_template(tok):
     text = tok.chat("Why?")
     assert text == "<|start|>user<|message|>Why?<|end|><|start|>assistant<|message|>"
-    assert tok.encode(text)[0] == tok.tokens.index("<|start|>")
+    assert tok.encode(text, special=True)[0] == tok.tokens.index("<|start|>")
 
 
 def test_chat_template_features_real_templates_use():

@@ -6,6 +6,7 @@ is missing or out of range is a ``GGUFError`` naming it.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -67,6 +68,28 @@ class Config:
         return max(0.0, math.floor(dim(self.beta_fast))), min(self.n_rot - 1.0, math.ceil(dim(self.beta_slow)))
 
 
+def _usable_rope(read):
+    """FLOAT64/UINT64 keys reach values their 32-bit forms cannot (5e-324, 2**63): the RoPE/YaRN
+    formulas must give finite numbers from them, or the file is refused here, not at the forward."""
+    @functools.wraps(read)
+    def checked(model):
+        if not all(hasattr(model, a) for a in ("arch", "metadata", "tensors")):  # not an AttributeError later
+            raise TypeError(f"expected a loaded model (hybrid.load(path)), got {type(model).__name__}")
+        c = read(model)
+        try:
+            v = (c.freq_scale, 1.0 / c.freq_scale, c.attn_factor, *c.rope_corr_dims(c.rope_freq_base),
+                 *c.rope_corr_dims(c.rope_freq_base_swa))
+        except (ArithmeticError, ValueError) as e:  # division by zero, overflow, log(0)
+            v = (e,)
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in v) \
+                or not (c.freq_scale > 0 and c.attn_factor >= 0):
+            raise GGUFError(f"{model.path}: the RoPE/YaRN keys (rope.scaling.*, rope.freq_base) give no finite "
+                            f"scaling ({v[0] if len(v) == 1 else 'inf or NaN'}): out of range")
+        return c
+    return checked
+
+
+@_usable_rope
 def read_config(model) -> Config:
     """The ``Config`` of a loaded ``gguf.Model`` (its metadata and tensor shapes)."""
     arch = model.arch
@@ -81,6 +104,8 @@ def read_config(model) -> Config:
             raise GGUFError(f"{model.path}: metadata key {name} is missing")
         if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
             raise GGUFError(f"{model.path}: metadata key {name} = {v!r} is not an integer")
+        if kind is int and hi is None:  # a UINT64 key: llama.cpp reads them into 32 bits
+            hi = (1 << 31) - 1
         if kind is float:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise GGUFError(f"{model.path}: metadata key {name} = {v!r} is not a finite number")
@@ -121,8 +146,11 @@ def read_config(model) -> Config:
         f = 1.0 / freq_scale
         mscale = lambda m: 1.0 if f <= 1.0 else 0.1 * m * math.log(f) + 1.0  # noqa: E731
         log_mul = get(R.SCALING_YARN_LOG_MUL, float, 0.0)
-        attn_factor = mscale(1.0) / mscale(log_mul) if log_mul != 0.0 else mscale(1.0)
-        attn_factor /= 1.0 + 0.1 * math.log(f)
+        try:  # a zero divisor or log(0) from out-of-range keys: refused by _usable_rope
+            attn_factor = mscale(1.0) / mscale(log_mul) if log_mul != 0.0 else mscale(1.0)
+            attn_factor /= 1.0 + 0.1 * math.log(f)
+        except (ArithmeticError, ValueError):
+            attn_factor = math.nan
     attn_factor *= get(R.SCALING_ATTN_FACTOR, float, 1.0, lo=0.0)
 
     try:

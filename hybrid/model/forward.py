@@ -18,7 +18,9 @@ up the ubatch (positions, RoPE tables, buffers) and read the logits.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
+import threading
 
 import numba
 import numpy as np
@@ -50,6 +52,14 @@ def load_blocks(model, cfg: Config) -> list[Block]:
     return [arch.load_block(w, cfg, il, cfg.kinds[il]) for il in range(cfg.n_layer)]
 
 
+def _locked(f):  # one KV cache: calls from two threads must not interleave inside a step
+    @functools.wraps(f)
+    def call(self, *a, **k):
+        with self.lock:
+            return f(self, *a, **k)
+    return call
+
+
 class Transformer:
     """A loaded model ready to run: ``prefill``, ``decode_one_token``, ``eval``.
 
@@ -62,8 +72,11 @@ class Transformer:
     simulator's tests take small ones). ``n_ctx`` sizes the KV cache (default: the
     training context).
 
-    Precision: prompt ubatches compute the experts with float32 activations, so a
-    prompt's logits do not depend on how it is split. Decode steps (``decode_one_token``)
+    Precision: prompt ubatches compute the experts with float32 activations; a prompt's
+    logits depend on its split into ubatches only by float32 rounding (README, "Precision").
+    Threads: one Transformer is one sequence; its public methods take ``lock`` (an RLock)
+    and ``generate`` holds it throughout, so concurrent generations run one after the other;
+    use one Transformer per thread to run them at once. Decode steps (``decode_one_token``)
     multiply MXFP4 experts with int8 activations, as ggml does (``q8_decode``; about
     1e-2 of the largest output per MoE layer, see ``cpu.CpuTiles.q8_tokens``), since
     decode reads every used expert byte once per token and runs at memory speed that way.
@@ -72,6 +85,7 @@ class Transformer:
     def __init__(self, model, moe: HybridMoE | None = None, *, n_ctx: int | None = None,
                  n_batch: int = 2048, n_ubatch: int = 512, policy: str = "used", device: str = "cpu",
                  q8_decode: bool = True, vram_bytes: int | None = None, dense_tiles=None, attention_config=None):
+        self.lock = threading.RLock()
         self.model = model
         self.cfg = cfg = read_config(model)
         self.arch = archs.get(model.arch, model.path, graph=True)
@@ -118,6 +132,7 @@ class Transformer:
     def n_past(self) -> int:
         return self.cache.n_past
 
+    @_locked
     def reset(self):
         """Empty the KV cache and the MoE statistics: a new prompt starts."""
         self.cache.clear()
@@ -125,15 +140,18 @@ class Transformer:
 
     # -- public entry points -------------------------------------------------------
 
+    @_locked
     def prefill(self, tokens, logits: str = "all", progress: bool = False) -> np.ndarray:
         """Reset, then run the prompt; float32 logits ``[n_tokens, n_vocab]`` (``logits="last"``: ``[1, n_vocab]``)."""
         self.reset()
         return self.eval(tokens, logits=logits, progress=progress)
 
+    @_locked
     def decode_one_token(self, token: int) -> np.ndarray:
         """Append one token after the cache's contents; its logits float32 ``[n_vocab]``."""
         return self.eval([token], logits="last", decode=True)[0]
 
+    @_locked
     def eval(self, tokens, logits: str = "all", progress: bool = False, decode: bool = False) -> np.ndarray:
         """Run ``tokens`` after what the cache holds, ubatch by ubatch (see the module doc);
         ``decode``: a generation step (the class doc says what changes)."""

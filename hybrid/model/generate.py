@@ -1,10 +1,14 @@
 """Generation: prefill the prompt, then one token at a time (greedy, or temperature + top-p).
 
 Decode steps are 1-token ubatches, so ``HybridMoE`` runs them on the CPU
-expert path, as llama.cpp does below its offload batch size.
+expert path, as llama.cpp does below its offload batch size. Logits that hold
+NaN or inf are an error (greedy decoding would pick token 0 from them, silently).
+``generate`` holds the Transformer's lock for the whole generation: two threads
+generating on one Transformer run one after the other (one KV cache, one sequence).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -41,6 +45,16 @@ def _check_sampling(temp, top_p):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
+def check_logits(logits: np.ndarray, where: str):
+    """A ValueError when ``logits`` hold NaN or inf: the weights or activations overflowed."""
+    if not np.isfinite(logits).all():
+        bad = np.flatnonzero(~np.isfinite(logits.reshape(-1)))
+        row = bad[0] // logits.shape[-1] if logits.ndim == 2 else None
+        raise ValueError(f"the logits {where} hold NaN or inf ({bad.size} of {logits.size} values"
+                         + (f", first in prompt token {row}" if row is not None else "")
+                         + "): the model's weights or activations overflow; nothing sampled from them")
+
+
 @dataclass
 class Generation:
     prompt_tokens: int
@@ -57,8 +71,17 @@ def generate(model, prompt, n: int, *, temp: float = 0.0, top_p: float = 1.0, se
     """Run ``prompt`` (token ids) through ``model`` (a ``Transformer``), then up to ``n`` tokens.
 
     Stops at a token in ``stop`` (EOS and friends), after ``n`` tokens, or when the
-    context is full. ``on_token(id)`` is called for each generated token.
+    context is full. ``on_token(id)`` is called for each generated token. Logits with
+    NaN or inf are a ValueError.
     """
+    if not callable(getattr(model, "prefill", None)) or not callable(getattr(model, "decode_one_token", None)):
+        raise TypeError(f"generate takes a Transformer, got {type(model).__name__}")
+    with getattr(model, "lock", None) or contextlib.nullcontext():
+        return _generate(model, prompt, n, temp=temp, top_p=top_p, seed=seed, stop=stop, on_token=on_token,
+                         all_logits=all_logits, progress=progress)
+
+
+def _generate(model, prompt, n, *, temp, top_p, seed, stop, on_token, all_logits, progress) -> Generation:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     _check_sampling(temp, top_p)  # before the prompt runs, not at the first sample after it
@@ -68,6 +91,7 @@ def generate(model, prompt, n: int, *, temp: float = 0.0, top_p: float = 1.0, se
     logits = model.prefill(prompt, logits="all" if all_logits else "last", progress=progress)
     out = Generation(prompt_tokens=len(prompt), t_prompt=time.perf_counter() - t0,
                      prompt_logits=logits if all_logits else None)
+    check_logits(logits, "of the prompt")
     last = logits[-1]
     t0 = time.perf_counter()
     while True:
@@ -89,5 +113,6 @@ def generate(model, prompt, n: int, *, temp: float = 0.0, top_p: float = 1.0, se
             break
         last = model.decode_one_token(tok)
         out.n_decoded += 1
+        check_logits(last, f"after generated token {len(out.tokens)}")
     out.t_gen = time.perf_counter() - t0
     return out

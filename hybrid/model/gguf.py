@@ -487,4 +487,7 @@ def load(path, *, check_tensors: bool = False) -> Model:
     """
     if not isinstance(check_tensors, bool):
         raise TypeError(f"check_tensors must be a bool, got {type(check_tensors).__name__}")
-    return Model(split_paths(path), check_tensors=check_tensors)
+    model = Model(split_paths(path), check_tensors=check_tensors)
+    from .sigbus import watch
+    watch(model.paths)  # a file truncated while mapped: a message naming it, not a silent SIGBUS
+    return model

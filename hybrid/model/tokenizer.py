@@ -3,18 +3,25 @@
 gpt2-style byte-level BPE (``tokenizer.ggml.model = gpt2``): vocabulary and
 merges from the file, the pre-tokenizer regex that ``tokenizer.ggml.pre`` names
 (as llama.cpp's llama-vocab.cpp), control and user-defined tokens as special
-tokens (matched in the text, as llama.cpp does for prompts). ``decode(encode(s))
-== s`` for any text. The chat template is rendered in jinja2's immutable
+tokens. Their text is matched only where asked (``special=True``, llama.cpp's
+``parse_special``): in a chat prompt, only in the template's own text, never in
+the messages, so a user cannot write a control token. ``decode(encode(s)) == s``
+for any text. The chat template is rendered in jinja2's immutable
 sandbox: a template is code from the file's author. The sandbox stops a template
 from reaching Python's internals, not from looping forever or rendering gigabytes,
 so it renders in a child process with a time, memory and output bound
-(``CHAT_TIMEOUT_S``, ``CHAT_MEMORY_BYTES``, ``CHAT_MAX_CHARS``).
+(``CHAT_TIMEOUT_S``, ``CHAT_MEMORY_BYTES``, ``CHAT_MAX_CHARS``), CPU time too, started
+isolated (``python -I``: not the working directory's modules) and killed with its parent.
 """
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 import subprocess
 import sys
+import threading
 
 import numpy as np
 from gguf.constants import Keys, TokenType
@@ -73,6 +80,8 @@ class Tokenizer:
         vocab = {}
         for i, t in enumerate(tokens):
             vocab.setdefault(t, i)  # duplicates: the first id, as llama.cpp's token_to_id keeps
+        # decode: a later duplicate spells the first's text (the BPE knows only the first id)
+        self._canon = np.array([vocab[t] for t in tokens], np.int64)
         # Byte-level BPE spells every text with these 256 symbols; without one, the BPE
         # would drop that byte from a prompt without a word (llama.cpp throws on it).
         missing = [c for c in pre_tokenizers.ByteLevel.alphabet() if c not in vocab]
@@ -98,6 +107,12 @@ class Tokenizer:
                    if int(t) in (TokenType.CONTROL, TokenType.USER_DEFINED)]
         tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
         self._tok = tok
+        self._lock = threading.Lock()  # encode_special_tokens is the HF tokenizer's state
+        self._specials = {}
+        for i in special:
+            self._specials.setdefault(tokens[i], i)
+        self._special_re = (re.compile("|".join(map(re.escape, sorted(self._specials, key=len, reverse=True))))
+                            if self._specials else None)
         self.pre, self.bos, self.eos, self.add_bos = pre, bos, eos, bool(add_bos)
         self.stop = frozenset(int(s) for s in (eos, *stop) if s is not None)
         self.chat_template = chat_template
@@ -106,6 +121,8 @@ class Tokenizer:
     @classmethod
     def from_model(cls, model) -> "Tokenizer":
         """The tokenizer a loaded ``gguf.Model`` carries, or a GGUFError saying what is missing."""
+        if not hasattr(model, "metadata") or not hasattr(model, "metadata_array"):
+            raise TypeError(f"Tokenizer.from_model takes a loaded model (hybrid.load), got {type(model).__name__}")
         K, meta = Keys.Tokenizer, model.metadata
         kind = meta.get(K.MODEL)
         if kind is None:
@@ -125,7 +142,13 @@ class Tokenizer:
         if emb is not None and emb.shape[0] != len(tokens):  # llama.cpp sizes token_embd by the vocabulary
             raise GGUFError(f"{model.path}: {K.LIST} has {len(tokens)} tokens, token_embd.weight "
                             f"{emb.shape[0]} rows")
-        stop = [meta[k] for k in (K.EOT_ID, K.EOM_ID) if isinstance(meta.get(k), int)]
+        stop = []
+        for k in (K.EOT_ID, K.EOM_ID):  # a BOOL is not an id (True would make token 1 a stop token)
+            v = meta.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < len(tokens)):
+                raise GGUFError(f"{model.path}: {k} = {v!r} is not a token id in [0, {len(tokens)})")
+            if v is not None:
+                stop.append(v)
         add_bos = meta.get(K.ADD_BOS, False)
         if not isinstance(add_bos, bool):
             raise GGUFError(f"{model.path}: {K.ADD_BOS} = {add_bos!r} is not a bool")
@@ -136,7 +159,9 @@ class Tokenizer:
         except ValueError as e:
             raise GGUFError(f"{model.path}: tokenizer: {e}") from None
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+    def encode(self, text: str, add_bos: bool | None = None, *, special: bool = False) -> list[int]:
+        """Token ids of ``text``; control-token text in it is a special token only with ``special``
+        (llama.cpp's parse_special), else plain text."""
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
         try:
@@ -144,17 +169,25 @@ class Tokenizer:
         except UnicodeEncodeError as e:  # a lone surrogate: undecodable bytes of a command line or file name
             raise ValueError(f"the text is not valid Unicode: {e.object[e.start:e.end]!r} at character "
                              f"{e.start} (undecodable bytes?)") from None
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        with self._lock:
+            self._tok.encode_special_tokens = not special
+            ids = self._tok.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos is not None:
             ids = [self.bos] + ids
         return ids
 
     def decode(self, ids) -> str:
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise TypeError(f"ids must be a sequence of token ids, got {type(ids).__name__}")
+        ids = list(ids)
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+                raise TypeError(f"token id {i!r} is not an integer")
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.n_vocab]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.n_vocab})")
-        return self._tok.decode(ids, skip_special_tokens=False)
+        return self._tok.decode(self._canon[ids].tolist(), skip_special_tokens=False)
 
     def chat(self, prompt: str, system: str | None = None, *, timeout: float | None = None) -> str:
         """The prompt as one user message in the file's chat template, ready for the assistant's reply.
@@ -163,17 +196,71 @@ class Tokenizer:
         seconds (default ``CHAT_TIMEOUT_S``), ``CHAT_MEMORY_BYTES`` of memory and write
         ``CHAT_MAX_CHARS`` characters more than the messages hold; anything the template
         does wrong, or beyond those bounds, is a ValueError."""
+        messages = self._messages(prompt, system)
+        return self._render([messages], timeout)[0]
+
+    def encode_chat(self, prompt: str, system: str | None = None, *, special: bool = False,
+                    timeout: float | None = None) -> tuple[str, list[int]]:
+        """The chat prompt's text and token ids. Control tokens are parsed in the template's own
+        text only, not in ``prompt`` or ``system`` (unless ``special``): the template is rendered
+        a second time with a marker for each message, which tells its text from theirs. BOS is
+        added as ``add_bos`` says unless the template writes it itself."""
+        messages = self._messages(prompt, system)
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        if special:
+            text = self._render([messages], timeout)[0]
+            ids = self.encode(text, add_bos=False, special=True)
+        else:
+            marked = [dict(m, content=mk) for m, mk in zip(messages, marks)]
+            text, text_m = self._render([messages, marked], timeout)
+            ids = self._encode_template(text, text_m, messages, marks)
+        bos_text = self.tokens[self.bos] if self.bos is not None else None
+        if self.add_bos and self.bos is not None and not (bos_text and text.startswith(bos_text)):
+            ids = [self.bos] + ids
+        return text, ids
+
+    def _encode_template(self, text, text_m, messages, marks) -> list[int]:
+        """``text`` tokenized with specials matched only outside the messages, whose places
+        ``text_m`` (the render with markers) shows; the text between specials is one piece, so
+        the ids are those of the whole text with the messages' control tokens as plain text."""
+        parts = re.split("(" + "|".join(map(re.escape, marks)) + ")", text_m)
+        if sorted(p for p in parts if p in marks) != sorted(marks) or \
+                "".join(messages[marks.index(p)]["content"] if p in marks else p for p in parts) != text:
+            raise ValueError("chat template: it changes or repeats the message text, so the template's own "
+                             "text cannot be told from the user's; pass special=True (--special) to parse "
+                             "control tokens everywhere")
+        ids, plain = [], []
+        for p in parts:
+            if p in marks:
+                plain.append(messages[marks.index(p)]["content"])
+                continue
+            at = 0
+            for m in (self._special_re.finditer(p) if self._special_re else ()):
+                plain.append(p[at:m.start()])
+                ids += self.encode("".join(plain), add_bos=False)
+                ids.append(self._specials[m.group()])
+                plain, at = [], m.end()
+            plain.append(p[at:])
+        return ids + self.encode("".join(plain), add_bos=False)
+
+    def _messages(self, prompt, system):
         if not self.chat_template:
             raise ValueError(f"the model has no chat template ({Keys.Tokenizer.CHAT_TEMPLATE})")
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        if not isinstance(prompt, str) or not isinstance(system, (str, type(None))):
+            bad = prompt if not isinstance(prompt, str) else system
+            raise TypeError(f"the prompt and system text must be str, got {type(bad).__name__}")
+        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+    def _render(self, message_lists, timeout) -> list[str]:
         tok = lambda i: self.tokens[i] if i is not None else ""  # noqa: E731
-        job = dict(template=self.chat_template, memory=CHAT_MEMORY_BYTES,
-                   max_chars=CHAT_MAX_CHARS + sum(len(m["content"]) for m in messages) * 4,
-                   context=dict(messages=messages, add_generation_prompt=True, bos_token=tok(self.bos),
-                                eos_token=tok(self.eos)))
+        n_chars = max(sum(len(m["content"]) for m in ms) for ms in message_lists)
         timeout = CHAT_TIMEOUT_S if timeout is None else timeout
-        try:
-            p = subprocess.run([sys.executable, "-c", _RENDER], input=json.dumps(job), capture_output=True,
+        job = dict(template=self.chat_template, memory=CHAT_MEMORY_BYTES, max_chars=CHAT_MAX_CHARS + n_chars * 4,
+                   cpu_s=math.ceil(timeout) + 1, parent=os.getpid(), path=_child_path(),
+                   contexts=[dict(messages=ms, add_generation_prompt=True, bos_token=tok(self.bos),
+                                  eos_token=tok(self.eos)) for ms in message_lists])
+        try:  # -I: neither the working directory nor PYTHON* variables reach the child's imports
+            p = subprocess.run([sys.executable, "-I", "-c", _RENDER], input=json.dumps(job), capture_output=True,
                                text=True, timeout=timeout, encoding="utf-8", errors="surrogatepass")
         except subprocess.TimeoutExpired:
             raise ValueError(f"chat template: did not finish in {timeout:g} s (a template that loops?)") from None
@@ -186,7 +273,14 @@ class Tokenizer:
                              f"{(p.stderr.strip().splitlines() or ['no message'])[-1]}") from None
         if "error" in out:
             raise ValueError(f"chat template: {out['error']}")
-        return out["text"]
+        return out["texts"]
+
+
+def _child_path() -> list[str]:
+    """This process's import path without the working directory: where the child finds jinja2
+    (a user site, a PYTHONPATH) after its own standard library."""
+    cwd = os.path.realpath(os.getcwd())
+    return [p for p in sys.path if p and os.path.isabs(p) and os.path.realpath(p) != cwd]
 
 
 def _check_strings(what, a):
@@ -197,9 +291,18 @@ def _check_strings(what, a):
 
 # The child that renders a chat template: reads a job (JSON) on stdin, writes {"text"} or {"error"}.
 _RENDER = r"""
-import json, resource, sys
+import json, os, resource, signal, sys
 job = json.loads(sys.stdin.read())
+try:  # die with the parent (Linux): a SIGKILLed CLI must not leave a template rendering
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
+if os.getppid() != job["parent"]:  # the parent died before the prctl
+    sys.exit(1)
 resource.setrlimit(resource.RLIMIT_AS, (job["memory"], job["memory"]))
+resource.setrlimit(resource.RLIMIT_CPU, (job["cpu_s"], job["cpu_s"] + 1))  # where no parent-death signal
+sys.path.extend(p for p in job["path"] if p not in sys.path)
 
 def main():
     from jinja2 import TemplateError
@@ -217,13 +320,16 @@ def main():
                                         extensions=["jinja2.ext.loopcontrols"])
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
     try:
-        parts, n = [], 0
-        for part in env.from_string(job["template"]).generate(**job["context"]):
-            n += len(part)
-            if n > job["max_chars"]:
-                return {"error": f"renders more than {job['max_chars']:,} characters"}
-            parts.append(part)
-        return {"text": "".join(parts)}
+        template, texts = env.from_string(job["template"]), []
+        for context in job["contexts"]:
+            parts, n = [], 0
+            for part in template.generate(**context):
+                n += len(part)
+                if n > job["max_chars"]:
+                    return {"error": f"renders more than {job['max_chars']:,} characters"}
+                parts.append(part)
+            texts.append("".join(parts))
+        return {"texts": texts}
     except MemoryError:
         return {"error": f"needs more than {job['memory'] >> 20} MiB of memory"}
     except RecursionError:

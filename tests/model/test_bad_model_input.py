@@ -1,6 +1,7 @@
 """Bad input on the whole model's surfaces: tokenizer keys, chat templates, prompts, context,
 sampling options, RoPE keys. Each is a clear error (one ``hybrid: error:`` line, exit 2,
 from the command line), never a traceback, a hang or a machine's memory."""
+import math
 import os
 import time
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFValueType as V, GGUFWriter
 
-from hybrid import cli
+from hybrid.cli import run as cli_run  # the run command: its limits and its imports are patched here
 from hybrid.cli import main
 from hybrid.model import GGUFError, load, write_tiny
 from hybrid.model import tokenizer as tokmod
@@ -123,7 +124,7 @@ def test_prompt_files_that_never_end_or_are_too_large(capsys, talker, tmp_path, 
         fails(capsys, "run", "-m", talker, "-f", "/dev/zero", *RUN, match="not a regular file")
     big = tmp_path / "big.txt"
     big.write_text("word " * 100)
-    monkeypatch.setattr(cli, "MAX_PROMPT_BYTES", 64)
+    monkeypatch.setattr(cli_run, "MAX_PROMPT_BYTES", 64)
     fails(capsys, "run", "-m", talker, "-f", big, *RUN, match="more than the 64 bytes")
 
 
@@ -147,7 +148,7 @@ def test_context_beyond_memory_is_refused_naming_the_bytes(capsys, talker, monke
     fails(capsys, "bench", "-m", talker, "-p", 8, "-ub", 8, "-n", 10**12, match="-n: 1,000,000,000,000 tokens, more than")
     with pytest.raises(ValueError, match=r"KV cache of .* bytes\), more than"):
         Transformer(load(talker), n_ctx=10**12)
-    monkeypatch.setattr(cli, "physical_memory", lambda: 1000)
+    monkeypatch.setattr(cli_run, "physical_memory", lambda: 1000)
     fails(capsys, "run", "-m", talker, "--tokens", "1,2", *RUN, "--logits-out", tmp_path / "l.npy",
           match="--logits-out: the logits of 2 prompt tokens take 0.0 GiB (2,400 bytes)")
     assert not (tmp_path / "l.npy").exists()
@@ -156,7 +157,7 @@ def test_context_beyond_memory_is_refused_naming_the_bytes(capsys, talker, monke
 def test_a_prompt_longer_than_the_context_fails_before_the_warm_up(capsys, talker, monkeypatch):
     def no_warm_up(tr):
         raise AssertionError("warm-up ran")
-    monkeypatch.setattr(cli, "warm_up_model", no_warm_up)  # the warm-up now lives in hybrid.bench
+    monkeypatch.setattr(cli_run, "warm_up_model", no_warm_up)  # the warm-up now lives in hybrid.bench
     fails(capsys, "run", "-m", talker, "--tokens", "1,2,3", "-c", 2, *RUN, match="exceed the context of 2")
 
 
@@ -216,3 +217,31 @@ def test_the_printed_text_is_every_generated_token(capsys, talker, monkeypatch):
     printed = out.split("):\n", 1)[1].split("\n[", 1)[0]
     g_tokens = int(out.split("\n[", 1)[1].split(" tokens")[0])
     assert g_tokens == 4 and printed.endswith("\ufffd")
+
+
+# ------------------------------------------------------------------ 64-bit key forms, in the file
+
+@pytest.mark.parametrize("key, value, vtype, match", [
+    ("gpt-oss.rope.scaling.factor", 5e-324, V.FLOAT64, "RoPE/YaRN keys"),  # was: math domain error
+    ("gpt-oss.rope.scaling.factor", math.exp(-10), V.FLOAT64, "RoPE/YaRN keys"),  # was: ZeroDivisionError
+    ("gpt-oss.rope.scaling.yarn_log_multiplier", "zero mscale", V.FLOAT64, "RoPE/YaRN keys"),  # ZeroDivisionError
+    ("gpt-oss.rope.scaling.yarn_beta_fast", 5e-324, V.FLOAT64, "RoPE/YaRN keys"),  # was: OverflowError
+    ("gpt-oss.attention.sliding_window", 2**63, V.UINT64, "out of range"),  # was: OverflowError in ops.py
+    ("gpt-oss.context_length", 2**64 - 1, V.UINT64, "out of range"),
+    ("gpt-oss.block_count", 2**63, V.UINT64, "blk."),  # the loader: no such blocks
+])
+def test_float64_and_uint64_key_forms_are_one_clean_line(capsys, talker, tmp_path, key, value, vtype, match):
+    if value == "zero mscale":  # 0.1 * m * ln(factor) + 1 == 0
+        value = -10.0 / math.log(load(talker).metadata["gpt-oss.rope.scaling.factor"])
+    bad = rewrite(talker, tmp_path / "wide.gguf", set={key: (value, vtype)})
+    with pytest.raises(GGUFError, match=match):
+        read_config(load(bad))
+    fails(capsys, "run", "-m", bad, "--tokens", "1,2", *RUN, match=match)
+
+
+@pytest.mark.parametrize("value, vtype", [(True, V.BOOL), (2**63, V.UINT64), (1.0, V.FLOAT64), (-1, V.INT64)])
+def test_stop_token_ids_of_any_other_form_are_refused(capsys, talker, tmp_path, value, vtype):
+    bad = rewrite(talker, tmp_path / "eot.gguf", set={"tokenizer.ggml.eot_token_id": (value, vtype)})
+    with pytest.raises(GGUFError, match="eot_token_id"):
+        Tokenizer.from_model(load(bad))
+    fails(capsys, "run", "-m", bad, "--prompt", "hi", *RUN, match="eot_token_id")
