@@ -163,9 +163,14 @@ class Tokenizer:
         seconds (default ``CHAT_TIMEOUT_S``), ``CHAT_MEMORY_BYTES`` of memory and write
         ``CHAT_MAX_CHARS`` characters more than the messages hold; anything the template
         does wrong, or beyond those bounds, is a ValueError."""
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return self.chat_messages(messages, timeout=timeout)
+
+    def chat_messages(self, messages: list, *, timeout: float | None = None) -> str:
+        """``messages`` (dicts of ``role`` and ``content`` strings, as OpenAI's API takes) in the
+        file's chat template, ready for the assistant's reply; bounded as ``chat`` says."""
         if not self.chat_template:
             raise ValueError(f"the model has no chat template ({Keys.Tokenizer.CHAT_TEMPLATE})")
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         tok = lambda i: self.tokens[i] if i is not None else ""  # noqa: E731
         job = dict(template=self.chat_template, memory=CHAT_MEMORY_BYTES,
                    max_chars=CHAT_MAX_CHARS + sum(len(m["content"]) for m in messages) * 4,
