@@ -1,4 +1,4 @@
-"""The command line: ``python -m hybrid {info,run,bench,usage,doctor}`` (also ``hybrid-moe``).
+"""The command line: ``python -m hybrid {info,run,bench,usage,doctor,serve}`` (also ``hybrid-moe``).
 
 Flags follow llama.cpp where they mean the same: ``-m`` model, ``-p`` prompt
 tokens, ``-n`` tokens to generate, ``-c`` context, ``-b``/``-ub`` batch and
@@ -125,7 +125,7 @@ def _variant_list(s):
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="hybrid", description="MoE layers of GGUF models on a small GPU, experts in host RAM "
                  "(used-expert offload after llama.cpp PR #15346).")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{info,run,bench,usage,doctor}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{info,run,bench,usage,doctor,serve}")
     pos, nonneg = _int_type(1), _int_type(0)
 
     def common(p, p_default, ub_default, ub_type=pos, ub_help="ubatch size (tokens)"):
@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "'hybrid-moe[plot]')")
     p = sub.add_parser("doctor", help="GPU, driver, CUDA libraries, a pinned vs pageable copy; what to install")
     p.add_argument("--copy-mb", type=nonneg, default=256, help="size of the copy test (MiB; 0 skips it)")
+    from . import serve
+    serve.add_arguments(sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)"))
     return ap
 
 
@@ -519,11 +521,16 @@ def cmd_run(args):
             raise CLIError(f"--logits-out: the logits of {len(prompt):,} prompt tokens take {need / 2**30:.1f} GiB "
                            f"({need:,} bytes), more than this machine's {ram / 2**30:.1f} GiB of memory")
         args.logits_out = str(logits_out)
-    tr = _transformer(model, args, n_ctx, args.ubatch_size, policy=args.policy, layout=args.layout,
-                      cache_bytes=int(args.cache_mb * 2**20), overlap=not args.no_overlap,
-                      device_bytes=None if args.device_mb is None else int(args.device_mb * 2**20))
+    tr = run_transformer(model, args, n_ctx)
     with tr.moe, _computing("this prompt"):
         _run_whole(args, model, tok, prompt, source, tr)
+
+
+def run_transformer(model, args, n_ctx):
+    """The Transformer ``run``'s flags describe (``serve`` builds its model with it too)."""
+    return _transformer(model, args, n_ctx, args.ubatch_size, policy=args.policy, layout=args.layout,
+                        cache_bytes=int(args.cache_mb * 2**20), overlap=not args.no_overlap,
+                        device_bytes=None if args.device_mb is None else int(args.device_mb * 2**20))
 
 
 def _cache_note(args, moe) -> str:
@@ -826,7 +833,13 @@ def cmd_doctor(args):
         raise SystemExit(1)
 
 
-COMMANDS = {"info": cmd_info, "run": cmd_run, "bench": cmd_bench, "usage": cmd_usage, "doctor": cmd_doctor}
+def cmd_serve(args):
+    from . import serve
+    return serve.main(args)
+
+
+COMMANDS = {"info": cmd_info, "run": cmd_run, "bench": cmd_bench, "usage": cmd_usage, "doctor": cmd_doctor,
+            "serve": cmd_serve}
 
 
 def set_threads(n):
