@@ -81,7 +81,8 @@ def create_app(engine, model_id: str, *, api_key: str | None = None) -> Starlett
             raise protocol.bad("messages" if chat else "prompt", str(e)) from None
 
     async def health(request):
-        return JSONResponse({"status": "ok", "model": model_id, "busy": engine.busy, "queued": engine.queued})
+        return JSONResponse({"status": "ok", "model": model_id, "busy": engine.busy, "queued": engine.queued,
+                             **engine.counts})
 
     def model_card():
         return {"id": model_id, "object": "model", "created": created, "owned_by": "hybrid-moe",

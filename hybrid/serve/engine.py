@@ -144,7 +144,7 @@ class Engine:
         self._ready = threading.Event()
         self._failed: BaseException | None = None
         self.t_warm = 0.0
-        self.served = 0
+        self.counts = dict(requests=0, cancelled=0, failed=0, prompt_tokens=0, cached_tokens=0, generated_tokens=0)
         self._thread = threading.Thread(target=self._work, name="hybrid-decode", daemon=True)
 
     # -- the server's side -------------------------------------------------------------
@@ -209,16 +209,17 @@ class Engine:
             if job.cancelled:
                 continue
             self._active = job
+            self.counts["requests"] += 1
             try:
                 self._run(job)
             except Exception as e:  # a fault of the model or of this code: this request fails, the server goes on
                 log.exception("request failed")
+                self.counts["failed"] += 1
                 self._kv = []
                 self.tr.cache.clear()  # what it holds is unknown now
                 job.send("error", f"{type(e).__name__}: {e}")
             finally:
                 self._active = None
-                self.served += 1
 
     def _reuse(self, prompt) -> int:
         """Rewind the cache to the longest prefix of ``prompt`` it holds (at least one prompt
@@ -240,10 +241,13 @@ class Engine:
         t0 = time.perf_counter()
         tr.moe.stats.clear()  # (not moe.reset: the experts resident in VRAM stay warm across requests)
         kept = self._reuse(p.prompt)
+        self.counts["prompt_tokens"] += len(p.prompt)
+        self.counts["cached_tokens"] += kept
         rest = np.asarray(p.prompt[kept:], np.int64)
         logits = None
         for s, e in tr.ubatch_bounds(len(rest)):
             if job.cancelled:
+                self.counts["cancelled"] += 1
                 return
             logits = tr.eval(rest[s:e], logits="last")
             self._kv.extend(int(t) for t in rest[s:e])
@@ -258,6 +262,7 @@ class Engine:
                 finish = "stop"
                 break
             n += 1
+            self.counts["generated_tokens"] += 1
             delta = text.push(token)
             if delta:
                 job.send("delta", delta)
@@ -270,6 +275,8 @@ class Engine:
             if self.reuse_decoded and len(self._kv) == tr.n_past - 1:
                 self._kv.append(token)
         if job.cancelled:
+            self.counts["cancelled"] += 1
+            log.info("cancelled after %d tokens (the client left)", n)
             return
         delta = text.flush()
         if delta:
