@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="GPU, driver, CUDA libraries, a pinned vs pageable copy; what to install")
     p.add_argument("--copy-mb", type=nonneg, default=256, help="size of the copy test (MiB; 0 skips it)")
     from . import serve
-    serve.add_arguments(sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)"))
+    serve.add_arguments(sub.add_parser("serve", help=serve.HELP))
     return ap
 
 

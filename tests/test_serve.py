@@ -248,6 +248,9 @@ def test_bad_requests_get_openai_error_bodies(server, client):
                                        ("POST", "/v1/completions", [1, 2], 400),
                                        ("POST", "/v1/completions", {"prompt": [10**9]}, 400),
                                        ("POST", "/v1/completions", {"prompt": ""}, 400),
+                                       ("POST", "/v1/completions", {"prompt": "\ud800 lone"}, 400),
+                                       ("POST", "/v1/completions", b"\xff\xfe not utf-8", 400),
+                                       ("POST", "/v1/completions", {"prompt": "x", "temperature": 1e400}, 400),
                                        ("GET", "/v1/nothing", None, 404), ("GET", "/v1/completions", None, 405),
                                        ("GET", "/v1/models/other", None, 404)]:
         got, err = http(method, server + path, body, auth)

@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 
+HELP = "an OpenAI-compatible HTTP server over one loaded model (needs the serve extra)"
 INSTALL_HINT = "pip install 'hybrid-moe[serve]'"
 DEFAULT_CTX = 4096  # -c 0: the training context, at most this (a KV cache of 128k positions is GiBs)
 

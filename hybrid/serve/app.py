@@ -106,13 +106,13 @@ def create_app(engine, model_id: str, *, api_key: str | None = None) -> Starlett
             text = await anyio.to_thread.run_sync(tok.chat_messages, req.messages)
         except ValueError as e:  # no template, or the template failed on these messages
             raise protocol.bad("messages", str(e)) from None
-        return await run(request, "chat", req, encode(text, chat=True))
+        return await run(request, "chat", req, await anyio.to_thread.run_sync(encode, text, True))
 
     async def completions(request):
         authorize(request)
         req = protocol.parse_completion(await read_body(request))
-        if isinstance(req.prompt, str):
-            ids = encode(req.prompt, chat=False)
+        if isinstance(req.prompt, str):  # (off the event loop: a long text takes a while)
+            ids = await anyio.to_thread.run_sync(encode, req.prompt, False)
         else:
             ids = req.prompt
             bad = [t for t in ids if not 0 <= t < n_vocab]
