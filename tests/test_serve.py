@@ -280,6 +280,24 @@ def test_kv_cache_rewind_is_refused_where_the_window_ring_lost_keys(tmp_path):
     np.testing.assert_allclose(tr.eval(toks[9:20]), full[9:20], rtol=1e-4, atol=1e-4 * np.abs(full).max())
 
 
+@pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1", reason="needs the simulator")
+def test_device_kv_cache_rewinds_as_the_host_one(tmp_path):
+    from hybrid.model.tiny import simulator_tiles
+    from hybrid.moe.scheduler import HybridMoE
+    m = load(write_tiny(tmp_path / "m.gguf", n_layers=1, n_embd=32, n_ff=32, n_experts=4, k=2, n_head=2,
+                        n_head_kv=1, head_dim=32, n_vocab=40, n_swa=3, tokenizer=False))
+    sim = simulator_tiles()
+    toks = np.random.default_rng(1).integers(0, 40, 12)
+    full = Transformer(m, n_ctx=12, n_ubatch=4).prefill(toks)
+    moe = HybridMoE(m.layers, device="sim", tiles=sim.moe, dense_tiles=sim.dense)
+    tr = Transformer(m, moe, n_ctx=12, n_ubatch=4, dense_tiles=sim.dense, attention_config=sim.attention)
+    tr.prefill(toks[:10])  # block 0 has the window: a ring of 3 + 4 slots, positions 3..9 held
+    assert not tr.cache.rewind(2) and not tr.cache.rewind(11)
+    assert tr.cache.rewind(7) and tr.n_past == 7
+    got = tr.eval(toks[7:])
+    np.testing.assert_allclose(got, full[7:], rtol=0, atol=2e-5 * np.abs(full).max())
+
+
 def test_text_stream_holds_back_and_cuts_at_stop_strings(model_path):
     tok = Tokenizer.from_model(load(model_path))
     ids = tok.encode("the sky is blue at noon and red at sunset")
@@ -292,6 +310,15 @@ def test_text_stream_holds_back_and_cuts_at_stop_strings(model_path):
     bytes_ = [i for i, t in enumerate(tok.tokens) if len(t) == 1][-8:]  # lone high bytes: never one character
     ts = TextStream(tok)
     assert "".join([ts.push(t) for t in bytes_] + [ts.flush()]) == tok.decode(bytes_)
+
+
+def test_a_full_queue_is_refused():
+    from hybrid.serve.engine import Busy, Engine, Params
+    eng = Engine(None, None, max_queue=2)  # not started: jobs only queue
+    for _ in range(2):
+        eng.submit(Params([1], 1), loop=None)
+    with pytest.raises(Busy):
+        eng.submit(Params([1], 1), loop=None)
 
 
 def test_request_checks():
