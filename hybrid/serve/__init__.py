@@ -89,8 +89,9 @@ def _imports():
     return uvicorn
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before the model loads: a taken port fails at once."""
+def bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads (a taken port fails at once) and
+    listening only once the model is warm: until then a client is refused, not left hanging."""
     from ..cli import CLIError
     try:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -100,8 +101,6 @@ def listen(host: str, port: int) -> socket.socket:
         sock.bind(addr)
     except OSError as e:
         raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    sock.listen(128)
-    sock.set_inheritable(True)
     return sock
 
 
@@ -131,7 +130,7 @@ def main(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s",
                         stream=sys.stderr)
     cli.set_threads(args.threads)
-    sock = listen(args.bind, args.port)
+    sock = bind(args.bind, args.port)
     try:
         model, tok, engine = build(args)
         model_id = args.alias or model.path.name.removesuffix(".gguf")
@@ -150,6 +149,7 @@ def main(args) -> int:
                   f"(auth {'on' if args.api_key else 'off'})", flush=True)
             config = uvicorn.Config(create_app(engine, model_id, api_key=args.api_key or None),
                                     log_level=args.log_level, timeout_graceful_shutdown=5, lifespan="off")
+            sock.listen(2048)
             try:
                 uvicorn.Server(config).run(sockets=[sock])
             finally:
