@@ -8,8 +8,12 @@ asks for ``-n`` greedy tokens (fewer where the model emits a stop token: the tab
 counts what was generated). The server runs one request at a time (FIFO), so more
 clients add waiting, not throughput; latency shows the queue.
 
+``--shapes-20b N`` serves a file of N blocks at gpt-oss-20b shapes (random weights, the
+tiny tokenizer's vocabulary), written once by ``bench_model.py``'s ``ensure_file`` (4
+blocks: 1.7 GiB).
+
 Run:
-    .venv/bin/python examples/bench_serve.py [-m FILE] [--clients 1,2,4] [-r 16] [-p 64] [-n 64] [-t 2]
+    .venv/bin/python examples/bench_serve.py [-m FILE | --shapes-20b 4] [--clients 1,2,4] [-r 16] [-p 64] [-n 64] [-t 2]
 """
 from __future__ import annotations
 
@@ -88,6 +92,17 @@ def level(port, prompts, n, clients):
     return time.perf_counter() - t0, lat, use
 
 
+def shapes_20b(n_layers: int, out: Path | None) -> Path:
+    import importlib.util
+
+    from hybrid.model.tiny import default_model_path
+    spec = importlib.util.spec_from_file_location("bench_model", Path(__file__).with_name("bench_model.py"))
+    bench_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_model)
+    path = out or default_model_path().with_name(f"gpt-oss-20b-shapes-{n_layers}L.gguf")
+    return bench_model.ensure_file(path, n_layers)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-m", "--model", help="GGUF file (default: the built-in tiny model)")
@@ -98,7 +113,11 @@ def main():
     ap.add_argument("-t", "--threads", type=int, default=None, help="server's Numba threads")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--limit", type=int, default=900, help="seconds the server may live (default 900)")
+    ap.add_argument("--shapes-20b", type=int, metavar="N", help="serve N blocks at gpt-oss-20b shapes")
+    ap.add_argument("--out", type=Path, help="--shapes-20b: where the file goes (default: next to the tiny model)")
     args = ap.parse_args()
+    if args.shapes_20b:
+        args.model = str(shapes_20b(args.shapes_20b, args.out))
     levels = [int(c) for c in args.clients.split(",")]
     port = free_port()
     with tempfile.TemporaryFile() as log:
