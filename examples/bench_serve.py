@@ -1,8 +1,9 @@
 """Requests/s and tokens/s of ``hybrid serve`` with 1, 2 and 4 concurrent clients.
 
 Starts the server (the built-in tiny model unless ``-m``) on a free port of 127.0.0.1,
-bounded to ``--limit`` seconds, then for each concurrency level sends ``-r`` completion
-requests from that many client threads (each thread one keep-alive connection). Every
+bounded to ``--limit`` seconds, sends ``--warm`` untimed requests, then for each
+concurrency level sends ``-r`` completion requests from that many client threads
+(each thread one keep-alive connection). Every
 request has its own ``-p`` random prompt ids, so the prompt cache cannot serve it, and
 asks for ``-n`` greedy tokens (fewer where the model emits a stop token: the table
 counts what was generated). The server runs one request at a time (FIFO), so more
@@ -110,6 +111,7 @@ def main():
     ap.add_argument("-r", "--requests", type=int, default=16, help="requests per level (default 16)")
     ap.add_argument("-p", type=int, default=64, help="prompt tokens per request (default 64)")
     ap.add_argument("-n", type=int, default=64, help="tokens to generate per request (default 64)")
+    ap.add_argument("--warm", type=int, default=4, help="untimed requests first (default 4)")
     ap.add_argument("-t", "--threads", type=int, default=None, help="server's Numba threads")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--limit", type=int, default=900, help="seconds the server may live (default 900)")
@@ -125,7 +127,9 @@ def main():
         try:
             rng = np.random.default_rng(0)
             vocab = card["meta"]["n_vocab"]
-            level(port, [rng.integers(0, vocab, args.p).tolist()], args.n, 1)  # warm the connection path
+            # Not timed: the first requests run slower (measured: a first level at any concurrency took
+            # ~2x a later one on the 20b-shaped file), so every level is timed warm.
+            level(port, [rng.integers(0, vocab, args.p).tolist() for _ in range(args.warm)], args.n, 1)
             rows = []
             for c in levels:
                 prompts = [rng.integers(0, vocab, args.p).tolist() for _ in range(args.requests)]
