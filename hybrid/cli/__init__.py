@@ -27,6 +27,7 @@ COMMANDS = {
     "bench": "hybrid.cli.bench",
     "usage": "hybrid.cli.usage",
     "doctor": "hybrid.cli.doctor",
+    "serve": "hybrid.serve",
 }
 
 __all__ = ["COMMANDS", "MAX_TOKENS", "CLIError", "build_parser", "fail", "main"]

@@ -77,13 +77,18 @@ def main(args):
             raise CLIError(f"--logits-out: the logits of {len(prompt):,} prompt tokens take {need / 2**30:.1f} GiB "
                            f"({need:,} bytes), more than this machine's {ram / 2**30:.1f} GiB of memory")
         args.logits_out = str(logits_out)
-    tr = make_transformer(model, args, n_ctx, args.ubatch_size, policy=args.policy, layout=args.layout,
-                          cache_bytes=int(args.cache_mb * 2**20), overlap=not args.no_overlap,
-                          device_bytes=None if args.device_mb is None else int(args.device_mb * 2**20))
+    tr = run_transformer(model, args, n_ctx)
     if tr.n_ctx > tr.cfg.n_ctx_train:  # as llama.cpp warns: positions past training are extrapolated
         warn(f"the context of {tr.n_ctx:,} tokens exceeds the {tr.cfg.n_ctx_train:,} the model was trained on")
     with tr.moe, computing("this prompt"):
         _run_whole(args, model, tok, prompt, source, tr)
+
+
+def run_transformer(model, args, n_ctx):
+    """The Transformer ``run``'s flags describe (``serve`` builds its model with it too)."""
+    return make_transformer(model, args, n_ctx, args.ubatch_size, policy=args.policy, layout=args.layout,
+                            cache_bytes=int(args.cache_mb * 2**20), overlap=not args.no_overlap,
+                            device_bytes=None if args.device_mb is None else int(args.device_mb * 2**20))
 
 
 def refuse_ignored(args):

@@ -52,7 +52,7 @@ from quant import cuda as qc
 
 from ..moe.kernels import Variant
 from .device_ops import check_device
-from .kvcache import kv_nbytes, kv_sizes
+from .kvcache import kv_nbytes, kv_sizes, rewind_fits
 
 __all__ = ["DeviceKVCache", "attention", "AttentionTiles", "AttentionConfig", "LaunchPlan", "launch_plan",
            "MAX_SPLITS"]
@@ -420,6 +420,16 @@ class DeviceKVCache:
         self.n_past = 0
         self._oldest = [0] * len(self._oldest)
         self._stored = [0] * len(self._stored)
+
+    def rewind(self, n: int) -> bool:
+        """As ``KVCache.rewind``: keep positions ``0 .. n-1``, or False where a ring lost a key
+        position ``n`` needs."""
+        swa = [self.cfg.n_swa if s else 0 for s in self.cfg.swa_layers]
+        if not 0 <= n <= self.n_past or not rewind_fits(swa, self._oldest, n):
+            return False
+        self.n_past = n
+        self._stored = [min(s, n) for s in self._stored]
+        return True
 
     def _layer(self, il) -> int:
         il = _int("il", il)

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-__all__ = ["KVCache", "kv_sizes", "kv_nbytes", "physical_memory"]
+__all__ = ["KVCache", "kv_sizes", "kv_nbytes", "physical_memory", "rewind_fits"]
 
 
 def physical_memory() -> int | None:
@@ -36,6 +36,13 @@ def kv_sizes(cfg, n_ctx: int, n_ubatch: int) -> list[int]:
 def kv_nbytes(cfg, n_ctx: int, n_ubatch: int) -> int:
     """Bytes of K and V (float32) over all layers."""
     return sum(kv_sizes(cfg, n_ctx, n_ubatch)) * cfg.n_head_kv * (cfg.head_dim + cfg.head_dim_v) * 4
+
+
+def rewind_fits(swa, oldest, n: int) -> bool:
+    """Whether every layer still holds the keys a query at position ``n`` attends to: its
+    window ``n - swa + 1 ..`` (``swa`` 0: from 0) starts at or after ``oldest``, the oldest
+    position the layer's slots hold."""
+    return all((max(0, n - w + 1) if w else 0) >= o for w, o in zip(swa, oldest))
 
 
 class KVCache:
@@ -59,6 +66,16 @@ class KVCache:
 
     def clear(self):
         self.n_past = 0
+
+    def rewind(self, n: int) -> bool:
+        """Keep positions ``0 .. n-1`` and forget the rest, so the next tokens go at ``n``
+        (a prompt that shares a prefix with the last one). False, nothing changed, where a
+        sliding-window ring has overwritten a key that position ``n``'s query needs."""
+        oldest = [max(0, self.n_past - s) for s in self.size]
+        if not 0 <= n <= self.n_past or not rewind_fits(self.swa, oldest, n):
+            return False
+        self.n_past = n
+        return True
 
     def store(self, il: int, pos0: int, k: np.ndarray, v: np.ndarray):
         """Keys and values of positions ``pos0 .. pos0 + len(k) - 1`` for layer ``il``."""

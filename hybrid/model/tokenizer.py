@@ -196,16 +196,25 @@ class Tokenizer:
         seconds (default ``CHAT_TIMEOUT_S``), ``CHAT_MEMORY_BYTES`` of memory and write
         ``CHAT_MAX_CHARS`` characters more than the messages hold; anything the template
         does wrong, or beyond those bounds, is a ValueError."""
-        messages = self._messages(prompt, system)
-        return self._render([messages], timeout)[0]
+        return self.chat_messages(self._messages(prompt, system), timeout=timeout)
+
+    def chat_messages(self, messages: list, *, timeout: float | None = None) -> str:
+        """``messages`` (dicts of ``role`` and ``content`` strings, as OpenAI's API takes) in the
+        file's chat template, ready for the assistant's reply; bounded as ``chat`` says."""
+        return self._render([self._check_messages(messages)], timeout)[0]
 
     def encode_chat(self, prompt: str, system: str | None = None, *, special: bool = False,
                     timeout: float | None = None) -> tuple[str, list[int]]:
-        """The chat prompt's text and token ids. Control tokens are parsed in the template's own
-        text only, not in ``prompt`` or ``system`` (unless ``special``): the template is rendered
-        a second time with a marker for each message, which tells its text from theirs. BOS is
-        added as ``add_bos`` says unless the template writes it itself."""
-        messages = self._messages(prompt, system)
+        """The chat prompt's text and token ids (``encode_messages`` of one user message)."""
+        return self.encode_messages(self._messages(prompt, system), special=special, timeout=timeout)
+
+    def encode_messages(self, messages: list, *, special: bool = False,
+                        timeout: float | None = None) -> tuple[str, list[int]]:
+        """The chat's text and token ids. Control tokens are parsed in the template's own text
+        only, not in the messages (unless ``special``): the template is rendered a second time
+        with a marker for each message, which tells its text from theirs. BOS is added as
+        ``add_bos`` says unless the template writes it itself."""
+        messages = self._check_messages(messages)
         marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
         if special:
             text = self._render([messages], timeout)[0]
@@ -250,6 +259,15 @@ class Tokenizer:
             bad = prompt if not isinstance(prompt, str) else system
             raise TypeError(f"the prompt and system text must be str, got {type(bad).__name__}")
         return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+    def _check_messages(self, messages):
+        if not self.chat_template:
+            raise ValueError(f"the model has no chat template ({Keys.Tokenizer.CHAT_TEMPLATE})")
+        if not isinstance(messages, (list, tuple)) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise TypeError("messages must be a non-empty list of dicts with str 'role' and 'content'")
+        return [dict(m) for m in messages]
 
     def _render(self, message_lists, timeout) -> list[str]:
         tok = lambda i: self.tokens[i] if i is not None else ""  # noqa: E731
