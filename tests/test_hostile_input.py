@@ -245,11 +245,11 @@ def test_nan_logits_are_an_error_not_token_0(capsys, talker, tmp_path, monkeypat
     with pytest.raises(ValueError, match="after generated token 2 hold NaN"):
         generate(tr, [1, 2], 4)
     # output_norm all NaN (the MoE layers' NaN check comes before it), through the command line
-    from hybrid.model import forward
-    real_vector = forward._vector
-    monkeypatch.setattr(forward, "_vector", lambda model, name, *a, **k: (
-        np.full_like(real_vector(model, name, *a, **k), np.nan) if name == "output_norm.weight"
-        else real_vector(model, name, *a, **k)))
+    from hybrid.model.weights import Weights
+    real_vec = Weights.vec
+    monkeypatch.setattr(Weights, "vec", lambda self, name, *a, **k: (
+        np.full_like(real_vec(self, name, *a, **k), np.nan) if name == "output_norm.weight"
+        else real_vec(self, name, *a, **k)))
     fails(capsys, "run", "-m", talker, "--tokens", "1,2", "--no-progress", "-n", 3, match="NaN")
 
 

@@ -110,7 +110,7 @@ def ref(model_path):
         return tok.decode(g.tokens), len(g.tokens), "stop" if g.stopped == "eos" else "length"
 
     run.tok = tok
-    run.chat_ids = lambda msgs: tok.encode(tok.chat_messages(msgs), add_bos=False)
+    run.chat_ids = lambda msgs: tok.encode_messages(msgs)[1]  # as `run --chat`: specials in the template only
     return run
 
 
