@@ -37,7 +37,7 @@ import time
 import numpy as np
 from numba import cuda
 
-from hybrid.moe import kernels as K
+from hybrid.kernels.cuda import experts as K
 from hybrid.moe.copyplan import CostModel
 from hybrid.moe.layer import ExpertTensor, MoELayer
 from hybrid.model.tiny import random_layer

@@ -1,4 +1,4 @@
-"""hybrid.moe.kernels on the simulator against the float64 reference (same routing).
+"""hybrid.kernels.cuda.experts on the simulator against the float64 reference (same routing).
 
 Whole layers go through the scheduler's own device path (``HybridMoE.forward_routed``
 on ``device="sim"``: plan, copies, waves of launches, reduce), so the tests run
@@ -12,7 +12,7 @@ from gguf.constants import GGMLQuantizationType as T
 from hypothesis import given, settings, strategies as st
 from numba import cuda
 
-from hybrid.moe import kernels as K
+from hybrid.kernels.cuda import experts as K
 from hybrid import random_layer
 from hybrid.moe.reference import moe_reference, router_logits_reference
 from hybrid.moe.routing import bucket, route

@@ -40,7 +40,8 @@ from numba import cuda
 
 from quant.types import type_name
 
-from . import copyplan, kernels
+from ..kernels.cuda import experts as kernels
+from . import copyplan
 from .transfer import HostMemory, device_buffer
 
 
@@ -308,13 +309,13 @@ def router_dense(L):
     """Layer ``L``'s router weight (float32 [E, n_embd]) as a dense F32 weight."""
     from gguf.constants import GGMLQuantizationType as T
 
-    from ..model.dense import Dense
+    from ..kernels.cpu.dense import Dense
     return Dense(L.tensor_names()["router_w"], L.router_w, T.F32, L.router_w.shape)
 
 
 def router_on_device(L, stream=0, tiles=None):
     """The router of ``L`` on the device (``DeviceDense``): the logits of device hidden states."""
-    from ..model.device_dense import DeviceDense
+    from ..kernels.cuda.dense import DeviceDense
     return DeviceDense(router_dense(L), stream=stream, tiles=tiles)
 
 

@@ -128,7 +128,7 @@ def test_toy_leaves_no_trace():
 def test_toy_flows_through_cpu_matmuls(toy):
     from hybrid.moe import cpu
     from hybrid.moe.layer import ExpertTensor
-    from hybrid.model.dense import Dense
+    from hybrid.kernels.cpu.dense import Dense
     rng = np.random.default_rng(2)
     E, rows, cols = 3, 20, 64
     raw = _toy_bytes(rng, E * rows * cols // 4).reshape(E, rows, cols // 4 * 5)

@@ -50,9 +50,8 @@ from numba import cuda, types
 
 from quant import cuda as qc
 
-from ..moe.kernels import Variant
-from .device_ops import check_device
-from .kvcache import kv_nbytes, kv_sizes
+from .experts import Variant
+from .ops import check_device
 
 __all__ = ["DeviceKVCache", "attention", "AttentionTiles", "AttentionConfig", "LaunchPlan", "launch_plan",
            "MAX_SPLITS"]
@@ -395,6 +394,7 @@ class DeviceKVCache:
         self.n_ctx, self.n_ubatch = _int("n_ctx", n_ctx), _int("n_ubatch", n_ubatch)
         if self.n_ctx < 1 or self.n_ubatch < 1:
             raise ValueError(f"n_ctx and n_ubatch must be positive, got {n_ctx}, {n_ubatch}")
+        from ...model.kvcache import kv_sizes  # the KV layout is the model's (no import cycle: a leaf)
         self.size = kv_sizes(cfg, self.n_ctx, self.n_ubatch)
         Hkv, d, dv = cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
         self.k = [cuda.device_array((n, Hkv, d), np.float32) for n in self.size]
@@ -414,6 +414,7 @@ class DeviceKVCache:
     @staticmethod
     def nbytes_for(cfg, n_ctx: int, n_ubatch: int) -> int:
         """Device bytes a cache of this size allocates: K and V, split scratch, the sinks stand-in."""
+        from ...model.kvcache import kv_nbytes
         return kv_nbytes(cfg, n_ctx, n_ubatch) + MAX_SPLITS * cfg.n_head * (cfg.head_dim_v + 2) * 4 + 4
 
     def clear(self):

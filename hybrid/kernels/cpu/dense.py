@@ -16,7 +16,7 @@ from gguf.constants import GGMLQuantizationType as T
 
 from quant import registry as qregistry, types as qtypes
 
-from ..moe.cpu_ir import best_isa, make_block_dot, make_mx_dot
+from .ir import best_isa, make_block_dot, make_mx_dot
 
 __all__ = ["Dense"]
 

@@ -23,7 +23,7 @@ from quant.simd import (F32 as _F32, HAS as _HAS, I8 as _I8, I32 as _I32, I64 as
                         q8_isa, q8_isas, shuf as _shuf, splat as _splat, store as _store, supported_isas,
                         vec as _vec)
 
-from .activation import ACT_CODE, SWIGLU_ALPHA, SWIGLU_LIMIT
+from ...moe.activation import ACT_CODE, SWIGLU_ALPHA, SWIGLU_LIMIT
 
 __all__ = ["ISAS", "W", "best_isa", "supported_isas", "q8_isa", "q8_isas", "make_mx_dot", "make_q8_dot", "make_block_dot", "BLOCK_FORMATS",
            "make_mx_decode", "make_f32_dot", "make_act"]

@@ -17,7 +17,7 @@ tiles that hold only padding return before reading any weight.
 Kernels 1 and 2 come in two kinds, chosen by ``TileConfig.math``: FFMA (every
 expert type) and, for MXFP4 experts, tensor cores (``mma.sync`` m16n8k16, BF16
 inputs exact, FP32 accumulation; the instruction and its simulator emulation are
-in ``hybrid.moe.mma``). ``"auto"`` picks tensor cores on compute capability >= 8.0.
+in ``hybrid.kernels.cuda.mma``). ``"auto"`` picks tensor cores on compute capability >= 8.0.
 
 Public API: ``TileConfig``, ``DeviceBuckets``, ``moe_launch``, ``moe_reduce``
 (driven by ``engine.DeviceEngine``, the one host-side device path),
@@ -37,8 +37,8 @@ from quant import cuda as qc
 from quant import types as qtypes
 
 from . import mma
-from .activation import check as check_activation, silu_f32, swiglu_oai_f32
-from .routing import Buckets
+from ...moe.activation import check as check_activation, silu_f32, swiglu_oai_f32
+from ...moe.routing import Buckets
 
 SUPPORTED = (int(T.MXFP4), int(T.Q8_0), int(T.F32))
 # Expert types with tensor-core kernels; the others keep FFMA whatever TileConfig.math says.
