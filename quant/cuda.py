@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
-from numba import cuda, types
+from numba import cuda
 from numba.cuda.core import config as cuda_config
 
 from . import registry
@@ -170,7 +170,6 @@ def dequantize_cuda(blocks, ggml_type=T.MXFP4, stream=0):
             raise NotImplementedError(f"dequantize_cuda: unknown GGML type id {ggml_type}") from None
         raise NotImplementedError(f"dequantize_cuda: GGML type {registry.type_name(ggml_type)} is not supported "
                                   f"(supported: {', '.join(_name(t) for t in registry.types('cuda_dequantize'))})")
-    qt = f.ggml_type
     kernel, per_block, smem = f.cuda_dequantize()
     nbytes, qk = f.block_bytes, f.block
     on_device = is_device_array(blocks)

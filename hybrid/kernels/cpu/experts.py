@@ -31,16 +31,16 @@ choices of a token are summed in slot order (deterministic, no atomics).
 The kernels are LLVM IR from ``hybrid.kernels.cpu.ir`` (numba's vectoriser cannot do the
 nibble lookup well); the host's best variant is compiled in (``ISA``), the
 others are testable through ``make_mx_dot``/``make_mx_decode``. Formats are
-read through ``quant.cpu`` (decoders dispatched by GGML type id).
+read through ``quant.cpu`` (the decoder generated from the registry; the consumers
+compile through ``quant.registry.jit``). Over 500 lines because the three ways, the
+work split and the edge checks are one numba call graph: ``_grouped`` inlines them.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numba as nb
 import numpy as np
-from gguf.constants import GGMLQuantizationType as T
 
 from quant import cpu as qcpu, registry as qregistry, types as qtypes
 

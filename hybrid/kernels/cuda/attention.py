@@ -2,7 +2,7 @@
 
 ``DeviceKVCache`` keeps K and V of past positions per layer in device memory,
 float32, with the sizes and ring layout of the host ``KVCache`` (both take them
-from ``kvcache.kv_sizes``): full layers hold ``n_ctx`` positions, sliding-window
+from ``hybrid.model.kvcache.kv_sizes``): full layers hold ``n_ctx`` positions, sliding-window
 layers a ring of ``n_swa + n_ubatch`` slots, position p in slot ``p % size``.
 
 ``attention`` is flash attention on CUDA cores (float32 FFMA, no tensor cores):
@@ -38,6 +38,9 @@ layers a ring of ``n_swa + n_ubatch`` slots, position p in slot ``p % size``.
 All launches of one cache share its split scratch: run them on one stream, in
 order (layers are). Shapes, dtypes, positions and the stored range are checked
 on the host before any launch (Numba does no bounds checks).
+
+Over 500 lines: the cache, the kernels and the launch plan are one contract (the
+split layout of the scratch, the ring slots the kernel reads) and change together.
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ from numba import cuda, types
 
 from quant import cuda as qc
 
-from .experts import Variant
+from .tiles import Variant
 from .ops import check_device
 
 __all__ = ["DeviceKVCache", "attention", "AttentionTiles", "AttentionConfig", "LaunchPlan", "launch_plan",

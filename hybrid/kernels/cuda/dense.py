@@ -26,7 +26,7 @@ from quant import cuda as qc
 from quant import types as qtypes
 
 from ..cpu.dense import Dense
-from .experts import MIN_BLOCKS_PER_SM, TileConfig, Variant, tile_fma
+from .tiles import MIN_BLOCKS_PER_SM, TileConfig, Variant, tile_fma
 from .ops import WARP, check_device, scratch_words, warp_sum
 
 __all__ = ["DeviceDense", "DenseTiles", "variants"]
