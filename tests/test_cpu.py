@@ -13,7 +13,7 @@ from hybrid.model.tiny import random_layer
 from hybrid.moe.reference import moe_reference, route_reference, router_logits_reference, silu_gated, swiglu_oai
 from quant import cpu as qcpu, mxfp4
 
-TYPES = [T.MXFP4, T.Q8_0, T.F16, T.BF16, T.F32]
+TYPES = qcpu.types()  # every format the CPU path decodes (the registry's)
 TOL = 1e-5
 # Float activations everywhere: what the float64 reference computes, to TOL.
 F32 = cpu.CpuTiles(q8_tokens=0)

@@ -161,6 +161,11 @@ class MXFP4(Format, ggml_type=GGMLQuantizationType.MXFP4):
         return ("a block of exponent 255 (NaN in the MX format)" if e == NAN_EXPONENT
                 else f"a block of exponent {e} that decodes beyond float32's range")
 
+    @staticmethod
+    def ir_block(b, isa_mode, lanes, p8, off):
+        from ..simd import emit_block_f32
+        return emit_block_f32(b, isa_mode, lanes, p8, off)
+
     @classmethod
     def cuda_tile(cls, rows, k_chunk, n_threads, stride):
         return tile_decoder(rows, k_chunk, n_threads, stride)
