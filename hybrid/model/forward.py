@@ -26,14 +26,15 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ..moe.cpu import CpuTiles
+from ..kernels.cpu.dense import Dense
+from ..kernels.cpu.experts import CpuTiles
+from ..kernels.cuda import ops as device_ops
+from ..kernels.cuda.attention import AttentionConfig, DeviceKVCache, attention as device_attention
+from ..kernels.cuda.dense import DenseTiles, DeviceDense
 from ..moe.scheduler import HybridMoE, resolve_device
-from . import arch as archs, device_ops, vram
+from . import arch as archs, vram
 from .arch.base import Block
 from .config import Config, read_config
-from .dense import Dense
-from .device_attention import AttentionConfig, DeviceKVCache
-from .device_dense import DenseTiles, DeviceDense
 from .kvcache import KVCache
 from .ops import rope_cos_sin
 from .ops_device import DeviceOps

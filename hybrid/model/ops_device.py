@@ -18,8 +18,8 @@ from numba import cuda
 from quant import cuda as qc
 
 from ..moe import activation as act
-from . import device_ops
-from .device_attention import attention as device_attention
+from ..kernels.cuda import ops as device_ops
+from ..kernels.cuda.attention import attention as device_attention
 
 __all__ = ["DeviceOps"]
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..moe.engine import router_dense, scratch_device_bytes
-from ..moe.kernels import TileConfig
-from .device_attention import DeviceKVCache
-from .dense import Dense
-from .device_dense import DeviceDense
+from ..kernels.cuda.attention import DeviceKVCache
+from ..kernels.cpu.dense import Dense
+from ..kernels.cuda.dense import DeviceDense
+from ..kernels.cuda.experts import TileConfig
 
 __all__ = ["Item", "VRAMError", "items", "check", "device_activations"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .dense import Dense
+from ..kernels.cpu.dense import Dense
 from .errors import GGUFError
 
 __all__ = ["Weights", "F64Weights"]

@@ -1,4 +1,4 @@
-"""hybrid.model.device_dense on the simulator: x @ W.T on the stored bytes of every Dense type,
+"""hybrid.kernels.cuda.dense on the simulator: x @ W.T on the stored bytes of every Dense type,
 against Dense.matmul and a float64 reference (weights decoded by quant.types, bit-identical
 to gguf.quants); the row lookup bit for bit. Shapes are tiny: the simulator runs every GPU
 thread as a Python thread."""
@@ -8,12 +8,12 @@ from gguf import quants
 from gguf.constants import GGMLQuantizationType as T
 from numba import cuda
 
-from hybrid.model.dense import TYPES, Dense
-from hybrid.model.device_dense import DenseTiles, DeviceDense
-from hybrid.moe.kernels import TileConfig
+from hybrid.kernels.cpu.dense import Dense
+from hybrid.kernels.cuda.dense import DenseTiles, DeviceDense
+from hybrid.kernels.cuda.experts import TileConfig
 from quant import cuda as qc
 from quant import mxfp4
-from quant import types as qtypes
+from quant import registry, types as qtypes
 
 pytestmark = pytest.mark.skipif(not cuda.is_available(), reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")
 
@@ -35,12 +35,12 @@ def _rel(got, want):
 
 
 @pytest.mark.parametrize("n_tok", [1, 17])  # GEMV, GEMM (3 token tiles, the last short)
-@pytest.mark.parametrize("t", TYPES, ids=lambda t: T(t).name)
+@pytest.mark.parametrize("t", registry.types("cuda_pair"), ids=registry.type_name)
 def test_matmul_every_type(t, n_tok):
     rng = np.random.default_rng()
     # 44 rows: a short last GEMV block and GEMM row tile; plain types get a width that is
     # no multiple of 32 (a half item at the row's end).
-    rows, cols = 44, 64 if t in (T.Q8_0, T.MXFP4) else 72
+    rows, cols = 44, 2 * registry.block_size(t) if registry.block_size(t) > 1 else 72
     dense, w = _weights(t, rows, cols, rng)
     x = rng.standard_normal((n_tok, cols)).astype(np.float32)
     got = DeviceDense(dense, tiles=SMALL).matmul(cuda.to_device(x)).copy_to_host()
@@ -71,10 +71,10 @@ def test_default_tiles():
         assert _rel(got, x.astype(np.float64) @ w.astype(np.float64).T) < 1e-6
 
 
-@pytest.mark.parametrize("t", TYPES, ids=lambda t: T(t).name)
+@pytest.mark.parametrize("t", registry.types("cuda_pair"), ids=registry.type_name)
 def test_rows_bit_identical(t):
     rng = np.random.default_rng()
-    cols = 64 if t in (T.Q8_0, T.MXFP4) else 48
+    cols = 2 * registry.block_size(t) if registry.block_size(t) > 1 else 48
     dense, w = _weights(t, 33, cols, rng)
     ids = np.array([32, 0, 7, 7, int(rng.integers(33))], np.int32)
     got = DeviceDense(dense, tiles=SMALL).rows(cuda.to_device(ids)).copy_to_host()
@@ -161,7 +161,7 @@ def test_bad_tiles(bad):
 def test_the_front_of_a_block_chained_on_the_device():
     # What the device forward will chain: embedding rows -> rmsnorm -> q = Wq x + bq ->
     # per-head rmsnorm (qwen3moe) -> NEOX rope over part of the head, against the CPU ops.
-    from hybrid.model import device_ops as dops
+    from hybrid.kernels.cuda import ops as dops
     from hybrid.model import ops
     rng = np.random.default_rng()
     n_vocab, D, H, d, n_rot, eps = 40, 64, 2, 32, 16, 1e-6
