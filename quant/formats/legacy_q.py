@@ -193,3 +193,19 @@ SPECS = {
     T.Q5_0: (q5_0_numpy, _q5_0, (0,)),
     T.Q5_1: (q5_1_numpy, _q5_1, (0, 2)),
 }
+
+
+def format_attrs(ggml_type, spec):
+    """What the registry needs of one type, from its ``SPECS`` entry: geometry from
+    gguf.constants, the numpy decode, both compiled block decoders, the data check."""
+    numpy_decode, factory, scales = spec
+    block, size = GGML_QUANT_SIZES[ggml_type]
+    cpu, dev = compile_block(factory)
+
+    def check_blocks(blocks):
+        blocks = np.asarray(blocks, np.uint8).reshape(-1, size)
+        return scales(blocks) if callable(scales) else f16_bad(blocks, scales)
+
+    return dict(name=T(ggml_type).name, ggml_type=T(ggml_type), block=block, block_bytes=size,
+                decode_numpy=staticmethod(numpy_decode), decode_block=cpu, cuda_decode_block=dev,
+                check_blocks=staticmethod(check_blocks), scale_offsets=None if callable(scales) else scales)
