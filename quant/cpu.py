@@ -2,11 +2,12 @@
 
 ``decode(raw, wtype, e, r, c0, n, out, o)`` writes ``W[e, r, c0:c0+n]`` as float32
 to ``out[o:o+n]`` for a tensor of rows ``raw`` (uint8 ``[E, rows, row_bytes]``)
-of type ``wtype``: the GGML type id itself (gguf's ``GGMLQuantizationType``),
-block sizes from ``GGML_QUANT_SIZES``. Compiled code branches on the id, so a
-caller passes ``int(GGMLQuantizationType.X)`` and never a private code. MXFP4
-rows decode in registers (``quant.simd``, the host's best ISA); every result
-is bit-identical to ``gguf.quants.dequantize``.
+of type ``wtype``: the GGML type id itself (gguf's ``GGMLQuantizationType``).
+It is generated from the registry (``quant.registry.cpu_decoder``: one branch
+per registered format's ``decode_block``, MXFP4 in registers through
+``quant.simd``) and rebound here when the registry changes; compiled callers
+read it as ``quant.cpu.decode`` and compile through ``quant.registry.jit``.
+Every result is bit-identical to ``gguf.quants.dequantize``.
 
 The caller validates: ``c0`` and ``n`` must be multiples of the type's block
 size and lie inside the row (Numba does no bounds checking).
@@ -15,61 +16,30 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf.constants import GGMLQuantizationType as T
 
-from . import mxfp4, simd
+from . import registry, simd
+from .formats import mxfp4
+from .formats.floats import f16  # noqa: F401  (the exact half decode, for callers)
 
 F32, F16, BF16, Q8_0, MXFP4 = (int(t) for t in (T.F32, T.F16, T.BF16, T.Q8_0, T.MXFP4))
-TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.MXFP4)  # what decode reads
-Q8_QK, Q8_BYTES = GGML_QUANT_SIZES[T.Q8_0]
 MX_QK, MX_BYTES = mxfp4.QK, mxfp4.BLOCK_BYTES
-ISA = simd.best_isa()  # numba caches compiled code per CPU: the decoder depends on the host alone
-_mx_decode = simd.make_mx_decode(ISA)
+ISA = simd.best_isa()
+decode = registry.cpu_decoder()
 
 
-@nb.njit(inline="always")
-def f16(lo, hi):
-    """IEEE half from its two bytes (little endian) as float32, exact; inf and NaN kept."""
-    # (e ? 1024+m : m) * 2^(max(e,1)-25); e == 31 is inf/NaN
-    h = np.int32(lo) | (np.int32(hi) << 8)
-    e = (h >> 10) & 31
-    m = h & 1023
-    if e == 31:
-        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
-    else:
-        v = np.float32(m + (1024 if e else 0)) * np.float32(2.0 ** (max(e, 1) - 25))
-    return -v if h & 0x8000 else v
+@registry.on_change
+def _rebind():
+    global decode
+    decode = registry.cpu_decoder()
 
 
-@nb.njit(inline="always")
-def decode(raw, wtype, e, r, c0, n, out, o):
-    """out[o + c] = W[e, r, c0 + c] for c < n (float32)."""
-    row = raw[e, r]
-    ou = out.view(np.uint32)
-    if wtype == MXFP4:
-        if n >= MX_QK:
-            _mx_decode(raw, (e * raw.shape[1] + r) * raw.shape[2] + c0 // MX_QK * MX_BYTES, n // MX_QK, out, o)
-    elif wtype == Q8_0:
-        for b in range(n // Q8_QK):
-            q0 = (c0 // Q8_QK + b) * Q8_BYTES
-            d = f16(row[q0], row[q0 + 1])
-            for j in range(Q8_QK):
-                out[o + b * Q8_QK + j] = np.float32(np.int8(row[q0 + 2 + j])) * d
-    elif wtype == F32:
-        for c in range(n):
-            p = (c0 + c) * 4
-            ou[o + c] = (np.uint32(row[p]) | (np.uint32(row[p + 1]) << np.uint32(8))
-                         | (np.uint32(row[p + 2]) << np.uint32(16)) | (np.uint32(row[p + 3]) << np.uint32(24)))
-    elif wtype == F16:
-        for c in range(n):
-            out[o + c] = f16(row[(c0 + c) * 2], row[(c0 + c) * 2 + 1])
-    elif wtype == BF16:
-        for c in range(n):
-            p = (c0 + c) * 2
-            ou[o + c] = (np.uint32(row[p]) << np.uint32(16)) | (np.uint32(row[p + 1]) << np.uint32(24))
+def types() -> tuple:
+    """What ``decode`` reads: the formats with an njit block decoder."""
+    return registry.types("cpu")
 
 
-@nb.njit(cache=True)
+@registry.jit(cache=True)
 def _decode_all(raw, wtype, cols, out):
     for e in range(raw.shape[0]):
         for r in range(raw.shape[1]):
@@ -77,24 +47,24 @@ def _decode_all(raw, wtype, cols, out):
 
 
 def block_size(ggml_type) -> int:
-    return GGML_QUANT_SIZES[T(int(ggml_type))][0]
+    return registry.block_size(ggml_type)
 
 
 def dequantize_rows(raw: np.ndarray, ggml_type: int, cols: int) -> np.ndarray:
     """Rows of ``ggml_type`` (uint8 ``[..., rows, row_bytes]``) -> float32 ``[..., rows, cols]``
     through the compiled decoders (what the CPU expert path reads)."""
-    from .types import row_nbytes
-    qt = T(int(ggml_type))
-    if qt not in TYPES:
-        raise NotImplementedError(f"quant.cpu decodes {', '.join(t.name for t in TYPES)}, not {qt.name}")
+    if not registry.has(ggml_type, "cpu"):
+        raise NotImplementedError(f"quant.cpu decodes {', '.join(registry.type_name(t) for t in types())}, "
+                                  f"not {registry.type_name(ggml_type)}")
+    qt = int(ggml_type)
     if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim < 2:
         raise TypeError("raw must be a uint8 array [..., rows, row_bytes]")
-    if raw.shape[-1] != row_nbytes(qt, cols):
-        raise ValueError(f"rows of {raw.shape[-1]} bytes do not hold {cols} {qt.name} elements")
+    if raw.shape[-1] != registry.row_nbytes(qt, cols):
+        raise ValueError(f"rows of {raw.shape[-1]} bytes do not hold {cols} {registry.type_name(qt)} elements")
     r3 = np.ascontiguousarray(raw).reshape(-1, raw.shape[-2], raw.shape[-1])
     out = np.empty(r3.shape[0] * r3.shape[1] * cols, np.float32)
     if out.size:
-        _decode_all(r3, int(qt), cols, out)
+        _decode_all(r3, qt, cols, out)
     return out.reshape(*raw.shape[:-1], cols)
 
 

@@ -18,7 +18,7 @@ from numba.extending import intrinsic
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from . import mxfp4
+from .formats import mxfp4
 
 ISAS = ("generic", "avx2", "avx512")
 

@@ -134,9 +134,17 @@ def test_any_tiling_gives_the_same_result(tiles, wtype):
 
 
 def test_bad_tiles():
-    for kw in (dict(rows=6), dict(kc_tile=48), dict(kc_direct=0), dict(tile_min=-1), dict(rows=2.0)):
+    for kw in (dict(rows=6), dict(kc_tile=40), dict(kc_direct=0), dict(tile_min=-1), dict(rows=2.0)):
         with pytest.raises(ValueError, match="Tiles"):
             cpu.CpuTiles(**kw)
+    # a tile of 48 columns is well formed but cuts MXFP4's blocks of 32: refused at the call
+    layer48 = random_layer(32, 32, 2, 1)
+    with pytest.raises(ValueError, match="kc_tile .48. must be a multiple of MXFP4's block of 32"):
+        cpu.mul_mat_id_cpu(layer48.gate, np.ones((1, 32), np.float32), np.zeros((1, 1), np.int64),
+                           tiles=cpu.CpuTiles(kc_tile=48))
+    with pytest.raises(ValueError, match="kc_tile .48. must be a multiple of MXFP4's block of 32"):
+        cpu.moe_ffn_cpu(layer48, np.ones((1, 32), np.float32), np.zeros((1, 1), np.int64),
+                        np.ones((1, 1), np.float32), tiles=cpu.CpuTiles(kc_tile=48))
     layer = random_layer(32, 32, 2, 1)
     with pytest.raises(TypeError, match="Tiles"):
         cpu.moe_ffn_cpu(layer, rand_x(1, 32), np.zeros((1, 1), np.int32), np.ones((1, 1), np.float32),

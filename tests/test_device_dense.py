@@ -8,12 +8,12 @@ from gguf import quants
 from gguf.constants import GGMLQuantizationType as T
 from numba import cuda
 
-from hybrid.model.dense import TYPES, Dense
+from hybrid.model.dense import Dense
 from hybrid.model.device_dense import DenseTiles, DeviceDense
 from hybrid.moe.kernels import TileConfig
 from quant import cuda as qc
 from quant import mxfp4
-from quant import types as qtypes
+from quant import registry, types as qtypes
 
 pytestmark = pytest.mark.skipif(not cuda.is_available(), reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")
 
@@ -35,12 +35,12 @@ def _rel(got, want):
 
 
 @pytest.mark.parametrize("n_tok", [1, 17])  # GEMV, GEMM (3 token tiles, the last short)
-@pytest.mark.parametrize("t", TYPES, ids=lambda t: T(t).name)
+@pytest.mark.parametrize("t", registry.types("cuda_pair"), ids=registry.type_name)
 def test_matmul_every_type(t, n_tok):
     rng = np.random.default_rng()
     # 44 rows: a short last GEMV block and GEMM row tile; plain types get a width that is
     # no multiple of 32 (a half item at the row's end).
-    rows, cols = 44, 64 if t in (T.Q8_0, T.MXFP4) else 72
+    rows, cols = 44, 2 * registry.block_size(t) if registry.block_size(t) > 1 else 72
     dense, w = _weights(t, rows, cols, rng)
     x = rng.standard_normal((n_tok, cols)).astype(np.float32)
     got = DeviceDense(dense, tiles=SMALL).matmul(cuda.to_device(x)).copy_to_host()
@@ -71,10 +71,10 @@ def test_default_tiles():
         assert _rel(got, x.astype(np.float64) @ w.astype(np.float64).T) < 1e-6
 
 
-@pytest.mark.parametrize("t", TYPES, ids=lambda t: T(t).name)
+@pytest.mark.parametrize("t", registry.types("cuda_pair"), ids=registry.type_name)
 def test_rows_bit_identical(t):
     rng = np.random.default_rng()
-    cols = 64 if t in (T.Q8_0, T.MXFP4) else 48
+    cols = 2 * registry.block_size(t) if registry.block_size(t) > 1 else 48
     dense, w = _weights(t, 33, cols, rng)
     ids = np.array([32, 0, 7, 7, int(rng.integers(33))], np.int32)
     got = DeviceDense(dense, tiles=SMALL).rows(cuda.to_device(ids)).copy_to_host()

@@ -6,7 +6,7 @@ from gguf import quants
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from hypothesis import given, settings, strategies as st
 
-from quant import cpu as qcpu, mxfp4, simd
+from quant import cpu as qcpu, mxfp4, registry, simd
 
 
 def _same_bits(ours, ref):
@@ -23,8 +23,10 @@ def _decode(raw, t, cols):
 
 def test_codes_are_gguf_type_ids():
     assert (qcpu.F32, qcpu.F16, qcpu.BF16, qcpu.Q8_0, qcpu.MXFP4) == (0, 1, 30, 8, 39)
-    assert (qcpu.Q8_QK, qcpu.Q8_BYTES) == GGML_QUANT_SIZES[T.Q8_0]
     assert (qcpu.MX_QK, qcpu.MX_BYTES) == GGML_QUANT_SIZES[T.MXFP4]
+    for f in registry.formats():  # every format's geometry is gguf's own
+        assert (f.block, f.block_bytes) == GGML_QUANT_SIZES[T(f.ggml_type)]
+        assert f.name == T(f.ggml_type).name
 
 
 @pytest.mark.parametrize("t", [T.F16, T.BF16], ids=lambda t: t.name)
@@ -52,7 +54,7 @@ def test_mxfp4_any_bytes(data):
     assert _same_bits(*_decode(raw, T.MXFP4, 160))
 
 
-@pytest.mark.parametrize("t", qcpu.TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("t", qcpu.types(), ids=lambda t: t.name)
 def test_quantised_data_and_column_windows(t):
     # Real values (gguf's quantiser), read back whole and as a window [c0, c0+n) of each row.
     rng = np.random.default_rng()

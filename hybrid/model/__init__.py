@@ -5,11 +5,11 @@ tiny models (``tiny``) and gpt-oss shapes with random weights in memory (``synth
 from .config import Config, read_config
 from .forward import Transformer
 from .generate import generate, sample
-from .gguf import ARCHS, EXPERT_TYPES, GGUFError, Model, TensorInfo, load, split_paths
+from .gguf import ARCHS, GGUFError, Model, TensorInfo, load, split_paths
 from .tiny import default_model_path, ensure_default_model, random_layer, tiny_layers, write_tiny
 from .synthetic import synthetic_model
 from .tokenizer import Tokenizer
 
-__all__ = ["ARCHS", "EXPERT_TYPES", "Config", "GGUFError", "Model", "TensorInfo", "Tokenizer", "Transformer",
+__all__ = ["ARCHS", "Config", "GGUFError", "Model", "TensorInfo", "Tokenizer", "Transformer",
            "default_model_path", "ensure_default_model", "generate", "load", "random_layer", "read_config",
            "sample", "split_paths", "synthetic_model", "tiny_layers", "write_tiny"]

@@ -14,13 +14,12 @@ import numba as nb
 import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 
-from quant import types as qtypes
+from quant import registry as qregistry, types as qtypes
 
 from ..moe.cpu_ir import best_isa, make_block_dot, make_mx_dot
 
-__all__ = ["Dense", "TYPES"]
+__all__ = ["Dense"]
 
-TYPES = tuple(qtypes.DEQUANTIZERS)  # F32, F16, BF16, Q8_0, MXFP4
 _TILE_BYTES = 1 << 21  # decoded float32 tile: fits in L2/L3
 _DIRECT_MAX_TOKENS = 4  # up to this many tokens, the direct kernel
 _PARALLEL_BYTES = 1 << 18  # smaller matrices run on one thread
@@ -36,14 +35,14 @@ _QK = 32  # lanes of the direct kernel; rows of these types hold whole blocks of
 
 
 class Dense:
-    """A weight matrix ``W [rows, cols]`` (y = W x) of any type in ``TYPES``, stored bytes as given."""
+    """A weight matrix ``W [rows, cols]`` (y = W x) of any registered type (``quant.registry``), stored bytes as given."""
 
     def __init__(self, name: str, raw: np.ndarray, ggml_type: int, shape):
         self.name, self.ggml_type = name, int(ggml_type)
         self.shape = tuple(int(s) for s in shape)
-        if self.ggml_type not in TYPES:
+        if not qregistry.has(self.ggml_type):
             raise TypeError(f"tensor {name}: type {qtypes.type_name(ggml_type)} is not supported for dense "
-                            f"weights (supported: {', '.join(T(t).name for t in TYPES)})")
+                            f"weights (supported: {', '.join(qtypes.type_name(t) for t in qregistry.types())})")
         if len(self.shape) != 2:
             raise ValueError(f"tensor {name}: a dense weight must be 2-D, got shape {self.shape}")
         rows, cols = self.shape

@@ -239,9 +239,9 @@ class DeviceDense:
         tiles = DenseTiles() if tiles is None else tiles
         if not isinstance(tiles, DenseTiles):
             raise TypeError(f"tiles must be a DenseTiles, got {type(tiles).__name__}")
-        if dense.ggml_type not in qc.DENSE_TYPES:
+        if dense.ggml_type not in qc.dense_types():
             raise TypeError(f"tensor {dense.name}: type {qtypes.type_name(dense.ggml_type)} has no device kernels "
-                            f"(supported: {', '.join(qtypes.type_name(t) for t in qc.DENSE_TYPES)})")
+                            f"(supported: {', '.join(qtypes.type_name(t) for t in qc.dense_types())})")
         self.name, self.ggml_type, self.shape, self.tiles = dense.name, dense.ggml_type, dense.shape, tiles
         rows = self.shape[0]
         raw = np.ascontiguousarray(dense.raw)
@@ -316,7 +316,7 @@ def variants(tiles: DenseTiles | None = None, gemv_tokens=(1, 8)):
     A = lambda dt, nd: types.Array(dt, nd, "C")  # noqa: E731
     f32 = types.float32
     out = []
-    for t in qc.DENSE_TYPES:
+    for t in qc.dense_types():
         w = A(getattr(types, qc.dense_dtype(t).name), 3)
         name = qtypes.type_name(t)
         for n in gemv_tokens:

@@ -33,11 +33,11 @@ from gguf import GGUFReader
 from gguf.constants import (GGML_QUANT_SIZES, ExpertGatingFuncType, GGMLQuantizationType as T,
                             GGUFValueType, Keys)
 
-from quant import check as qcheck, types as qtypes
+from quant import check as qcheck, registry as qregistry, types as qtypes
 
 from ..moe.layer import ExpertTensor, MoELayer
 
-__all__ = ["GGUFError", "TensorInfo", "Model", "load", "split_paths", "ARCHS", "EXPERT_TYPES"]
+__all__ = ["GGUFError", "TensorInfo", "Model", "load", "split_paths", "ARCHS"]
 
 
 class GGUFError(ValueError):
@@ -51,7 +51,6 @@ ARCHS = {
     "qwen3moe": dict(gating="topk_softmax_all", activation="silu", renormalize=True, expert_biases=False),
     "llama": dict(gating="topk_softmax_all", activation="silu", renormalize=True, expert_biases=False),
 }
-EXPERT_TYPES = tuple(qtypes.DEQUANTIZERS)  # the expert types the backend decodes
 _SPLIT_RE = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _MAX_META_ARRAY = 64  # longer metadata arrays (tokenizer lists) are left out of Model.metadata
 
@@ -402,9 +401,9 @@ class Model:
 
     def _experts(self, name, rows, cols):
         info = self.tensors[name]
-        if info.ggml_type not in EXPERT_TYPES:
+        if not qregistry.has(info.ggml_type, "cpu"):  # the expert types the backend decodes
             self._fail(f"{name} has type {info.type_name}; supported expert types: "
-                       f"{', '.join(t.name for t in EXPERT_TYPES)}")
+                       f"{', '.join(qregistry.type_name(t) for t in qregistry.types('cpu'))}")
         if info.shape != (self.n_experts, rows, cols):
             self._fail(f"{name} has shape {info.shape} (ggml {list(info.ggml_shape)}), expected "
                        f"{(self.n_experts, rows, cols)} = [n_experts, rows, cols]")

@@ -41,7 +41,7 @@ import numba as nb
 import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 
-from quant import cpu as qcpu, types as qtypes
+from quant import cpu as qcpu, registry as qregistry, types as qtypes
 
 from .cpu_ir import W, best_isa, make_act, make_f32_dot, make_mx_dot, make_q8_dot, q8_isa
 from .activation import ACT_CODE, silu_f32, swiglu_oai_f32
@@ -57,7 +57,7 @@ class CpuTiles:
 
     rows: int = 64        # output rows per item (a multiple of 4, every kernel's R)
     kc_direct: int = 32   # MXFP4 blocks per K chunk in the direct path (>= 8 tokens: x chunk in L1)
-    kc_tile: int = 960    # columns per decoded float32 tile (a multiple of 32)
+    kc_tile: int = 960    # columns per decoded float32 tile (a multiple of 16 and of the weights' block)
     tile_min: int = 12    # an MXFP4 expert with this many tokens or more uses the tile path
     q8_tokens: int = 1    # calls of at most this many tokens use int8 activations for MXFP4; 0: never
 
@@ -67,15 +67,16 @@ class CpuTiles:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (name != "q8_tokens"):
                 raise ValueError(f"CpuTiles.{name} must be a {'non-negative' if name == 'q8_tokens' else 'positive'} "
                                  f"int, got {v!r}")
-        if self.rows % 4 or self.kc_tile % 32:
-            raise ValueError(f"CpuTiles.rows must be a multiple of 4 and kc_tile of 32, got {self}")
+        if self.rows % 4 or self.kc_tile % TILE_ALIGN:
+            raise ValueError(f"CpuTiles.rows must be a multiple of 4 and kc_tile of {TILE_ALIGN}, got {self}")
 
     def astuple(self):
         return (int(self.rows), int(self.kc_direct), int(self.kc_tile), int(self.tile_min), int(self.q8_tokens))
 
 
-TILES = CpuTiles()
 ALIGN = 64         # bytes; every float buffer row starts on a cache line
+TILE_ALIGN = ALIGN // 4  # floats: decoded tile rows (kc_tile apart) start on cache lines too
+TILES = CpuTiles()
 
 _MX_QK, _MX_BYTES, _MXFP4 = qcpu.MX_QK, qcpu.MX_BYTES, qcpu.MXFP4
 
@@ -204,7 +205,7 @@ def _tile_pass(T_, tile, ld, nvec, nr4, X, xo, xst, out, oo, ost):
             _f32_d(tile, r * ld, ld, nvec, X, xo, xst, out, oo + r, ost)
 
 
-@nb.njit(cache=True)
+@qregistry.jit(cache=True)  # reads quant.cpu.decode: recompiled when the registry changes
 def _item(raw, wtype, e, r0, nr, cols, X, QC, D, p0, n, out, ooff, ost, tile, tiles):
     """out[ooff + t*ost + r] += W[e, r0+r, :] . X[p0+t, :] for t < n, r < nr (rounded up to 4).
 
@@ -307,7 +308,7 @@ def _act(g, u, act):
     return _silu(g, u)
 
 
-@nb.njit(parallel=True, cache=True)
+@qregistry.jit(parallel=True, cache=True)
 def _grouped(graw, uraw, wtype, rows, cols, X, starts, used, gb, ub, act, H, tiles, nchunks, q8):
     """H[p, r] += W[e(p), r, :] . X[p, :] for every pair p (H pre-zeroed).
 
@@ -399,16 +400,14 @@ def _pad(n, m=32):
 def _check_tensor(name, t):
     if not isinstance(t, ExpertTensor):
         raise TypeError(f"{name} must be an ExpertTensor, got {type(t).__name__}")
-    try:
-        qt = T(int(t.ggml_type))
-    except ValueError:
-        qt = None
-    if qt not in qcpu.TYPES:
+    if not qregistry.has(t.ggml_type, "cpu"):
         raise NotImplementedError(f"{name}: GGML type {qtypes.type_name(t.ggml_type)} is not supported "
-                                  f"(supported: {', '.join(q.name for q in qcpu.TYPES)})")
+                                  f"(supported: {', '.join(qtypes.type_name(q) for q in qcpu.types())})")
+    qt = int(t.ggml_type)
     raw = t.raw
     if raw.shape != (t.n_experts, t.rows, qtypes.row_nbytes(qt, t.cols)) or not raw.flags.c_contiguous:
-        raise ValueError(f"{name}: bytes {raw.shape} do not hold {t.n_experts} x [{t.rows}, {t.cols}] {qt.name}")
+        raise ValueError(f"{name}: bytes {raw.shape} do not hold {t.n_experts} x [{t.rows}, {t.cols}] "
+                         f"{qtypes.type_name(qt)}")
     if t.rows < 1 or t.cols < 1 or t.n_experts < 1:
         raise ValueError(f"{name}: empty tensor [{t.n_experts}, {t.rows}, {t.cols}]")
     return _raw(t)
@@ -481,6 +480,14 @@ def _use_q8(wtype, n_tokens, tl):
     return Q8_VARIANT is not None and wtype == _MXFP4 and n_tokens <= tl[4]
 
 
+def _check_block(tl, wtype):
+    # decoded tiles hold whole blocks: kc_tile must be a multiple of the format's block
+    blk = qregistry.block_size(wtype)
+    if tl[2] % blk:
+        raise ValueError(f"CpuTiles.kc_tile ({tl[2]}) must be a multiple of {qtypes.type_name(wtype)}'s block "
+                         f"of {blk}")
+
+
 def _check_tiles(tiles):
     if tiles is None:
         return TILES.astuple()
@@ -498,6 +505,7 @@ def mul_mat_id_cpu(w: ExpertTensor, x: np.ndarray, ids: np.ndarray, *, tiles: Cp
     """
     raw, wtype = _check_tensor("w", w)
     tl = _check_tiles(tiles)
+    _check_block(tl, wtype)
     if not isinstance(x, np.ndarray) or x.ndim not in (2, 3):
         raise ValueError(f"x must be [n_tokens, {w.cols}] or [n_tokens, k, {w.cols}]")
     _check_x(x, w.cols, ndim=x.ndim)
@@ -595,6 +603,8 @@ def _ffn(layer, x, ids, weights, out, tl):
     draw, dtype_ = _raw(layer.down)
     biases = [_zero_bias(shape) if b is None else np.ascontiguousarray(b)
               for b, shape in ((layer.gate_b, (E, F)), (layer.up_b, (E, F)), (layer.down_b, (E, D)))]
+    _check_block(tl, gtype)
+    _check_block(tl, dtype_)
     n, k = ids.shape
     if n == 0:
         return out
