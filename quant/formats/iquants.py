@@ -14,7 +14,7 @@ import numpy as np
 from gguf import quants as gq
 from gguf.constants import GGMLQuantizationType as T
 
-from .legacy_q import f16_col, nibbles
+from .legacy_q import f16_col, nibbles, register
 
 U8 = np.uint8
 F32 = np.float32
@@ -354,3 +354,4 @@ SPECS = {
     T.IQ1_S: (iq1_s_numpy, _iq1_s, (0,)),
     T.IQ1_M: (iq1_m_numpy, _iq1_m, iq1_m_bad),
 }
+globals().update(register(SPECS, __name__))  # the classes Q4_K, ... in the registry

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 
-from .legacy_q import f16_col, nibbles
+from .legacy_q import f16_col, nibbles, register
 
 U8 = np.uint8
 
@@ -202,3 +202,4 @@ SPECS = {
     T.Q5_K: (q5_k_numpy, _make_k4(16, 48), (0, 2)),
     T.Q6_K: (q6_k_numpy, _q6_k, (208,)),
 }
+globals().update(register(SPECS, __name__))  # the classes Q4_K, ... in the registry

@@ -57,7 +57,10 @@ else:
 
 
 def _cpu_jit(fn):
-    return nb.njit(inline="always")(fn)
+    # Not inline="always": the registry's dispatcher has a branch per format, and inlining
+    # twenty 256-value decoders into every consumer took its first compile from 1 s to 27 s;
+    # a call per block of 32..256 values costs little. Cached: the closure's contents key it.
+    return nb.njit(cache=True)(fn)
 
 
 def _cuda_jit(fn):
@@ -209,3 +212,19 @@ def format_attrs(ggml_type, spec):
     return dict(name=T(ggml_type).name, ggml_type=T(ggml_type), block=block, block_bytes=size,
                 decode_numpy=staticmethod(numpy_decode), decode_block=cpu, cuda_decode_block=dev,
                 check_blocks=staticmethod(check_blocks), scale_offsets=None if callable(scales) else scales)
+
+
+def register(specs, module):
+    """One registry Format per ``specs`` entry (the family's table), defined in ``module``;
+    returns name -> class for the module's namespace."""
+    from ..registry import Format
+    out = {}
+    for t, spec in specs.items():
+        a = format_attrs(t, spec)
+        attrs = {k: v for k, v in a.items() if k not in ("ggml_type", "block", "block_bytes")}
+        attrs["__module__"] = module
+        out[a["name"]] = type(a["name"], (Format,), attrs, ggml_type=t)
+    return out
+
+
+globals().update(register(SPECS, __name__))  # the classes Q4_0, ... in the registry

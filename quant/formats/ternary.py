@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 
-from .legacy_q import f16_col
+from .legacy_q import f16_col, register
 
 U8 = np.uint8
 POW3 = np.array([1, 3, 9, 27, 81], U8)
@@ -68,3 +68,4 @@ SPECS = {
     T.TQ1_0: (tq1_0_numpy, _tq1_0, (52,)),
     T.TQ2_0: (tq2_0_numpy, _tq2_0, (64,)),
 }
+globals().update(register(SPECS, __name__))  # the classes Q4_K, ... in the registry

@@ -11,23 +11,15 @@ from gguf.constants import GGML_QUANT_SIZES
 from hypothesis import given, settings, strategies as st
 from numba import cuda, njit
 
-from quant.formats import iquants, kquants, legacy_q, ternary
+from quant import registry
 
-
-def _formats():
-    out = []
-    for mod in (legacy_q, kquants, iquants, ternary):
-        for t, spec in mod.SPECS.items():
-            a = legacy_q.format_attrs(t, spec)
-            out.append(type(a["name"], (), a))
-    return out
-
-
-FORMATS = _formats()
+FORMATS = registry.formats()
+# formats whose only non-finite values come from f16 scales (the data check's rule for them)
+F16_SCALED = [f for f in FORMATS if hasattr(f, "scale_offsets")]
 
 
 def scale_offsets(f):
-    return f.scale_offsets
+    return getattr(f, "scale_offsets", ())
 
 SPECIAL_F16 = [0x0000, 0x8000, 0x0001, 0x8001, 0x03FF, 0x0400, 0x3C00, 0x7BFF, 0xFBFF,
                0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFFFF]
@@ -45,7 +37,7 @@ def _same(got, ref):
 def _set_f16(blocks, f, h):
     """Write half ``h`` into every f16 scale of ``blocks`` (IQ1_M: its four nibbles)."""
     offs = scale_offsets(f)
-    if offs is None:  # IQ1_M: bits 4k..4k+3 of d are the top nibble of the u16 at 48 + 2k
+    if f.name == "IQ1_M":  # IQ1_M: bits 4k..4k+3 of d are the top nibble of the u16 at 48 + 2k
         for k in range(4):
             blocks[:, 49 + 2 * k] = (blocks[:, 49 + 2 * k] & 0x0F) | (((h >> (4 * k)) & 0xF) << 4)
         return
@@ -120,8 +112,14 @@ def _cpu(blocks, f):
     return out.reshape(blocks.shape[0], f.block)
 
 
+def _need_cpu(f):
+    if f.decode_block is None:
+        pytest.skip(f"{f.name} has no Numba block decoder")
+
+
 @pytest.mark.parametrize("f", FORMATS, ids=IDS)
 def test_numba_decode_is_numpy(f, seed):
+    _need_cpu(f)
     b = _blocks(f, seed)
     try:
         _same(_cpu(b, f), _numpy(b, f))
@@ -131,6 +129,7 @@ def test_numba_decode_is_numpy(f, seed):
 
 @pytest.mark.parametrize("f", FORMATS, ids=IDS)
 def test_numba_decode_at_offsets(f):
+    _need_cpu(f)
     # decode_block honours off and o: block 2 of a buffer lands at out[o:o+block] and nowhere else
     b = _blocks(f, 7, n_random=3)[:3]
     src = np.concatenate([np.full(5, 0xAB, np.uint8), b.reshape(-1)])
@@ -148,6 +147,8 @@ def test_numba_decode_at_offsets(f):
 @pytest.mark.skipif(not cuda.is_available(), reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")
 @pytest.mark.parametrize("f", FORMATS, ids=IDS)
 def test_cuda_decode_is_numpy(f, seed):
+    if f.cuda_decode_block is None:
+        pytest.skip(f"{f.name} has no CUDA block decoder")
     # the simulator runs each thread in Python: a few blocks, extreme scales among them
     b = _blocks(f, seed, n_random=2)
     b = b[np.r_[0, 1, 2 + 9, 2 + 11, len(b) - 1]]  # random, random, inf, NaN, finite
@@ -167,7 +168,7 @@ def test_cuda_decode_is_numpy(f, seed):
         raise AssertionError(f"{f.name}, seed {seed}: {e}") from None
 
 
-@pytest.mark.parametrize("f", FORMATS, ids=IDS)
+@pytest.mark.parametrize("f", F16_SCALED, ids=[f.name for f in F16_SCALED])
 def test_check_flags_exactly_nonfinite_scales(f, seed):
     b = _blocks(f, seed)
     bad = f.check_blocks(b)
@@ -175,6 +176,17 @@ def test_check_flags_exactly_nonfinite_scales(f, seed):
     # a block holds a non-finite value exactly when a scale is inf or NaN (finite ones cannot overflow)
     np.testing.assert_array_equal(bad, ~np.isfinite(_gguf(b, f)).all(axis=1))
     assert bad.any() and not bad.all()
+
+
+@pytest.mark.parametrize("f", FORMATS, ids=IDS)
+def test_registry_cpu_dispatcher_decodes_rows(f, seed):
+    # the generated njit dispatcher (what the CPU expert and dense paths call) reaches each format
+    from quant.cpu import dequantize_rows
+    _need_cpu(f)
+    E, R, nb = 2, 3, 2
+    b = _blocks(f, seed)[:E * R * nb]
+    got = dequantize_rows(np.ascontiguousarray(b).reshape(E, R, nb * f.block_bytes), f.ggml_type, nb * f.block)
+    _same(got.reshape(-1, f.block), _numpy(b, f))
 
 
 HYPO = [f for f in FORMATS if f.name in ("Q4_K", "Q3_K", "IQ2_XXS", "IQ1_M", "Q5_1", "TQ1_0")]
