@@ -279,7 +279,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="shape"):
         cpu.expert_matmul_cpu(layer.gate, 0, rand_x(2, 65))
     with pytest.raises(NotImplementedError, match="not supported"):
-        cpu.expert_matmul_cpu(ExpertTensor(np.zeros((1, 2, 36), np.uint8), int(T.Q4_0), 2, 64), 0, rand_x(1, 64))
+        cpu.expert_matmul_cpu(ExpertTensor(np.zeros((1, 2, 80), np.uint8), int(T.Q8_1), 2, 64), 0, rand_x(1, 64))
 
 
 # ------------------------------------------------------------ decoders and per-ISA kernels

@@ -28,7 +28,7 @@ def test_row_nbytes_follows_gguf_constants(t):
             quant.row_nbytes(t, block + 1)
 
 
-@pytest.mark.parametrize("t", [T.Q4_K, T.Q4_0, T.IQ2_XXS], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [T.Q8_1, T.Q8_K, T.I32], ids=lambda t: t.name)  # known to gguf, not decoded
 def test_unsupported_type_names_itself(t):
     with pytest.raises(NotImplementedError, match=t.name):
         quant.dequantize(np.zeros(256, np.uint8), t, (1, 256))
