@@ -1,4 +1,4 @@
-"""Device attention (``hybrid.model.device_attention``) at gpt-oss shapes: time, FLOP/s, KV read rate, error.
+"""Device attention (``hybrid.kernels.cuda.attention``) at gpt-oss shapes: time, FLOP/s, KV read rate, error.
 
 64 query heads, 8 KV heads, head dim 64, sinks; a full-attention layer and a
 sliding-window one (window 128). Per case: a prompt ubatch or a decode step
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from numba import cuda  # noqa: E402
 
 from hybrid.model import ops  # noqa: E402
-from hybrid.model.device_attention import DeviceKVCache, attention, launch_plan  # noqa: E402
+from hybrid.kernels.cuda.attention import DeviceKVCache, attention, launch_plan  # noqa: E402
 
 GPT_OSS = dict(n_head=64, n_head_kv=8, head_dim=64, head_dim_v=64, n_swa=128)
 TINY = dict(n_head=4, n_head_kv=2, head_dim=8, head_dim_v=8, n_swa=8)

@@ -1,8 +1,8 @@
-"""What ptxas says of the dense-weight, small-op and attention kernels (``hybrid/model/device_dense.py``,
-``device_ops.py``, ``device_attention.py``) for sm_80 and sm_90, no GPU needed.
+"""What ptxas says of the dense-weight, small-op and attention kernels (``hybrid/kernels/cuda/dense.py``,
+``ops.py``, ``attention.py``) for sm_80 and sm_90, no GPU needed.
 
     python examples/dense_kernel_report.py            # table: every build (GEMV at T = 1, 4, 8)
-    python examples/dense_kernel_report.py --subset   # the builds tests/test_ptx.py checks, one PTX each
+    python examples/dense_kernel_report.py --subset   # the builds tests/kernels/test_ptx.py checks, one PTX each
     python examples/dense_kernel_report.py --json     # rows as JSON
 
 ``kernel_report.py`` does the compiling (same toolkit rules, simulator off); this
@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-# The builds tests/test_ptx.py checks: the GEMV at T=8 (the most accumulators) for MXFP4 and BF16,
+# The builds tests/kernels/test_ptx.py checks: the GEMV at T=8 (the most accumulators) for MXFP4 and BF16,
 # the GEMM for MXFP4, Q8_0 and BF16 (F32 decodes as the first two, F16 as BF16), the ops, and
 # attention at head dim 64 (``device_attention.variants(full=False)``).
 SUBSET = ("dense gemv MXFP4 T=8", "dense gemv BF16 T=8", "dense gemm MXFP4", "dense gemm Q8_0", "dense gemm BF16")
@@ -28,8 +28,8 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     a = ap.parse_args(argv)
     import kernel_report
-    from hybrid.model import device_attention, device_dense, device_ops
-    from hybrid.moe import kernels
+    from hybrid.kernels.cuda import attention as device_attention, dense as device_dense, ops as device_ops
+    from hybrid.kernels.cuda import experts as kernels
 
     def dense_variants(cfg=None, full=True):
         vs = (device_dense.variants(gemv_tokens=(1, 4, 8) if full else (8,)) + device_ops.variants()

@@ -151,7 +151,7 @@ def compile_all(archs, full=True, cfg=None, shared_ptx=False):
     _setup_numba(tk, archs)
     nvdisasm = find_nvdisasm(tk)
     from numba import cuda
-    from hybrid.moe import kernels as K
+    from hybrid.kernels.cuda import experts as K
     cfg = cfg or K.TileConfig()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -39,7 +39,7 @@ def bench_table(model_name, n_prompt, rows, variants, device="cuda") -> str:
 def machine_line(device: str = "cpu") -> str:
     """The machine a table was measured on: CPU model, logical cores, the ISA of our CPU
     kernels, and on the ``cuda`` target the GPU's name (``sim``: the simulator)."""
-    from .moe.cpu_ir import best_isa
+    from .kernels.cpu.ir import best_isa
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:

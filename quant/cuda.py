@@ -1,7 +1,7 @@
 """CUDA device functions that decode GGML blocks inside kernels (numba-cuda).
 
 MXFP4 (17-byte block): ``mxfp4_scale(e, tabs)`` turns the E8M0 byte into
-half(e) = 2^(e-128) through the 256-entry table ``quant.mxfp4.SCALES``;
+half(e) = 2^(e-128) through the 256-entry table ``quant.tables.SCALES``;
 ``mxfp4_lo``/``mxfp4_hi`` give elements j and j+16 of a ``qs`` byte through the
 16-entry ``KVALUES_F32``. Kernels copy both tables into one shared array
 (``load_tables``) so a warp's 32 different nibbles are bank-parallel reads,
@@ -22,11 +22,11 @@ import math
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
-from numba import cuda, types
+from numba import cuda
 from numba.cuda.core import config as cuda_config
 
 from . import registry
-from .formats import mxfp4
+from . import tables as mxfp4  # MXFP4's tables (a leaf: the formats import this module)
 
 QK = mxfp4.QK
 MXFP4_BYTES = mxfp4.BLOCK_BYTES
@@ -170,7 +170,6 @@ def dequantize_cuda(blocks, ggml_type=T.MXFP4, stream=0):
             raise NotImplementedError(f"dequantize_cuda: unknown GGML type id {ggml_type}") from None
         raise NotImplementedError(f"dequantize_cuda: GGML type {registry.type_name(ggml_type)} is not supported "
                                   f"(supported: {', '.join(_name(t) for t in registry.types('cuda_dequantize'))})")
-    qt = f.ggml_type
     kernel, per_block, smem = f.cuda_dequantize()
     nbytes, qk = f.block_bytes, f.block
     on_device = is_device_array(blocks)

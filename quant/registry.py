@@ -36,8 +36,9 @@ when absent):
   (``quant.cuda.tile_decoder``'s contract); ``cuda_pair(...)`` the pair
   reader of dense rows (``quant.cuda.pair_reader``); ``cuda_dtype`` the element
   dtype device kernels read its rows as;
-- ``ir_block(b, lanes, p8, off)``: LLVM IR emitting one 32-element block as
-  ``32 // lanes`` float vectors (the CPU block dots); ``simd_run(isa)`` the
+- ``ir_block(b, isa_mode, lanes, p8, off)`` (staticmethod): LLVM IR emitting the
+  32 elements at byte ``off`` as ``32 // lanes`` float vectors (the CPU block dots;
+  ``isa_mode`` from ``quant.simd.mode``); ``simd_run(isa)`` the
   intrinsic factory behind ``decode_run``; ``int8_dot``: the CPU integer dot
   path exists (``quant.simd``'s u8 x i8 kernels); ``mma``: a tensor-core
   kernel exists (``cuda_bf16_tile`` decodes its tiles to BF16 pieces).

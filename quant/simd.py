@@ -18,7 +18,7 @@ from numba.extending import intrinsic
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from .formats import mxfp4
+from . import tables as mxfp4  # MXFP4's tables (a leaf: the formats import this module)
 
 ISAS = ("generic", "avx2", "avx512")
 
@@ -188,7 +188,7 @@ def _global_table(module, name, elt, values):
 
 
 def emit_scale(b, p8, off):
-    """half(e) of the block at byte ``off`` (float32 scalar), from quant.mxfp4.SCALES as an IR constant."""
+    """half(e) of the block at byte ``off`` (float32 scalar), from quant.tables.SCALES as an IR constant."""
     e = b.zext(b.load(b.gep(p8, [off])), I64)
     tbl = _global_table(b.module, "hyb_e8m0_half", F32, [float(v) for v in mxfp4.SCALES])
     return b.load(b.gep(tbl, [c64(0), e]))

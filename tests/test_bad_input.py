@@ -38,7 +38,7 @@ FLT_MAX = float(np.finfo(np.float32).max)
 
 
 def tiles():
-    from hybrid.moe.kernels import TileConfig  # few threads per block: the simulator runs each as a thread
+    from hybrid.kernels.cuda.experts import TileConfig  # few threads per block: the simulator runs each as a thread
     return TileConfig(block_pairs=4, block_cols=32, k_chunk=32, thread_rows=1, thread_cols=8)
 
 
@@ -276,14 +276,15 @@ def test_cache_bytes_capped_at_what_the_model_can_use(layer, caplog):
 def test_forward_checks_once_and_calls_inside_trust_it(layer, target, monkeypatch):
     """Issue 9: the hidden states are checked for NaN once per ubatch, in forward; the CPU
     path and the device buckets are not re-validated behind it."""
-    from hybrid.moe import kernels
+    from hybrid.kernels.cpu import experts as kcpu
+    from hybrid.kernels.cuda import experts as kernels
 
     def boom(*a, **k):
         raise AssertionError("re-validated inside forward")
     kw = dict(tiles=tiles()) if target == "sim" else {}
     with HybridMoE([layer], device=target, min_offload_batch=8, **kw) as moe:
-        for name in ("_check_x", "_check_routing", "_check_tensor"):
-            monkeypatch.setattr(cpu, name, boom)
+        for mod, name in ((kcpu, "check_x"), (kcpu, "check_routing"), (cpu, "_check_tensor")):
+            monkeypatch.setattr(mod, name, boom)
         monkeypatch.setattr(kernels, "_check_buckets", boom)
         for n in (3, 9):  # the CPU path, then offloaded
             x = np.random.default_rng().standard_normal((n, 32)).astype(np.float32)

@@ -10,7 +10,7 @@ import pytest
 
 from hybrid.model import load, write_tiny
 from hybrid.model.config import read_config
-from hybrid.model.dense import Dense
+from hybrid.kernels.cpu.dense import Dense
 from hybrid.model.forward import Transformer
 from hybrid.model.generate import generate, sample
 from hybrid.model.gguf import GGUFError

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from hybrid.moe import copyplan
-from hybrid.moe.kernels import TileConfig
+from hybrid.kernels.cuda.experts import TileConfig
 from hybrid.model.tiny import random_layer
 from hybrid.moe.reference import moe_reference
 from hybrid.moe.scheduler import HybridMoE, resolve_device
@@ -353,7 +353,7 @@ def test_hidden_states_on_the_device_stay_there(layers):
 
     from numba import cuda
 
-    from hybrid.model.device_dense import DenseTiles
+    from hybrid.kernels.cuda.dense import DenseTiles
     seed = int(np.random.default_rng().integers(1 << 30))
     on_grid = lambda a: (np.round(a * 8) / 8).astype(np.float32)  # noqa: E731
     ls = [dataclasses.replace(L, router_w=on_grid(L.router_w)) for L in layers]

@@ -35,13 +35,14 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ..moe.cpu import CpuTiles
+from ..kernels.cpu.dense import Dense
+from ..kernels.cpu.experts import CpuTiles
+from ..kernels.cuda import ops as device_ops
+from ..kernels.cuda.attention import AttentionConfig, DeviceKVCache, attention as device_attention
+from ..kernels.cuda.dense import DenseTiles, DeviceDense
 from ..moe.scheduler import HybridMoE, resolve_device
-from . import device_ops, vram
+from . import vram
 from .config import Config, read_config
-from .dense import Dense
-from .device_attention import AttentionConfig, DeviceKVCache, attention as device_attention
-from .device_dense import DenseTiles, DeviceDense
 from .gguf import GGUFError
 from .kvcache import KVCache
 from .ops import attention, rmsnorm, rope_cos_sin, rope_neox

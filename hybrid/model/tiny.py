@@ -324,9 +324,9 @@ def simulator_tiles():
     threads by the tens, not hundreds."""
     from types import SimpleNamespace
 
-    from ..moe.kernels import TileConfig
-    from .device_attention import AttentionConfig, AttentionTiles
-    from .device_dense import DenseTiles
+    from ..kernels.cuda.experts import TileConfig
+    from ..kernels.cuda.attention import AttentionConfig, AttentionTiles
+    from ..kernels.cuda.dense import DenseTiles
     moe = TileConfig(block_pairs=4, block_cols=32, k_chunk=32, thread_rows=1, thread_cols=8)
     return SimpleNamespace(
         moe=moe,

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..moe.engine import router_dense, scratch_device_bytes
-from ..moe.kernels import TileConfig
-from .device_attention import DeviceKVCache
-from .device_dense import DeviceDense
+from ..kernels.cuda.attention import DeviceKVCache
+from ..kernels.cuda.dense import DeviceDense
+from ..kernels.cuda.experts import TileConfig
 
 __all__ = ["Item", "VRAMError", "items", "check"]
 

@@ -1,499 +1,33 @@
-"""CPU expert path: one MoE layer's FFN on the host, reading expert weights in place.
+"""The CPU expert path of one MoE layer: ``MoELayer`` and ``ExpertTensor`` in, float32 out.
 
-Tokens are grouped by expert (pairs t*k+j, as hybrid.moe.routing buckets them) and
-gathered into aligned rows. Work is cut into items (expert e, tile of
-``CpuTiles.rows`` output rows): an item computes its rows for every token routed
-to e, so each weight byte comes from RAM once per call and is reused from
-L1/L2 for all of the expert's tokens. Items are ordered row-tile-major and cut
-into a few equal-cost chunks per thread, so skewed routing still balances.
-
-Inside an item, three ways to multiply:
-- int8 (MXFP4, calls of at most ``q8_tokens`` tokens: decode): as ggml does, the
-  activations are quantised once per call to int8 blocks of 32 (ggml's Q8_0
-  rounding, float32 scales; ``quant.cpu.quantize_q8``), the nibbles become bytes
-  through a 16-entry vpshufb table, integer multiply-adds (vpmaddubsw/vpmaddwd,
-  or vpdpbusd with VNNI) give each block's exact sum, scaled by half(e) * d_x into
-  float32 accumulators. It matches the float64 reference of the quantised
-  activations to float32 rounding; against unquantised activations it differs
-  by the int8 rounding (at gpt-oss shapes 5e-3 of the largest output per
-  matrix, 9e-3 for the FFN; examples/bench_experts.py prints it).
-- direct (MXFP4, fewer than ``tile_min`` tokens): decode each 32-weight block
-  in registers (vpermps on the 16-entry table times the block scale) and FMA it
-  into R rows x T tokens (T <= 8) of accumulators, one pass over the weights
-  per 8 tokens; K in chunks of ``kc_direct`` blocks keeps the x chunk in L1.
-- tile (other types, or many tokens): decode rows x ``kc_tile`` columns into
-  an aligned float32 buffer (L2), then an R x T float32 kernel over it.
-The direct and tile ways accumulate float32 products of float32 activations.
-Gate and up share an item, their activation is fused, down runs after; the k
-choices of a token are summed in slot order (deterministic, no atomics).
-
-The kernels are LLVM IR from ``cpu_ir`` (numba's vectoriser cannot do the
-nibble lookup well); the host's best variant is compiled in (``ISA``), the
-others are testable through ``make_mx_dot``/``make_mx_decode``. Formats are
-read through ``quant.cpu`` (decoders dispatched by GGML type id).
+Checks at this edge, then the kernels of ``hybrid.kernels.cpu.experts`` (tokens
+grouped by expert, items of ``CpuTiles.rows`` output rows, the int8 / direct /
+tile ways of multiplying; see there). ``CpuTiles``, ``TILES``, ``ISA`` and
+``Q8_VARIANT`` are the kernels' own, named here too.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
-import numba as nb
 import numpy as np
-from gguf.constants import GGMLQuantizationType as T
 
-from quant import cpu as qcpu, registry as qregistry, types as qtypes
-
-from .cpu_ir import W, best_isa, make_act, make_f32_dot, make_mx_dot, make_q8_dot, q8_isa
-from .activation import ACT_CODE, silu_f32, swiglu_oai_f32
+from ..kernels.cpu import experts as K
+from ..kernels.cpu.experts import ISA, Q8_VARIANT, TILES, CpuTiles  # noqa: F401
+from .activation import ACT_CODE
 from .layer import ExpertTensor, MoELayer
-from .routing import bucket
 
 __all__ = ["moe_ffn_cpu", "moe_ffn_cpu_trusted", "mul_mat_id_cpu", "expert_matmul_cpu", "CpuTiles", "TILES", "ISA"]
-
-# ---------------------------------------------------------------- tile sizes
-@dataclass(frozen=True)
-class CpuTiles:
-    """Blocking of the CPU path (data, not code: the kernels take them at run time)."""
-
-    rows: int = 64        # output rows per item (a multiple of 4, every kernel's R)
-    kc_direct: int = 32   # MXFP4 blocks per K chunk in the direct path (>= 8 tokens: x chunk in L1)
-    kc_tile: int = 960    # columns per decoded float32 tile (a multiple of 16 and of the weights' block)
-    tile_min: int = 12    # an MXFP4 expert with this many tokens or more uses the tile path
-    q8_tokens: int = 1    # calls of at most this many tokens use int8 activations for MXFP4; 0: never
-
-    def __post_init__(self):
-        for name in ("rows", "kc_direct", "kc_tile", "tile_min", "q8_tokens"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (name != "q8_tokens"):
-                raise ValueError(f"CpuTiles.{name} must be a {'non-negative' if name == 'q8_tokens' else 'positive'} "
-                                 f"int, got {v!r}")
-        if self.rows % 4 or self.kc_tile % TILE_ALIGN:
-            raise ValueError(f"CpuTiles.rows must be a multiple of 4 and kc_tile of {TILE_ALIGN}, got {self}")
-
-    def astuple(self):
-        return (int(self.rows), int(self.kc_direct), int(self.kc_tile), int(self.tile_min), int(self.q8_tokens))
-
-
-ALIGN = 64         # bytes; every float buffer row starts on a cache line
-TILE_ALIGN = ALIGN // 4  # floats: decoded tile rows (kc_tile apart) start on cache lines too
-TILES = CpuTiles()
-
-_MX_QK, _MX_BYTES, _MXFP4 = qcpu.MX_QK, qcpu.MX_BYTES, qcpu.MXFP4
-
-# Chosen once: numba caches compiled code per CPU, so the kernels must depend on the host alone.
-ISA = best_isa()
-# Direct kernel rows R for T = 1..8 tokens: R*T accumulators plus the x vectors must fit
-# the register file (32 zmm; 16 ymm on AVX2, where every kernel is narrower).
-DIRECT_R = (4, 4, 4, 4, 2, 2, 2, 2) if ISA == "avx512" else (2, 2, 2, 2, 1, 1, 1, 1)
-(_mx_t1, _mx_t2, _mx_t3, _mx_t4, _mx_t5, _mx_t6, _mx_t7, _mx_t8) = (
-    make_mx_dot(DIRECT_R[t - 1], t, ISA) for t in range(1, 9))
-# int8 path: the host's variant (None: no integer path, calls stay float); rows per kernel for T = 1..4
-# tokens (R*T accumulators: 16 ymm on AVX2), single rows for the rest of a tile
-Q8_VARIANT = q8_isa()
-# (8 rows for one token on AVX-512 hosts: the token's loads amortised further, 0.96 vs 1.02 ms for n=1 on one thread)
-Q8_R = (8, 4, 2, 2) if Q8_VARIANT == "vnni512" else (8, 4, 4, 4) if ISA == "avx512" else (4, 2, 1, 1)
-if Q8_VARIANT is not None:
-    (_q8_t1, _q8_t2, _q8_t3, _q8_t4) = (make_q8_dot(Q8_R[t - 1], t, Q8_VARIANT) for t in range(1, 5))
-    (_q8_s1, _q8_s2, _q8_s3, _q8_s4) = (make_q8_dot(1, t, Q8_VARIANT) for t in range(1, 5))
-else:  # no integer path (not x86 with AVX2): never called, calls stay on the float paths
-    @nb.njit
-    def _q8_none(raw, wo, wst, nk, QC, D, xo, xst, out, oo, ost):
-        pass
-    _q8_t1 = _q8_t2 = _q8_t3 = _q8_t4 = _q8_s1 = _q8_s2 = _q8_s3 = _q8_s4 = _q8_none
-F32_R = 4  # float32 tile kernel rows; tokens F32_T, largest first
-F32_T = (6, 4, 2, 1) if W == 16 else (3, 2, 1, 1)
-_f32_a, _f32_b, _f32_c, _f32_d = (make_f32_dot(F32_R, t) for t in F32_T)
-_SWIGLU, _SILU = ACT_CODE["swiglu_oai"], ACT_CODE["silu"]
-_act_swiglu, _act_silu = make_act(_SWIGLU), make_act(_SILU)
-_swiglu_oai, _silu = nb.njit(inline="always")(swiglu_oai_f32), nb.njit(inline="always")(silu_f32)
-
-
-# ---------------------------------------------------------------- numba helpers
-@nb.njit(cache=True)
-def _aligned(n):
-    """float32[n] whose first element sits on an ALIGN-byte boundary."""
-    raw = np.empty(n * 4 + ALIGN, np.uint8)
-    off = (ALIGN - raw.ctypes.data % ALIGN) % ALIGN
-    return raw[off:off + n * 4].view(np.float32)
-
-
-@nb.njit(inline="always")
-def _decode_tile(raw, wtype, e, r0, nr, c0, c1, tile, ld, width):
-    """tile[r*ld + c] = W[e, r0+r, c0+c] for r < nr, c < c1-c0; zeros up to ``width`` columns
-    and in the rows up to the next multiple of F32_R."""
-    n = c1 - c0
-    for r in range(nr):
-        qcpu.decode(raw, wtype, e, r0 + r, c0, n, tile, r * ld)
-        for c in range(n, width):
-            tile[r * ld + c] = 0.0
-    for r in range(nr, (nr + F32_R - 1) // F32_R * F32_R):
-        for c in range(width):
-            tile[r * ld + c] = 0.0
-
-
-@nb.njit(cache=True)
-def _direct_pass(T_, raw, wo, wst, nk, nr, X, xo, xst, out, oo, ost):
-    """out[oo + t*ost + r] += row r . x_t for T_ (1..8) tokens, rows [0, nr), MXFP4 read in place."""
-    if T_ == 1:
-        for r in range(0, nr, DIRECT_R[0]):
-            _mx_t1(raw, wo + r * wst, wst, nk, X, xo, xst, out, oo + r, ost)
-    elif T_ == 2:
-        for r in range(0, nr, DIRECT_R[1]):
-            _mx_t2(raw, wo + r * wst, wst, nk, X, xo, xst, out, oo + r, ost)
-    elif T_ == 3:
-        for r in range(0, nr, DIRECT_R[2]):
-            _mx_t3(raw, wo + r * wst, wst, nk, X, xo, xst, out, oo + r, ost)
-    elif T_ == 4:
-        for r in range(0, nr, DIRECT_R[3]):
-            _mx_t4(raw, wo + r * wst, wst, nk, X, xo, xst, out, oo + r, ost)
-    elif T_ == 5:
-        for r in range(0, nr, DIRECT_R[4]):
-            _mx_t5(raw, wo + r * wst, wst, nk, X, xo, xst, out, oo + r, ost)
-    elif T_ == 6:
-        for r in range(0, nr, DIRECT_R[5]):
-            _mx_t6(raw, wo + r * wst, wst, nk, X, xo, xst, out, oo + r, ost)
-    elif T_ == 7:
-        for r in range(0, nr, DIRECT_R[6]):
-            _mx_t7(raw, wo + r * wst, wst, nk, X, xo, xst, out, oo + r, ost)
-    else:
-        for r in range(0, nr, DIRECT_R[7]):
-            _mx_t8(raw, wo + r * wst, wst, nk, X, xo, xst, out, oo + r, ost)
-
-
-@nb.njit(cache=True)
-def _q8_pass(T_, raw, wo, wst, nk, nr, QC, D, xo, xst, out, oo, ost):
-    """out[oo + t*ost + r] += row r . x_t for T_ (1..4) tokens, rows [0, nr), x_t the int8 blocks
-    xo + t*xst .. of (QC, D)."""
-    R = Q8_R[T_ - 1]
-    nm = nr - nr % R
-    if T_ == 1:
-        for r in range(0, nm, R):
-            _q8_t1(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
-        for r in range(nm, nr):
-            _q8_s1(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
-    elif T_ == 2:
-        for r in range(0, nm, R):
-            _q8_t2(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
-        for r in range(nm, nr):
-            _q8_s2(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
-    elif T_ == 3:
-        for r in range(0, nm, R):
-            _q8_t3(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
-        for r in range(nm, nr):
-            _q8_s3(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
-    else:
-        for r in range(0, nm, R):
-            _q8_t4(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
-        for r in range(nm, nr):
-            _q8_s4(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
-
-
-@nb.njit(cache=True)
-def _tile_pass(T_, tile, ld, nvec, nr4, X, xo, xst, out, oo, ost):
-    """out[oo + t*ost + r] += tile row r . x_t for T_ (one of F32_T) tokens, rows [0, nr4)."""
-    if T_ == F32_T[0]:
-        for r in range(0, nr4, F32_R):
-            _f32_a(tile, r * ld, ld, nvec, X, xo, xst, out, oo + r, ost)
-    elif T_ == F32_T[1]:
-        for r in range(0, nr4, F32_R):
-            _f32_b(tile, r * ld, ld, nvec, X, xo, xst, out, oo + r, ost)
-    elif T_ == F32_T[2]:
-        for r in range(0, nr4, F32_R):
-            _f32_c(tile, r * ld, ld, nvec, X, xo, xst, out, oo + r, ost)
-    else:
-        for r in range(0, nr4, F32_R):
-            _f32_d(tile, r * ld, ld, nvec, X, xo, xst, out, oo + r, ost)
-
-
-@qregistry.jit(cache=True)  # reads quant.cpu.decode: recompiled when the registry changes
-def _item(raw, wtype, e, r0, nr, cols, X, QC, D, p0, n, out, ooff, ost, tile, tiles):
-    """out[ooff + t*ost + r] += W[e, r0+r, :] . X[p0+t, :] for t < n, r < nr (rounded up to 4).
-
-    X rows are ALIGN-aligned with zeros past ``cols``; ``tile`` holds rows x kc_tile floats.
-    With ``QC.size`` (MXFP4 only), X's rows quantised (quant.cpu.quantize_q8) are read instead.
-    """
-    _, kc_direct, kc_tile, tile_min, _ = tiles
-    xst = X.shape[1]
-    if QC.size:
-        nbx = xst // _MX_QK
-        wst = raw.shape[2]
-        base = (e * raw.shape[1] + r0) * wst
-        for t in range(0, n, 4):  # x of 4 tokens (4 x 5.6 KB at 2880 columns) stays in L1
-            _q8_pass(min(4, n - t), raw, base, wst, cols // _MX_QK, nr, QC, D, (p0 + t) * nbx, nbx,
-                     out, ooff + t * ost, ost)
-        return
-    if wtype == _MXFP4 and n < tile_min and nr % 4 == 0:
-        # direct: tokens in groups of 8, the rest in one group; each group is one pass over the weights
-        nblk = cols // _MX_QK
-        wst = raw.shape[2]
-        base = (e * raw.shape[1] + r0) * wst
-        kc = kc_direct if n > 8 else nblk  # up to 8 tokens' x fit L1 whole
-        for k0 in range(0, nblk, kc):
-            nk = min(kc, nblk - k0)
-            for t in range(0, n, 8):
-                _direct_pass(min(8, n - t), raw, base + k0 * _MX_BYTES, wst, nk, nr,
-                             X, (p0 + t) * xst + k0 * _MX_QK, xst, out, ooff + t * ost, ost)
-        return
-    nr4 = (nr + F32_R - 1) // F32_R * F32_R
-    for c0 in range(0, cols, kc_tile):
-        c1 = min(cols, c0 + kc_tile)
-        nvec = (c1 - c0 + W - 1) // W
-        _decode_tile(raw, wtype, e, r0, nr, c0, c1, tile, kc_tile, nvec * W)
-        t = 0
-        while t < n:
-            T_ = F32_T[0]
-            for cand in F32_T:  # the widest kernel that fits the tokens left
-                if cand <= n - t:
-                    T_ = cand
-                    break
-            _tile_pass(T_, tile, kc_tile, nvec, nr4, X, (p0 + t) * xst + c0, xst, out, ooff + t * ost, ost)
-            t += T_
-
-
-def _bucket(ids, n_experts):
-    """Pairs t*k+j grouped by expert (routing's buckets) as int64, plus the position
-    of each pair in that order: (pairs, starts[E+1], used, pos[T*k])."""
-    bk = bucket(ids, n_experts)
-    pairs = bk.pairs.astype(np.int64)
-    pos = np.empty_like(pairs)
-    pos[pairs] = np.arange(pairs.size)
-    return pairs, bk.offsets.astype(np.int64), bk.used.astype(np.int64), pos
-
-
-@nb.njit(cache=True)
-def _work_items(starts, used, rows, rt, nchunks):
-    """Items (expert, first row) row-tile-major, and chunk bounds of about equal cost."""
-    ntile = (rows + rt - 1) // rt
-    m = ntile * used.size
-    item_e = np.empty(m, np.int64)
-    item_r = np.empty(m, np.int64)
-    cost = np.zeros(m + 1, np.float64)
-    i = 0
-    for tr in range(ntile):
-        for e in used:
-            item_e[i] = e
-            item_r[i] = tr * rt
-            # decoding a row costs about as much as two tokens' dot products
-            cost[i + 1] = cost[i] + (starts[e + 1] - starts[e] + 2) * min(rt, rows - tr * rt)
-            i += 1
-    nch = max(1, min(nchunks, m))
-    bounds = np.zeros(nch + 1, np.int64)
-    j = 0
-    for c in range(1, nch):
-        while j < m and cost[j] < cost[m] * c / nch:
-            j += 1
-        bounds[c] = j
-    bounds[nch] = m
-    return item_e, item_r, bounds
-
-
-@nb.njit(cache=True)
-def _gather(x, pairs, k, width, slot_rows):
-    """X[p] = x[pairs[p] // k] (or x[pairs[p]] when slot_rows), aligned rows of ``width``, zero padded."""
-    P, cols = pairs.size, x.shape[1]
-    X = _aligned(max(P, 1) * width).reshape((max(P, 1), width))
-    for p in range(P):
-        src = pairs[p] if slot_rows else pairs[p] // k
-        for c in range(cols):
-            X[p, c] = x[src, c]
-        for c in range(cols, width):
-            X[p, c] = 0.0
-    return X
-
-
-@nb.njit(inline="always")
-def _act(g, u, act):
-    if act == _SWIGLU:
-        return _swiglu_oai(g, u)
-    return _silu(g, u)
-
-
-@qregistry.jit(parallel=True, cache=True)
-def _grouped(graw, uraw, wtype, rows, cols, X, starts, used, gb, ub, act, H, tiles, nchunks, q8):
-    """H[p, r] += W[e(p), r, :] . X[p, :] for every pair p (H pre-zeroed).
-
-    With act >= 0 gate and up are fused (``uraw`` the up experts): H = act(gate + gb, up + ub).
-    With q8 (MXFP4 only) X is quantised to int8 blocks first and the int8 kernels run.
-    One call site of _item keeps the unrolled kernels compiled once.
-    """
-    fused = act >= 0
-    rt, kc_tile = tiles[0], tiles[2]
-    P, nbx = X.shape[0], X.shape[1] // _MX_QK
-    QC = _aligned(P * nbx * qcpu.Q8_REC // 4 if q8 else 0).view(np.uint8)
-    D = _aligned(P * nbx * qcpu.Q8_DREP if q8 else 0)
-    if q8:
-        if P <= 16:  # decode: a parallel region costs more than these few rows (~3 us each)
-            for p in range(P):
-                qcpu.quantize_q8_row(X, p, nbx, QC, D)
-        else:
-            for p in nb.prange(P):
-                qcpu.quantize_q8_row(X, p, nbx, QC, D)
-    item_e, item_r, bounds = _work_items(starts, used, rows, rt, nchunks)
-    nmax = 1
-    for e in used:
-        nmax = max(nmax, starts[e + 1] - starts[e])
-    hflat = H.reshape(-1)
-    for c in nb.prange(bounds.size - 1):
-        tile = _aligned(rt * kc_tile)
-        U = _aligned(nmax * rt if fused else 1)
-        for it in range(bounds[c], bounds[c + 1]):
-            e, r0 = item_e[it], item_r[it]
-            p0, nr = starts[e], min(rt, rows - item_r[it])
-            n = starts[e + 1] - p0
-            for m in range(2 if fused else 1):
-                if m == 0:
-                    raw, dst, doff, dst_st = graw, hflat, p0 * H.shape[1] + r0, H.shape[1]
-                else:
-                    raw, dst, doff, dst_st = uraw, U, 0, rt
-                    U[:n * rt] = 0.0
-                _item(raw, wtype, e, r0, nr, cols, X, QC, D, p0, n, dst, doff, dst_st, tile, tiles)
-            if fused:
-                nv = nr // W  # whole vectors in the IR kernel, the rest (unquantised types) here
-                for t in range(n):
-                    ho = (p0 + t) * H.shape[1] + r0
-                    if nv and act == _SWIGLU:
-                        _act_swiglu(hflat, ho, U, t * rt, gb, e * gb.shape[1] + r0, ub, e * ub.shape[1] + r0, nv)
-                    elif nv:
-                        _act_silu(hflat, ho, U, t * rt, gb, e * gb.shape[1] + r0, ub, e * ub.shape[1] + r0, nv)
-                    for r in range(nv * W, nr):
-                        g = H[p0 + t, r0 + r] + gb[e, r0 + r]
-                        u = U[t * rt + r] + ub[e, r0 + r]
-                        H[p0 + t, r0 + r] = _act(g, u, act)
-
-
-@nb.njit(parallel=True, cache=True)
-def _combine(Y, pos, weights, ids, db, out):
-    """out[t] = sum_j w[t, j] * (Y[pos[t, j]] + b_down[ids[t, j]]), j ascending."""
-    n = weights.shape[0]
-    if n <= 4:  # decode: waking the threads costs more than these rows
-        for t in range(n):
-            _combine_row(Y, pos, weights, ids, db, out, t)
-    else:
-        for t in nb.prange(n):
-            _combine_row(Y, pos, weights, ids, db, out, t)
-
-
-@nb.njit(inline="always")
-def _combine_row(Y, pos, weights, ids, db, out, t):
-    k = weights.shape[1]
-    for c in range(out.shape[1]):
-        s = np.float32(0.0)
-        for j in range(k):
-            s += weights[t, j] * (Y[pos[t * k + j], c] + db[ids[t, j], c])
-        out[t, c] = s
-
-
-@nb.njit(cache=True)
-def _check_ids(ids, n_experts):
-    for t in range(ids.shape[0]):
-        for j in range(ids.shape[1]):
-            if ids[t, j] < 0 or ids[t, j] >= n_experts:
-                return t, j
-    return -1, -1
-
-
-# ---------------------------------------------------------------- Python API
-def _pad(n, m=32):
-    return (n + m - 1) // m * m
 
 
 def _check_tensor(name, t):
     if not isinstance(t, ExpertTensor):
         raise TypeError(f"{name} must be an ExpertTensor, got {type(t).__name__}")
-    if not qregistry.has(t.ggml_type, "cpu"):
-        raise NotImplementedError(f"{name}: GGML type {qtypes.type_name(t.ggml_type)} is not supported "
-                                  f"(supported: {', '.join(qtypes.type_name(q) for q in qcpu.types())})")
-    qt = int(t.ggml_type)
-    raw = t.raw
-    if raw.shape != (t.n_experts, t.rows, qtypes.row_nbytes(qt, t.cols)) or not raw.flags.c_contiguous:
-        raise ValueError(f"{name}: bytes {raw.shape} do not hold {t.n_experts} x [{t.rows}, {t.cols}] "
-                         f"{qtypes.type_name(qt)}")
-    if t.rows < 1 or t.cols < 1 or t.n_experts < 1:
-        raise ValueError(f"{name}: empty tensor [{t.n_experts}, {t.rows}, {t.cols}]")
+    K.check_experts(name, t.raw, t.ggml_type, t.n_experts, t.rows, t.cols)
     return _raw(t)
 
 
 def _raw(t):
     return t.readonly, int(t.ggml_type)
-
-
-def _check_x(x, cols, what="x", ndim=2):
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{what} must be a numpy array, got {type(x).__name__}")
-    if x.dtype != np.float32:
-        raise TypeError(f"{what} must be float32, got {x.dtype}")
-    if x.ndim != ndim or x.shape[-1] != cols:
-        raise ValueError(f"{what} has shape {x.shape}, expected {'[n_tokens, ' if ndim == 2 else '[..., '}{cols}]")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{what} holds NaN or inf")
-
-
-def _check_routing(ids, n_tokens, n_experts, weights=None):
-    if not isinstance(ids, np.ndarray) or not np.issubdtype(ids.dtype, np.integer):
-        raise TypeError(f"ids must be an integer numpy array, got {getattr(ids, 'dtype', type(ids))}")
-    if ids.ndim != 2 or ids.shape[0] != n_tokens or ids.shape[1] < 1:
-        raise ValueError(f"ids has shape {ids.shape}, expected [n_tokens={n_tokens}, k>=1]")
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    t, j = _check_ids(ids, n_experts)
-    if t >= 0:
-        raise ValueError(f"ids[{t}, {j}] = {ids[t, j]} is out of range [0, {n_experts})")
-    if weights is None:
-        return ids, None
-    if not isinstance(weights, np.ndarray) or not np.issubdtype(weights.dtype, np.floating):
-        raise TypeError(f"weights must be a float numpy array, got {getattr(weights, 'dtype', type(weights))}")
-    if weights.shape != ids.shape:
-        raise ValueError(f"weights has shape {weights.shape}, expected {ids.shape} (as ids)")
-    weights = np.ascontiguousarray(weights, dtype=np.float32)
-    if not np.isfinite(weights).all():
-        raise ValueError("weights hold NaN or inf")
-    return ids, weights
-
-
-def _check_out(out, shape):
-    if out is None:
-        return np.empty(shape, np.float32)
-    if not isinstance(out, np.ndarray) or out.dtype != np.float32:
-        raise TypeError(f"out must be a float32 numpy array, got {getattr(out, 'dtype', type(out))}")
-    if out.shape != shape:
-        raise ValueError(f"out has shape {out.shape}, expected {shape}")
-    if not out.flags.c_contiguous or not out.flags.writeable:
-        raise ValueError("out must be C-contiguous and writeable")
-    return out
-
-
-_NO_BIAS = np.zeros((1, 1), np.float32)
-
-
-def _zeros_aligned(rows, width):
-    a = _aligned(max(rows, 1) * width).reshape(max(rows, 1), width)
-    a[:] = 0.0
-    return a
-
-
-def _chunks():
-    # A few chunks per thread, handed out one at a time: a thread that is
-    # descheduled (shared machines) delays one small chunk, not half the work.
-    return 4 * nb.get_num_threads()
-
-
-def _use_q8(wtype, n_tokens, tl):
-    return Q8_VARIANT is not None and wtype == _MXFP4 and n_tokens <= tl[4]
-
-
-def _check_block(tl, wtype):
-    # decoded tiles hold whole blocks: kc_tile must be a multiple of the format's block
-    blk = qregistry.block_size(wtype)
-    if tl[2] % blk:
-        raise ValueError(f"CpuTiles.kc_tile ({tl[2]}) must be a multiple of {qtypes.type_name(wtype)}'s block "
-                         f"of {blk}")
-
-
-def _check_tiles(tiles):
-    if tiles is None:
-        return TILES.astuple()
-    if not isinstance(tiles, CpuTiles):
-        raise TypeError(f"tiles must be a CpuTiles, got {type(tiles).__name__}")
-    return tiles.astuple()
 
 
 def mul_mat_id_cpu(w: ExpertTensor, x: np.ndarray, ids: np.ndarray, *, tiles: CpuTiles | None = None) -> np.ndarray:
@@ -504,24 +38,16 @@ def mul_mat_id_cpu(w: ExpertTensor, x: np.ndarray, ids: np.ndarray, *, tiles: Cp
     token, decode) multiply int8-quantised ``x`` as ggml does; otherwise float32 throughout.
     """
     raw, wtype = _check_tensor("w", w)
-    tl = _check_tiles(tiles)
-    _check_block(tl, wtype)
+    tl = K.check_tiles(tiles)
+    K.check_block(tl, wtype)
     if not isinstance(x, np.ndarray) or x.ndim not in (2, 3):
         raise ValueError(f"x must be [n_tokens, {w.cols}] or [n_tokens, k, {w.cols}]")
-    _check_x(x, w.cols, ndim=x.ndim)
-    ids, _ = _check_routing(ids, x.shape[0], w.n_experts)
+    K.check_x(x, w.cols, ndim=x.ndim)
+    ids, _ = K.check_routing(ids, x.shape[0], w.n_experts)
     n, k = ids.shape
     if x.ndim == 3 and x.shape[1] != k:
         raise ValueError(f"x has {x.shape[1]} slots per token, ids has k={k}")
-    if n == 0:
-        return np.zeros((0, k, w.rows), np.float32)
-    pairs, starts, used, pos = _bucket(ids, w.n_experts)
-    X = _gather(np.ascontiguousarray(x.reshape(-1, w.cols)), pairs, k, _pad(w.cols), x.ndim == 3)
-    Y = _zeros_aligned(pairs.size, _pad(w.rows))
-    with nb.parallel_chunksize(1):
-        _grouped(raw, raw, wtype, w.rows, w.cols, X, starts, used, _NO_BIAS, _NO_BIAS, -1, Y, tl, _chunks(),
-                 _use_q8(wtype, n, tl))
-    return Y[pos, :w.rows].reshape(n, k, w.rows)
+    return K.mul_mat_id(raw, wtype, w.rows, w.cols, x, ids, tl)
 
 
 def expert_matmul_cpu(w: ExpertTensor, e: int, x: np.ndarray, *, tiles: CpuTiles | None = None) -> np.ndarray:
@@ -536,7 +62,7 @@ def expert_matmul_cpu(w: ExpertTensor, e: int, x: np.ndarray, *, tiles: CpuTiles
         raise ValueError(f"expert {e} is out of range [0, {w.n_experts})")
     vec = isinstance(x, np.ndarray) and x.ndim == 1
     x2 = x[None] if vec else x
-    _check_x(x2, w.cols)
+    K.check_x(x2, w.cols)
     y = mul_mat_id_cpu(w, x2, np.full((x2.shape[0], 1), e, np.int64), tiles=tiles)[:, 0]
     return y[0] if vec else y
 
@@ -565,10 +91,10 @@ def moe_ffn_cpu(layer: MoELayer, x: np.ndarray, ids: np.ndarray, weights: np.nda
             raise ValueError(f"{name} experts are {(t.n_experts, t.rows, t.cols)}, expected {shape}")
     if layer.activation not in ACT_CODE:
         raise ValueError(f"unknown activation {layer.activation!r}")
-    tl = _check_tiles(tiles)
-    _check_x(x, D)
-    ids, weights = _check_routing(ids, x.shape[0], E, weights)
-    out = _check_out(out, (x.shape[0], D))
+    tl = K.check_tiles(tiles)
+    K.check_x(x, D)
+    ids, weights = K.check_routing(ids, x.shape[0], E, weights)
+    out = K.check_out(out, (x.shape[0], D))
     for name, b, shape in (("gate_b", layer.gate_b, (E, F)), ("up_b", layer.up_b, (E, F)),
                            ("down_b", layer.down_b, (E, D))):
         if b is not None and (not isinstance(b, np.ndarray) or b.dtype != np.float32 or b.shape != shape):
@@ -603,19 +129,4 @@ def _ffn(layer, x, ids, weights, out, tl):
     draw, dtype_ = _raw(layer.down)
     biases = [_zero_bias(shape) if b is None else np.ascontiguousarray(b)
               for b, shape in ((layer.gate_b, (E, F)), (layer.up_b, (E, F)), (layer.down_b, (E, D)))]
-    _check_block(tl, gtype)
-    _check_block(tl, dtype_)
-    n, k = ids.shape
-    if n == 0:
-        return out
-    pairs, starts, used, pos = _bucket(ids, E)
-    X = _gather(np.ascontiguousarray(x), pairs, k, _pad(D), False)
-    H = _zeros_aligned(pairs.size, _pad(F))
-    Y = _zeros_aligned(pairs.size, _pad(D))
-    with nb.parallel_chunksize(1):
-        _grouped(graw, uraw, gtype, F, D, X, starts, used, biases[0], biases[1], ACT_CODE[layer.activation], H,
-                 tl, _chunks(), _use_q8(gtype, n, tl))
-        _grouped(draw, draw, dtype_, D, F, H, starts, used, _NO_BIAS, _NO_BIAS, -1, Y, tl, _chunks(),
-                 _use_q8(dtype_, n, tl))
-    _combine(Y, pos, weights, ids, biases[2], out)
-    return out
+    return K.moe_ffn(graw, uraw, draw, gtype, dtype_, F, biases, layer.activation, x, ids, weights, out, tl)

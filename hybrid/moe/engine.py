@@ -40,7 +40,8 @@ from numba import cuda
 
 from quant.types import type_name
 
-from . import copyplan, kernels
+from ..kernels.cuda import experts as kernels
+from . import copyplan
 from .transfer import HostMemory, device_buffer
 
 
@@ -49,8 +50,8 @@ class DeviceEngine:
         self.layers = layers
         first = layers[0]
         for t in (first.gate, first.up, first.down):
-            if int(t.ggml_type) not in kernels.SUPPORTED:
-                raise ValueError(f"the CUDA kernels read {', '.join(type_name(s) for s in kernels.SUPPORTED)} "
+            if int(t.ggml_type) not in kernels.expert_types():
+                raise ValueError(f"the CUDA kernels read {', '.join(type_name(s) for s in kernels.expert_types())} "
                                  f"experts, not {type_name(t.ggml_type)}; use device='cpu' for this model")
         assert launch_tiles is None or launch_tiles >= 1  # checked by HybridMoE
         self.n_embd, self.n_ff, self.k = first.n_embd, first.n_ff, first.k
@@ -232,7 +233,8 @@ class DeviceEngine:
         kernels.moe_launch(x_d, bk_d, t_lo, t_hi, slots_d, v["gate"], v["up"], v["down"],
                            v.get("gate_b"), v.get("up_b"), v.get("down_b"), w_d, buf["act"], buf["y"],
                            n_embd=self.n_embd, n_ff=self.n_ff, k=self.k, activation=L.activation,
-                           tiles=self.tiles, stream=self.compute_stream)
+                           tiles=self.tiles, gate_type=L.gate.ggml_type, down_type=L.down.ggml_type,
+                           stream=self.compute_stream)
 
 
 def scratch_shapes(T, k, n_embd, n_ff, n_experts, block_pairs) -> dict:
@@ -308,13 +310,13 @@ def router_dense(L):
     """Layer ``L``'s router weight (float32 [E, n_embd]) as a dense F32 weight."""
     from gguf.constants import GGMLQuantizationType as T
 
-    from ..model.dense import Dense
+    from ..kernels.cpu.dense import Dense
     return Dense(L.tensor_names()["router_w"], L.router_w, T.F32, L.router_w.shape)
 
 
 def router_on_device(L, stream=0, tiles=None):
     """The router of ``L`` on the device (``DeviceDense``): the logits of device hidden states."""
-    from ..model.device_dense import DeviceDense
+    from ..kernels.cuda.dense import DeviceDense
     return DeviceDense(router_dense(L), stream=stream, tiles=tiles)
 
 

@@ -116,7 +116,7 @@ class HybridMoE:
         if stats is not None and not isinstance(stats, Stats):
             raise TypeError(f"stats must be a hybrid.moe.stats.Stats or None, got {type(stats).__name__}")
         if tiles is not None:
-            from .kernels import TileConfig  # only when given: the cpu target imports no kernels
+            from ..kernels.cuda.experts import TileConfig  # only when given: the cpu target imports no kernels
             if not isinstance(tiles, TileConfig):
                 raise TypeError(f"tiles must be a kernels.TileConfig or None, got {type(tiles).__name__}")
         if host not in HOST_MODES:

@@ -85,7 +85,7 @@ class F16(_Float, ggml_type=T.F16):
         return ~np.isfinite(blocks.reshape(-1).view(np.float16))
 
     @staticmethod
-    def ir_block(b, lanes, p8, off):
+    def ir_block(b, isa_mode, lanes, p8, off):
         from ..simd import emit_f16_block_f32
         return emit_f16_block_f32(b, lanes, p8, off)
 
@@ -103,7 +103,7 @@ class BF16(_Float, ggml_type=T.BF16):
         return (blocks.reshape(-1).view(np.uint16) & 0x7F80) == 0x7F80  # exponent all ones: inf or NaN
 
     @staticmethod
-    def ir_block(b, lanes, p8, off):
+    def ir_block(b, isa_mode, lanes, p8, off):
         from ..simd import emit_bf16_block_f32
         return emit_bf16_block_f32(b, lanes, p8, off)
 

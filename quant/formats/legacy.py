@@ -38,7 +38,7 @@ class Q8_0(Format, ggml_type=T.Q8_0):
         return ~np.isfinite(blocks[:, :2].copy().view(np.float16)[:, 0])
 
     @staticmethod
-    def ir_block(b, lanes, p8, off):
+    def ir_block(b, isa_mode, lanes, p8, off):
         from ..simd import emit_q8_0_block_f32
         return emit_q8_0_block_f32(b, lanes, p8, off)
 

@@ -11,25 +11,11 @@ import functools
 import numba as nb
 import numpy as np
 from numba import cuda  # a module global: the simulator swaps it in kernels
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.constants import GGMLQuantizationType
 
 from ..registry import Format
 
-QK, BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.MXFP4]
-HALF = QK // 2
-# E2M1 values, doubled (the table ggml calls kvalues_mxfp4).
-KVALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int8)
-KVALUES_F32 = KVALUES.astype(np.float32)
-
-
-def e8m0_half_table() -> np.ndarray:
-    """half(e) for all 256 exponents, as float32 (decoders index it)."""
-    e = np.arange(256, dtype=np.uint32)
-    bits = np.where(e < 2, np.uint32(0x00200000) << e, (e - np.uint32(1)) << np.uint32(23))
-    return bits.astype(np.uint32).view(np.float32)
-
-
-SCALES = e8m0_half_table()
+from ..tables import BLOCK_BYTES, HALF, KVALUES, KVALUES_F32, QK, SCALES, e8m0_half_table  # noqa: F401
 
 
 @nb.njit(parallel=True, cache=True)
@@ -174,6 +160,11 @@ class MXFP4(Format, ggml_type=GGMLQuantizationType.MXFP4):
         e = int(raw[0])
         return ("a block of exponent 255 (NaN in the MX format)" if e == NAN_EXPONENT
                 else f"a block of exponent {e} that decodes beyond float32's range")
+
+    @staticmethod
+    def ir_block(b, isa_mode, lanes, p8, off):
+        from ..simd import emit_block_f32
+        return emit_block_f32(b, isa_mode, lanes, p8, off)
 
     @classmethod
     def cuda_tile(cls, rows, k_chunk, n_threads, stride):

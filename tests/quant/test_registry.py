@@ -128,7 +128,7 @@ def test_toy_leaves_no_trace():
 def test_toy_flows_through_cpu_matmuls(toy):
     from hybrid.moe import cpu
     from hybrid.moe.layer import ExpertTensor
-    from hybrid.model.dense import Dense
+    from hybrid.kernels.cpu.dense import Dense
     rng = np.random.default_rng(2)
     E, rows, cols = 3, 20, 64
     raw = _toy_bytes(rng, E * rows * cols // 4).reshape(E, rows, cols // 4 * 5)
@@ -147,3 +147,26 @@ def test_toy_flows_through_cpu_matmuls(toy):
         assert np.array_equal(d.rows(np.array([3, 0])), w[0][[3, 0]])
         ref = xd.astype(np.float64) @ w[0].astype(np.float64).T
         assert np.abs(d.matmul(xd) - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_compiled_consumers_are_keyed_on_the_registry():
+    # numba's disk cache keys a function on its own source only: a consumer of the generated
+    # dispatcher compiled before a format existed must not be loaded after it registers
+    from numba.core import types as nt
+    d = qcpu._decode_all
+    assert isinstance(d._cache, registry._RegistryCache) and d in registry._CONSUMERS
+    sig = (nt.Array(nt.uint8, 3, "C"), nt.int64, nt.int64, nt.Array(nt.float32, 1, "C"))
+    codegen = d.targetctx.codegen()
+    before = d._cache._index_key(sig, codegen)
+
+    class Toy(registry.Format, ggml_type=TOY_ID):
+        name, block, block_bytes = "TOY", 4, 5
+        decode_block = _toy_block
+        decode_numpy = staticmethod(_toy_numpy)
+    try:
+        assert registry.fingerprint()[-1][:3] == (TOY_ID, __name__, "test_compiled_consumers_are_keyed_on_the_registry"
+                                                  ".<locals>.Toy")
+        assert d._cache._index_key(sig, codegen) != before
+    finally:
+        registry.unregister(TOY_ID)
+    assert d._cache._index_key(sig, codegen) == before

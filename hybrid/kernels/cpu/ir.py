@@ -13,27 +13,30 @@ from numba.core import cgutils
 
 from gguf.constants import GGMLQuantizationType as GT
 
-from quant import mxfp4
+from quant import mxfp4, registry as qregistry
 from quant.types import row_nbytes
 from quant.cpu import Q8_DREP, Q8_REC
 from quant.simd import (F32 as _F32, HAS as _HAS, I8 as _I8, I32 as _I32, I64 as _I64, ISAS, P8 as _P8,
-                        best_isa, c64 as _c64, emit_block_f32, emit_block_u8, emit_dot_u8_i8,
-                        emit_bf16_block_f32, emit_f16_block_f32, emit_loop, emit_pair_u8, emit_q8_0_block_f32, ivec as _ivec, load as _load,
+                        best_isa, c64 as _c64, emit_block_u8, emit_dot_u8_i8,
+                        emit_loop, emit_pair_u8, ivec as _ivec, load as _load,
                         make_intrinsic as _make_intrinsic, make_mx_decode, mode as _mode, new_fn as _new_fn,
                         q8_isa, q8_isas, shuf as _shuf, splat as _splat, store as _store, supported_isas,
                         vec as _vec)
 
-from .activation import ACT_CODE, SWIGLU_ALPHA, SWIGLU_LIMIT
+from ...moe.activation import ACT_CODE, SWIGLU_ALPHA, SWIGLU_LIMIT
 
-__all__ = ["ISAS", "W", "best_isa", "supported_isas", "q8_isa", "q8_isas", "make_mx_dot", "make_q8_dot", "make_block_dot", "BLOCK_FORMATS",
+__all__ = ["ISAS", "W", "best_isa", "supported_isas", "q8_isa", "q8_isas", "make_mx_dot", "make_q8_dot", "make_block_dot", "block_dot_types", "GROUP",
            "make_mx_decode", "make_f32_dot", "make_act"]
 
 _MX_BYTES = mxfp4.BLOCK_BYTES
 W = 16 if _HAS["avx512"] else 8  # float32 lanes of the f32 kernels
 # Bytes of 32 weights of each format the block dots read, and their register decoders.
-BLOCK_FORMATS = {fmt: row_nbytes(t, 32) for fmt, t in (("mxfp4", GT.MXFP4), ("q8_0", GT.Q8_0), ("f16", GT.F16),
-                                                       ("bf16", GT.BF16))}
-_BLOCK_DECODERS = {"q8_0": emit_q8_0_block_f32, "f16": emit_f16_block_f32, "bf16": emit_bf16_block_f32}
+GROUP = 32  # elements per step of the block dots: one format's ``ir_block`` yields 32 // lanes vectors
+
+
+def block_dot_types() -> tuple:
+    """GGML ids the block dots read: the formats with an ``ir_block`` whose block divides GROUP."""
+    return tuple(f.ggml_type for f in qregistry.formats() if f.ir_block is not None and GROUP % f.block == 0)
 
 
 # ---------------------------------------------------------------- LLVM IR kernels
@@ -89,11 +92,13 @@ def _emit_store_sums(b, accs, R, T_, lanes, out, ooff, ost):
             b.store(b.fadd(b.load(p, align=4), sums), p, align=4)
 
 
-def _build_mx_dot(module, R, T_, isa, fmt="mxfp4"):
-    """out[t, r] += W[r, blocks] . x[t, :] for R rows x T tokens, blocks of 32 weights of
-    ``fmt`` (one of ``BLOCK_FORMATS``) decoded in registers."""
+def _build_mx_dot(module, R, T_, isa, wtype=int(GT.MXFP4)):
+    """out[t, r] += W[r, groups] . x[t, :] for R rows x T tokens, groups of GROUP weights of GGML
+    type ``wtype`` (one of ``block_dot_types()``) decoded in registers by its ``ir_block``."""
     isa_mode, lanes = _mode(isa)
-    block_bytes = BLOCK_FORMATS[fmt]
+    f = qregistry.get(wtype)
+    block_bytes = row_nbytes(wtype, GROUP)
+    fmt = f.name.lower()
     fn, entry = _new_fn(module, f"hyb_{fmt}_dot_r{R}_t{T_}_{isa}", [_P8, _I64, _I64, _I64, _P8, _I64, _I64,
                                                                   _P8, _I64, _I64])
     if entry is None:
@@ -109,8 +114,7 @@ def _build_mx_dot(module, R, T_, isa, fmt="mxfp4"):
         new = []
         for r in range(R):
             at = b.add(b.add(woff, b.mul(_c64(r), wst)), b.mul(i, _c64(block_bytes)))
-            wv = (emit_block_f32(b, isa_mode, lanes, w, at) if fmt == "mxfp4"
-                  else _BLOCK_DECODERS[fmt](b, lanes, w, at))
+            wv = f.ir_block(b, isa_mode, lanes, w, at)
             for t in range(T_):
                 a = accs[r * T_ + t]
                 for v in range(nv):
@@ -281,11 +285,14 @@ def make_mx_dot(R, T_, isa):
     return _make_intrinsic(f"mx_dot_{R}x{T_}_{isa}", lambda m: _build_mx_dot(m, R, T_, isa), 10, (0, 4, 7))
 
 
-def make_block_dot(fmt, R, T_, isa):
-    """As ``make_mx_dot`` for rows of another format in ``BLOCK_FORMATS`` (dense weights)."""
-    if fmt not in BLOCK_FORMATS:
-        raise ValueError(f"fmt must be one of {tuple(BLOCK_FORMATS)}, got {fmt!r}")
-    return _make_intrinsic(f"{fmt}_dot_{R}x{T_}_{isa}", lambda m: _build_mx_dot(m, R, T_, isa, fmt), 10, (0, 4, 7))
+def make_block_dot(wtype, R, T_, isa):
+    """As ``make_mx_dot`` for rows of any GGML type in ``block_dot_types()`` (dense weights)."""
+    if not qregistry.has(wtype) or int(wtype) not in block_dot_types():
+        raise ValueError(f"the block dots read {', '.join(qregistry.type_name(t) for t in block_dot_types())}, "
+                         f"not {qregistry.type_name(wtype)}")
+    fmt = qregistry.get(wtype).name.lower()
+    return _make_intrinsic(f"{fmt}_dot_{R}x{T_}_{isa}", lambda m: _build_mx_dot(m, R, T_, isa, int(wtype)), 10,
+                           (0, 4, 7))
 
 
 def make_q8_dot(R, T_, variant):

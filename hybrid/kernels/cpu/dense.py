@@ -4,11 +4,13 @@
 - a batch of tokens decodes W a tile of rows at a time (``quant.types``, float32)
   and multiplies each tile with BLAS, so the decoded copy stays a few MB;
 - one to a few tokens (decode steps) run a Numba kernel on the stored bytes
-  (Q8_0, F16, BF16, MXFP4 blocks decoded in registers by ``cpu_ir``'s block dots;
+  (Q8_0, F16, BF16, MXFP4 blocks decoded in registers by the block dots of ``hybrid.kernels.cpu.ir``;
   F32 goes to BLAS): every weight byte is read once, at memory speed.
 ``Dense.rows(ids)`` decodes only the given rows (the embedding lookup).
 """
 from __future__ import annotations
+
+import functools
 
 import numba as nb
 import numpy as np
@@ -16,22 +18,51 @@ from gguf.constants import GGMLQuantizationType as T
 
 from quant import registry as qregistry, types as qtypes
 
-from ..moe.cpu_ir import best_isa, make_block_dot, make_mx_dot
+from .ir import GROUP, best_isa, block_dot_types, make_block_dot, make_mx_dot
 
 __all__ = ["Dense"]
 
 _TILE_BYTES = 1 << 21  # decoded float32 tile: fits in L2/L3
 _DIRECT_MAX_TOKENS = 4  # up to this many tokens, the direct kernel
 _PARALLEL_BYTES = 1 << 18  # smaller matrices run on one thread
-_DIRECT = (T.Q8_0, T.F16, T.BF16, T.MXFP4)  # decoded in registers by the block dots; F32 goes to BLAS
 _R = 4  # rows per block-dot call: R x 1 token of accumulators fit the registers on AVX2 and AVX-512
-_MXFP4, _Q8_0, _F16, _BF16 = range(4)  # what the kernel branches on
-_FMT = {int(T.MXFP4): _MXFP4, int(T.Q8_0): _Q8_0, int(T.F16): _F16, int(T.BF16): _BF16}
-_mx_rows, _mx_row = make_mx_dot(_R, 1, best_isa()), make_mx_dot(1, 1, best_isa())
-_q8_0_rows, _q8_0_row = (make_block_dot("q8_0", n, 1, best_isa()) for n in (_R, 1))
-_f16_rows, _f16_row = (make_block_dot("f16", n, 1, best_isa()) for n in (_R, 1))
-_bf16_rows, _bf16_row = (make_block_dot("bf16", n, 1, best_isa()) for n in (_R, 1))
-_QK = 32  # lanes of the direct kernel; rows of these types hold whole blocks of 32 (row_nbytes checks)
+
+
+def _direct_types():
+    """Types the direct kernel reads in registers (``ir.block_dot_types``); F32 goes to BLAS."""
+    return tuple(t for t in block_dot_types() if t != int(T.F32))
+
+
+@functools.lru_cache(maxsize=None)
+def _dots(wtype, n_rows):
+    return make_mx_dot(n_rows, 1, best_isa()) if wtype == int(T.MXFP4) else make_block_dot(wtype, n_rows, 1, best_isa())
+
+
+def _build_block_dot():
+    """``_block_dot(fmt, ...)``: one call site per intrinsic (each compiled once into the kernel),
+    ``fmt`` the GGML id; generated from the registry (Numba cannot call through a dict)."""
+    types = _direct_types()
+    ns, lines = {}, ["def _block_dot(fmt, raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows, n_rows):"]
+    args = "(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)"
+    for head, n in (("    if n_rows == _R:", _R), ("    else:", 1)):
+        lines.append(head)
+        for i, t in enumerate(types):
+            ns[f"dot_{t}_{n}"] = _dots(t, n)
+            lines += [f"        {'if' if i == 0 else 'elif'} fmt == {t}:", f"            dot_{t}_{n}{args}"]
+        if not types:
+            lines.append("        pass")
+    ns["_R"] = _R
+    exec(compile("\n".join(lines), "<hybrid.kernels.cpu.dense._block_dot>", "exec"), ns)
+    return nb.njit(inline="always")(ns["_block_dot"])
+
+
+_block_dot = _build_block_dot()
+
+
+@qregistry.on_change
+def _rebuild():
+    global _block_dot
+    _block_dot = _build_block_dot()
 
 
 class Dense:
@@ -66,7 +97,7 @@ class Dense:
             raise ValueError(f"{self.name}: input must be float32 [n, {cols}], got {x.dtype} {x.shape}")
         x = np.ascontiguousarray(x)
         out = np.empty((x.shape[0], rows), np.float32)
-        if self.ggml_type in _DIRECT and x.shape[0] <= _DIRECT_MAX_TOKENS and cols % _QK == 0:
+        if self.ggml_type in _direct_types() and x.shape[0] <= _DIRECT_MAX_TOKENS and cols % GROUP == 0:
             _direct(self.ggml_type, x, self.raw, out)
             return out
         if self.ggml_type == T.F32:
@@ -78,36 +109,14 @@ class Dense:
         return out
 
 
-@nb.njit(inline="always")
-def _block_dot(fmt, raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows, n_rows):
-    # One call site per intrinsic: each is compiled once into the kernel.
-    if n_rows == _R:
-        if fmt == _MXFP4:
-            _mx_rows(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
-        elif fmt == _Q8_0:
-            _q8_0_rows(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
-        elif fmt == _F16:
-            _f16_rows(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
-        else:
-            _bf16_rows(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
-    elif fmt == _MXFP4:
-        _mx_row(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
-    elif fmt == _Q8_0:
-        _q8_0_row(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
-    elif fmt == _F16:
-        _f16_row(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
-    else:
-        _bf16_row(raw, woff, row_bytes, nblk, x, xoff, cols, out, ooff, rows)
-
-
-@nb.njit(parallel=True, cache=True)
+@qregistry.jit(parallel=True, cache=True)  # reads the generated _block_dot
 def _block_kernel(fmt, x, raw, out, n_chunks):
     """out[t, r] += W[r] . x[t] on the stored bytes: blocks of 32 weights decoded in registers
-    and multiplied in one pass (``cpu_ir``'s block dots, which sum in a fixed order, so the
+    and multiplied in one pass (``ir``'s block dots, which sum in a fixed order, so the
     chunking does not change a bit), ``_R`` rows at a time."""
     rows, row_bytes = raw.shape
     n_tok, cols = x.shape
-    nblk = cols // _QK
+    nblk = cols // GROUP
     groups = rows // _R
     per = (groups + n_chunks - 1) // n_chunks
     for c in nb.prange(n_chunks):
@@ -125,4 +134,4 @@ def _direct(ggml_type, x, raw, out):
     chunks = 4 * nb.get_num_threads() if raw.size >= _PARALLEL_BYTES else 1
     out[:] = 0.0  # the kernels add
     with nb.parallel_chunksize(1):
-        _block_kernel(_FMT[int(ggml_type)], x, raw, out, chunks)
+        _block_kernel(int(ggml_type), x, raw, out, chunks)

@@ -18,7 +18,7 @@ from numba import cuda, types
 
 from quant import cuda as qc
 
-from ..moe.kernels import Variant
+from .tiles import Variant
 
 __all__ = ["rmsnorm", "rope_neox", "add", "to_device_f32", "check_device", "warp_sum", "WARP", "variants"]
 

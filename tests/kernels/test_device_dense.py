@@ -1,4 +1,4 @@
-"""hybrid.model.device_dense on the simulator: x @ W.T on the stored bytes of every Dense type,
+"""hybrid.kernels.cuda.dense on the simulator: x @ W.T on the stored bytes of every Dense type,
 against Dense.matmul and a float64 reference (weights decoded by quant.types, bit-identical
 to gguf.quants); the row lookup bit for bit. Shapes are tiny: the simulator runs every GPU
 thread as a Python thread."""
@@ -8,9 +8,9 @@ from gguf import quants
 from gguf.constants import GGMLQuantizationType as T
 from numba import cuda
 
-from hybrid.model.dense import Dense
-from hybrid.model.device_dense import DenseTiles, DeviceDense
-from hybrid.moe.kernels import TileConfig
+from hybrid.kernels.cpu.dense import Dense
+from hybrid.kernels.cuda.dense import DenseTiles, DeviceDense
+from hybrid.kernels.cuda.experts import TileConfig
 from quant import cuda as qc
 from quant import mxfp4
 from quant import registry, types as qtypes
@@ -161,7 +161,7 @@ def test_bad_tiles(bad):
 def test_the_front_of_a_block_chained_on_the_device():
     # What the device forward will chain: embedding rows -> rmsnorm -> q = Wq x + bq ->
     # per-head rmsnorm (qwen3moe) -> NEOX rope over part of the head, against the CPU ops.
-    from hybrid.model import device_ops as dops
+    from hybrid.kernels.cuda import ops as dops
     from hybrid.model import ops
     rng = np.random.default_rng()
     n_vocab, D, H, d, n_rot, eps = 40, 64, 2, 32, 16, 1e-6

@@ -6,13 +6,14 @@ from gguf import quants
 from gguf.constants import GGMLQuantizationType as T
 from hypothesis import given, settings, strategies as st
 
-from hybrid.moe import cpu, cpu_ir
+from hybrid.kernels.cpu import experts as kcpu, ir as cpu_ir
+from hybrid.moe import cpu
 from hybrid.moe.layer import ExpertTensor
 from hybrid.model.tiny import random_layer
 from hybrid.moe.reference import moe_reference, route_reference, router_logits_reference, silu_gated, swiglu_oai
 from quant import cpu as qcpu, mxfp4
 
-TYPES = [T.MXFP4, T.Q8_0, T.F16, T.BF16, T.F32]
+TYPES = qcpu.types()  # every format the CPU path decodes (the registry's)
 TOL = 1e-5
 # Float activations everywhere: what the float64 reference computes, to TOL.
 F32 = cpu.CpuTiles(q8_tokens=0)
@@ -286,7 +287,7 @@ def test_bad_inputs():
 def _tile_of(t: ExpertTensor, e=0):
     rows, cols = t.rows, t.cols
     tile = np.full(((rows + 3) // 4 * 4) * cols, 7.0, np.float32)
-    cpu._decode_tile(t.raw, int(t.ggml_type), e, 0, rows, 0, cols, tile, cols, cols)
+    kcpu._decode_tile(t.raw, int(t.ggml_type), e, 0, rows, 0, cols, tile, cols, cols)
     return tile[:rows * cols].reshape(rows, cols), tile[rows * cols:]
 
 
@@ -305,7 +306,7 @@ def test_tile_decode_pads_with_zeros(wtype):
     raw = quants.quantize(rand_x(3 * 5, 64, seed=24).reshape(3, 5, 64), wtype)
     t = ExpertTensor(np.ascontiguousarray(raw).view(np.uint8).reshape(3, 5, -1), int(wtype), 5, 64)
     tile = np.full(8 * 96, 7.0, np.float32)
-    cpu._decode_tile(t.raw, int(wtype), 2, 1, 3, 32, 64, tile, 96, 48)
+    kcpu._decode_tile(t.raw, int(wtype), 2, 1, 3, 32, 64, tile, 96, 48)
     tile = tile.reshape(8, 96)
     ref = quants.dequantize(np.ascontiguousarray(raw[2]), wtype)
     assert np.array_equal(tile[:3, :32], ref[1:4, 32:64])
@@ -315,9 +316,9 @@ def test_tile_decode_pads_with_zeros(wtype):
 @nb.njit
 def _act_harness(h, u, gb, ub, swiglu):
     if swiglu:
-        cpu._act_swiglu(h, 0, u, 0, gb, 0, ub, 0, h.size // cpu.W)
+        kcpu._act_swiglu(h, 0, u, 0, gb, 0, ub, 0, h.size // kcpu.W)
     else:
-        cpu._act_silu(h, 0, u, 0, gb, 0, ub, 0, h.size // cpu.W)
+        kcpu._act_silu(h, 0, u, 0, gb, 0, ub, 0, h.size // kcpu.W)
 
 
 @pytest.mark.parametrize("swiglu", [True, False], ids=["swiglu_oai", "silu"])

@@ -1,4 +1,4 @@
-"""hybrid.moe.kernels on the simulator against the float64 reference (same routing).
+"""hybrid.kernels.cuda.experts on the simulator against the float64 reference (same routing).
 
 Whole layers go through the scheduler's own device path (``HybridMoE.forward_routed``
 on ``device="sim"``: plan, copies, waves of launches, reduce), so the tests run
@@ -12,7 +12,7 @@ from gguf.constants import GGMLQuantizationType as T
 from hypothesis import given, settings, strategies as st
 from numba import cuda
 
-from hybrid.moe import kernels as K
+from hybrid.kernels.cuda import experts as K
 from hybrid import random_layer
 from hybrid.moe.reference import moe_reference, router_logits_reference
 from hybrid.moe.routing import bucket, route
@@ -182,7 +182,8 @@ def _device_setup(layer, ids, w, x, tiles):
         up_b_d=cuda.to_device(layer.up_b), down_b_d=cuda.to_device(layer.down_b),
         weights_d=cuda.to_device(w), act_d=cuda.to_device(np.full((T_ * k, layer.n_ff), MARK)),
         y_d=cuda.to_device(np.full((T_ * k, layer.n_embd), MARK)))
-    kw = dict(n_embd=layer.n_embd, n_ff=layer.n_ff, k=k, activation=layer.activation, tiles=tiles, stream=0)
+    kw = dict(n_embd=layer.n_embd, n_ff=layer.n_ff, k=k, activation=layer.activation, tiles=tiles,
+              gate_type=layer.gate.ggml_type, down_type=layer.down.ggml_type, stream=0)
     return bk, d, kw
 
 
@@ -277,10 +278,18 @@ def test_bad_inputs_raise(launched):
         launch(slots_d=np.where(slots == bk.used[0], 8, slots).astype(np.int32))
     with pytest.raises(ValueError, match="slots must be int32"):
         launch(slots_d=slots.astype(np.int64))
-    with pytest.raises(ValueError, match="no supported expert type"):
+    with pytest.raises(ValueError, match="gate_d: uint8 rows of 16 elements do not hold 32 MXFP4 columns"):
         launch(gate_d=cuda.to_device(layer.gate.raw[:, :, :-1].copy()))
-    with pytest.raises(ValueError, match="share a type"):
+    with pytest.raises(ValueError, match="up_d: float32 rows of 32 elements do not hold 32 MXFP4 columns"):
         launch(up_d=cuda.to_device(np.zeros((8, 64, 32), np.float32)))
+    # the type is the caller's word, never a guess from the row size: MXFP4 bytes are no Q8_0 ...
+    with pytest.raises(ValueError, match="gate_d: uint8 rows of 17 elements do not hold 32 Q8_0 columns"):
+        launch(gate_type=T.Q8_0)
+    with pytest.raises(ValueError, match="down_d: uint8 rows of 34 elements do not hold 64 F32 columns"):
+        launch(down_type=T.F32)
+    # ... and a type without CUDA tile decoder is refused by name
+    with pytest.raises(NotImplementedError, match="not F16"):
+        launch(gate_type=T.F16)
     with pytest.raises(ValueError, match="must agree"):
         launch(down_d=cuda.to_device(layer.down.raw[:4].copy()))
     with pytest.raises(ValueError, match="both be given"):
@@ -289,8 +298,16 @@ def test_bad_inputs_raise(launched):
         launch(down_b_d=cuda.to_device(layer.gate_b))
     with pytest.raises(ValueError, match="activation"):
         launch(activation="relu")
-    with pytest.raises(ValueError, match="multiples of 32"):
-        launch(n_embd=48)
+    with pytest.raises(ValueError, match="must be positive"):
+        launch(n_embd=0)
+    # K must hold whole blocks of the format (MXFP4: 32), whatever the other shapes say
+    P = x.shape[0] * layer.k
+    with pytest.raises(ValueError, match="48 columns are no whole MXFP4 blocks of 32"):
+        launch(n_embd=48, x_d=cuda.to_device(np.zeros((x.shape[0], 48), np.float32)),
+               y_d=cuda.device_array((P, 48), np.float32))
+    # and so must the tile's K step: 48 is a well-formed k_chunk, no multiple of MXFP4's block
+    with pytest.raises(ValueError, match=r"k_chunk \(48\) must be a positive multiple of MXFP4's block of 32"):
+        launch(tiles=K.TileConfig(4, 32, 48, 1, 8))
     with pytest.raises(TypeError, match="TileConfig"):
         launch(tiles=(4, 32, 64, 1, 8))
     with pytest.raises(ValueError, match="y_d has shape"):
@@ -326,8 +343,8 @@ def test_bad_buckets_and_tiles_raise():
         K.DeviceBuckets.from_host(bk.pairs)
     with pytest.raises(ValueError, match="expert range"):
         K.DeviceBuckets.from_host(bk).tile_range(2, 4)
-    with pytest.raises(ValueError, match="multiple of 32"):
-        K.TileConfig(k_chunk=48)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        K.TileConfig(k_chunk=40)
     with pytest.raises(ValueError, match="multiple of thread_rows"):
         K.TileConfig(block_pairs=6, thread_rows=4)
     with pytest.raises(ValueError, match="threads per block"):

@@ -2,7 +2,7 @@
 
 ``DeviceKVCache`` keeps K and V of past positions per layer in device memory,
 float32, with the sizes and ring layout of the host ``KVCache`` (both take them
-from ``kvcache.kv_sizes``): full layers hold ``n_ctx`` positions, sliding-window
+from ``hybrid.model.kvcache.kv_sizes``): full layers hold ``n_ctx`` positions, sliding-window
 layers a ring of ``n_swa + n_ubatch`` slots, position p in slot ``p % size``.
 
 ``attention`` is flash attention on CUDA cores (float32 FFMA, no tensor cores):
@@ -38,6 +38,9 @@ layers a ring of ``n_swa + n_ubatch`` slots, position p in slot ``p % size``.
 All launches of one cache share its split scratch: run them on one stream, in
 order (layers are). Shapes, dtypes, positions and the stored range are checked
 on the host before any launch (Numba does no bounds checks).
+
+Over 500 lines: the cache, the kernels and the launch plan are one contract (the
+split layout of the scratch, the ring slots the kernel reads) and change together.
 """
 from __future__ import annotations
 
@@ -50,9 +53,8 @@ from numba import cuda, types
 
 from quant import cuda as qc
 
-from ..moe.kernels import Variant
-from .device_ops import check_device
-from .kvcache import kv_nbytes, kv_sizes
+from .tiles import Variant
+from .ops import check_device
 
 __all__ = ["DeviceKVCache", "attention", "AttentionTiles", "AttentionConfig", "LaunchPlan", "launch_plan",
            "MAX_SPLITS"]
@@ -395,6 +397,7 @@ class DeviceKVCache:
         self.n_ctx, self.n_ubatch = _int("n_ctx", n_ctx), _int("n_ubatch", n_ubatch)
         if self.n_ctx < 1 or self.n_ubatch < 1:
             raise ValueError(f"n_ctx and n_ubatch must be positive, got {n_ctx}, {n_ubatch}")
+        from ...model.kvcache import kv_sizes  # the KV layout is the model's (no import cycle: a leaf)
         self.size = kv_sizes(cfg, self.n_ctx, self.n_ubatch)
         Hkv, d, dv = cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
         self.k = [cuda.device_array((n, Hkv, d), np.float32) for n in self.size]
@@ -414,6 +417,7 @@ class DeviceKVCache:
     @staticmethod
     def nbytes_for(cfg, n_ctx: int, n_ubatch: int) -> int:
         """Device bytes a cache of this size allocates: K and V, split scratch, the sinks stand-in."""
+        from ...model.kvcache import kv_nbytes
         return kv_nbytes(cfg, n_ctx, n_ubatch) + MAX_SPLITS * cfg.n_head * (cfg.head_dim_v + 2) * 4 + 4
 
     def clear(self):

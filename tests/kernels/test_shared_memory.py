@@ -9,7 +9,7 @@ one buffer per block, made before the threads start.
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STATIC = re.compile(r"cuda\.shared\.array\(\s*(?!0\s*,)")  # a first argument other than 0
 
 

@@ -1,9 +1,9 @@
-"""hybrid.model.device_ops on the simulator against ops.py and float64 references."""
+"""hybrid.kernels.cuda.ops on the simulator against ops.py and float64 references."""
 import numpy as np
 import pytest
 from numba import cuda
 
-from hybrid.model import device_ops as dops
+from hybrid.kernels.cuda import ops as dops
 from hybrid.model import ops
 
 pytestmark = pytest.mark.skipif(not cuda.is_available(), reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")

@@ -10,7 +10,7 @@ the number of tokens T:
   quant blocks a warp step: coalesced), so each weight byte is read once, decoded in
   registers and used for all T tokens; a shuffle reduction ends each row.
 - larger T (prompts): a tiled GEMM, weights decoded into shared-memory tiles and
-  register tiles per thread, as ``hybrid.moe.kernels`` does for the experts.
+  register tiles per thread, as ``hybrid.kernels.cuda.experts`` does for the experts.
 
 ``rows(ids)`` decodes the rows ``ids`` (the embedding lookup).
 """
@@ -25,9 +25,9 @@ from numba import cuda, types
 from quant import cuda as qc
 from quant import types as qtypes
 
-from ..moe.kernels import MIN_BLOCKS_PER_SM, TileConfig, Variant, tile_fma
-from .dense import Dense
-from .device_ops import WARP, check_device, scratch_words, warp_sum
+from ..cpu.dense import Dense
+from .tiles import MIN_BLOCKS_PER_SM, TileConfig, Variant, tile_fma
+from .ops import WARP, check_device, scratch_words, warp_sum
 
 __all__ = ["DeviceDense", "DenseTiles", "variants"]
 
@@ -235,7 +235,7 @@ class DeviceDense:
 
     def __init__(self, dense: Dense, stream=0, *, tiles: DenseTiles | None = None):
         if not isinstance(dense, Dense):
-            raise TypeError(f"expected a hybrid.model.dense.Dense, got {type(dense).__name__}")
+            raise TypeError(f"expected a hybrid.kernels.cpu.dense.Dense, got {type(dense).__name__}")
         tiles = DenseTiles() if tiles is None else tiles
         if not isinstance(tiles, DenseTiles):
             raise TypeError(f"tiles must be a DenseTiles, got {type(tiles).__name__}")
@@ -258,7 +258,7 @@ class DeviceDense:
     def nbytes_for(dense: Dense) -> int:
         """Device bytes a ``DeviceDense`` of ``dense`` will hold (VRAM accounting before uploading)."""
         if not isinstance(dense, Dense):
-            raise TypeError(f"expected a hybrid.model.dense.Dense, got {type(dense).__name__}")
+            raise TypeError(f"expected a hybrid.kernels.cpu.dense.Dense, got {type(dense).__name__}")
         return int(dense.nbytes)
 
     def __repr__(self):

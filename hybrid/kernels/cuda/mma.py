@@ -25,8 +25,8 @@ barrier is the block's), so the kernels call it under block-uniform control
 flow only. The hardware's order and rounding of the sum inside one MMA are its
 own: bitwise agreement holds run to run on one path, not between the two.
 
-``f32_bits`` / ``bits_f32`` reinterpret a float32 as its uint32 bits and back
-(an LLVM bitcast on the GPU, a numpy view on the simulator).
+``f32_bits`` / ``bits_f32`` (from ``quant.bits``, named here too) reinterpret a float32
+as its uint32 bits and back (an LLVM bitcast on the GPU, a numpy view on the simulator).
 """
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ import numpy as np
 from numba import cuda
 from numba.cuda.core import config as cuda_config
 
+from quant.bits import bits_f32, bits_to_f32 as _bits_to_f32, f32_bits  # noqa: F401
+
 SIMULATOR = bool(cuda_config.ENABLE_CUDASIM)
 PTX = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
 M, N, K = 16, 8, 16
@@ -45,14 +47,6 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- simulator (plain numpy, run per thread)
-
-def _bits_to_f32(u):
-    return np.array(int(u) & 0xFFFFFFFF, dtype=np.uint32).view(np.float32)[()]
-
-
-def _f32_to_bits(x):
-    return np.uint32(np.array(x, dtype=np.float32).view(np.uint32)[()])
-
 
 def _bf16_pair(word, high):
     """The bf16 in the low (``high`` False) or high half of a 32-bit register, as float32."""
@@ -117,14 +111,6 @@ if SIMULATOR:
         cuda.syncthreads()  # every lane has read the scratch before the next call writes it
         return d[0], d[1], d[2], d[3]
 
-    @cuda.jit(device=True)
-    def f32_bits(x):
-        return _f32_to_bits(x)
-
-    @cuda.jit(device=True)
-    def bits_f32(u):
-        return _bits_to_f32(u)
-
 else:
     from llvmlite import ir
     from numba import types
@@ -148,23 +134,6 @@ else:
             return context.make_tuple(builder, sig.return_type, [builder.extract_value(res, i) for i in range(4)])
 
         return sig, codegen
-
-    def _bitcast(accepts, src, dst, dst_ir):
-        """An intrinsic reinterpreting the bits of a ``src`` value as ``dst`` (one LLVM bitcast)."""
-        @intrinsic
-        def bitcast(typingctx, v):
-            if not isinstance(v, accepts):
-                return None
-
-            def codegen(context, builder, sig, args):
-                return builder.bitcast(context.cast(builder, args[0], sig.args[0], src), dst_ir)
-
-            return dst(v), codegen
-
-        return bitcast
-
-    f32_bits = _bitcast(types.Float, types.float32, types.uint32, ir.IntType(32))
-    bits_f32 = _bitcast(types.Integer, types.uint32, types.float32, ir.FloatType())
 
 
 # ---------------------------------------------------------------- host-side reference of the layout (tests)

@@ -1,4 +1,4 @@
-"""hybrid.model.device_attention on the simulator: against ops.attention (with the host KVCache)
+"""hybrid.kernels.cuda.attention on the simulator: against ops.attention (with the host KVCache)
 and a float64 attention written here from the formula over every position ever stored.
 
 Shapes are tiny (the simulator runs every GPU thread as a Python thread); small tiles
@@ -12,7 +12,7 @@ from numba import cuda
 
 from hybrid.model import ops
 from hybrid.model.config import Config
-from hybrid.model.device_attention import (MAX_SPLITS, AttentionConfig, AttentionTiles, DeviceKVCache, attention,
+from hybrid.kernels.cuda.attention import (MAX_SPLITS, AttentionConfig, AttentionTiles, DeviceKVCache, attention,
                                            launch_plan)
 from hybrid.model.kvcache import KVCache, kv_sizes
 

@@ -6,7 +6,7 @@ from gguf.constants import GGMLQuantizationType as T
 from numba import cuda, types
 
 from quant import cuda as qc
-from quant import mxfp4
+from quant import mxfp4, registry
 from quant.cuda import dequantize_cuda, is_device_array
 
 pytestmark = pytest.mark.skipif(not cuda.is_available(), reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")
@@ -102,18 +102,13 @@ def _tile_kernel(qt, rows, k_chunk, n_threads, stride):
     return run
 
 
-@pytest.mark.parametrize("qt", [T.MXFP4, T.Q8_0, T.F32])
+@pytest.mark.parametrize("qt", registry.types("cuda_tile"), ids=registry.type_name)
 def test_tile_decoder_transposes_and_zero_fills(qt):
     # A 5-row x 64-col tile of matrix 1 of a stack of 3 [7, 96] matrices, taken at
     # rows 4.. (rows 7, 8 are past the matrix) and k0=64 (cols 96..127 past K).
     rng = np.random.default_rng(int(qt))
     w = rng.standard_normal((3, 7, 96)).astype(np.float32)
-    if qt == T.MXFP4:
-        raw = mxfp4.quantize(w)
-    elif qt == T.Q8_0:
-        raw = quants.quantize(w, T.Q8_0)
-    else:
-        raw = w
+    raw = w if qt == T.F32 else np.ascontiguousarray(quants.quantize(w, qt))  # F32 read as float32
     dense = np.stack([quants.dequantize(r, qt) for r in raw]) if qt != T.F32 else w
     rows, k_chunk, stride, n_threads = 5, 64, 7, 8
     out = np.zeros(k_chunk * stride, np.float32)

@@ -5,8 +5,9 @@ from gguf import quants
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 import quant
+from quant import registry
 
-SUPPORTED = [T.F32, T.F16, T.BF16, T.Q8_0, T.MXFP4]
+SUPPORTED = registry.types()  # every registered format
 
 
 @pytest.mark.parametrize("t", SUPPORTED, ids=lambda t: t.name)

@@ -1,6 +1,6 @@
 """The tensor-core kernels (``TileConfig(math="mma")``) on the simulator.
 
-The simulator cannot run ``mma.sync``; ``hybrid.moe.mma`` emulates it per warp in
+The simulator cannot run ``mma.sync``; ``hybrid.kernels.cuda.mma`` emulates it per warp in
 the PTX fragment layout. Its own test puts random BF16 fragments through that
 layout (``mma.fragments``, written from the PTX ISA's lane -> element tables) and
 checks D = A @ B + C against numpy; the kernel tests then run whole layers
@@ -14,8 +14,8 @@ import pytest
 from numba import cuda
 
 from hybrid import random_layer
-from hybrid.moe import kernels as K
-from hybrid.moe import mma
+from hybrid.kernels.cuda import experts as K
+from hybrid.kernels.cuda import mma
 from hybrid.moe.reference import moe_reference
 
 from test_kernels import _check, _rel_err, _routed, device_ffn

@@ -1,0 +1,1 @@
+"""CPU kernels (Numba and LLVM IR)."""

@@ -1,0 +1,1 @@
+"""CUDA kernels (numba-cuda; the simulator runs them too)."""
