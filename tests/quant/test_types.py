@@ -13,8 +13,12 @@ SUPPORTED = registry.types()  # every registered format
 @pytest.mark.parametrize("t", SUPPORTED, ids=lambda t: t.name)
 def test_dequantize_matches_gguf(t):
     rng = np.random.default_rng()
-    x = (rng.standard_normal((5, 3, 64)) * rng.choice([1e-3, 1.0, 100.0], (5, 3, 1))).astype(np.float32)
-    raw = np.ascontiguousarray(quants.quantize(x, t))
+    cols = max(64, registry.block_size(t))
+    x = (rng.standard_normal((5, 3, cols)) * rng.choice([1e-3, 1.0, 100.0], (5, 3, 1))).astype(np.float32)
+    try:
+        raw = np.ascontiguousarray(quants.quantize(x, t))
+    except NotImplementedError:  # random blocks of these: tests/quant/test_formats_all.py
+        pytest.skip(f"gguf-py does not quantise {t.name}")
     ours = quant.dequantize(raw, t, x.shape)
     assert ours.dtype == np.float32 and ours.shape == x.shape
     np.testing.assert_array_equal(ours.view(np.uint32), quants.dequantize(raw, t).view(np.uint32))
