@@ -5,7 +5,6 @@ scale), through the CLI: one ``hybrid: error:`` line, never a traceback.
 """
 import re
 
-import numpy as np
 import pytest
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
