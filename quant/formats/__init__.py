@@ -6,5 +6,6 @@ registers each format with its GGML id (``quant.registry``). A new family is a
 new module here plus its name in ``FAMILIES``.
 """
 from . import floats, legacy, mxfp4  # noqa: F401  (registration order: any)
+from . import iquants, kquants, legacy_q, ternary  # noqa: F401
 
-FAMILIES = ("floats", "legacy", "mxfp4")
+FAMILIES = ("floats", "legacy", "mxfp4", "legacy_q", "kquants", "iquants", "ternary")

@@ -220,8 +220,8 @@ def test_dense_matmul_every_type(type_name, n_tok):
 
 def test_dense_rejects_other_types_by_name():
     from gguf.constants import GGMLQuantizationType as T
-    with pytest.raises(TypeError, match=r"blk\.0\.attn_q\.weight: type Q4_0 is not supported"):
-        Dense("blk.0.attn_q.weight", np.zeros((4, 18), np.uint8), T.Q4_0, (4, 32))
+    with pytest.raises(TypeError, match=r"blk\.0\.attn_q\.weight: type Q8_1 is not supported"):
+        Dense("blk.0.attn_q.weight", np.zeros((4, 40), np.uint8), T.Q8_1, (4, 32))
 
 
 def test_the_moe_backend_must_be_the_models_own(model, tmp_path):

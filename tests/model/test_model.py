@@ -365,14 +365,14 @@ def test_missing_tensor(tmp_path, drop):
 
 
 def test_unsupported_expert_type(tmp_path):
-    E, D, F = 4, 256, 32  # Q4_K rows need 256 elements
+    E, D, F = 4, 256, 32  # Q8_K (gguf knows it, no format decodes it) rows need 256 elements
     L = random_layer(D, F, E, 2, wtype=T.Q8_0, gpt_oss=False, seed=0)
-    block, size = GGML_QUANT_SIZES[T.Q4_K]
+    block, size = GGML_QUANT_SIZES[T.Q8_K]
     raw = np.random.default_rng(0).integers(0, 256, (E, F, D // block * size), dtype=np.uint8)
-    q4k = ExpertTensor(raw, int(T.Q4_K), F, D)
-    L = dataclasses.replace(L, gate=q4k, up=q4k)
+    q8k = ExpertTensor(raw, int(T.Q8_K), F, D)
+    L = dataclasses.replace(L, gate=q8k, up=q8k)
     p = _write_moe(tmp_path / "q.gguf", "qwen3moe", [L])
-    with pytest.raises(GGUFError, match=r"ffn_gate_exps.weight has type Q4_K; supported expert types"):
+    with pytest.raises(GGUFError, match=r"ffn_gate_exps.weight has type Q8_K; supported expert types"):
         load(p)
 
 

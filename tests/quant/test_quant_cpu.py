@@ -57,14 +57,20 @@ def test_mxfp4_any_bytes(data):
 @pytest.mark.parametrize("t", qcpu.types(), ids=lambda t: t.name)
 def test_quantised_data_and_column_windows(t):
     # Real values (gguf's quantiser), read back whole and as a window [c0, c0+n) of each row.
+    # (types gguf cannot quantise: random blocks in tests/quant/test_formats_all.py)
+    B = registry.block_size(t)
+    cols, c0, n = (128, 32, 64) if B <= 32 else (2 * B, B, B)
     rng = np.random.default_rng()
-    x = (rng.standard_normal((2, 3, 128)) * rng.choice([1e-3, 1.0, 100.0], (2, 3, 1))).astype(np.float32)
-    raw = np.ascontiguousarray(quants.quantize(x, t)).view(np.uint8).reshape(2, 3, -1)
-    ours, ref = _decode(raw, t, 128)
+    x = (rng.standard_normal((2, 3, cols)) * rng.choice([1e-3, 1.0, 100.0], (2, 3, 1))).astype(np.float32)
+    try:
+        raw = np.ascontiguousarray(quants.quantize(x, t)).view(np.uint8).reshape(2, 3, -1)
+    except NotImplementedError:
+        pytest.skip(f"gguf-py does not quantise {t.name}")
+    ours, ref = _decode(raw, t, cols)
     assert _same_bits(ours, ref)
-    out = np.full(64, np.nan, np.float32)
-    _window(raw, int(t), 1, 2, 32, 64, out)
-    assert _same_bits(out, ref[1, 2, 32:96])
+    out = np.full(n, np.nan, np.float32)
+    _window(raw, int(t), 1, 2, c0, n, out)
+    assert _same_bits(out, ref[1, 2, c0:c0 + n])
 
 
 @nb.njit
@@ -91,8 +97,8 @@ def test_mxfp4_register_decoder_every_isa(isa):
 
 
 def test_bad_arguments():
-    with pytest.raises(NotImplementedError, match="Q4_K"):
-        qcpu.dequantize_rows(np.zeros((1, 144), np.uint8), T.Q4_K, 256)
+    with pytest.raises(NotImplementedError, match="Q8_K"):
+        qcpu.dequantize_rows(np.zeros((1, 292), np.uint8), T.Q8_K, 256)
     with pytest.raises(ValueError, match="do not hold"):
         qcpu.dequantize_rows(np.zeros((2, 18), np.uint8), T.MXFP4, 32)
     with pytest.raises(TypeError, match="uint8"):

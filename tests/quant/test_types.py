@@ -13,8 +13,12 @@ SUPPORTED = registry.types()  # every registered format
 @pytest.mark.parametrize("t", SUPPORTED, ids=lambda t: t.name)
 def test_dequantize_matches_gguf(t):
     rng = np.random.default_rng()
-    x = (rng.standard_normal((5, 3, 64)) * rng.choice([1e-3, 1.0, 100.0], (5, 3, 1))).astype(np.float32)
-    raw = np.ascontiguousarray(quants.quantize(x, t))
+    cols = max(64, registry.block_size(t))
+    x = (rng.standard_normal((5, 3, cols)) * rng.choice([1e-3, 1.0, 100.0], (5, 3, 1))).astype(np.float32)
+    try:
+        raw = np.ascontiguousarray(quants.quantize(x, t))
+    except NotImplementedError:  # random blocks of these: tests/quant/test_formats_all.py
+        pytest.skip(f"gguf-py does not quantise {t.name}")
     ours = quant.dequantize(raw, t, x.shape)
     assert ours.dtype == np.float32 and ours.shape == x.shape
     np.testing.assert_array_equal(ours.view(np.uint32), quants.dequantize(raw, t).view(np.uint32))
@@ -29,7 +33,7 @@ def test_row_nbytes_follows_gguf_constants(t):
             quant.row_nbytes(t, block + 1)
 
 
-@pytest.mark.parametrize("t", [T.Q4_K, T.Q4_0, T.IQ2_XXS], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [T.Q8_1, T.Q8_K, T.I32], ids=lambda t: t.name)  # known to gguf, not decoded
 def test_unsupported_type_names_itself(t):
     with pytest.raises(NotImplementedError, match=t.name):
         quant.dequantize(np.zeros(256, np.uint8), t, (1, 256))

@@ -1,0 +1,357 @@
+"""I-quants: IQ4_NL, IQ4_XS, IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M.
+
+Their lattice grids, sign table and non-linear values are data taken from
+gguf-py (``gguf.quants``: ``init_grid`` unpacks each class's ``grid_hex``),
+never retyped; we keep each grid as int8 (its values are small integers) so it
+fits in CUDA constant memory. Per type: numpy decode, one block decoder for
+Numba and numba-cuda (``legacy_q.compile_block``), f16 scale offsets.
+Bit-identical to gguf.quants: ``(db * grid) * sign`` or ``dl * (grid + delta)``,
+with gguf's float32 sub-block scales.
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import quants as gq
+from gguf.constants import GGMLQuantizationType as T
+
+from .legacy_q import f16_col, nibbles, register
+
+U8 = np.uint8
+F32 = np.float32
+
+
+def _grid(cls):
+    cls.init_grid()
+    g = np.asarray(cls.grid, np.float32).reshape(cls.grid_shape)
+    g8 = g.astype(np.int8)
+    assert (g8.astype(np.float32) == g).all(), cls.__name__  # small integers: int8 is exact
+    return g8
+
+
+KSIGNS = np.frombuffer(gq.IQ2_XXS.ksigns, U8).copy()  # 7 sign bits -> 8 with even parity
+KVALUES = np.array(gq.IQ4_NL.kvalues, np.int8)
+GRID_IQ2_XXS = _grid(gq.IQ2_XXS)  # [256, 8]
+GRID_IQ2_XS = _grid(gq.IQ2_XS)  # [512, 8]
+GRID_IQ2_S = _grid(gq.IQ2_S)  # [1024, 8]
+GRID_IQ3_XXS = _grid(gq.IQ3_XXS)  # [256, 4]
+GRID_IQ3_S = _grid(gq.IQ3_S)  # [512, 4]
+GRID_IQ1 = _grid(gq.IQ1_S)  # [2048, 8], values -1, 0, 1; IQ1_M's is the same data
+IQ1_DELTA = F32(gq.IQ1_S.delta)
+SIGN_BITS = (KSIGNS[:, None] >> np.arange(8, dtype=U8)) & U8(1)  # [128, 8]
+
+
+def _pm1(bits):
+    return np.where(bits == 0, F32(1), F32(-1))
+
+
+def _u32(b, at, k):
+    return b[:, at:at + 4 * k].copy().view(np.uint32)
+
+
+def _u16(b, at, k):
+    return b[:, at:at + 2 * k].copy().view(np.uint16)
+
+
+def _half_scales(b, at, k):
+    """[n, 2k] nibbles of k bytes: byte i gives entries 2i (low) and 2i+1 (high)."""
+    s = b[:, at:at + k]
+    return np.stack([s & 0x0F, s >> 4], axis=-1).reshape(b.shape[0], -1)
+
+
+# ---------------------------------------------------------------- IQ4_NL
+# 18 bytes, block 32: f16 d, 16 qs (nibbles as Q4_0) indexing KVALUES; d * kvalue
+def iq4_nl_numpy(b):
+    return f16_col(b, 0) * KVALUES[nibbles(b[:, 2:18])].astype(F32)
+
+
+def _iq4_nl(f16, mul, jit):
+    kv = KVALUES.astype(np.int32)
+
+    def decode(src, off, out, o):
+        d = f16(np.int32(src[off]), np.int32(src[off + 1]))
+        for j in range(16):
+            q = np.int32(src[off + 2 + j])
+            out[o + j] = d * F32(kv[q & 15])
+            out[o + j + 16] = d * F32(kv[q >> 4])
+    return decode
+
+
+# ---------------------------------------------------------------- IQ4_XS
+# 136 bytes: f16 d, u16 scales_h (2 bits per 32), 4 scales_l (nibble per 32), 128 qs (8 x 16
+# bytes, nibbles as IQ4_NL); (d * (scale - 32)) * kvalue
+def iq4_xs_numpy(b):
+    n = b.shape[0]
+    sh = _u16(b, 2, 1)
+    hi = ((sh >> (2 * np.arange(8, dtype=np.uint16))).astype(U8) & U8(3))
+    ls = (_half_scales(b, 4, 4) | (hi << U8(4))).astype(np.int8) - np.int8(32)
+    dl = f16_col(b, 0) * ls.astype(F32)
+    q = nibbles(b[:, 8:136].reshape(n, 8, 16)).reshape(n, -1)
+    return np.repeat(dl, 32, axis=-1) * KVALUES[q].astype(F32)
+
+
+def _iq4_xs(f16, mul, jit):
+    kv = KVALUES.astype(np.int32)
+
+    def decode(src, off, out, o):
+        d = f16(np.int32(src[off]), np.int32(src[off + 1]))
+        sh = np.int32(src[off + 2]) | (np.int32(src[off + 3]) << 8)
+        for ib in range(8):
+            ls = ((np.int32(src[off + 4 + ib // 2]) >> (4 * (ib % 2))) & 15) | (((sh >> (2 * ib)) & 3) << 4)
+            dl = d * F32(ls - 32)
+            for j in range(16):
+                q = np.int32(src[off + 8 + ib * 16 + j])
+                out[o + ib * 32 + j] = dl * F32(kv[q & 15])
+                out[o + ib * 32 + j + 16] = dl * F32(kv[q >> 4])
+    return decode
+
+
+# ---------------------------------------------------------------- IQ2_XXS
+# 66 bytes: f16 d, then 8 x (4 grid bytes, u32 aux: 4 x 7 sign-table bits, 4-bit scale on top);
+# db = d * (0.5 + scale) * 0.25, value = (db * grid) * sign
+def iq2_xxs_numpy(b):
+    n = b.shape[0]
+    q = _u32(b, 2, 16).reshape(n, 8, 2)
+    db = f16_col(b, 0) * (F32(0.5) + (q[..., 1] >> 28).astype(F32)) * F32(0.25)
+    sidx = (q[..., 1:2] >> np.array([0, 7, 14, 21], np.uint32)) & np.uint32(127)  # [n, 8, 4]
+    signs = _pm1(SIGN_BITS[sidx])  # [n, 8, 4, 8]
+    grid = GRID_IQ2_XXS[q[..., 0].copy().view(U8).reshape(n, 8, 4)].astype(F32)
+    return (db.reshape(n, 8, 1, 1) * grid * signs).reshape(n, -1)
+
+
+def _iq2_xxs(f16, mul, jit):
+    grid, ks = GRID_IQ2_XXS.reshape(-1).astype(np.int32), KSIGNS.astype(np.int32)
+
+    def decode(src, off, out, o):
+        d = f16(np.int32(src[off]), np.int32(src[off + 1]))
+        for ib in range(8):
+            p = off + 2 + ib * 8
+            aux = (np.int64(src[p + 4]) | (np.int64(src[p + 5]) << 8) | (np.int64(src[p + 6]) << 16)
+                   | (np.int64(src[p + 7]) << 24))
+            db = d * (F32(0.5) + F32(aux >> 28)) * F32(0.25)
+            for k in range(4):
+                g = np.int32(src[p + k]) * 8
+                s = ks[(aux >> (7 * k)) & 127]
+                for i in range(8):
+                    sg = F32(-1.0) if (s >> i) & 1 else F32(1.0)
+                    out[o + ib * 32 + k * 8 + i] = (db * F32(grid[g + i])) * sg
+    return decode
+
+
+# ---------------------------------------------------------------- IQ2_XS
+# 74 bytes: f16 d, 32 u16 (9-bit grid index, 7-bit sign-table index), 8 scales (nibble per 16);
+# db = d * (0.5 + scale) * 0.25, value = (db * grid) * sign
+def iq2_xs_numpy(b):
+    n = b.shape[0]
+    q = _u16(b, 2, 32)
+    db = f16_col(b, 0) * (F32(0.5) + _half_scales(b, 66, 8)) * F32(0.25)
+    signs = _pm1(SIGN_BITS[q >> 9])  # [n, 32, 8]
+    grid = GRID_IQ2_XS[q & np.uint16(511)].astype(F32)
+    return (np.repeat(db, 16, axis=-1).reshape(n, 32, 8) * grid * signs).reshape(n, -1)
+
+
+def _iq2_xs(f16, mul, jit):
+    grid, ks = GRID_IQ2_XS.reshape(-1).astype(np.int32), KSIGNS.astype(np.int32)
+
+    def decode(src, off, out, o):
+        d = f16(np.int32(src[off]), np.int32(src[off + 1]))
+        for s in range(16):
+            sc = (np.int32(src[off + 66 + s // 2]) >> (4 * (s % 2))) & 15
+            db = d * (F32(0.5) + F32(sc)) * F32(0.25)
+            for h in range(2):
+                gi = s * 2 + h
+                q = np.int32(src[off + 2 + 2 * gi]) | (np.int32(src[off + 3 + 2 * gi]) << 8)
+                g = (q & 511) * 8
+                sn = ks[q >> 9]
+                for i in range(8):
+                    sg = F32(-1.0) if (sn >> i) & 1 else F32(1.0)
+                    out[o + gi * 8 + i] = (db * F32(grid[g + i])) * sg
+    return decode
+
+
+# ---------------------------------------------------------------- IQ2_S
+# 82 bytes: f16 d, 32 qs (grid index low 8 bits), 32 signs (bit per element), 8 qh (2 high index
+# bits per group of 8), 8 scales (nibble per 16); db as IQ2_XS, value = (db * grid) * sign
+def iq2_s_numpy(b):
+    n = b.shape[0]
+    db = f16_col(b, 0) * (F32(0.5) + _half_scales(b, 74, 8)) * F32(0.25)
+    signs = _pm1((b[:, 34:66, None] >> np.arange(8, dtype=U8)) & U8(1))  # [n, 32, 8]
+    qh = (b[:, 66:74, None] >> np.array([0, 2, 4, 6], U8)).reshape(n, 32) & U8(3)
+    idx = b[:, 2:34].astype(np.uint16) | (qh.astype(np.uint16) << 8)
+    grid = GRID_IQ2_S[idx].astype(F32)
+    return (np.repeat(db, 16, axis=-1).reshape(n, 32, 8) * grid * signs).reshape(n, -1)
+
+
+def _iq2_s(f16, mul, jit):
+    grid = GRID_IQ2_S.reshape(-1).astype(np.int32)
+
+    def decode(src, off, out, o):
+        d = f16(np.int32(src[off]), np.int32(src[off + 1]))
+        for s in range(16):
+            sc = (np.int32(src[off + 74 + s // 2]) >> (4 * (s % 2))) & 15
+            db = d * (F32(0.5) + F32(sc)) * F32(0.25)
+            for h in range(2):
+                gi = s * 2 + h
+                hi = (np.int32(src[off + 66 + gi // 4]) >> (2 * (gi % 4))) & 3
+                g = (np.int32(src[off + 2 + gi]) | (hi << 8)) * 8
+                sn = np.int32(src[off + 34 + gi])
+                for i in range(8):
+                    sg = F32(-1.0) if (sn >> i) & 1 else F32(1.0)
+                    out[o + gi * 8 + i] = (db * F32(grid[g + i])) * sg
+    return decode
+
+
+# ---------------------------------------------------------------- IQ3_XXS
+# 98 bytes: f16 d, 64 qs (grid index per 4 elements), 8 u32 (4 x 7 sign-table bits per 32
+# elements, 4-bit scale on top); db = d * (0.5 + scale) * 0.5, value = (db * grid) * sign
+def iq3_xxs_numpy(b):
+    n = b.shape[0]
+    sc = _u32(b, 66, 8)
+    db = f16_col(b, 0) * (F32(0.5) + (sc >> 28).astype(F32)) * F32(0.5)
+    sidx = (sc[..., None] >> np.array([0, 7, 14, 21], np.uint32)) & np.uint32(127)  # [n, 8, 4]
+    signs = _pm1(SIGN_BITS[sidx]).reshape(n, 8, 32)
+    grid = GRID_IQ3_XXS[b[:, 2:66]].astype(F32).reshape(n, 8, 32)
+    return (db.reshape(n, 8, 1) * grid * signs).reshape(n, -1)
+
+
+def _iq3_xxs(f16, mul, jit):
+    grid, ks = GRID_IQ3_XXS.reshape(-1).astype(np.int32), KSIGNS.astype(np.int32)
+
+    def decode(src, off, out, o):
+        d = f16(np.int32(src[off]), np.int32(src[off + 1]))
+        for ib in range(8):
+            p = off + 66 + ib * 4
+            aux = (np.int64(src[p]) | (np.int64(src[p + 1]) << 8) | (np.int64(src[p + 2]) << 16)
+                   | (np.int64(src[p + 3]) << 24))
+            db = d * (F32(0.5) + F32(aux >> 28)) * F32(0.5)
+            for k in range(4):
+                s = ks[(aux >> (7 * k)) & 127]
+                for i in range(8):
+                    g = np.int32(src[off + 2 + ib * 8 + k * 2 + i // 4]) * 4 + i % 4
+                    sg = F32(-1.0) if (s >> i) & 1 else F32(1.0)
+                    out[o + ib * 32 + k * 8 + i] = (db * F32(grid[g])) * sg
+    return decode
+
+
+# ---------------------------------------------------------------- IQ3_S
+# 110 bytes: f16 d, 64 qs (grid index low 8 bits per 4 elements), 8 qh (the 9th bits), 32 signs
+# (bit per element), 4 scales (nibble per 32); db = d * (1 + 2 * scale), value = (db * grid) * sign
+def iq3_s_numpy(b):
+    n = b.shape[0]
+    db = f16_col(b, 0) * (1 + 2 * _half_scales(b, 106, 4))
+    signs = _pm1((b[:, 74:106, None] >> np.arange(8, dtype=U8)) & U8(1)).reshape(n, 8, 32)
+    qh = ((b[:, 66:74, None] >> np.arange(8, dtype=U8)) & U8(1)).reshape(n, 64)
+    idx = b[:, 2:66].astype(np.uint16) | (qh.astype(np.uint16) << 8)
+    grid = GRID_IQ3_S[idx].astype(F32).reshape(n, 8, 32)
+    return (db.reshape(n, 8, 1) * grid * signs).reshape(n, -1)
+
+
+def _iq3_s(f16, mul, jit):
+    grid = GRID_IQ3_S.reshape(-1).astype(np.int32)
+
+    def decode(src, off, out, o):
+        d = f16(np.int32(src[off]), np.int32(src[off + 1]))
+        for ib in range(8):
+            db = d * F32(1 + 2 * ((np.int32(src[off + 106 + ib // 2]) >> (4 * (ib % 2))) & 15))
+            for j in range(32):
+                gi = ib * 8 + j // 4
+                hi = (np.int32(src[off + 66 + gi // 8]) >> (gi % 8)) & 1
+                g = (np.int32(src[off + 2 + gi]) | (hi << 8)) * 4 + j % 4
+                e = ib * 32 + j
+                sg = F32(-1.0) if (np.int32(src[off + 74 + e // 8]) >> (e % 8)) & 1 else F32(1.0)
+                out[o + e] = (db * F32(grid[g])) * sg
+    return decode
+
+
+# ---------------------------------------------------------------- IQ1_S
+# 50 bytes: f16 d, 32 qs (grid index low 8 bits per 8 elements), 8 u16 qh (per 32 elements:
+# 4 x 3 high index bits, 3-bit scale, delta sign on top); dl = d * (2 * scale + 1),
+# value = dl * (grid + delta)
+def iq1_s_numpy(b):
+    n = b.shape[0]
+    qh = _u16(b, 34, 8)
+    dl = f16_col(b, 0) * (2 * ((qh >> 12) & 7) + 1)
+    delta = np.where((qh & np.uint16(0x8000)) == 0, IQ1_DELTA, -IQ1_DELTA)
+    hi = (qh[..., None] >> np.array([0, 3, 6, 9], np.uint16)) & np.uint16(7)
+    idx = b[:, 2:34].astype(np.uint16) | (hi.reshape(n, 32) << 8)
+    grid = GRID_IQ1[idx].astype(F32).reshape(n, 8, 32)
+    return (dl.reshape(n, 8, 1) * (grid + delta.reshape(n, 8, 1))).reshape(n, -1)
+
+
+def _iq1_s(f16, mul, jit):
+    grid = GRID_IQ1.reshape(-1).astype(np.int32)
+
+    def decode(src, off, out, o):
+        d = f16(np.int32(src[off]), np.int32(src[off + 1]))
+        for ib in range(8):
+            qh = np.int32(src[off + 34 + 2 * ib]) | (np.int32(src[off + 35 + 2 * ib]) << 8)
+            dl = d * F32(2 * ((qh >> 12) & 7) + 1)
+            delta = -IQ1_DELTA if qh & 0x8000 else IQ1_DELTA
+            for k in range(4):
+                g = (np.int32(src[off + 2 + ib * 4 + k]) | (((qh >> (3 * k)) & 7) << 8)) * 8
+                for i in range(8):
+                    out[o + ib * 32 + k * 8 + i] = dl * (F32(grid[g + i]) + delta)
+    return decode
+
+
+# ---------------------------------------------------------------- IQ1_M
+# 56 bytes: 32 qs (grid index low 8 bits per 8), 16 qh (nibble per 8: 3 high index bits, delta
+# sign), 4 u16 scales (3-bit scale per 16 elements in bits 0..11; f16 d in the top nibbles,
+# word k giving bits 4k..4k+3); value = (d * (2 * scale + 1)) * (grid + delta)
+def _iq1_m_d(b):
+    sc = _u16(b, 48, 4)
+    top = (sc & np.uint16(0xF000)) >> np.array([12, 8, 4, 0], np.uint16)
+    return (top[:, 0] | top[:, 1] | top[:, 2] | top[:, 3]).view(np.float16).astype(F32).reshape(-1, 1), sc
+
+
+def iq1_m_numpy(b):
+    n = b.shape[0]
+    d, sc = _iq1_m_d(b)
+    s = ((sc[..., None] >> np.array([0, 3, 6, 9], np.uint16)) & np.uint16(7)).reshape(n, 16)
+    dl = d * (2 * s + 1)
+    h = (b[:, 32:48, None] >> np.array([0, 4], U8)).reshape(n, 32)
+    idx = b[:, 0:32].astype(np.uint16) | ((h & U8(7)).astype(np.uint16) << 8)
+    delta = np.where((h & U8(8)) == 0, IQ1_DELTA, -IQ1_DELTA)
+    grid = GRID_IQ1[idx].astype(F32)  # [n, 32, 8]
+    return (np.repeat(dl, 2, axis=-1).reshape(n, 32, 1) * (grid + delta[..., None])).reshape(n, -1)
+
+
+def iq1_m_bad(b):
+    d, _ = _iq1_m_d(b)
+    return ~np.isfinite(d[:, 0])
+
+
+def _iq1_m(f16, mul, jit):
+    grid = GRID_IQ1.reshape(-1).astype(np.int32)
+
+    def decode(src, off, out, o):
+        w0 = np.int32(src[off + 49]) >> 4
+        w1 = np.int32(src[off + 51]) >> 4
+        w2 = np.int32(src[off + 53]) >> 4
+        w3 = np.int32(src[off + 55]) >> 4
+        d = f16(w0 | (w1 << 4), w2 | (w3 << 4))
+        for s in range(16):
+            w = np.int32(src[off + 48 + 2 * (s // 4)]) | (np.int32(src[off + 49 + 2 * (s // 4)]) << 8)
+            dl = d * F32(2 * ((w >> (3 * (s % 4))) & 7) + 1)
+            for h in range(2):
+                gi = s * 2 + h
+                qh = (np.int32(src[off + 32 + gi // 2]) >> (4 * (gi % 2))) & 15
+                g = (np.int32(src[off + gi]) | ((qh & 7) << 8)) * 8
+                delta = -IQ1_DELTA if qh & 8 else IQ1_DELTA
+                for i in range(8):
+                    out[o + gi * 8 + i] = dl * (F32(grid[g + i]) + delta)
+    return decode
+
+
+# type -> (numpy decode, block factory, byte offsets of the f16 scales or a check function)
+SPECS = {
+    T.IQ4_NL: (iq4_nl_numpy, _iq4_nl, (0,)),
+    T.IQ4_XS: (iq4_xs_numpy, _iq4_xs, (0,)),
+    T.IQ2_XXS: (iq2_xxs_numpy, _iq2_xxs, (0,)),
+    T.IQ2_XS: (iq2_xs_numpy, _iq2_xs, (0,)),
+    T.IQ2_S: (iq2_s_numpy, _iq2_s, (0,)),
+    T.IQ3_XXS: (iq3_xxs_numpy, _iq3_xxs, (0,)),
+    T.IQ3_S: (iq3_s_numpy, _iq3_s, (0,)),
+    T.IQ1_S: (iq1_s_numpy, _iq1_s, (0,)),
+    T.IQ1_M: (iq1_m_numpy, _iq1_m, iq1_m_bad),
+}
+globals().update(register(SPECS, __name__))  # the classes Q4_K, ... in the registry
