@@ -56,6 +56,7 @@ def dequantize_rows(raw: np.ndarray, ggml_type: int, cols: int) -> np.ndarray:
     if not registry.has(ggml_type, "cpu"):
         raise NotImplementedError(f"quant.cpu decodes {', '.join(registry.type_name(t) for t in types())}, "
                                   f"not {registry.type_name(ggml_type)}")
+    registry.activate(ggml_type)
     qt = int(ggml_type)
     if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim < 2:
         raise TypeError("raw must be a uint8 array [..., rows, row_bytes]")

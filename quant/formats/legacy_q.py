@@ -223,6 +223,7 @@ def register(specs, module):
         a = format_attrs(t, spec)
         attrs = {k: v for k, v in a.items() if k not in ("ggml_type", "block", "block_bytes")}
         attrs["__module__"] = module
+        attrs["compile_on_use"] = True  # compiled into the dispatchers once a model uses the type
         out[a["name"]] = type(a["name"], (Format,), attrs, ggml_type=t)
     return out
 

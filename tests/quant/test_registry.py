@@ -170,3 +170,27 @@ def test_compiled_consumers_are_keyed_on_the_registry():
     finally:
         registry.unregister(TOY_ID)
     assert d._cache._index_key(sig, codegen) == before
+
+
+def test_compile_on_use_formats_join_the_generated_code_when_first_used():
+    # a rarely used format stays out of the dispatchers (and their compile time) until an entry
+    # point activates it; compiled code reaching it before that raises instead of writing nothing
+    class LazyToy(registry.Format, ggml_type=TOY_ID):
+        name, block, block_bytes = "LAZYTOY", 4, 5
+        decode_block = _toy_block
+        decode_numpy = staticmethod(_toy_numpy)
+        compile_on_use = True
+    try:
+        assert TOY_ID not in [f.ggml_type for f in registry.compiled_formats()]
+        rng = np.random.default_rng()
+        raw = _toy_bytes(rng, 6 * 16)
+        rows = raw.reshape(6, 16 * 5)
+        out = np.full(6 * 64, np.nan, np.float32)
+        with pytest.raises(ValueError, match="not compiled in"):
+            qcpu._decode_all(rows.reshape(1, 6, -1), TOY_ID, 64, out)
+        got = qcpu.dequantize_rows(rows, TOY_ID, 64)  # the entry point activates it
+        assert TOY_ID in [f.ggml_type for f in registry.compiled_formats()]
+        assert np.array_equal(got, _toy_numpy(raw).reshape(6, 64))
+    finally:
+        registry.unregister(TOY_ID)
+    assert TOY_ID not in [f.ggml_type for f in registry.compiled_formats()]

@@ -479,6 +479,7 @@ def _use_q8(wtype, n_tokens, tl):
 def check_block(tl, wtype):
     # decoded tiles hold whole blocks: kc_tile must be a multiple of the format's block
     blk = qregistry.block_size(wtype)
+    qregistry.activate(wtype)  # the tile path's generated decoder must hold this format
     if tl[2] % blk:
         raise ValueError(f"CpuTiles.kc_tile ({tl[2]}) must be a multiple of {qtypes.type_name(wtype)}'s block "
                          f"of {blk}")
