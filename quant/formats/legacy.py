@@ -25,36 +25,6 @@ def _q8_0_block(src, off, out, o):
         out[o + j] = np.float32(np.int8(src[off + 2 + j])) * d
 
 
-class Q8_0(Format, ggml_type=T.Q8_0):
-    decode_block = _q8_0_block
-
-    @staticmethod
-    def decode_numpy(blocks):
-        d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
-        return blocks[:, 2:].copy().view(np.int8).astype(np.float32) * d
-
-    @staticmethod
-    def check_blocks(blocks):
-        return ~np.isfinite(blocks[:, :2].copy().view(np.float16)[:, 0])
-
-    @staticmethod
-    def ir_block(b, isa_mode, lanes, p8, off):
-        from ..simd import emit_q8_0_block_f32
-        return emit_q8_0_block_f32(b, lanes, p8, off)
-
-    @classmethod
-    def cuda_tile(cls, rows, k_chunk, n_threads, stride):
-        return _q8_0_tile(rows, k_chunk, n_threads, stride)
-
-    @classmethod
-    def cuda_pair(cls):
-        return _q8_0_pair()
-
-    @classmethod
-    def cuda_dequantize(cls):
-        return _q8_0_dequantize()
-
-
 # ---------------------------------------------------------------- CUDA (built on first use)
 # The half scale is built from its two bytes by hand (the simulator has no fp16 module).
 
@@ -122,3 +92,27 @@ def _q8_0_dequantize():
             d = f16_bits_to_f32(blocks[base], blocks[base + 1])
             out[i] = q8_0_value(blocks[base + 2 + j], d)
     return kernel, _QK, 0
+
+
+# ---------------------------------------------------------------- the registered format
+
+class Q8_0(Format, ggml_type=T.Q8_0):
+    decode_block = _q8_0_block
+
+    @staticmethod
+    def decode_numpy(blocks):
+        d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+        return blocks[:, 2:].copy().view(np.int8).astype(np.float32) * d
+
+    @staticmethod
+    def check_blocks(blocks):
+        return ~np.isfinite(blocks[:, :2].copy().view(np.float16)[:, 0])
+
+    @staticmethod
+    def ir_block(b, isa_mode, lanes, p8, off):
+        from ..simd import emit_q8_0_block_f32
+        return emit_q8_0_block_f32(b, lanes, p8, off)
+
+    cuda_tile = staticmethod(_q8_0_tile)
+    cuda_pair = staticmethod(_q8_0_pair)
+    cuda_dequantize = staticmethod(_q8_0_dequantize)

@@ -105,7 +105,7 @@ def dequantize(blocks: np.ndarray) -> np.ndarray:
     return out.reshape(*blocks.shape[:-1], blocks.shape[-1] // BLOCK_BYTES * QK)
 
 
-# ---------------------------------------------------------------- the registered format
+# ---------------------------------------------------------------- block decode and data check
 
 @nb.njit(inline="always")
 def _decode_block(src, off, out, o):
@@ -139,50 +139,6 @@ def _simd_run(isa):
 def _best_run():
     from .. import simd
     return _simd_run(simd.best_isa())
-
-
-class MXFP4(Format, ggml_type=GGMLQuantizationType.MXFP4):
-    """Registered MXFP4: SIMD decode (``quant.simd``), int8 dot, tensor-core tiles."""
-    decode_block = _decode_block
-    decode_run = _best_run()  # numba caches compiled code per CPU: the decoder depends on the host alone
-    simd_run = staticmethod(_simd_run)
-    int8_dot = True
-    mma = True
-
-    @staticmethod
-    def decode_numpy(blocks):
-        return dequantize(blocks)
-
-    check_blocks = staticmethod(_bad_blocks)
-
-    @classmethod
-    def check_what(cls, raw):
-        e = int(raw[0])
-        return ("a block of exponent 255 (NaN in the MX format)" if e == NAN_EXPONENT
-                else f"a block of exponent {e} that decodes beyond float32's range")
-
-    @staticmethod
-    def ir_block(b, isa_mode, lanes, p8, off):
-        from ..simd import emit_block_f32
-        return emit_block_f32(b, isa_mode, lanes, p8, off)
-
-    @classmethod
-    def cuda_tile(cls, rows, k_chunk, n_threads, stride):
-        return tile_decoder(rows, k_chunk, n_threads, stride)
-
-    @classmethod
-    def cuda_pair(cls):
-        return pair_reader()
-
-    @classmethod
-    def cuda_bf16_tile(cls, rows, k_chunk, n_threads, rs):
-        return bf16_tile_decoder(rows, k_chunk, n_threads, rs)
-
-    @classmethod
-    def cuda_dequantize(cls):
-        return dequantize_kernel()
-
-
 
 
 # ---------------------------------------------------------------- CUDA (built on first use: numba.cuda loads lazily)
@@ -306,3 +262,33 @@ def dequantize_kernel():
             out[b * QK + j] = lo(q, d, tabs)
             out[b * QK + j + HALF] = hi(q, d, tabs)
     return kernel, HALF, 4 * qc.TABLES
+
+
+# ---------------------------------------------------------------- the registered format
+
+class MXFP4(Format, ggml_type=GGMLQuantizationType.MXFP4):
+    """Registered MXFP4: SIMD decode (``quant.simd``), int8 dot, tensor-core tiles."""
+    decode_block = _decode_block
+    decode_run = _best_run()  # numba caches compiled code per CPU: the decoder depends on the host alone
+    simd_run = staticmethod(_simd_run)
+    int8_dot = True
+    mma = True
+
+    decode_numpy = staticmethod(dequantize)
+    check_blocks = staticmethod(_bad_blocks)
+
+    @classmethod
+    def check_what(cls, raw):
+        e = int(raw[0])
+        return ("a block of exponent 255 (NaN in the MX format)" if e == NAN_EXPONENT
+                else f"a block of exponent {e} that decodes beyond float32's range")
+
+    @staticmethod
+    def ir_block(b, isa_mode, lanes, p8, off):
+        from ..simd import emit_block_f32
+        return emit_block_f32(b, isa_mode, lanes, p8, off)
+
+    cuda_tile = staticmethod(tile_decoder)
+    cuda_pair = staticmethod(pair_reader)
+    cuda_bf16_tile = staticmethod(bf16_tile_decoder)
+    cuda_dequantize = staticmethod(dequantize_kernel)
