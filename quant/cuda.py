@@ -103,6 +103,17 @@ def q8_0_value(q, d):
     return np.float32(qi) * d
 
 
+@cuda.jit(device=True, inline=True)
+def tile_item(i, per_row, shift, step):
+    """Item ``i`` of a tile decoder's flat loop as (row of the tile, block of the row, first
+    element in the block), ``per_row`` items a row, ``2**shift`` a block, ``step`` elements an
+    item; uint64, as the decoders index."""
+    idx = np.uint64(i)
+    n = idx // per_row
+    rem = idx - n * per_row
+    return n, rem >> shift, (rem & ((np.uint64(1) << shift) - np.uint64(1))) * step
+
+
 # ---------------------------------------------------------------- tile decoders (from the formats)
 
 def tile_decoder(ggml_type, rows, k_chunk, n_threads, stride):

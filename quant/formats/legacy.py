@@ -31,7 +31,7 @@ def _q8_0_block(src, off, out, o):
 @functools.lru_cache(maxsize=None)
 def _q8_0_tile(rows, k_chunk, n_threads, stride):
     """``quant.cuda.tile_decoder`` for Q8_0: one item = 8 values of one block (one scale decode)."""
-    from ..cuda import f16_bits_to_f32, q8_0_value
+    from ..cuda import f16_bits_to_f32, q8_0_value, tile_item
     NB = k_chunk // _QK
     ITEMS = rows * NB * 4
     U = np.uint64
@@ -41,11 +41,7 @@ def _q8_0_tile(rows, k_chunk, n_threads, stride):
     def decode(w, s, row0, n_rows, k0, K, dst, off, tid, tabs):
         su, r0, nr, kb0, kleft, o = U(s), U(row0), U(n_rows), U(k0 // _QK), U(K - k0), U(off)
         for i in range(tid, ITEMS, n_threads):
-            idx = U(i)
-            n = idx // PER_ROW
-            rem = idx - n * PER_ROW
-            b = rem >> U(2)
-            g = (rem & U(3)) * U(8)
+            n, b, g = tile_item(i, PER_ROW, U(2), U(8))
             row = r0 + n
             live = row < nr and b * U(_QK) < kleft
             d = np.float32(0.0)

@@ -149,6 +149,7 @@ def _best_run():
 def tile_decoder(rows, k_chunk, n_threads, stride):
     """``quant.cuda.tile_decoder`` for MXFP4: one item = one qs byte = values j and j+16."""
     from .. import cuda as qc
+    from ..cuda import tile_item
     NB = k_chunk // QK  # quant blocks per row per chunk
     ITEMS = rows * NB * HALF
     U = np.uint64  # unsigned index math: no negative-index fix-ups, shifts for the divisions
@@ -158,11 +159,7 @@ def tile_decoder(rows, k_chunk, n_threads, stride):
     def decode(w, s, row0, n_rows, k0, K, dst, off, tid, tabs):
         su, r0, nr, kb0, kleft, o = U(s), U(row0), U(n_rows), U(k0 // QK), U(K - k0), U(off)
         for i in range(tid, ITEMS, n_threads):
-            idx = U(i)
-            n = idx // PER_ROW
-            rem = idx - n * PER_ROW
-            b = rem >> U(4)
-            j = rem & U(15)
+            n, b, j = tile_item(i, PER_ROW, U(4), U(1))
             lo = np.float32(0.0)
             hi = np.float32(0.0)
             row = r0 + n
@@ -204,6 +201,7 @@ def bf16_tile_decoder(rows, BK, THREADS, RS):
     power of two is exactly a BF16, so the low 16 bits are zero and the top half is it."""
     from .. import cuda as qc
     from ..bits import f32_bits
+    from ..cuda import tile_item
     U, U32 = np.uint64, np.uint32
     HI16 = np.uint32(0xFFFF0000)
     NB = BK // QK
@@ -215,11 +213,7 @@ def bf16_tile_decoder(rows, BK, THREADS, RS):
     def decode(w, s, row0, n_rows, k0, K, su, off, tid, tabs):
         sl, r0, nr, kb0, kleft, o = U(s), U(row0), U(n_rows), U(k0 // QK), U(K - k0), U(off)
         for i in range(tid, ITEMS, THREADS):
-            idx = U(i)
-            n = idx // PER_ROW
-            rem = idx - n * PER_ROW
-            b = rem >> U(3)
-            j = (rem & U(7)) * U(2)
+            n, b, j = tile_item(i, PER_ROW, U(3), U(2))
             lo = U32(0)
             hi = U32(0)
             row = r0 + n
