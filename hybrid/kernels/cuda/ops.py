@@ -23,7 +23,8 @@ from quant import cuda as qc
 from ...moe import activation as act
 from .tiles import Variant
 
-__all__ = ["rmsnorm", "rope", "rope_neox", "add", "glu", "gate_rows", "to_device_f32", "check_device", "warp_sum", "WARP", "variants"]
+__all__ = ["rmsnorm", "rope", "rope_neox", "add", "glu", "gate_rows",
+           "to_device_f32", "check_device", "warp_sum", "WARP", "variants"]
 
 WARP = 32
 _FULL_MASK = 0xFFFFFFFF
