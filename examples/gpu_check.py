@@ -35,7 +35,7 @@ import sys
 import time
 
 import numpy as np
-from gguf.constants import GGMLQuantizationType as T
+from gguf.constants import GGMLQuantizationType as GT
 from numba import cuda
 
 from hybrid.kernels.cuda import experts as K
@@ -145,7 +145,7 @@ def bench_kernels(tiny, reps=5):
                 def run():
                     K.moe_launch(x_d, bk_d, 0, bk_d.n_tiles, slots, gate, up, down, gb, ub, db, w_d, act, y,
                                  n_embd=D, n_ff=F, k=k, activation="swiglu_oai", tiles=cfg,
-                                 gate_type=T.MXFP4, down_type=T.MXFP4, stream=s)
+                                 gate_type=GT.MXFP4, down_type=GT.MXFP4, stream=s)
                     K.moe_reduce(y, out, k, stream=s)
                 run()
                 s.synchronize()

@@ -103,6 +103,17 @@ def q8_0_value(q, d):
     return np.float32(qi) * d
 
 
+@cuda.jit(device=True, inline=True)
+def tile_item(i, per_row, shift, step):
+    """Item ``i`` of a tile decoder's flat loop as (row of the tile, block of the row, first
+    element in the block), ``per_row`` items a row, ``2**shift`` a block, ``step`` elements an
+    item; uint64, as the decoders index."""
+    idx = np.uint64(i)
+    n = idx // per_row
+    rem = idx - n * per_row
+    return n, rem >> shift, (rem & ((np.uint64(1) << shift) - np.uint64(1))) * step
+
+
 # ---------------------------------------------------------------- tile decoders (from the formats)
 
 def tile_decoder(ggml_type, rows, k_chunk, n_threads, stride):
@@ -118,10 +129,7 @@ def tile_decoder(ggml_type, rows, k_chunk, n_threads, stride):
     is from ``load_tables``. Consecutive threads take consecutive bytes of one row, so
     global reads coalesce. The format's ``cuda_tile`` builds it (registry).
     """
-    f = registry.get(ggml_type)
-    if f.cuda_tile is None:
-        raise NotImplementedError(f"tile_decoder: GGML type {f.name} is not supported "
-                                  f"(supported: {', '.join(_name(t) for t in registry.types('cuda_tile'))})")
+    f = registry.require(ggml_type, "cuda_tile", "tile_decoder")
     check_chunk(f.ggml_type, k_chunk, "k_chunk")
     return f.cuda_tile(rows, k_chunk, n_threads, stride)
 
@@ -162,14 +170,7 @@ def dequantize_cuda(blocks, ggml_type=T.MXFP4, stream=0):
     C-contiguous device array (result stays on the device, on ``stream``).
     The formats with a ``cuda_dequantize`` kernel (registry: MXFP4, Q8_0).
     """
-    f = registry.get(ggml_type) if registry.has(ggml_type) else None
-    if f is None or getattr(f, "cuda_dequantize", None) is None:
-        try:
-            T(int(ggml_type))
-        except (TypeError, ValueError):
-            raise NotImplementedError(f"dequantize_cuda: unknown GGML type id {ggml_type}") from None
-        raise NotImplementedError(f"dequantize_cuda: GGML type {registry.type_name(ggml_type)} is not supported "
-                                  f"(supported: {', '.join(_name(t) for t in registry.types('cuda_dequantize'))})")
+    f = registry.require(ggml_type, "cuda_dequantize", "dequantize_cuda")
     kernel, per_block, smem = f.cuda_dequantize()
     nbytes, qk = f.block_bytes, f.block
     on_device = is_device_array(blocks)

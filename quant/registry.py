@@ -63,7 +63,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from numba.core.caching import FunctionCache
 
 __all__ = ["Format", "get", "formats", "types", "has", "fingerprint", "unregister", "cpu_decoder", "jit",
-           "type_name", "row_nbytes", "block_size", "dequantize", "on_change"]
+           "type_name", "row_nbytes", "block_size", "dequantize", "on_change", "require"]
 
 CAPABILITIES = ("decode", "cpu", "check", "cuda_tile", "cuda_pair", "cuda_dequantize", "mma", "int8_dot", "simd",
                 "ir_block")
@@ -160,6 +160,21 @@ def get(ggml_type):
     return f
 
 
+def require(ggml_type, cap: str = "decode", what: str = "quant"):
+    """The format of ``ggml_type`` if it has capability ``cap``, else NotImplementedError naming
+    the id (unknown to gguf) or the formats that have it."""
+    f = _FORMATS.get(_int(ggml_type))
+    if f is not None and _capable(f, cap):
+        return f
+    try:
+        T(int(ggml_type))
+    except (TypeError, ValueError):
+        if f is None:
+            raise NotImplementedError(f"{what}: unknown GGML type id {ggml_type}") from None
+    raise NotImplementedError(f"{what}: GGML type {type_name(ggml_type)} is not supported "
+                              f"(supported: {', '.join(type_name(t) for t in types(cap))})")
+
+
 def formats() -> list:
     """Registered formats in id order."""
     return [_FORMATS[k] for k in sorted(_FORMATS)]
@@ -232,14 +247,7 @@ def row_nbytes(ggml_type, n: int) -> int:
 def dequantize(raw: np.ndarray, ggml_type: int, shape) -> np.ndarray:
     """Decode the bytes of a tensor of ``ggml_type`` into float32 ``shape`` (numpy order,
     last axis contiguous). Bit-identical to ``gguf.quants.dequantize`` for every format."""
-    if _int(ggml_type) not in _FORMATS:
-        try:
-            T(int(ggml_type))
-        except (TypeError, ValueError):
-            raise NotImplementedError(f"unknown GGML type id {ggml_type}") from None
-        raise NotImplementedError(f"dequantize: GGML type {type_name(ggml_type)} is not supported "
-                                  f"(supported: {', '.join(f.name for f in formats())})")
-    f = _FORMATS[int(ggml_type)]
+    f = require(ggml_type, "decode", "dequantize")
     if not isinstance(raw, np.ndarray):
         raise TypeError("dequantize: raw must be a numpy array")
     shape = tuple(int(s) for s in shape)

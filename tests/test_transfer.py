@@ -35,18 +35,22 @@ def test_ranges_copy_exactly_in_every_mode(mode):
     mem.close()
 
 
+def _pinned_arrays_up_to(nbytes):
+    """``cuda.pinned_array`` failing, as a full pinned pool would, for arrays over ``nbytes``."""
+    real = cuda.pinned_array
+
+    def pinned_array(shape, dtype=np.float64, **k):
+        if np.prod(shape) * np.dtype(dtype).itemsize > nbytes:
+            raise MemoryError("no pinned memory left")
+        return real(shape, dtype, **k)
+    return pinned_array
+
+
 def test_failed_pinning_falls_back_to_staged(monkeypatch):
     def no_pinning(*a, **k):
         raise MemoryError("cannot page-lock 60 GB")
-    small = cuda.pinned_array
-
-    def small_only(shape, dtype=np.float64, **k):
-        if np.prod(shape) * np.dtype(dtype).itemsize > 1 << 20:
-            raise MemoryError("no pinned memory left")
-        return small(shape, dtype, **k)
-
     monkeypatch.setattr(cuda, "pinned", no_pinning)
-    monkeypatch.setattr(cuda, "pinned_array", small_only)
+    monkeypatch.setattr(cuda, "pinned_array", _pinned_arrays_up_to(1 << 20))
     big = [np.ones(2 << 20, np.uint8)]
     mem = HostMemory(big, mode="auto", stage_bytes=1 << 16)
     assert mem.mode == "staged" and "pinning failed" in mem.note
@@ -123,15 +127,8 @@ def test_a_pin_that_fails_part_way_rolls_back_what_it_registered(monkeypatch):
         finally:
             live.remove(a.ctypes.data)
 
-    real_pinned_array = cuda.pinned_array
-
-    def no_big_pinned(shape, dtype=np.float64, **k):
-        if np.prod(shape) * np.dtype(dtype).itemsize > 1 << 12:
-            raise MemoryError("no pinned memory left")
-        return real_pinned_array(shape, dtype, **k)
-
     monkeypatch.setattr(cuda, "pinned", first_only)
-    monkeypatch.setattr(cuda, "pinned_array", no_big_pinned)
+    monkeypatch.setattr(cuda, "pinned_array", _pinned_arrays_up_to(1 << 12))
     blobs = [np.frombuffer(mmap.mmap(-1, 3 * 4096), np.uint8) for _ in range(2)]  # two separate spans
     mem = HostMemory(blobs, mode="auto", stage_bytes=1024)
     assert mem.mode == "staged" and "pinning failed" in mem.note

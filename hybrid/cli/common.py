@@ -46,39 +46,34 @@ class Parser(argparse.ArgumentParser):
         fail(f"{message} (see {self.prog} --help)")
 
 
-def int_type(lo):
+def checked_type(convert, ok, what, bad):
+    """An argparse type: ``convert(s)`` (ValueError: "'s' is not ``what``"), kept if ``ok(v)``,
+    else the message ``bad(v, s)``. One shape for every bounded number flag (serve's too)."""
     def parse(s):
         try:
-            v = int(s)
+            v = convert(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"{v} must be >= {lo}")
+            raise argparse.ArgumentTypeError(f"{s!r} is not {what}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(bad(v, s))
         return v
     return parse
 
 
-def mb_type(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not np.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"{s} must be a non-negative number of MiB")
-    return v
+def int_type(lo):
+    return checked_type(int, lambda v: v >= lo, "an integer", lambda v, s: f"{v} must be >= {lo}")
+
+
+mb_type = checked_type(float, lambda v: np.isfinite(v) and v >= 0, "a number",
+                       lambda v, s: f"{s} must be a non-negative number of MiB")
 
 
 def float_type(lo, hi=None, lo_open=False):
-    def parse(s):
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-        if not np.isfinite(v) or v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"{s} must be a finite number in {'(' if lo_open else '['}{lo}, "
-                                             + ("inf)" if hi is None else f"{hi}]"))
-        return v
-    return parse
+    def ok(v):
+        return np.isfinite(v) and not (v < lo or (lo_open and v == lo) or (hi is not None and v > hi))
+    return checked_type(float, ok, "a number",
+                        lambda v, s: f"{s} must be a finite number in {'(' if lo_open else '['}{lo}, "
+                        + ("inf)" if hi is None else f"{hi}]"))
 
 
 def token_list(s):

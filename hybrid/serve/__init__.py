@@ -26,7 +26,7 @@ DEFAULT_CTX = 4096  # -c 0: the training context, at most this (a KV cache of 12
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``serve``'s flags: where to listen, and ``run``'s flags that build the model (same names and
     meaning; the host-memory mode, ``run``'s ``--host``, is ``--host-memory`` here)."""
-    from ..cli.common import int_type as _int_type, mb_type as _mb  # the types run's flags use
+    from ..cli.common import checked_type, int_type as _int_type, mb_type as _mb  # the types run's flags use
     from ..moe.copyplan import LAYOUTS
     from ..moe.scheduler import DEVICES, MIN_OFFLOAD_BATCH, POLICIES
     from ..moe.transfer import HOST_MODES
@@ -35,7 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "(default: the built-in tiny gpt-oss)")
     p.add_argument("--host", dest="bind", default="127.0.0.1", metavar="ADDR",
                    help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=_port, default=8080, help="TCP port (default 8080; 0: any free one)")
+    port = checked_type(int, lambda v: 0 <= v <= 65535, "a port number",
+                        lambda v, s: f"{v} is not a port number (0 to 65535)")
+    p.add_argument("--port", type=port, default=8080, help="TCP port (default 8080; 0: any free one)")
     p.add_argument("--api-key", default=os.environ.get("HYBRID_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every route but /health "
                         "(default: $HYBRID_API_KEY, else none)")
@@ -67,16 +69,6 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log (default info: one line per request)")
     return p
-
-
-def _port(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a port number") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"{v} is not a port number (0 to 65535)")
-    return v
 
 
 def _imports():

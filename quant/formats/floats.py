@@ -45,69 +45,6 @@ def _bf16_block(src, off, out, o):
     out.view(np.uint32)[o] = (np.uint32(src[off]) << np.uint32(16)) | (np.uint32(src[off + 1]) << np.uint32(24))
 
 
-class _Float(Format):
-    @classmethod
-    def check_what(cls, raw):
-        return "NaN or inf"
-
-    @classmethod
-    def cuda_pair(cls):
-        return _element_pair_reader(cls.ggml_type)
-
-
-class F32(_Float, ggml_type=T.F32):
-    decode_block = _f32_block
-    cuda_dtype = np.float32
-
-    @staticmethod
-    def decode_numpy(blocks):
-        return blocks.reshape(-1).view(np.float32).reshape(-1, 1).copy()
-
-    @staticmethod
-    def check_blocks(blocks):
-        return ~np.isfinite(blocks.reshape(-1).view(np.float32))
-
-    @classmethod
-    def cuda_tile(cls, rows, k_chunk, n_threads, stride):
-        return _f32_tile(rows, k_chunk, n_threads, stride)
-
-
-class F16(_Float, ggml_type=T.F16):
-    decode_block = _f16_block
-    cuda_dtype = np.uint16
-
-    @staticmethod
-    def decode_numpy(blocks):
-        return blocks.reshape(-1).view(np.float16).astype(np.float32).reshape(-1, 1)
-
-    @staticmethod
-    def check_blocks(blocks):
-        return ~np.isfinite(blocks.reshape(-1).view(np.float16))
-
-    @staticmethod
-    def ir_block(b, isa_mode, lanes, p8, off):
-        from ..simd import emit_f16_block_f32
-        return emit_f16_block_f32(b, lanes, p8, off)
-
-
-class BF16(_Float, ggml_type=T.BF16):
-    decode_block = _bf16_block
-    cuda_dtype = np.uint16
-
-    @staticmethod
-    def decode_numpy(blocks):
-        return (blocks.reshape(-1).view(np.int16).astype(np.int32) << 16).view(np.float32).reshape(-1, 1)
-
-    @staticmethod
-    def check_blocks(blocks):
-        return (blocks.reshape(-1).view(np.uint16) & 0x7F80) == 0x7F80  # exponent all ones: inf or NaN
-
-    @staticmethod
-    def ir_block(b, isa_mode, lanes, p8, off):
-        from ..simd import emit_bf16_block_f32
-        return emit_bf16_block_f32(b, lanes, p8, off)
-
-
 # ---------------------------------------------------------------- CUDA (built on first use)
 
 @functools.lru_cache(maxsize=None)
@@ -161,3 +98,66 @@ def _element_pair_reader(ggml_type):
             hi = value(w[s, row, c + U(16)], tabs)
         return lo, hi
     return read
+
+
+# ---------------------------------------------------------------- the registered formats
+
+class _Float(Format):
+    @classmethod
+    def check_what(cls, raw):
+        return "NaN or inf"
+
+    @classmethod
+    def cuda_pair(cls):
+        return _element_pair_reader(cls.ggml_type)
+
+
+class F32(_Float, ggml_type=T.F32):
+    decode_block = _f32_block
+    cuda_dtype = np.float32
+
+    @staticmethod
+    def decode_numpy(blocks):
+        return blocks.reshape(-1).view(np.float32).reshape(-1, 1).copy()
+
+    @staticmethod
+    def check_blocks(blocks):
+        return ~np.isfinite(blocks.reshape(-1).view(np.float32))
+
+    cuda_tile = staticmethod(_f32_tile)
+
+
+class F16(_Float, ggml_type=T.F16):
+    decode_block = _f16_block
+    cuda_dtype = np.uint16
+
+    @staticmethod
+    def decode_numpy(blocks):
+        return blocks.reshape(-1).view(np.float16).astype(np.float32).reshape(-1, 1)
+
+    @staticmethod
+    def check_blocks(blocks):
+        return ~np.isfinite(blocks.reshape(-1).view(np.float16))
+
+    @staticmethod
+    def ir_block(b, isa_mode, lanes, p8, off):
+        from ..simd import emit_f16_block_f32
+        return emit_f16_block_f32(b, lanes, p8, off)
+
+
+class BF16(_Float, ggml_type=T.BF16):
+    decode_block = _bf16_block
+    cuda_dtype = np.uint16
+
+    @staticmethod
+    def decode_numpy(blocks):
+        return (blocks.reshape(-1).view(np.int16).astype(np.int32) << 16).view(np.float32).reshape(-1, 1)
+
+    @staticmethod
+    def check_blocks(blocks):
+        return (blocks.reshape(-1).view(np.uint16) & 0x7F80) == 0x7F80  # exponent all ones: inf or NaN
+
+    @staticmethod
+    def ir_block(b, isa_mode, lanes, p8, off):
+        from ..simd import emit_bf16_block_f32
+        return emit_bf16_block_f32(b, lanes, p8, off)

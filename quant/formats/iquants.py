@@ -118,8 +118,24 @@ def iq2_xxs_numpy(b):
     return (db.reshape(n, 8, 1, 1) * grid * signs).reshape(n, -1)
 
 
+def _signed8(out, at, db, grid, g, sn):
+    """``out[at + i] = (db * grid[g + i]) * sign`` for i < 8, sign -1 where bit i of ``sn`` is
+    set: the 8-value grid row of IQ2_XXS, IQ2_XS and IQ2_S (compiled per target by ``jit``)."""
+    for i in range(8):
+        sg = F32(-1.0) if (sn >> i) & 1 else F32(1.0)
+        out[at + i] = (db * F32(grid[g + i])) * sg
+
+
+def _half_db(d, src, at, gi):
+    """IQ2_XS's and IQ2_S's scale of group ``gi`` (8 values; a scale nibble per 16 values at
+    ``at``): d * (0.5 + nibble) * 0.25."""
+    sc = (np.int32(src[at + gi // 4]) >> (4 * (gi // 2 % 2))) & 15
+    return d * (F32(0.5) + F32(sc)) * F32(0.25)
+
+
 def _iq2_xxs(f16, mul, jit):
     grid, ks = GRID_IQ2_XXS.reshape(-1).astype(np.int32), KSIGNS.astype(np.int32)
+    signed8 = jit(_signed8)
 
     def decode(src, off, out, o):
         d = f16(np.int32(src[off]), np.int32(src[off + 1]))
@@ -130,10 +146,7 @@ def _iq2_xxs(f16, mul, jit):
             db = d * (F32(0.5) + F32(aux >> 28)) * F32(0.25)
             for k in range(4):
                 g = np.int32(src[p + k]) * 8
-                s = ks[(aux >> (7 * k)) & 127]
-                for i in range(8):
-                    sg = F32(-1.0) if (s >> i) & 1 else F32(1.0)
-                    out[o + ib * 32 + k * 8 + i] = (db * F32(grid[g + i])) * sg
+                signed8(out, o + ib * 32 + k * 8, db, grid, g, ks[(aux >> (7 * k)) & 127])
     return decode
 
 
@@ -151,20 +164,14 @@ def iq2_xs_numpy(b):
 
 def _iq2_xs(f16, mul, jit):
     grid, ks = GRID_IQ2_XS.reshape(-1).astype(np.int32), KSIGNS.astype(np.int32)
+    signed8, half_db = jit(_signed8), jit(_half_db)
 
     def decode(src, off, out, o):
         d = f16(np.int32(src[off]), np.int32(src[off + 1]))
-        for s in range(16):
-            sc = (np.int32(src[off + 66 + s // 2]) >> (4 * (s % 2))) & 15
-            db = d * (F32(0.5) + F32(sc)) * F32(0.25)
-            for h in range(2):
-                gi = s * 2 + h
-                q = np.int32(src[off + 2 + 2 * gi]) | (np.int32(src[off + 3 + 2 * gi]) << 8)
-                g = (q & 511) * 8
-                sn = ks[q >> 9]
-                for i in range(8):
-                    sg = F32(-1.0) if (sn >> i) & 1 else F32(1.0)
-                    out[o + gi * 8 + i] = (db * F32(grid[g + i])) * sg
+        for gi in range(32):
+            db = half_db(d, src, off + 66, gi)
+            q = np.int32(src[off + 2 + 2 * gi]) | (np.int32(src[off + 3 + 2 * gi]) << 8)
+            signed8(out, o + gi * 8, db, grid, (q & 511) * 8, ks[q >> 9])
     return decode
 
 
@@ -183,20 +190,15 @@ def iq2_s_numpy(b):
 
 def _iq2_s(f16, mul, jit):
     grid = GRID_IQ2_S.reshape(-1).astype(np.int32)
+    signed8, half_db = jit(_signed8), jit(_half_db)
 
     def decode(src, off, out, o):
         d = f16(np.int32(src[off]), np.int32(src[off + 1]))
-        for s in range(16):
-            sc = (np.int32(src[off + 74 + s // 2]) >> (4 * (s % 2))) & 15
-            db = d * (F32(0.5) + F32(sc)) * F32(0.25)
-            for h in range(2):
-                gi = s * 2 + h
-                hi = (np.int32(src[off + 66 + gi // 4]) >> (2 * (gi % 4))) & 3
-                g = (np.int32(src[off + 2 + gi]) | (hi << 8)) * 8
-                sn = np.int32(src[off + 34 + gi])
-                for i in range(8):
-                    sg = F32(-1.0) if (sn >> i) & 1 else F32(1.0)
-                    out[o + gi * 8 + i] = (db * F32(grid[g + i])) * sg
+        for gi in range(32):
+            db = half_db(d, src, off + 74, gi)
+            hi = (np.int32(src[off + 66 + gi // 4]) >> (2 * (gi % 4))) & 3
+            g = (np.int32(src[off + 2 + gi]) | (hi << 8)) * 8
+            signed8(out, o + gi * 8, db, grid, g, np.int32(src[off + 34 + gi]))
     return decode
 
 

@@ -25,43 +25,13 @@ def _q8_0_block(src, off, out, o):
         out[o + j] = np.float32(np.int8(src[off + 2 + j])) * d
 
 
-class Q8_0(Format, ggml_type=T.Q8_0):
-    decode_block = _q8_0_block
-
-    @staticmethod
-    def decode_numpy(blocks):
-        d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
-        return blocks[:, 2:].copy().view(np.int8).astype(np.float32) * d
-
-    @staticmethod
-    def check_blocks(blocks):
-        return ~np.isfinite(blocks[:, :2].copy().view(np.float16)[:, 0])
-
-    @staticmethod
-    def ir_block(b, isa_mode, lanes, p8, off):
-        from ..simd import emit_q8_0_block_f32
-        return emit_q8_0_block_f32(b, lanes, p8, off)
-
-    @classmethod
-    def cuda_tile(cls, rows, k_chunk, n_threads, stride):
-        return _q8_0_tile(rows, k_chunk, n_threads, stride)
-
-    @classmethod
-    def cuda_pair(cls):
-        return _q8_0_pair()
-
-    @classmethod
-    def cuda_dequantize(cls):
-        return _q8_0_dequantize()
-
-
 # ---------------------------------------------------------------- CUDA (built on first use)
 # The half scale is built from its two bytes by hand (the simulator has no fp16 module).
 
 @functools.lru_cache(maxsize=None)
 def _q8_0_tile(rows, k_chunk, n_threads, stride):
     """``quant.cuda.tile_decoder`` for Q8_0: one item = 8 values of one block (one scale decode)."""
-    from ..cuda import f16_bits_to_f32, q8_0_value
+    from ..cuda import f16_bits_to_f32, q8_0_value, tile_item
     NB = k_chunk // _QK
     ITEMS = rows * NB * 4
     U = np.uint64
@@ -71,11 +41,7 @@ def _q8_0_tile(rows, k_chunk, n_threads, stride):
     def decode(w, s, row0, n_rows, k0, K, dst, off, tid, tabs):
         su, r0, nr, kb0, kleft, o = U(s), U(row0), U(n_rows), U(k0 // _QK), U(K - k0), U(off)
         for i in range(tid, ITEMS, n_threads):
-            idx = U(i)
-            n = idx // PER_ROW
-            rem = idx - n * PER_ROW
-            b = rem >> U(2)
-            g = (rem & U(3)) * U(8)
+            n, b, g = tile_item(i, PER_ROW, U(2), U(8))
             row = r0 + n
             live = row < nr and b * U(_QK) < kleft
             d = np.float32(0.0)
@@ -122,3 +88,27 @@ def _q8_0_dequantize():
             d = f16_bits_to_f32(blocks[base], blocks[base + 1])
             out[i] = q8_0_value(blocks[base + 2 + j], d)
     return kernel, _QK, 0
+
+
+# ---------------------------------------------------------------- the registered format
+
+class Q8_0(Format, ggml_type=T.Q8_0):
+    decode_block = _q8_0_block
+
+    @staticmethod
+    def decode_numpy(blocks):
+        d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+        return blocks[:, 2:].copy().view(np.int8).astype(np.float32) * d
+
+    @staticmethod
+    def check_blocks(blocks):
+        return ~np.isfinite(blocks[:, :2].copy().view(np.float16)[:, 0])
+
+    @staticmethod
+    def ir_block(b, isa_mode, lanes, p8, off):
+        from ..simd import emit_q8_0_block_f32
+        return emit_q8_0_block_f32(b, lanes, p8, off)
+
+    cuda_tile = staticmethod(_q8_0_tile)
+    cuda_pair = staticmethod(_q8_0_pair)
+    cuda_dequantize = staticmethod(_q8_0_dequantize)

@@ -105,7 +105,7 @@ def dequantize(blocks: np.ndarray) -> np.ndarray:
     return out.reshape(*blocks.shape[:-1], blocks.shape[-1] // BLOCK_BYTES * QK)
 
 
-# ---------------------------------------------------------------- the registered format
+# ---------------------------------------------------------------- block decode and data check
 
 @nb.njit(inline="always")
 def _decode_block(src, off, out, o):
@@ -141,50 +141,6 @@ def _best_run():
     return _simd_run(simd.best_isa())
 
 
-class MXFP4(Format, ggml_type=GGMLQuantizationType.MXFP4):
-    """Registered MXFP4: SIMD decode (``quant.simd``), int8 dot, tensor-core tiles."""
-    decode_block = _decode_block
-    decode_run = _best_run()  # numba caches compiled code per CPU: the decoder depends on the host alone
-    simd_run = staticmethod(_simd_run)
-    int8_dot = True
-    mma = True
-
-    @staticmethod
-    def decode_numpy(blocks):
-        return dequantize(blocks)
-
-    check_blocks = staticmethod(_bad_blocks)
-
-    @classmethod
-    def check_what(cls, raw):
-        e = int(raw[0])
-        return ("a block of exponent 255 (NaN in the MX format)" if e == NAN_EXPONENT
-                else f"a block of exponent {e} that decodes beyond float32's range")
-
-    @staticmethod
-    def ir_block(b, isa_mode, lanes, p8, off):
-        from ..simd import emit_block_f32
-        return emit_block_f32(b, isa_mode, lanes, p8, off)
-
-    @classmethod
-    def cuda_tile(cls, rows, k_chunk, n_threads, stride):
-        return tile_decoder(rows, k_chunk, n_threads, stride)
-
-    @classmethod
-    def cuda_pair(cls):
-        return pair_reader()
-
-    @classmethod
-    def cuda_bf16_tile(cls, rows, k_chunk, n_threads, rs):
-        return bf16_tile_decoder(rows, k_chunk, n_threads, rs)
-
-    @classmethod
-    def cuda_dequantize(cls):
-        return dequantize_kernel()
-
-
-
-
 # ---------------------------------------------------------------- CUDA (built on first use: numba.cuda loads lazily)
 # Kernels copy SCALES then KVALUES_F32 into one shared array (quant.cuda.load_tables): a
 # warp's 32 different nibbles are then bank-parallel reads, not serialised constant reads.
@@ -193,6 +149,7 @@ class MXFP4(Format, ggml_type=GGMLQuantizationType.MXFP4):
 def tile_decoder(rows, k_chunk, n_threads, stride):
     """``quant.cuda.tile_decoder`` for MXFP4: one item = one qs byte = values j and j+16."""
     from .. import cuda as qc
+    from ..cuda import tile_item
     NB = k_chunk // QK  # quant blocks per row per chunk
     ITEMS = rows * NB * HALF
     U = np.uint64  # unsigned index math: no negative-index fix-ups, shifts for the divisions
@@ -202,11 +159,7 @@ def tile_decoder(rows, k_chunk, n_threads, stride):
     def decode(w, s, row0, n_rows, k0, K, dst, off, tid, tabs):
         su, r0, nr, kb0, kleft, o = U(s), U(row0), U(n_rows), U(k0 // QK), U(K - k0), U(off)
         for i in range(tid, ITEMS, n_threads):
-            idx = U(i)
-            n = idx // PER_ROW
-            rem = idx - n * PER_ROW
-            b = rem >> U(4)
-            j = rem & U(15)
+            n, b, j = tile_item(i, PER_ROW, U(4), U(1))
             lo = np.float32(0.0)
             hi = np.float32(0.0)
             row = r0 + n
@@ -248,6 +201,7 @@ def bf16_tile_decoder(rows, BK, THREADS, RS):
     power of two is exactly a BF16, so the low 16 bits are zero and the top half is it."""
     from .. import cuda as qc
     from ..bits import f32_bits
+    from ..cuda import tile_item
     U, U32 = np.uint64, np.uint32
     HI16 = np.uint32(0xFFFF0000)
     NB = BK // QK
@@ -259,11 +213,7 @@ def bf16_tile_decoder(rows, BK, THREADS, RS):
     def decode(w, s, row0, n_rows, k0, K, su, off, tid, tabs):
         sl, r0, nr, kb0, kleft, o = U(s), U(row0), U(n_rows), U(k0 // QK), U(K - k0), U(off)
         for i in range(tid, ITEMS, THREADS):
-            idx = U(i)
-            n = idx // PER_ROW
-            rem = idx - n * PER_ROW
-            b = rem >> U(3)
-            j = (rem & U(7)) * U(2)
+            n, b, j = tile_item(i, PER_ROW, U(3), U(2))
             lo = U32(0)
             hi = U32(0)
             row = r0 + n
@@ -306,3 +256,33 @@ def dequantize_kernel():
             out[b * QK + j] = lo(q, d, tabs)
             out[b * QK + j + HALF] = hi(q, d, tabs)
     return kernel, HALF, 4 * qc.TABLES
+
+
+# ---------------------------------------------------------------- the registered format
+
+class MXFP4(Format, ggml_type=GGMLQuantizationType.MXFP4):
+    """Registered MXFP4: SIMD decode (``quant.simd``), int8 dot, tensor-core tiles."""
+    decode_block = _decode_block
+    decode_run = _best_run()  # numba caches compiled code per CPU: the decoder depends on the host alone
+    simd_run = staticmethod(_simd_run)
+    int8_dot = True
+    mma = True
+
+    decode_numpy = staticmethod(dequantize)
+    check_blocks = staticmethod(_bad_blocks)
+
+    @classmethod
+    def check_what(cls, raw):
+        e = int(raw[0])
+        return ("a block of exponent 255 (NaN in the MX format)" if e == NAN_EXPONENT
+                else f"a block of exponent {e} that decodes beyond float32's range")
+
+    @staticmethod
+    def ir_block(b, isa_mode, lanes, p8, off):
+        from ..simd import emit_block_f32
+        return emit_block_f32(b, isa_mode, lanes, p8, off)
+
+    cuda_tile = staticmethod(tile_decoder)
+    cuda_pair = staticmethod(pair_reader)
+    cuda_bf16_tile = staticmethod(bf16_tile_decoder)
+    cuda_dequantize = staticmethod(dequantize_kernel)

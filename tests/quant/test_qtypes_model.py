@@ -19,13 +19,8 @@ PAIRS = [(T.Q4_K, T.Q6_K), (T.Q2_K, T.Q4_0), (T.Q3_K, T.IQ4_NL), (T.Q5_K, T.Q5_1
 
 
 @pytest.mark.parametrize("etype,dtype", PAIRS, ids=[f"{e.name}-{d.name}" for e, d in PAIRS])
-def test_logits_match_the_float64_reference(tmp_path, monkeypatch, etype, dtype):
-    # The CPU expert path's default decoded-tile width (960 columns) is not a multiple of the
-    # 256-element super-blocks: a tile width that is (hybrid.moe.cpu rejects the default by name).
-    from hybrid.model import forward
-    from hybrid.moe import cpu
-    monkeypatch.setattr(cpu, "TILES", cpu.CpuTiles(kc_tile=768))
-    monkeypatch.setattr(forward, "_PROMPT_TILES", cpu.CpuTiles(kc_tile=768, q8_tokens=0))
+def test_logits_match_the_float64_reference(tmp_path, etype, dtype):
+    # default tiles: the CPU expert path fits its decoded tile to 256-element super-blocks itself
     seed = int(np.random.SeedSequence().entropy % 2**32)
     model = load(write_model(tmp_path / "m.gguf", etype, dtype, seed=seed))
     assert model.layers[0].gate.ggml_type == etype and model.tensors["blk.0.attn_q.weight"].ggml_type == dtype

@@ -37,6 +37,7 @@ work split and the edge checks are one numba call graph: ``_grouped`` inlines th
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numba as nb
@@ -58,15 +59,17 @@ class CpuTiles:
 
     rows: int = 64        # output rows per item (a multiple of 4, every kernel's R)
     kc_direct: int = 32   # MXFP4 blocks per K chunk in the direct path (>= 8 tokens: x chunk in L1)
-    kc_tile: int = 960    # columns per decoded float32 tile (a multiple of 16 and of the weights' block)
+    kc_tile: int = 0      # columns per decoded float32 tile (a multiple of 16 and of the weights' block);
+    #                       0: per format, the most whole blocks in KC_TILE (960 for blocks of 32, 768 for 256)
     tile_min: int = 12    # an MXFP4 expert with this many tokens or more uses the tile path
     q8_tokens: int = 1    # calls of at most this many tokens use int8 activations for MXFP4; 0: never
 
     def __post_init__(self):
         for name in ("rows", "kc_direct", "kc_tile", "tile_min", "q8_tokens"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (name != "q8_tokens"):
-                raise ValueError(f"CpuTiles.{name} must be a {'non-negative' if name == 'q8_tokens' else 'positive'} "
+            zero_ok = name in ("q8_tokens", "kc_tile")
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (not zero_ok):
+                raise ValueError(f"CpuTiles.{name} must be a {'non-negative' if zero_ok else 'positive'} "
                                  f"int, got {v!r}")
         if self.rows % 4 or self.kc_tile % TILE_ALIGN:
             raise ValueError(f"CpuTiles.rows must be a multiple of 4 and kc_tile of {TILE_ALIGN}, got {self}")
@@ -78,6 +81,7 @@ class CpuTiles:
 ALIGN = 64         # bytes; every float buffer row starts on a cache line
 TILE_ALIGN = ALIGN // 4  # floats: decoded tile rows (kc_tile apart) start on cache lines too
 TILES = CpuTiles()
+KC_TILE = 960  # the auto tile's bound: 960 floats x 64 rows = 240 KB of decoded weights, in L2
 
 _MX_QK, _MX_BYTES, _MXFP4 = qcpu.MX_QK, qcpu.MX_BYTES, qcpu.MXFP4
 
@@ -477,12 +481,17 @@ def _use_q8(wtype, n_tokens, tl):
 
 
 def check_block(tl, wtype):
-    # decoded tiles hold whole blocks: kc_tile must be a multiple of the format's block
+    """``tl`` with its tile width for ``wtype``: decoded tiles hold whole blocks, so a given
+    kc_tile must be a multiple of the format's block; 0 takes the most whole blocks in KC_TILE."""
     blk = qregistry.block_size(wtype)
     qregistry.activate(wtype)  # the tile path's generated decoder must hold this format
+    if tl[2] == 0:
+        step = blk * TILE_ALIGN // math.gcd(blk, TILE_ALIGN)
+        return tl[:2] + (max(step, KC_TILE // step * step),) + tl[3:]
     if tl[2] % blk:
         raise ValueError(f"CpuTiles.kc_tile ({tl[2]}) must be a multiple of {qtypes.type_name(wtype)}'s block "
                          f"of {blk}")
+    return tl
 
 
 def check_tiles(tiles):
@@ -497,7 +506,7 @@ def mul_mat_id(raw, wtype, rows, cols, x, ids, tl):
     """ggml_mul_mat_id on checked inputs: ``raw`` from ``check_experts``, ``x`` float32 ``[T, cols]``
     or ``[T, k, cols]`` (finite), ``ids`` int64 ``[T, k]`` in range, ``tl`` from ``check_tiles``
     -> float32 ``[T, k, rows]``."""
-    check_block(tl, wtype)
+    tl = check_block(tl, wtype)
     n, k = ids.shape
     if n == 0:
         return np.zeros((0, k, rows), np.float32)
@@ -518,8 +527,7 @@ def moe_ffn(graw, uraw, draw, gtype, dtype_, n_ff, biases, activation, x, ids, w
     float32 ``[T, n_embd]`` (written, returned). ``out[t] = sum_j weights[t, j] * expert(x[t])``
     in j order."""
     E, D, F = graw.shape[0], x.shape[1], n_ff
-    check_block(tl, gtype)
-    check_block(tl, dtype_)
+    tlg, tld = check_block(tl, gtype), check_block(tl, dtype_)
     n, k = ids.shape
     if n == 0:
         return out
@@ -529,8 +537,8 @@ def moe_ffn(graw, uraw, draw, gtype, dtype_, n_ff, biases, activation, x, ids, w
     Y = _zeros_aligned(pairs.size, _pad(D))
     with nb.parallel_chunksize(1):
         _grouped(graw, uraw, gtype, F, D, X, starts, used, biases[0], biases[1], ACT_CODE[activation], H,
-                 tl, _chunks(), _use_q8(gtype, n, tl))
-        _grouped(draw, draw, dtype_, D, F, H, starts, used, _NO_BIAS, _NO_BIAS, -1, Y, tl, _chunks(),
-                 _use_q8(dtype_, n, tl))
+                 tlg, _chunks(), _use_q8(gtype, n, tlg))
+        _grouped(draw, draw, dtype_, D, F, H, starts, used, _NO_BIAS, _NO_BIAS, -1, Y, tld, _chunks(),
+                 _use_q8(dtype_, n, tld))
     _combine(Y, pos, weights, ids, biases[2], out)
     return out

@@ -13,7 +13,8 @@ from numba import cuda, types
 from quant import cuda as qc
 
 from ...moe.activation import silu_f32, swiglu_oai_f32
-from .tiles import TileConfig, extent as _extent, row_gatherer as _row_gatherer, tile_fma, tile_slot as _tile_slot
+from .tiles import TileConfig, block_thread as _block_thread, extent as _extent, row_gatherer as _row_gatherer
+from .tiles import tile_fma, tile_slot as _tile_slot
 
 _F32 = np.float32
 _U = np.uint64
@@ -46,11 +47,7 @@ def gate_up_kernel(cfg: TileConfig, wtype: int, activation: str, has_bias: bool)
         ROW_WORDS words (odd, against bank conflicts). Each thread accumulates TM x TN
         outputs of g and of u at rows ty + i*ROW_STRIDE, columns tx + j*COL_STRIDE (a warp
         reads consecutive words); the activation is fused in the epilogue."""
-        tile = tile0 + cuda.blockIdx.x
-        col0 = cuda.blockIdx.y * BN
-        tid = cuda.threadIdx.x
-        ty = tid // COL_STRIDE
-        tx = tid - ty * COL_STRIDE
+        tile, col0, tid, ty, tx = _block_thread(tile0, BN, COL_STRIDE)
         sentinel = act.shape[0]
         n_ff = act.shape[1]
         K = x.shape[1]
@@ -136,11 +133,7 @@ def down_kernel(cfg: TileConfig, wtype: int, has_bias: bool):
         n_ff), the shared tile [BK][BM | BN] holds rows act[p] of the tile's pairs (offs_x)
         and the decoded BN x BK slice of Wd (offs_w), transposed as in gate_up; each thread
         accumulates TM x TN outputs. Epilogue: bias, then the routing weight."""
-        tile = tile0 + cuda.blockIdx.x
-        col0 = cuda.blockIdx.y * BN
-        tid = cuda.threadIdx.x
-        ty = tid // COL_STRIDE
-        tx = tid - ty * COL_STRIDE
+        tile, col0, tid, ty, tx = _block_thread(tile0, BN, COL_STRIDE)
         sentinel = y.shape[0]
         n_embd = y.shape[1]
         K = act.shape[1]

@@ -1,9 +1,11 @@
-"""The small per-token ops of a block on the device (numba-cuda): RMSNorm, NEOX RoPE, add.
+"""The small per-token ops of a block on the device (numba-cuda): RMSNorm, RoPE, add, GLU, gate.
 
 The device twins of ``ops.rmsnorm`` and ``ops.rope_neox`` (same formulas, float32),
 for hidden states that stay on the GPU, plus ``add`` (residuals, biases) and
-``to_device_f32``. Every function takes device arrays, checks them here (numba does
-no bounds checking) and enqueues one kernel on ``stream``.
+``to_device_f32``, and the dense FFN's gated activation and the shared experts' gate
+(``glu``, ``gate_rows``: the model's own buffers, unchecked). The other functions take
+device arrays, check them here (numba does no bounds checking); each enqueues one kernel
+on ``stream``.
 
 ``warp_sum`` is the warp reduction the dense GEMV shares: a shuffle butterfly on a
 GPU; the simulator has no shuffles, so there the same butterfly goes through
@@ -18,9 +20,11 @@ from numba import cuda, types
 
 from quant import cuda as qc
 
+from ...moe import activation as act
 from .tiles import Variant
 
-__all__ = ["rmsnorm", "rope_neox", "add", "to_device_f32", "check_device", "warp_sum", "WARP", "variants"]
+__all__ = ["rmsnorm", "rope", "rope_neox", "add", "glu", "gate_rows",
+           "to_device_f32", "check_device", "warp_sum", "WARP", "variants"]
 
 WARP = 32
 _FULL_MASK = 0xFFFFFFFF
@@ -142,29 +146,43 @@ def rmsnorm(x, w, eps, out=None, stream=0):
 
 # ------------------------------------------------------------------ rope
 
-@cuda.jit
-def _rope_neox_kernel(x, cos, sin):
-    """Tiling: grid-stride over (token, head, i < n_rot/2); each step rotates the pair
-    (i, i + n_rot/2) of one head in place; dims past n_rot are never touched."""
-    n_tok, n_head, _ = x.shape
-    half = cos.shape[1]
-    per_tok = n_head * half
-    for idx in range(cuda.grid(1), n_tok * per_tok, cuda.gridsize(1)):
-        t = idx // per_tok
-        rem = idx - t * per_tok
-        h = rem // half
-        i = rem - h * half
-        c = cos[t, i]
-        s = sin[t, i]
-        x0 = x[t, h, i]
-        x1 = x[t, h, i + half]
-        x[t, h, i] = x0 * c - x1 * s
-        x[t, h, i + half] = x0 * s + x1 * c
+def _rope_kernel(neox):
+    """The RoPE kernel for one pairing: ``neox`` is a compile-time constant (a closure), so
+    each build holds only its own indexing."""
+    @cuda.jit
+    def rope_kernel(x, cos, sin):
+        """Tiling: grid-stride over (token, head, i < n_rot/2); each step rotates one pair of
+        one head in place: (i, i + n_rot/2) for NEOX, (2i, 2i + 1) for ggml's normal RoPE;
+        dims past n_rot are never touched."""
+        n_tok, n_head, _ = x.shape
+        half = cos.shape[1]
+        per_tok = n_head * half
+        for idx in range(cuda.grid(1), n_tok * per_tok, cuda.gridsize(1)):
+            t = idx // per_tok
+            rem = idx - t * per_tok
+            h = rem // half
+            i = rem - h * half
+            if neox:
+                j0, j1 = i, i + half
+            else:
+                j0, j1 = 2 * i, 2 * i + 1
+            c = cos[t, i]
+            s = sin[t, i]
+            x0 = x[t, h, j0]
+            x1 = x[t, h, j1]
+            x[t, h, j0] = x0 * c - x1 * s
+            x[t, h, j1] = x0 * s + x1 * c
+    return rope_kernel
 
 
-def rope_neox(x, cos, sin, stream=0):
-    """NEOX rotation of device float32 ``x [T, H, d]`` in place, by ``cos``/``sin`` device float32
-    ``[T, n_rot/2]`` (``ops.rope_cos_sin``, uploaded); dims past n_rot stay. Returns ``x``."""
+_rope_neox_kernel = _rope_kernel(True)
+_rope_norm_kernel = _rope_kernel(False)
+
+
+def rope(x, cos, sin, neox=True, stream=0):
+    """RoPE of device float32 ``x [T, H, d]`` in place, by ``cos``/``sin`` device float32
+    ``[T, n_rot/2]`` (``ops.rope_cos_sin``, uploaded): NEOX pairs, else ggml's normal (adjacent)
+    pairs; dims past n_rot stay. Returns ``x``."""
     check_device("x", x, np.float32, ndims=(3,))
     check_device("cos", cos, np.float32, ndims=(2,))
     check_device("sin", sin, np.float32, shape=cos.shape)
@@ -174,8 +192,14 @@ def rope_neox(x, cos, sin, stream=0):
                          f"with n_rot <= {d}")
     n = T * H * cos.shape[1]
     if n:
-        _rope_neox_kernel[qc.grid_blocks(n, _THREADS), _THREADS, stream](x, cos, sin)
+        kernel = _rope_neox_kernel if neox else _rope_norm_kernel
+        kernel[qc.grid_blocks(n, _THREADS), _THREADS, stream](x, cos, sin)
     return x
+
+
+def rope_neox(x, cos, sin, stream=0):
+    """``rope`` with NEOX pairs (i, i + n_rot/2)."""
+    return rope(x, cos, sin, True, stream)
 
 
 # ------------------------------------------------------------------ add
@@ -202,6 +226,51 @@ def add(x, y, stream=0):
     return x
 
 
+# ------------------------------------------------------------------ dense FFN and shared-expert gate
+
+_silu = cuda.jit(device=True)(act.silu_f32)
+_swiglu = cuda.jit(device=True)(act.swiglu_oai_f32)
+_SWIGLU = act.ACT_CODE["swiglu_oai"]
+
+
+@cuda.jit
+def _glu_kernel(g, u, code):
+    """Tiling: grid-stride over the flat ``g``; ``g = act(g, u)`` in place."""
+    for i in range(cuda.grid(1), g.shape[0], cuda.gridsize(1)):
+        g[i] = _swiglu(g[i], u[i]) if code == _SWIGLU else _silu(g[i], u[i])
+
+
+def glu(g, u, activation, stream=0):
+    """``g = act(g, u)`` in place (``hybrid.moe.activation``'s formula, by name), device float32
+    arrays of one size. Returns ``g``."""
+    n = g.size
+    if n:
+        _glu_kernel[qc.grid_blocks(n, _THREADS), _THREADS, stream](g.reshape(n), u.reshape(n),
+                                                                 act.ACT_CODE[activation])
+    return g
+
+
+@cuda.jit
+def _gate_rows_kernel(y, x, w):
+    """Tiling: a thread per token: ``y[t] *= sigmoid(x[t] . w)`` (float32, in id order)."""
+    t = cuda.grid(1)
+    if t < y.shape[0]:
+        s = np.float32(0.0)
+        for c in range(x.shape[1]):
+            s += x[t, c] * w[c]
+        gate = np.float32(1.0) / (np.float32(1.0) + math.exp(-s))
+        for c in range(y.shape[1]):
+            y[t, c] *= gate
+
+
+def gate_rows(y, x, w, stream=0, threads=128):
+    """``y[t] *= sigmoid(x[t] . w)`` in place on the device (the shared experts' gate)."""
+    T = y.shape[0]
+    if T:
+        _gate_rows_kernel[-(-T // threads), threads, stream](y, x, w)
+    return y
+
+
 # ------------------------------------------------------------------ variants (for compile checks)
 
 def variants():
@@ -211,4 +280,6 @@ def variants():
     threads = _NORM_WARPS * WARP
     return [Variant("rmsnorm", _rmsnorm_kernel, (A(f32, 2), A(f32, 1), f32, A(f32, 2)), threads, 0, 1),
             Variant("rope_neox", _rope_neox_kernel, (A(f32, 3), A(f32, 2), A(f32, 2)), _THREADS, 0, 1),
-            Variant("add", _add_kernel, (A(f32, 1), A(f32, 1)), _THREADS, 0, 1)]
+            Variant("rope_norm", _rope_norm_kernel, (A(f32, 3), A(f32, 2), A(f32, 2)), _THREADS, 0, 1),
+            Variant("add", _add_kernel, (A(f32, 1), A(f32, 1)), _THREADS, 0, 1),
+            Variant("gate_rows", _gate_rows_kernel, (A(f32, 2), A(f32, 2), A(f32, 1)), 128, 0, 1)]

@@ -161,6 +161,15 @@ def tile_slot(pairs, tile_expert, slots, tile, bm, sentinel, n_slots):
 
 
 @cuda.jit(device=True, inline=True)
+def block_thread(tile0, bn, col_stride):
+    """(tile, first column, thread, its row and column in the block's thread grid) of an FMA
+    expert kernel's block: block (x, y) = (tile0 + x, columns from y * bn)."""
+    tid = cuda.threadIdx.x
+    ty = tid // col_stride
+    return tile0 + cuda.blockIdx.x, cuda.blockIdx.y * bn, tid, ty, tid - ty * col_stride
+
+
+@cuda.jit(device=True, inline=True)
 def extent(ps, row0, rs, tm, sentinel, col0, cs, tn, n_cols):
     """How many of a thread's strided rows hold real pairs (they come first in a
     tile) and how many of its strided columns lie inside the matrix."""
