@@ -15,7 +15,7 @@ from quant.bits import bits_f32, f32_bits
 
 from . import mma
 from .experts_fma import silu_mul as _silu_mul, swiglu_oai as _swiglu_oai
-from .tiles import TileConfig, tile_slot as _tile_slot
+from .tiles import TileConfig, tile_row as _tile_row, tile_slot as _tile_slot
 
 _F32 = np.float32
 _U = np.uint64
@@ -68,10 +68,7 @@ def _row_splitter(BM, BK, THREADS, RS):
     @cuda.jit(device=True, inline=True)
     def split(src, ps, offs_rows, n_rows, k0, K, su, offs, tid):
         for i in range(tid, BM * KW, THREADS):
-            idx = _U(i)
-            r = idx // _U(KW)
-            c = idx - r * _U(KW)
-            row = ps[_U(offs_rows) + r]
+            r, c, row = _tile_row(i, KW, ps, offs_rows)
             w0 = _U32(0)
             w1 = _U32(0)
             w2 = _U32(0)

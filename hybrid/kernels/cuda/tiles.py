@@ -184,6 +184,16 @@ def extent(ps, row0, rs, tm, sentinel, col0, cs, tn, n_cols):
     return nr, nc
 
 
+@cuda.jit(device=True, inline=True)
+def tile_row(i, width, ps, offs_rows):
+    """Item ``i`` of a loop over a tile's rows, ``width`` items a row: (row r of the tile, item
+    c in it, the source row ``ps[offs_rows + r]``); uint64 offsets, as the loaders index."""
+    idx = _U(i)
+    r = idx // _U(width)
+    c = idx - r * _U(width)
+    return r, c, ps[_U(offs_rows) + r]
+
+
 @functools.lru_cache(maxsize=None)
 def row_gatherer(BM, BK, THREADS, ROW_WORDS):
     """Device function loading the activation rows of a tile, transposed: for the tile's BM
@@ -193,10 +203,7 @@ def row_gatherer(BM, BK, THREADS, ROW_WORDS):
     @cuda.jit(device=True, inline=True)
     def gather(src, ps, offs_rows, n_rows, k0, K, sm, offs_x, tid):
         for i in range(tid, BM * BK, THREADS):
-            idx = _U(i)
-            r = idx // _U(BK)
-            c = idx - r * _U(BK)
-            row = ps[_U(offs_rows) + r]
+            r, c, row = tile_row(i, BK, ps, offs_rows)
             v = _ZERO
             if row >= 0 and row < n_rows and c < _U(K - k0):
                 v = src[_U(row), _U(k0) + c]
