@@ -140,6 +140,8 @@ def activate(*ggml_types) -> None:
     ``compile_on_use`` join it only when a caller first needs them, so a model of common
     types does not compile the decoders of twenty others). Entry points that reach the
     generated dispatchers call this after their type check."""
+    if all(t in _ACTIVE for t in ggml_types):  # the common case, on every CPU expert call
+        return
     new = {_int(t) for t in ggml_types} & set(_FORMATS) - _ACTIVE
     if new:
         _ACTIVE.update(new)

@@ -409,6 +409,9 @@ def check_experts(name, raw, wtype, n_experts, rows, cols):
         raise NotImplementedError(f"{name}: GGML type {qtypes.type_name(wtype)} is not supported "
                                   f"(supported: {', '.join(qtypes.type_name(q) for q in qcpu.types())})")
     qt = int(wtype)
+    if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8:  # the kernels index bytes
+        raise TypeError(f"{name}: expert bytes must be a uint8 array, got "
+                        f"{getattr(raw, 'dtype', type(raw).__name__)}")
     if raw.shape != (n_experts, rows, qtypes.row_nbytes(qt, cols)) or not raw.flags.c_contiguous:
         raise ValueError(f"{name}: bytes {raw.shape} do not hold {n_experts} x [{rows}, {cols}] "
                          f"{qtypes.type_name(qt)}")
