@@ -53,6 +53,18 @@ class Config:
     n_ff_dense: int = 0  # rows of the dense FFN layers' ffn_up (0: none)
     n_ff_shexp: int = 0  # rows of the shared experts' ffn_up_shexp (0: none)
     rope_neox: bool = True  # NEOX pairs (i, i + n_rot/2), else ggml's normal pairs (2i, 2i + 1)
+    n_layer_nextn: int = 0  # next-token-prediction blocks after the n_layer trunk blocks (not run)
+    yarn_log_mul: float = 0.0  # llama.cpp's hparams.rope_yarn_log_mul (after the architecture's reading)
+    # multi-head latent attention (deepseek2; 0: none): the low ranks of q and of the cached latent,
+    # and the per-head q/k and v widths before absorption (head_dim/head_dim_v are the cache's)
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    head_dim_k_mla: int = 0
+    head_dim_v_mla: int = 0
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
 
     @property
     def n_gqa(self) -> int:
@@ -118,7 +130,9 @@ def read_config(model) -> Config:
         return v
 
     L, A, R = Keys.LLM, Keys.Attention, Keys.Rope
-    n_layer = get(L.BLOCK_COUNT, int, lo=1)
+    n_layer_all = get(L.BLOCK_COUNT, int, lo=1)
+    n_nextn = get(L.NEXTN_PREDICT_LAYERS, int, 0, lo=0, hi=n_layer_all - 1)
+    n_layer = n_layer_all - n_nextn  # llama.cpp's hparams.n_layer(): the trunk the graph runs
     n_embd = get(L.EMBEDDING_LENGTH, int, lo=1)
     n_head = get(A.HEAD_COUNT, int, lo=1)
     n_head_kv = get(A.HEAD_COUNT_KV, int, n_head, lo=1, hi=n_head)
@@ -145,12 +159,14 @@ def read_config(model) -> Config:
     if ext_factor != 0.0:  # llama_context: cancels ggml's own 1 + 0.1 ln(factor), see llama.cpp PR 17945
         f = 1.0 / freq_scale
         mscale = lambda m: 1.0 if f <= 1.0 else 0.1 * m * math.log(f) + 1.0  # noqa: E731
-        log_mul = get(R.SCALING_YARN_LOG_MUL, float, 0.0)
+        m, log_mul = spec.yarn_mscales(get(R.SCALING_YARN_LOG_MUL, float, 0.0))
         try:  # a zero divisor or log(0) from out-of-range keys: refused by _usable_rope
-            attn_factor = mscale(1.0) / mscale(log_mul) if log_mul != 0.0 else mscale(1.0)
+            attn_factor = mscale(m) / mscale(log_mul) if log_mul != 0.0 else mscale(1.0)
             attn_factor /= 1.0 + 0.1 * math.log(f)
         except (ArithmeticError, ValueError):
             attn_factor = math.nan
+    else:
+        log_mul = spec.yarn_mscales(get(R.SCALING_YARN_LOG_MUL, float, 0.0))[1]
     attn_factor *= get(R.SCALING_ATTN_FACTOR, float, 1.0, lo=0.0)
 
     try:
@@ -160,13 +176,20 @@ def read_config(model) -> Config:
             raise
         raise GGUFError(f"{model.path}: {e}") from None
     kinds, ff = _layer_kinds(model, spec, n_layer)
+    lead = meta.get(k(L.LEADING_DENSE_BLOCK_COUNT))
+    if spec.leading_dense and lead is not None:  # llama.cpp takes the FFN kind from this key
+        n_dense = next((il for il, kd in enumerate(kinds) if kd != "dense"), n_layer)
+        if not isinstance(lead, int) or isinstance(lead, bool) or lead != n_dense \
+                or "dense" in kinds[n_dense:]:
+            raise GGUFError(f"{model.path}: {k(L.LEADING_DENSE_BLOCK_COUNT)} = {lead!r}, but the tensors make "
+                            f"blocks {[il for il, kd in enumerate(kinds) if kd == 'dense']} dense")
 
     emb = model.tensors.get("token_embd.weight")
     if emb is None:
         raise GGUFError(f"{model.path}: missing tensor token_embd.weight")
     if len(emb.shape) != 2 or emb.shape[1] != n_embd:
         raise GGUFError(f"{model.path}: token_embd.weight has shape {emb.shape}, expected [n_vocab, {n_embd}]")
-    return Config(
+    kw = dict(
         arch=arch, n_layer=n_layer, n_embd=n_embd, n_vocab=emb.shape[0], n_ctx_train=n_ctx_train,
         n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, head_dim_v=head_dim_v, n_rot=n_rot,
         rms_eps=rms_eps, rope_freq_base=base, rope_freq_base_swa=get(R.FREQ_BASE_SWA, float, base, above=1.0),
@@ -176,7 +199,15 @@ def read_config(model) -> Config:
         n_ctx_orig=get(R.SCALING_ORIG_CTX_LEN, int, n_ctx_train, lo=1), n_swa=n_swa, swa_layers=swa,
         qkv_bias=spec.qkv_bias, sinks=spec.sinks, qk_norm=spec.qk_norm, ffn_norm=spec.ffn_norm,
         kq_scale=1.0 / math.sqrt(n_rot if spec.kq_scale_by_rot else head_dim), kinds=kinds,
-        n_ff_dense=ff["dense"], n_ff_shexp=ff["moe_shared"], rope_neox=spec.rope_neox)
+        n_ff_dense=ff["dense"], n_ff_shexp=ff["moe_shared"], rope_neox=spec.rope_neox, n_layer_nextn=n_nextn,
+        yarn_log_mul=log_mul)
+    try:  # what the architecture reads beyond these (deepseek2: the latent attention)
+        kw = spec.configure(get, model, kw)
+    except GGUFError as e:
+        if str(e).startswith(str(model.path)):
+            raise
+        raise GGUFError(f"{model.path}: {e}") from None
+    return Config(**kw)
 
 
 def _layer_kinds(model, spec, n_layer):

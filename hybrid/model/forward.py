@@ -107,7 +107,10 @@ class Transformer:
         if moe is not None and (len(moe.layers) != len(model.layers)
                                 or any(a is not b for a, b in zip(moe.layers, model.layers))):
             raise ValueError("moe must run this model's own MoE layers (HybridMoE(model.layers, ...))")
-        self.on_device = (moe.engine is not None) if moe is not None else resolve_device(device) != "cpu"
+        # An architecture without device kernels (MLA) keeps its attention and dense weights on the
+        # host; its routed experts still take the backend's offload path (HybridMoE on numpy input).
+        self.on_device = self.arch.device_graph and (
+            (moe.engine is not None) if moe is not None else resolve_device(device) != "cpu")
         if not self.on_device:
             self.cache = KVCache(cfg, self.n_ctx, self.n_ubatch)  # refuses a cache beyond the machine's memory
             self.moe = moe if moe is not None else HybridMoE(model.layers, device=device, policy=policy)

@@ -241,9 +241,10 @@ class Model:
         self.arch = self._str("general.architecture")
         archs.get(self.arch, self.path)
         self._read_hparams()
-        beyond = sorted({n for n in self.tensors if (b := _block_of(n)) is not None and b >= self.n_layers})
+        n_blocks = self.n_layers + self.n_layer_nextn
+        beyond = sorted({n for n in self.tensors if (b := _block_of(n)) is not None and b >= n_blocks})
         if beyond:
-            self._fail(f"block_count is {self.n_layers} but the file has tensors of later blocks: "
+            self._fail(f"block_count is {n_blocks} but the file has tensors of later blocks: "
                        f"{', '.join(beyond[:4])}{' ...' if len(beyond) > 4 else ''}")
         self.layers: list[MoELayer] = []
         self.dense_blocks: list[int] = []
@@ -307,6 +308,13 @@ class Model:
         key = lambda k: k.format(arch=a)  # noqa: E731
         L = Keys.LLM
         self.n_layers = self._int(key(L.BLOCK_COUNT))
+        # Next-token-prediction blocks follow the trunk; llama.cpp's graph skips them, so do we.
+        self.n_layer_nextn = self._int(key(L.NEXTN_PREDICT_LAYERS), 0)
+        if self.n_layers is not None:
+            if self.n_layer_nextn >= self.n_layers:
+                self._fail(f"{key(L.NEXTN_PREDICT_LAYERS)} = {self.n_layer_nextn} leaves no trunk of the "
+                           f"{self.n_layers} blocks")
+            self.n_layers -= self.n_layer_nextn
         self.n_embd = self._int(key(L.EMBEDDING_LENGTH))
         self.n_experts = self._int(key(L.EXPERT_COUNT), 0)
         self.k = self._int(key(L.EXPERT_USED_COUNT), 0)
@@ -401,6 +409,7 @@ class Model:
                        "re-convert it with a current llama.cpp (ffn_*_exps tensors)")
         biases = ("ffn_gate_inp.bias", "ffn_gate_exps.bias", "ffn_up_exps.bias", "ffn_down_exps.bias")
         need = list(names.values()) + ([p + b for b in biases] if self.arch_def.expert_biases else [])
+        need += [p + "exp_probs_b.bias"] if self.arch_def.selection_bias is True else []
         missing = [n for n in need if n not in self.tensors]
         if missing:
             self._fail(f"missing tensor(s) {', '.join(missing)} (arch {self.arch})")

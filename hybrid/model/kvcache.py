@@ -34,8 +34,10 @@ def kv_sizes(cfg, n_ctx: int, n_ubatch: int) -> list[int]:
 
 
 def kv_nbytes(cfg, n_ctx: int, n_ubatch: int) -> int:
-    """Bytes of K and V (float32) over all layers."""
-    return sum(kv_sizes(cfg, n_ctx, n_ubatch)) * cfg.n_head_kv * (cfg.head_dim + cfg.head_dim_v) * 4
+    """Bytes of K and V (float32) over all layers; with MLA only K (the latent and the rope key:
+    V is the latent, a view of K's first ``head_dim_v`` dims, as llama.cpp's MLA cache)."""
+    width = cfg.head_dim + (0 if getattr(cfg, "mla", False) else cfg.head_dim_v)
+    return sum(kv_sizes(cfg, n_ctx, n_ubatch)) * cfg.n_head_kv * width * 4
 
 
 def rewind_fits(swa, oldest, n: int) -> bool:
@@ -57,12 +59,16 @@ class KVCache:
                              f"({need:,} bytes), more than this machine's {ram / 2**30:.1f} GiB of memory "
                              "(lower -c / n_ctx)")
         self.k = [np.zeros((n, cfg.n_head_kv, cfg.head_dim), np.float32) for n in self.size]
-        self.v = [np.zeros((n, cfg.n_head_kv, cfg.head_dim_v), np.float32) for n in self.size]
+        self.mla = getattr(cfg, "mla", False)
+        if self.mla:  # V is the latent: K's leading dims (store writes the same values there)
+            self.v = [k[:, :, :cfg.head_dim_v] for k in self.k]
+        else:
+            self.v = [np.zeros((n, cfg.n_head_kv, cfg.head_dim_v), np.float32) for n in self.size]
         self.n_past = 0  # positions 0..n_past-1 are stored
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k + self.v)
+        return sum(a.nbytes for a in self.k + ([] if self.mla else self.v))
 
     def clear(self):
         self.n_past = 0
@@ -85,7 +91,8 @@ class KVCache:
                              f"(n_ctx {self.n_ctx}, n_ubatch {self.n_ubatch})")
         slots = np.arange(pos0, pos0 + n) % self.size[il]
         self.k[il][slots] = k
-        self.v[il][slots] = v
+        if not self.mla:
+            self.v[il][slots] = v
 
     def window(self, il: int, pos0: int, n: int):
         """Keys, values and their positions that queries ``pos0 .. pos0 + n - 1`` can see."""

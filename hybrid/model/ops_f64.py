@@ -18,6 +18,8 @@ __all__ = ["F64Ops"]
 
 
 class F64Ops:
+    mla_decompressed = True  # deepseek2's block runs MLA as the multi-head attention it absorbs
+
     def __init__(self, cfg, layers, pos):
         self.cfg, self.pos = cfg, np.asarray(pos)
         self.layers = {L.index: L for L in layers}
@@ -28,6 +30,9 @@ class F64Ops:
     def linear(self, W, x, bias, out=None):
         y = x @ W.T
         return y if bias is None else y + bias
+
+    def head_linear(self, Ws, x, out=None):
+        return np.einsum("thi,hoi->tho", x, Ws)
 
     def add_(self, h, y):
         h += y

@@ -37,6 +37,10 @@ class HostOps:
             y += bias
         return y
 
+    def head_linear(self, Ws, x, out=None):
+        """``y[:, h] = Ws[h] x[:, h]`` for ``x [T, H, in]`` (MLA's per-head k_b and v_b)."""
+        return np.stack([W.matmul(np.ascontiguousarray(x[:, h])) for h, W in enumerate(Ws)], axis=1)
+
     def add_(self, h, y):
         h += y
 

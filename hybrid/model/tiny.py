@@ -97,18 +97,16 @@ def tiny_vocab(n_vocab: int, pre: str = "gpt-4o"):
     import json
 
     from gguf.constants import TokenType
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from .tokenizer import PRE_TOKENIZERS
+    from .tokenizer import pre_tokenizer
 
     n_bpe = n_vocab - len(TINY_SPECIALS)
     if n_bpe < 256:
         raise ValueError(f"tiny_vocab: n_vocab = {n_vocab} cannot hold 256 byte tokens and "
                          f"{len(TINY_SPECIALS)} special tokens")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre]), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizer(pre)
     trainer = trainers.BpeTrainer(vocab_size=n_bpe, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS.splitlines(keepends=True), trainer)
@@ -138,11 +136,13 @@ def check_dims(who, *, n_embd, n_ff, n_head, n_head_kv, head_dim, n_vocab):
 
 
 def model_metadata(arch, *, name, n_layers, n_ctx, n_embd, n_ff, n_head, n_head_kv, head_dim, n_experts, k,
-                   n_swa, expert_type) -> dict:
+                   n_swa, expert_type, n_vocab=0, n_dense=0, n_nextn=0, variant=None) -> dict:
     """The hyper-parameter keys llama.cpp's converter writes for ``arch`` (gpt-oss: YaRN factor 32 over
     4096, RoPE base 150000, sliding window ``n_swa``), as ``load`` reads them back: key -> value,
     floats rounded to float32 as the file stores them. ``write_tiny`` writes these; the in-memory
-    models of ``synthetic.py`` hold them."""
+    models of ``synthetic.py`` hold them. ``n_layers`` counts the trunk; ``n_nextn``
+    next-token-prediction blocks follow it; ``n_dense`` leading blocks are dense; ``variant``
+    names one of the architecture's ``tiny["variants"]`` (deepseek2: "v3", "lite", "legacy")."""
     a = archs.REGISTRY[arch]
     L, A, R = Keys.LLM, Keys.Attention, Keys.Rope
     f32 = lambda v: float(np.float32(v))  # noqa: E731
@@ -150,7 +150,7 @@ def model_metadata(arch, *, name, n_layers, n_ctx, n_embd, n_ff, n_head, n_head_
             Keys.General.FILE_TYPE: int(LlamaFileType.MOSTLY_MXFP4_MOE if T(int(expert_type)) == T.MXFP4
                                         else LlamaFileType.MOSTLY_Q8_0),
             Keys.General.QUANTIZATION_VERSION: GGML_QUANT_VERSION,
-            L.BLOCK_COUNT: n_layers, L.CONTEXT_LENGTH: n_ctx, L.EMBEDDING_LENGTH: n_embd,
+            L.BLOCK_COUNT: n_layers + n_nextn, L.CONTEXT_LENGTH: n_ctx, L.EMBEDDING_LENGTH: n_embd,
             L.FEED_FORWARD_LENGTH: n_ff, A.HEAD_COUNT: n_head, A.HEAD_COUNT_KV: n_head_kv,
             A.KEY_LENGTH: head_dim, A.VALUE_LENGTH: head_dim, A.LAYERNORM_RMS_EPS: f32(a.tiny["rms_eps"]),
             L.EXPERT_COUNT: n_experts, L.EXPERT_USED_COUNT: k, L.EXPERT_FEED_FORWARD_LENGTH: n_ff}
@@ -160,32 +160,30 @@ def model_metadata(arch, *, name, n_layers, n_ctx, n_embd, n_ff, n_head, n_head_
     if "yarn" in a.tiny:
         meta.update({R.SCALING_TYPE: RopeScalingType.YARN.value, R.SCALING_FACTOR: f32(a.tiny["yarn"]["factor"]),
                      R.SCALING_ORIG_CTX_LEN: a.tiny["yarn"]["orig_ctx"]})
+    if n_nextn:
+        meta[L.NEXTN_PREDICT_LAYERS] = n_nextn
+    meta = a.tiny_metadata(meta, dict(n_layers=n_layers, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+                                      head_dim=head_dim, n_ff=n_ff, n_experts=n_experts, k=k, n_vocab=n_vocab,
+                                      n_dense=n_dense, variant=variant))
     return {key.format(arch=arch): v for key, v in meta.items()}
 
 
 def model_tensors(arch, layers, *, n_embd, n_head, n_head_kv, head_dim, n_vocab, mat, f32, norm,
-                  dense_ff=None) -> list:
+                  dense_ff=None, variant=None, nextn=()) -> list:
     """Every tensor of a model laid out as llama.cpp's converter names them, in file order:
     ``(name, value)`` with value a float32 array or ``(raw bytes, ggml type)``. ``layers``: the
     MoE layers (one per MoE block); ``dense_ff``: ``{block: n_ff}`` of dense FFN blocks (their
     ``ffn_gate/up/down.weight``); ``mat(rows, cols)``, ``f32(*shape, scale=0.1)`` and ``norm(n)``
-    make the dense weights, vectors and norms (``write_tiny``: numpy; ``synthetic``: fast random bytes)."""
+    make the dense weights, vectors and norms (``write_tiny``: numpy; ``synthetic``: fast random bytes).
+    ``nextn``: the blocks that are next-token-prediction blocks (their ``nextn.*`` tensors besides)."""
     a = archs.REGISTRY[arch]
-    q, kv = n_head * head_dim, n_head_kv * head_dim
+    dims = dict(n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, variant=variant)
     dense_ff = dict(dense_ff or {})
     moe = {L.index: L for L in layers}
     tensors = [("token_embd.weight", mat(n_vocab, n_embd))]
     for il in sorted(moe.keys() | dense_ff.keys()):
         b = f"blk.{il}."
-        tensors += [(b + "attn_norm.weight", norm(n_embd)), (b + "attn_q.weight", mat(q, n_embd))]
-        tensors += [(b + "attn_q.bias", f32(q))] if a.qkv_bias else []
-        tensors += [(b + "attn_k.weight", mat(kv, n_embd))] + ([(b + "attn_k.bias", f32(kv))] if a.qkv_bias else [])
-        tensors += [(b + "attn_v.weight", mat(kv, n_embd))] + ([(b + "attn_v.bias", f32(kv))] if a.qkv_bias else [])
-        tensors += [(b + "attn_output.weight", mat(n_embd, q))]
-        tensors += [(b + "attn_output.bias", f32(n_embd))] if a.out_bias else []
-        tensors += [(b + "attn_sinks.weight", f32(n_head, scale=1.0))] if a.sinks else []
-        if a.qk_norm:
-            tensors += [(b + "attn_q_norm.weight", norm(head_dim)), (b + "attn_k_norm.weight", norm(head_dim))]
+        tensors += [(b + "attn_norm.weight", norm(n_embd))] + a.tiny_attention(b, dims, mat, f32, norm)
         tensors += [(b + a.ffn_norm + ".weight", norm(n_embd))]
         if il in dense_ff:
             F = dense_ff[il]
@@ -196,6 +194,8 @@ def model_tensors(arch, layers, *, n_embd, n_head, n_head_kv, head_dim, n_vocab,
         tensors += [(b + "ffn_gate_inp.weight", layer.router_w)]
         if layer.router_b is not None:
             tensors += [(b + "ffn_gate_inp.bias", layer.router_b)]
+        if a.tiny_selection_bias(dims):  # sigmoid routers' exp_probs_b, of the scale of the probabilities
+            tensors += [(b + "exp_probs_b.bias", f32(layer.n_experts, scale=0.3))]
         for n, t, bias in (("gate", layer.gate, layer.gate_b), ("up", layer.up, layer.up_b),
                            ("down", layer.down, layer.down_b)):
             tensors += [(b + f"ffn_{n}_exps.weight", (t.raw, t.ggml_type))]
@@ -207,13 +207,17 @@ def model_tensors(arch, layers, *, n_embd, n_head, n_head_kv, head_dim, n_vocab,
             tensors += [(b + "ffn_gate_inp_shexp.weight", f32(1, n_embd))] if a.shared == "sigmoid_gated" else []
             tensors += [(b + "ffn_gate_shexp.weight", mat(F, n_embd)), (b + "ffn_up_shexp.weight", mat(F, n_embd)),
                         (b + "ffn_down_shexp.weight", mat(n_embd, F))]
+        if il in nextn:
+            tensors += [(b + "nextn.eh_proj.weight", mat(n_embd, 2 * n_embd)), (b + "nextn.enorm.weight", norm(n_embd)),
+                        (b + "nextn.hnorm.weight", norm(n_embd))]
     tensors += [("output_norm.weight", norm(n_embd)), ("output.weight", mat(n_vocab, n_embd))]
     return tensors
 
 
 def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_experts=32, k=4, seed=0,
                n_vocab=1024, n_head=4, n_head_kv=2, head_dim=32, skew=2.0, n_swa=128, tokenizer=None,
-               expert_type=None, dense_type=T.Q8_0, split_max_tensors=0, layers=None, dense_blocks=()) -> Path:
+               expert_type=None, dense_type=T.Q8_0, split_max_tensors=0, layers=None, dense_blocks=(),
+               variant=None, n_nextn=0, pre=None) -> Path:
     """Write a small MoE GGUF laid out like the real files; returns the path to load.
 
     ``arch="gpt-oss"``: keys, tensor names, types and ggml shapes follow llama.cpp's
@@ -226,11 +230,20 @@ def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_expe
     ``split_max_tensors`` > 0 writes ``NAME-0000i-of-0000N.gguf`` parts. ``layers``:
     MoE layers to store instead of random ones (one per block, of the shapes given).
     ``dense_blocks``: blocks whose FFN is dense (``ffn_gate/up/down.weight`` of ``n_ff`` rows,
-    as leading dense layers are) instead of experts.
+    as leading dense layers are) instead of experts. ``variant``: one of the architecture's
+    ``tiny["variants"]`` (deepseek2: "v3" sigmoid routing with groups, "lite" no q low rank and
+    softmax, "legacy" the older ``attn_kv_b`` layout). ``n_nextn``: next-token-prediction blocks
+    after the ``n_layers`` trunk blocks (architectures with ``nextn``), which the model skips.
+    ``pre``: the tokenizer's ``tokenizer.ggml.pre`` (default: the architecture's).
     """
     if arch not in TINY_PRE:
         raise ValueError(f"write_tiny: arch must be one of {tuple(TINY_PRE)}, got {arch!r}")
     a = archs.REGISTRY[arch]
+    variants = a.tiny.get("variants", ())
+    if variant is not None and variant not in variants:
+        raise ValueError(f"write_tiny: {arch} has variants {variants}, got {variant!r}")
+    if n_nextn and not a.nextn:
+        raise ValueError(f"write_tiny: {arch} files have no next-token-prediction blocks")
     dense_blocks = sorted(set(int(i) for i in dense_blocks))
     if any(not 0 <= i < n_layers for i in dense_blocks) or len(dense_blocks) >= n_layers:
         raise ValueError(f"write_tiny: dense_blocks {dense_blocks} must be blocks of 0..{n_layers - 1}, "
@@ -240,7 +253,8 @@ def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_expe
     path = Path(path)
     if tokenizer is None:
         tokenizer = n_vocab >= 256 + len(TINY_SPECIALS)
-    vocab = tiny_vocab(n_vocab, TINY_PRE[arch]) if tokenizer else None
+    pre = TINY_PRE[arch] if pre is None else pre
+    vocab = (*tiny_vocab(n_vocab, pre), pre) if tokenizer else None
     rng = np.random.default_rng([seed, 1])
     f32 = lambda *s, scale=0.1: (scale * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
     norm = lambda n: (1.0 + f32(n)).astype(np.float32)  # noqa: E731
@@ -256,36 +270,39 @@ def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_expe
     if layers is not None:
         layers = list(layers)
         want = (n_experts, n_embd, n_ff, k)
-        if len(layers) != n_layers or any((L.n_experts, L.n_embd, L.n_ff, L.k) != want for L in layers):
-            raise ValueError(f"write_tiny: layers must be {n_layers} MoELayers of (experts, n_embd, n_ff, k) {want}")
+        if len(layers) != n_layers + n_nextn or any((L.n_experts, L.n_embd, L.n_ff, L.k) != want for L in layers):
+            raise ValueError(f"write_tiny: layers must be {n_layers + n_nextn} MoELayers of (experts, n_embd, n_ff, k) {want}")
         etype = T(int(layers[0].gate.ggml_type))
     elif a.expert_biases:  # (gpt-oss-like: biases everywhere, a router skewed as real ones are)
-        layers = tiny_layers(n_layers=n_layers, n_embd=n_embd, n_ff=n_ff, n_experts=n_experts, k=k,
+        layers = tiny_layers(n_layers=n_layers + n_nextn, n_embd=n_embd, n_ff=n_ff, n_experts=n_experts, k=k,
                              seed=seed, skew=skew, wtype=etype)
     else:
         layers = [random_layer(n_embd, n_ff, n_experts, k, wtype=etype, gpt_oss=False, seed=seed * 1009 + i,
-                               index=i, skew=0.0) for i in range(n_layers)]
+                               index=i, skew=0.0) for i in range(n_layers + n_nextn)]
     layers = [L for L in layers if L.index not in dense_blocks]
 
     tensors = model_tensors(arch, layers, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
-                            n_vocab=n_vocab, mat=mat, f32=f32, norm=norm, dense_ff={i: n_ff for i in dense_blocks})
+                            n_vocab=n_vocab, mat=mat, f32=f32, norm=norm, dense_ff={i: n_ff for i in dense_blocks},
+                            variant=variant, nextn=range(n_layers, n_layers + n_nextn))
     meta = model_metadata(arch, name=f"tiny-{arch}", n_layers=n_layers, n_ctx=4096, n_embd=n_embd, n_ff=n_ff,
                           n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_experts=n_experts, k=k,
-                          n_swa=n_swa, expert_type=etype)
+                          n_swa=n_swa, expert_type=etype, n_vocab=n_vocab, n_dense=len(dense_blocks),
+                          n_nextn=n_nextn, variant=variant)
     return write_gguf(path, arch, meta, tensors, vocab=vocab, split_max_tensors=split_max_tensors)
 
 
 def write_gguf(path, arch, metadata: dict, tensors, *, vocab=None, split_max_tensors=0) -> Path:
     """Write ``metadata`` (``model_metadata``'s form) and ``tensors`` (``model_tensors``' form) as a
-    GGUF, with the tiny tokenizer ``vocab`` (``tiny_vocab``'s form) when given; returns the path to load."""
+    GGUF, with the tiny tokenizer ``vocab`` (``tiny_vocab``'s form, optionally with its
+    ``tokenizer.ggml.pre`` as a fourth item) when given; returns the path to load."""
     w = GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     for key, v in metadata.items():
-        w.add_key_value(key, v, GGUFValueType.STRING if isinstance(v, str) else
-                        GGUFValueType.FLOAT32 if isinstance(v, float) else GGUFValueType.UINT32)
+        w.add_key_value(key, v, GGUFValueType.STRING if isinstance(v, str) else GGUFValueType.BOOL
+                        if isinstance(v, bool) else GGUFValueType.FLOAT32 if isinstance(v, float) else GGUFValueType.UINT32)
     if vocab is not None:
-        tokens, merges, types = vocab
+        tokens, merges, types, pre = vocab if len(vocab) == 4 else (*vocab, TINY_PRE[arch])
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(TINY_PRE[arch])
+        w.add_tokenizer_pre(pre)
         w.add_token_list(tokens)
         w.add_token_types(types)
         w.add_token_merges(merges)

@@ -99,7 +99,8 @@ def test_a_dense_layer_on_the_device(arch, tmp_path):
     t = simulator_tiles()
     moe = HybridMoE(m.layers, device="sim", min_offload_batch=4, tiles=t.moe, dense_tiles=t.dense)
     tr = Transformer(m, moe, n_ctx=6, n_ubatch=4, q8_decode=False, dense_tiles=t.dense, attention_config=t.attention)
-    assert tr.on_device and tr.cfg.kinds[0] == "dense"
+    # (an architecture without device kernels keeps attention on the host; its experts still offload)
+    assert tr.on_device == archs.get(arch).device_graph and tr.cfg.kinds[0] == "dense"
     close(tr.prefill(toks), want, arch, rel=1e-5)
     close(want, forward_reference(m, toks), arch)
 
@@ -149,3 +150,91 @@ def test_groups_that_do_not_fit_the_experts_are_one_clear_line(tmp_path):
             m._layer(0)
     finally:
         del REGISTRY["grouped-test"]
+
+
+VARIANTS = [(n, v) for n in WRITTEN for v in archs.REGISTRY[n].tiny.get("variants", ())[1:]]
+
+
+@pytest.mark.parametrize("arch,variant", VARIANTS)
+def test_variants_run_against_the_float64_reference(arch, variant, tmp_path):
+    # deepseek2: "lite" (q without its low rank, softmax), "legacy" (attn_kv_b): the reference runs
+    # the multi-head attention that MLA absorbs, so this checks the absorption too.
+    m = load(write_tiny(tmp_path / "m.gguf", arch=arch, seed=3, variant=variant, dense_blocks=(0,), **SHAPE))
+    toks = np.random.default_rng(4).integers(0, 300, 9)
+    tr = Transformer(m, n_ctx=12, n_ubatch=4, q8_decode=False)
+    want = forward_reference(m, toks)
+    close(tr.prefill(toks), want, f"{arch} {variant}")
+    tr.prefill(toks[:6], logits="last")
+    close(np.stack([tr.decode_one_token(int(t)) for t in toks[6:]]), want[6:], f"{arch} {variant}", rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", [n for n in WRITTEN if archs.REGISTRY[n].nextn])
+def test_next_token_prediction_blocks_are_skipped(arch, tmp_path):
+    m = load(write_tiny(tmp_path / "m.gguf", arch=arch, seed=2, n_nextn=1, dense_blocks=(0,), **SHAPE))
+    cfg = read_config(m)
+    assert (cfg.n_layer, cfg.n_layer_nextn, len(cfg.kinds)) == (3, 1, 3)
+    assert [L.index for L in m.layers] == [1, 2] and "blk.3.nextn.eh_proj.weight" in m.tensors
+    toks = np.random.default_rng(1).integers(0, 300, 7)
+    close(Transformer(m, n_ctx=8, n_ubatch=8, q8_decode=False).prefill(toks), forward_reference(m, toks), arch)
+
+
+def _mla(tmp_path, **kw):
+    return load(write_tiny(tmp_path / "mla.gguf", arch="deepseek2", seed=1, dense_blocks=(0,), **dict(SHAPE, **kw)))
+
+
+def test_mla_cache_holds_the_latent_and_the_rope_key(tmp_path):
+    m = _mla(tmp_path)
+    cfg = read_config(m)
+    kv, rope = cfg.kv_lora_rank, cfg.n_rot
+    assert (cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v, cfg.head_dim_k_mla) == (1, kv + rope, kv, 48)
+    tr = Transformer(m, n_ctx=16, n_ubatch=4)
+    assert tr.cache.nbytes == 16 * cfg.n_layer * (kv + rope) * 4  # no per-head K or V
+    toks = np.random.default_rng(0).integers(0, 300, 6)
+    tr.prefill(toks)
+    assert np.shares_memory(tr.cache.v[1], tr.cache.k[1])
+    # a legacy file (attn_kv_b) caches the same latent, not n_head full keys and values
+    assert Transformer(_mla(tmp_path, variant="legacy"), n_ctx=16, n_ubatch=4).cache.nbytes == tr.cache.nbytes
+
+
+def test_mla_yarn_kq_scale_is_llama_cpps(tmp_path):
+    cfg = read_config(_mla(tmp_path))
+    f = 40.0  # tiny's YaRN factor; the file's yarn_log_multiplier is 0.1 * 0.707 (the converter's 0.1x)
+    m = 1.0 + 0.1 * 0.707 * np.log(f)
+    assert cfg.kq_scale == pytest.approx(m * m / np.sqrt(48), rel=1e-6)
+    assert cfg.attn_factor == pytest.approx(1.0 / (1.0 + 0.1 * np.log(f)), rel=1e-6)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("deepseek2.attention.key_length", 70, "MLA keys disagree"),
+    ("deepseek2.attention.head_count_kv", 2, "MLA keys disagree"),
+    ("deepseek2.attention.key_length_mla", 16, "leaves no dims beside the 16 rope dims"),
+    ("deepseek2.leading_dense_block_count", 2, "leading_dense_block_count = 2, but the tensors make blocks"),
+])
+def test_mla_keys_that_disagree_are_one_clear_line(tmp_path, key, value, match):
+    m = _mla(tmp_path)
+    m.metadata[key] = value
+    with pytest.raises(GGUFError, match=match):
+        read_config(m)
+
+
+def test_mla_missing_kv_lora_rank_is_named(tmp_path):
+    m = _mla(tmp_path)
+    del m.metadata["deepseek2.attention.kv_lora_rank"]
+    with pytest.raises(GGUFError, match="kv_lora_rank is missing"):
+        read_config(m)
+
+
+def test_glm4moe_optional_tensors_and_required_bias(tmp_path):
+    path = write_tiny(tmp_path / "g.gguf", arch="glm4moe", seed=4, dense_blocks=(0,), **SHAPE)
+    m = load(path)
+    for il in range(3):  # GLM-4.5-Air has q/k/v biases and no q/k norms: both optional
+        for n in ("attn_q_norm", "attn_k_norm"):
+            del m.tensors[f"blk.{il}.{n}.weight"]
+    toks = np.random.default_rng(2).integers(0, 300, 5)
+    tr = Transformer(m, n_ctx=8, q8_decode=False)
+    assert tr.blocks[1].q_norm is None and tr.blocks[1].bq is not None
+    close(tr.prefill(toks), forward_reference(m, toks), "glm4moe without q/k norms")
+    m = load(path)
+    del m.tensors["blk.1.exp_probs_b.bias"]
+    with pytest.raises(GGUFError, match=r"missing tensor\(s\) blk\.1\.exp_probs_b\.bias"):
+        m._layer(1)

@@ -14,7 +14,7 @@ from ..errors import GGUFError
 from .base import REGISTRY, Arch, Block
 
 # One line per architecture: importing the file registers it.
-from . import gpt_oss, qwen3moe, qwen2moe, llama  # noqa: E402,F401
+from . import gpt_oss, qwen3moe, qwen2moe, llama, glm4moe, deepseek2  # noqa: E402,F401
 
 __all__ = ["REGISTRY", "Arch", "Block", "get", "names", "with_graph"]
 

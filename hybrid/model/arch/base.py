@@ -37,6 +37,7 @@ class Ops(Protocol):
     def moe(self, il, x, out): ...
     def glu(self, g, u, activation): ...
     def gate_rows(self, y, x, w): ...
+    def head_linear(self, Ws, x, out): ...
 
 
 class Block:
@@ -66,10 +67,11 @@ class Arch:
     note: ClassVar[str] = ""  # shown in the list of supported architectures
     has_graph: ClassVar[bool] = True
     # attention
-    qkv_bias: ClassVar[bool] = False  # q, k, v biases
+    # q, k, v biases; q/k norms: True (the file must hold them), False, or "optional" (used if present)
+    qkv_bias: ClassVar[bool | str] = False
     out_bias: ClassVar[bool] = False  # attention output bias
     sinks: ClassVar[bool] = False  # attn_sinks: one extra logit per head
-    qk_norm: ClassVar[bool] = False  # per-head RMSNorm of q and k before RoPE
+    qk_norm: ClassVar[bool | str] = False  # per-head RMSNorm of q and k before RoPE
     swa_pattern: ClassVar[int | None] = None  # sliding-window layers: il % n < n - 1
     kq_scale_by_rot: ClassVar[bool] = False  # 1/sqrt(n_rot) instead of 1/sqrt(head_dim)
     ffn_norm: ClassVar[str] = "ffn_norm"  # the norm before the FFN
@@ -83,6 +85,10 @@ class Arch:
     expert_biases: ClassVar[bool] = False  # the file must hold ffn_*_exps.bias and ffn_gate_inp.bias
     n_ff_from_feed_forward: ClassVar[bool] = False  # no expert_feed_forward_length: feed_forward_length is it
     dense_activation: ClassVar[str] = "silu"  # dense FFN layers and shared experts
+    leading_dense: ClassVar[bool] = False  # leading_dense_block_count must agree with the tensors
+    selection_bias: ClassVar[bool | str] = False  # exp_probs_b.bias: required (True), "optional" or unused
+    nextn: ClassVar[bool] = False  # files may append next-token-prediction blocks (not run, as in llama.cpp)
+    device_graph: ClassVar[bool] = True  # the block has device kernels (else --device cpu only)
     # what tiny.py writes for it (the converter's keys and types), see tiny.model_metadata
     tiny: ClassVar[dict] = {}
 
@@ -134,6 +140,18 @@ class Arch:
             raise GGUFError(f"{where}{e}") from None
 
     @classmethod
+    def yarn_mscales(cls, log_mul: float) -> tuple[float, float]:
+        """``(mscale, mscale_all_dim)`` llama_context's YaRN attention factor takes from the key
+        ``rope.scaling.yarn_log_multiplier`` (deepseek2 overrides: its converter writes 0.1x)."""
+        return 1.0, log_mul
+
+    @classmethod
+    def configure(cls, get, model, kw: dict) -> dict:
+        """The ``Config`` fields from the keys every architecture shares (``kw``), with what this
+        one reads besides (``get`` is ``read_config``'s key reader). Default: nothing more."""
+        return kw
+
+    @classmethod
     def sliding_window(cls, get, meta_value, n_layer):
         """``(n_swa, swa_layers)``: no sliding window (``gpt_oss`` overrides)."""
         return 0, (False,) * n_layer
@@ -157,19 +175,9 @@ class Arch:
         """Block ``il``'s dense weights through the loader ``w``: ``w.mat(name, shape)`` (a
         matrix ``[rows, cols]`` in the file's type), ``w.vec(name, n)`` (float32),
         ``w.has(name)``. The routed experts are the MoE backend's (``model.layers``)."""
-        D, H, Hkv, d, dv = cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
+        D = cfg.n_embd
         p = f"blk.{il}."
-        bias = cls.qkv_bias
-        b = dict(attn_norm=w.vec(p + "attn_norm.weight", D),
-                 wq=w.mat(p + "attn_q.weight", (H * d, D)), wk=w.mat(p + "attn_k.weight", (Hkv * d, D)),
-                 wv=w.mat(p + "attn_v.weight", (Hkv * dv, D)), wo=w.mat(p + "attn_output.weight", (D, H * dv)),
-                 bq=w.vec(p + "attn_q.bias", H * d) if bias else None,
-                 bk=w.vec(p + "attn_k.bias", Hkv * d) if bias else None,
-                 bv=w.vec(p + "attn_v.bias", Hkv * dv) if bias else None,
-                 bo=w.vec(p + "attn_output.bias", D) if cls.out_bias else None,
-                 sinks=w.vec(p + "attn_sinks.weight", H) if cls.sinks else None,
-                 q_norm=w.vec(p + "attn_q_norm.weight", d) if cls.qk_norm else None,
-                 k_norm=w.vec(p + "attn_k_norm.weight", d) if cls.qk_norm else None,
+        b = dict(attn_norm=w.vec(p + "attn_norm.weight", D), **cls.load_attention(w, cfg, p),
                  ffn_norm=w.vec(p + cls.ffn_norm + ".weight", D))
         if kind == "dense":
             b.update(_ffn_weights(w, p, "", cfg.n_ff_dense, D))
@@ -178,6 +186,54 @@ class Arch:
             if cls.shared == "sigmoid_gated":
                 b["shexp_gate"] = w.vec(p + "ffn_gate_inp_shexp.weight", D)
         return Block(kind, **b)
+
+    @classmethod
+    def load_attention(cls, w, cfg, p) -> dict:
+        """The attention weights of the block with prefix ``p`` (GQA here; deepseek2: latent)."""
+        D, H, Hkv, d, dv = cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v
+
+        def vec(name, n, flag):  # flag: True, False or "optional" (the class attributes above)
+            return w.vec(p + name, n, required=flag is True) if flag else None
+
+        bias, norm = cls.qkv_bias, cls.qk_norm
+        return dict(wq=w.mat(p + "attn_q.weight", (H * d, D)), wk=w.mat(p + "attn_k.weight", (Hkv * d, D)),
+                    wv=w.mat(p + "attn_v.weight", (Hkv * dv, D)), wo=w.mat(p + "attn_output.weight", (D, H * dv)),
+                    bq=vec("attn_q.bias", H * d, bias), bk=vec("attn_k.bias", Hkv * d, bias),
+                    bv=vec("attn_v.bias", Hkv * dv, bias), bo=vec("attn_output.bias", D, cls.out_bias),
+                    sinks=vec("attn_sinks.weight", H, cls.sinks),
+                    q_norm=vec("attn_q_norm.weight", d, norm), k_norm=vec("attn_k_norm.weight", d, norm))
+
+    @classmethod
+    def attention(cls, ops, cfg, il, b, x):
+        """The block's attention on normed ``x`` (GQA; deepseek2 overrides)."""
+        return gqa_attention(ops, cfg, il, b, x)
+
+    # -- what tiny.py writes for it, as llama.cpp's converter lays it out ----------------
+
+    @classmethod
+    def tiny_metadata(cls, meta: dict, dims: dict) -> dict:
+        """The keys beyond the common ones (``dims``: the model's sizes); default none."""
+        return meta
+
+    @classmethod
+    def tiny_selection_bias(cls, dims) -> bool:
+        """Whether tiny.py writes ``exp_probs_b.bias`` for the MoE blocks."""
+        return bool(cls.selection_bias)
+
+    @classmethod
+    def tiny_attention(cls, b, dims, mat, f32, norm) -> list:
+        """Block prefix ``b``'s attention tensors (tiny.model_tensors' form)."""
+        n_embd, q, kv, hd = dims["n_embd"], dims["n_head"] * dims["head_dim"], \
+            dims["n_head_kv"] * dims["head_dim"], dims["head_dim"]
+        t = [(b + "attn_q.weight", mat(q, n_embd))] + ([(b + "attn_q.bias", f32(q))] if cls.qkv_bias else [])
+        t += [(b + "attn_k.weight", mat(kv, n_embd))] + ([(b + "attn_k.bias", f32(kv))] if cls.qkv_bias else [])
+        t += [(b + "attn_v.weight", mat(kv, n_embd))] + ([(b + "attn_v.bias", f32(kv))] if cls.qkv_bias else [])
+        t += [(b + "attn_output.weight", mat(n_embd, q))]
+        t += [(b + "attn_output.bias", f32(n_embd))] if cls.out_bias else []
+        t += [(b + "attn_sinks.weight", f32(dims["n_head"], scale=1.0))] if cls.sinks else []
+        if cls.qk_norm:
+            t += [(b + "attn_q_norm.weight", norm(hd)), (b + "attn_k_norm.weight", norm(hd))]
+        return t
 
     # -- the graph -----------------------------------------------------------------------
 
@@ -198,7 +254,7 @@ def _ffn_weights(w, p, suffix, F, D) -> dict:
 def block(ops, cfg, il, b, h, arch) -> None:
     """Pre-norm residual block: ``h += attention(norm(h))``, ``h += ffn(norm(h))``."""
     x = ops.rmsnorm(h, b.attn_norm, out="x")
-    ops.add_(h, gqa_attention(ops, cfg, il, b, x))
+    ops.add_(h, arch.attention(ops, cfg, il, b, x))
     x = ops.rmsnorm(h, b.ffn_norm, out="x")
     ops.add_(h, ffn(ops, il, b, x, arch))
 
