@@ -57,20 +57,34 @@ def test_every_pre_tokenizer_round_trips(pre):
 def test_pre_tokenizer_splits_as_named():
     tokens, merges, types = tiny_vocab(300, "gpt-4o")
     by = lambda pre: Tokenizer(tokens, merges, types, pre)._tok.pre_tokenizer.pre_tokenize_str  # noqa: E731
-    assert [w for w, _ in by("gpt2")("12345 ab")] == ["12345", "Ġab"]
+    assert [w for w, _ in by("gpt-2")("12345 ab")] == ["12345", "Ġab"]
     assert [w for w, _ in by("qwen2")("12345")] == ["1", "2", "3", "4", "5"]
     assert [w for w, _ in by("gpt-4o")("12345 HelloWorld")] == ["123", "45", "ĠHello", "World"]
+    # DeepSeek's splits run in turn: digits by three, then CJK runs, then words and punctuation
+    assert [w for w, _ in by("deepseek-v3")("1234567 日本語abc, x")] == ["123", "456", "7", "Ġ", "æĹ¥æľ¬èªŀ",
+                                                                            "abc", ",", "Ġx"]
+    assert [w for w, _ in by("deepseek-llm")("ab 12\ncd")] == ["ab", "Ġ", "12", "Ċ", "cd"]
+
+
+def test_ignore_merges_takes_a_whole_token_as_it_is():
+    # llama.cpp's llama3 and glm4 vocabularies: a piece that is a token is that token, even when
+    # the merges cannot build it (here: no merge makes "ab" from "a" "b")
+    from tokenizers.pre_tokenizers import ByteLevel
+    tokens = sorted(ByteLevel.alphabet()) + ["ab"]
+    for pre, whole in (("glm4", True), ("llama-bpe", True), ("qwen2", False)):
+        ids = Tokenizer(tokens, [], None, pre).encode("ab")
+        assert ids == ([len(tokens) - 1] if whole else [tokens.index("a"), tokens.index("b")]), pre
 
 
 def test_unknown_pre_tokenizer_and_bad_ids():
     tokens, merges, types = tiny_vocab(300, "gpt-4o")
     with pytest.raises(ValueError, match="'falcon' is not supported"):
         Tokenizer(tokens, merges, types, "falcon")
-    t = Tokenizer(tokens, merges, types, "gpt2")
+    t = Tokenizer(tokens, merges, types, "gpt-2")
     with pytest.raises(ValueError, match="300 is outside"):
         t.decode([1, 300])
     with pytest.raises(ValueError, match="bos token id 999"):
-        Tokenizer(tokens, merges, types, "gpt2", bos=999)
+        Tokenizer(tokens, merges, types, "gpt-2", bos=999)
 
 
 def test_a_file_without_a_tokenizer(tmp_path):
@@ -94,8 +108,8 @@ def test_chat_template_features_real_templates_use():
     tpl = ("{%- for m in messages %}{% if m.role == 'user' %}{{ m.content | tojson }}{% break %}{% endif %}"
            "{% endfor %}{{ strftime_now('%Y') | length }}{% if not add_generation_prompt %}"
            "{{ raise_exception('no') }}{% endif %}")
-    assert Tokenizer(tokens, merges, types, "gpt2", chat_template=tpl).chat("hi") == '"hi"4'
-    t = Tokenizer(tokens, merges, types, "gpt2", chat_template="{{ raise_exception('bad role') }}")
+    assert Tokenizer(tokens, merges, types, "gpt-2", chat_template=tpl).chat("hi") == '"hi"4'
+    t = Tokenizer(tokens, merges, types, "gpt-2", chat_template="{{ raise_exception('bad role') }}")
     with pytest.raises(ValueError, match="bad role"):
         t.chat("hi")
 
@@ -106,7 +120,7 @@ def test_chat_template_features_real_templates_use():
 ])
 def test_chat_template_is_sandboxed(template):
     tokens, merges, types = tiny_vocab(300, "gpt-4o")
-    t = Tokenizer(tokens, merges, types, "gpt2", chat_template=template)
+    t = Tokenizer(tokens, merges, types, "gpt-2", chat_template=template)
     with pytest.raises(ValueError, match="SecurityError"):
         t.chat("hi")
 

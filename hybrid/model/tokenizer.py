@@ -28,14 +28,16 @@ from gguf.constants import Keys, TokenType
 
 from .gguf import GGUFError
 
-__all__ = ["Tokenizer", "PRE_TOKENIZERS", "CHAT_TIMEOUT_S", "CHAT_MEMORY_BYTES", "CHAT_MAX_CHARS"]
+__all__ = ["Tokenizer", "PRE_TOKENIZERS", "IGNORE_MERGES", "pre_tokenizer", "CHAT_TIMEOUT_S", "CHAT_MEMORY_BYTES", "CHAT_MAX_CHARS"]
 
 # What a chat template may take: real ones render one message in milliseconds and a few kB.
 CHAT_TIMEOUT_S = 10.0  # wall clock, child start included
 CHAT_MEMORY_BYTES = 1 << 30  # the rendering process's address space
 CHAT_MAX_CHARS = 1 << 20  # beyond the messages' own text
 
-_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+# llama.cpp's splits for a file without tokenizer.ggml.pre (or "default"), in turn
+_DEFAULT = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")
 _LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -43,9 +45,49 @@ _QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L
 _O200K = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
           r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
           r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# tokenizer.ggml.pre -> the split regex llama.cpp uses for it
-PRE_TOKENIZERS = {"default": _GPT2, "gpt2": _GPT2, "gpt-4o": _O200K, "qwen2": _QWEN2,
-                  "llama-bpe": _LLAMA3, "llama3": _LLAMA3}
+# DeepSeek's own splits, run one after the other (llama.cpp's LLAMA_VOCAB_PRE_TYPE_DEEPSEEK_LLM, _DEEPSEEK3_LLM),
+# as escapes: some range ends (U+1F7D) are characters an editor's NFC normalisation would change.
+_DEEPSEEK_LLM = (
+    '[\r\n]',
+    '\\s?[A-Za-z\xb5\xc0-\xd6\xd8-\xf6\xf8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373\u0376'
+    '\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f'
+    '\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77'
+    '\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-'
+    '\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec'
+    '\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d'
+    '\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee'
+    '\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06'
+    '\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb'
+    '\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943]+',
+    '\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+',
+    '\\s+$',
+    '[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+',
+    '\\p{N}+',
+)
+_DEEPSEEK_V3 = (
+    '\\p{N}{1,3}',
+    '[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+',
+    '[!"#$%&\'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}'
+    '\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+',
+)
+# tokenizer.ggml.pre -> the split regex llama.cpp uses for it (a tuple: splits run in turn on each piece)
+PRE_TOKENIZERS = {"default": _DEFAULT, "gpt-2": _GPT2, "phi-2": _GPT2, "mpt": _GPT2, "olmo": _GPT2,
+                  "starcoder": (r"\p{N}", _GPT2), "gpt-4o": _O200K, "llama4": _O200K, "qwen2": _QWEN2,
+                  "deepseek-r1-qwen": _QWEN2, "llama-bpe": _LLAMA3, "llama3": _LLAMA3, "llama-v3": _LLAMA3,
+                  "dbrx": _LLAMA3, "smaug-bpe": _LLAMA3, "glm4": _LLAMA3, "glm5": _LLAMA3, "chatglm-bpe": _LLAMA3,
+                  "deepseek-llm": _DEEPSEEK_LLM, "deepseek-v3": _DEEPSEEK_V3}
+# llama.cpp's ignore_merges: a piece that is itself a token is that token, whatever the merges say
+IGNORE_MERGES = frozenset({"llama-bpe", "llama3", "llama-v3", "glm4", "glm5"})
+
+
+def pre_tokenizer(pre):
+    """The HF pre-tokenizer of ``tokenizer.ggml.pre = pre``: its splits, then the byte-level alphabet."""
+    from tokenizers import Regex, pre_tokenizers
+
+    exprs = PRE_TOKENIZERS[pre]
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(e), behavior="isolated") for e in ((exprs,) if isinstance(exprs, str) else exprs)]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 class Tokenizer:
@@ -54,7 +96,7 @@ class Tokenizer:
 
     def __init__(self, tokens, merges, token_types=None, pre="default", *, bos=None, eos=None,
                  stop=(), add_bos=False, chat_template=None):
-        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as HFTokenizer
 
         if pre not in PRE_TOKENIZERS:
@@ -95,13 +137,11 @@ class Tokenizer:
                 raise ValueError(f"merge {m!r} is not two tokens separated by a space")
             pairs.append((a, b))
         try:
-            bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False)
+            bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, ignore_merges=pre in IGNORE_MERGES)
         except Exception as e:  # tokenizers raises a plain Exception (a merge of unknown tokens)
             raise ValueError(str(e)) from None
         tok = HFTokenizer(bpe)
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizer(pre)
         tok.decoder = decoders.ByteLevel()
         special = [i for i, t in enumerate(token_types if token_types is not None else ())
                    if int(t) in (TokenType.CONTROL, TokenType.USER_DEFINED)]
