@@ -238,3 +238,16 @@ def test_glm4moe_optional_tensors_and_required_bias(tmp_path):
     del m.tensors["blk.1.exp_probs_b.bias"]
     with pytest.raises(GGUFError, match=r"missing tensor\(s\) blk\.1\.exp_probs_b\.bias"):
         m._layer(1)
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("LLAMACPP_DUMP_LOGITS"),
+                    reason="needs llama.cpp: LLAMACPP_DUMP_LOGITS=<built examples/llamacpp/dump_logits.cpp>")
+def test_every_architecture_against_llama_cpp(tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cmp", Path(__file__).parents[2] / "examples" / "compare_llamacpp.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    worst = mod.main(["--all", "--tokenizer", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert worst < 2e-5, out  # F32 weights and KV cache: float32 rounding only
+    assert "DIFFERENT" not in out and out.count("| 1.00 |") == len(list(mod.cases())), out
