@@ -295,9 +295,14 @@ def make_backend(layers, args, **kw):
     return moe
 
 
-def describe_device(moe) -> str:
+def describe_device(moe, tr=None) -> str:
+    """The device line; ``tr`` (a Transformer): also where its attention runs when not with the experts."""
     note = {"cpu": CPU_NOTE, "sim": SIM_NOTE}.get(moe.device)
-    return f"device: {moe.device}, host memory: {moe.host_mode}" + (f" ({note})" if note else "")
+    line = f"device: {moe.device}, host memory: {moe.host_mode}" + (f" ({note})" if note else "")
+    if tr is not None and moe.device != "cpu" and not tr.on_device:
+        line += (f"\nattention and dense weights: on the host ({tr.model.arch} has no device kernels for its "
+                 "attention yet); the routed experts offload as above")
+    return line
 
 
 def model_line(model) -> str:

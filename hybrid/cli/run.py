@@ -120,7 +120,7 @@ def _cache_note(args, moe) -> str:
 def _run_whole(args, model, tok, prompt, source, tr):
     from ..model.generate import generate
     print(model_line(model))
-    print(describe_device(tr.moe))
+    print(describe_device(tr.moe, tr))
     print(f"prompt: {len(prompt)} tokens ({source}); context {tr.n_ctx}, batch {tr.n_batch}, "
           f"ubatch {tr.n_ubatch}; policy {tr.moe.policy}, layout {tr.moe.layout}, " + _cache_note(args, tr.moe))
     t_warm = warm_up_model(tr)

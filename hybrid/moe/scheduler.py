@@ -100,10 +100,14 @@ class HybridMoE:
             raise TypeError("layers must be a non-empty list of MoELayer")
         first = layers[0]
         # Device buffers and host copy offsets are laid out once, from the first layer.
-        shape = lambda l: (l.n_experts, l.n_embd, l.n_ff, l.k, l.gate.ggml_type, l.up.ggml_type,  # noqa: E731
-                           l.down.ggml_type, l.gate_b is None, l.up_b is None, l.down_b is None)
+        shape = lambda l: (l.n_experts, l.n_embd, l.n_ff, l.k, l.gate_b is None, l.up_b is None,  # noqa: E731
+                           l.down_b is None)
         if any(shape(l) != shape(first) for l in layers):
-            raise ValueError("all layers must share n_experts, n_embd, n_ff, k, expert types and biases")
+            raise ValueError("all layers must share n_experts, n_embd, n_ff, k and biases")
+        # Files quantised by llama.cpp mix types across layers (Q4_K_M: Q6_K for some ffn_down):
+        # the CPU path takes them as they are; the device buffers are laid out for one type per role.
+        types = lambda l: tuple(t.ggml_type for t in (l.gate, l.up, l.down))  # noqa: E731
+        mixed = [l for l in layers if types(l) != types(first)]
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if layout not in LAYOUTS:
@@ -130,6 +134,12 @@ class HybridMoE:
             raise ValueError("merge takes a copyplan.CostModel and the natural layout without a cache")
         self.layers = layers
         self.device = resolve_device(device)
+        if mixed and self.device != "cpu":
+            from quant.registry import type_name
+            names = lambda l: "/".join(type_name(t) for t in types(l))  # noqa: E731
+            raise ValueError(f"the {self.device} path lays out one expert type per tensor for all layers, and this "
+                             f"file mixes them (gate/up/down: block {first.index} {names(first)}, block "
+                             f"{mixed[0].index} {names(mixed[0])}): run it with --device cpu")
         self.policy, self.layout, self.overlap, self.merge = policy, layout, bool(overlap), merge
         self.cache_bytes, self.min_offload_batch = int(cache_bytes), int(min_offload_batch)
         self.stats = stats if stats is not None else Stats()
@@ -137,7 +147,7 @@ class HybridMoE:
 
         E = first.n_experts
         self.roles = first.copied()
-        self.expert_bytes = first.expert_bytes  # one expert, every tensor
+        self.expert_bytes = max(l.expert_bytes for l in layers)  # one expert, every tensor (the largest layer's)
         usable = len(layers) * E * self.expert_bytes
         if self.cache_bytes > usable:  # one number must not allocate more than the model can use
             log.info("cache_bytes capped at %d: every expert of the %d layer(s) fits", usable, len(layers))

@@ -128,7 +128,7 @@ def main(args) -> int:
         model, tok, engine = build(args)
         model_id = args.alias or model.path.name.removesuffix(".gguf")
         print(cli.model_line(model), flush=True)
-        print(cli.describe_device(engine.tr.moe), flush=True)
+        print(cli.describe_device(engine.tr.moe, engine.tr), flush=True)
         print(f"context {engine.tr.n_ctx}, batch {engine.tr.n_batch}, ubatch {engine.tr.n_ubatch}; "
               f"prompt cache {'off' if args.no_prompt_cache else 'on'}", flush=True)
         with engine.tr.moe:

@@ -251,3 +251,22 @@ def test_every_architecture_against_llama_cpp(tmp_path, capsys):
     out = capsys.readouterr().out
     assert worst < 2e-5, out  # F32 weights and KV cache: float32 rounding only
     assert "DIFFERENT" not in out and out.count("| 1.00 |") == len(list(mod.cases())), out
+
+
+def test_expert_types_may_differ_between_layers(tmp_path):
+    # llama.cpp's Q4_K_M gives some layers' ffn_down Q6_K: the CPU path runs such files as they are,
+    # the device path (one buffer layout per tensor role) refuses them with a line that says so.
+    from gguf.constants import GGMLQuantizationType as T
+    from hybrid.model.tiny import random_layer
+    from hybrid.moe.scheduler import HybridMoE
+    types = (T.Q8_0, T.Q4_0, T.Q5_1)
+    layers = [random_layer(64, 64, 8, 2, wtype=t, gpt_oss=False, seed=i, index=i, skew=0.0)
+              for i, t in enumerate(types)]
+    m = load(write_tiny(tmp_path / "mixed.gguf", arch="qwen3moe", layers=layers, **SHAPE))
+    assert [L.down.ggml_type for L in m.layers] == [int(t) for t in types]
+    toks = np.random.default_rng(6).integers(0, 300, 9)
+    tr = Transformer(m, n_ctx=12, n_ubatch=4, q8_decode=False)
+    close(tr.prefill(toks), forward_reference(m, toks), "mixed expert types")
+    if __import__("os").environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        with pytest.raises(ValueError, match="mixes them .*block 0 Q8_0/Q8_0/Q8_0, block 1 Q4_0.*--device cpu"):
+            HybridMoE(m.layers, device="sim")
