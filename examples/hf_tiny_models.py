@@ -44,7 +44,10 @@ cfgs = {
                                    topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=32,
                                    kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                                    rope_scaling=dict(type="yarn", factor=40.0, original_max_position_embeddings=4096,
-                                                     beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)),
+                                                     beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0),
+                                   scoring_func="sigmoid", topk_method="noaux_tc"),  # as the hub's config.json
+    # (transformers' config drops scoring_func; without it the converter writes no gating and
+    #  llama.cpp, like us, takes V2's softmax)
     "deepseekv2lite": DeepseekV2Config(**dict(common, num_key_value_heads=4, num_hidden_layers=27),  # llama.cpp knows Lite by 27 layers
                                        n_routed_experts=8,
                                        num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
