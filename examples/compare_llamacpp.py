@@ -136,6 +136,10 @@ def main(argv=None):
             here = Tokenizer.from_model(load(path)).encode(TEXT)
             there = run_llama(a.dump_logits, path, TEXT, a.ubatch, a.threads, "tokenize")
             print(f"| {pre} | {'same' if here == there else 'DIFFERENT'} | {len(there)} |", flush=True)
+        path = write_tiny(folder / "tok-spm.gguf", arch="llama", tokenizer="spm", **dict(SHAPE, n_layers=1))
+        here = Tokenizer.from_model(load(path)).encode(TEXT)
+        there = run_llama(a.dump_logits, path, TEXT, a.ubatch, a.threads, "tokenize")
+        print(f"| (SentencePiece, model llama) | {'same' if here == there else 'DIFFERENT'} | {len(there)} |")
     return worst
 
 

@@ -8,10 +8,13 @@ from hybrid.model.tiny import TINY_SPECIALS, tiny_vocab
 from hybrid.model.tokenizer import PRE_TOKENIZERS, Tokenizer
 
 
-@pytest.fixture(scope="module", params=["gpt-oss", "qwen3moe"])
+@pytest.fixture(scope="module", params=["gpt-oss", "qwen3moe", "llama-spm"])
 def model(request, tmp_path_factory):
-    path = write_tiny(tmp_path_factory.mktemp("t") / "m.gguf", arch=request.param, n_layers=1, n_embd=32,
-                      n_ff=32, n_experts=4, k=2, n_head=1, n_head_kv=1, head_dim=32, n_vocab=700)
+    # llama-spm: a SentencePiece vocabulary (tokenizer.ggml.model = llama), as Mixtral files hold
+    arch, spm = request.param.removesuffix("-spm"), request.param.endswith("-spm")
+    path = write_tiny(tmp_path_factory.mktemp("t") / "m.gguf", arch=arch, n_layers=1, n_embd=32,
+                      n_ff=32, n_experts=4, k=2, n_head=1, n_head_kv=1, head_dim=32, n_vocab=700,
+                      tokenizer="spm" if spm else None)
     return load(path)
 
 
@@ -23,10 +26,13 @@ def tok(model):
 def test_vocabulary_comes_from_the_file(model, tok):
     # The lists are longer than Model.metadata parses; metadata_array reads them from the map.
     assert model.metadata_array_lengths["tokenizer.ggml.tokens"] == 700 == tok.n_vocab
-    assert tok.pre == {"gpt-oss": "gpt-4o", "qwen3moe": "qwen2"}[model.arch]
     assert tok.tokens[tok.eos] == "<|return|>" and tok.tokens[tok.bos] == "<|start|>"
     assert tok.stop == {tok.eos, tok.tokens.index("<|end|>")}
-    assert len(model.metadata_array("tokenizer.ggml.merges")) > 100
+    if model.metadata["tokenizer.ggml.model"] == "llama":
+        assert len(model.metadata_array("tokenizer.ggml.scores")) == 700 and tok.tokens[1] == "<0x00>"
+    else:
+        assert tok.pre == {"gpt-oss": "gpt-4o", "qwen3moe": "qwen2"}[model.arch]
+        assert len(model.metadata_array("tokenizer.ggml.merges")) > 100
 
 
 def test_merges_make_words_and_specials_are_one_token(tok):
@@ -92,8 +98,11 @@ def test_a_file_without_a_tokenizer(tmp_path):
                         n_head_kv=1, head_dim=32, n_vocab=16))
     with pytest.raises(GGUFError, match="no tokenizer.*--tokens"):
         Tokenizer.from_model(m)
-    m.metadata["tokenizer.ggml.model"] = "llama"
-    with pytest.raises(GGUFError, match="'llama' is not supported"):
+    m.metadata["tokenizer.ggml.model"] = "bert"
+    with pytest.raises(GGUFError, match="'bert' is not supported"):
+        Tokenizer.from_model(m)
+    m.metadata["tokenizer.ggml.model"] = "llama"  # SentencePiece: needs tokens and scores
+    with pytest.raises(GGUFError, match="tokenizer.ggml.tokens is missing"):
         Tokenizer.from_model(m)
 
 
@@ -130,3 +139,21 @@ def test_tiny_vocab_is_deterministic():
     assert a == tiny_vocab(400)
     assert a[0][-len(TINY_SPECIALS):] == list(TINY_SPECIALS) or "<|reserved_0|>" in a[0]
     assert a[0][:256] == tiny_vocab(300)[0][:256]  # the 256 byte tokens first
+
+
+def test_sentencepiece_bytes_spaces_and_bad_vocabularies():
+    from hybrid.model.tiny import spm_vocab
+    tokens, scores, types = spm_vocab(600)
+    t = Tokenizer(tokens, None, types, model="llama", scores=scores)
+    ids = t.encode("sky 模")  # "模" is not a piece: its three UTF-8 bytes are byte tokens
+    assert [t.tokens[i] for i in ids[-3:]] == ["<0xE6>", "<0xA8>", "<0xA1>"]
+    assert t.tokens[ids[0]].startswith("\u2581")  # the space SentencePiece puts before the text
+    assert t.decode(ids) == "sky 模"
+    no_prefix = Tokenizer(tokens, None, types, model="llama", scores=scores, add_space_prefix=False)
+    assert not no_prefix.tokens[no_prefix.encode("sky")[0]].startswith("\u2581")
+    with pytest.raises(ValueError, match="one score per token"):
+        Tokenizer(tokens, None, types, model="llama", scores=scores[:-1])
+    with pytest.raises(ValueError, match="lacks 1 of the 256 byte tokens .*<0x41>"):
+        Tokenizer([x if x != "<0x41>" else "A_" for x in tokens], None, types, model="llama", scores=scores)
+    with pytest.raises(ValueError, match="tokenizer model 'bert' is not supported"):
+        Tokenizer(tokens, None, types, model="bert", scores=scores)

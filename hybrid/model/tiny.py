@@ -20,7 +20,7 @@ from ..moe.layer import ExpertTensor, MoELayer
 from . import arch as archs
 from .gguf import GGUFError, load
 
-__all__ = ["random_layer", "tiny_layers", "tiny_vocab", "write_tiny", "model_metadata", "model_tensors",
+__all__ = ["random_layer", "tiny_layers", "tiny_vocab", "spm_vocab", "write_tiny", "model_metadata", "model_tensors",
            "write_gguf", "check_dims", "simulator_tiles",
            "default_model_path", "ensure_default_model"]
 
@@ -120,6 +120,35 @@ def tiny_vocab(n_vocab: int, pre: str = "gpt-4o"):
     tokens += [f"<|reserved_{i}|>" for i in range(n_vocab - len(tokens))]
     types += [TokenType.CONTROL] * (n_vocab - len(types))
     return tokens, merges, [int(t) for t in types]
+
+
+def spm_vocab(n_vocab: int):
+    """A SentencePiece-style vocabulary (``tokenizer.ggml.model = llama``, as Mixtral's) trained on
+    ``CORPUS``: ``(tokens, scores, token_types)``: ``<unk>``, the 256 byte tokens ``<0xXX>``, pieces
+    with U+2581 for spaces (BpeTrainer's, each scored by its merge's rank, so merging the highest
+    score first is that BPE), the special tokens, then reserved control tokens up to ``n_vocab``."""
+    from gguf.constants import TokenType
+    import json
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    n_pieces = n_vocab - 257 - len(TINY_SPECIALS)
+    if n_pieces < 64:
+        raise ValueError(f"spm_vocab: n_vocab = {n_vocab} leaves {n_pieces} pieces beside <unk>, 256 bytes "
+                         f"and {len(TINY_SPECIALS)} special tokens")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.train_from_iterator(CORPUS.splitlines(), trainers.BpeTrainer(vocab_size=n_pieces, show_progress=False))
+    model = json.loads(tok.to_str())["model"]
+    pieces = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    merged = {("".join(m) if isinstance(m, list) else m.replace(" ", "")): r for r, m in enumerate(model["merges"])}
+    scores = [0.0] + [0.0] * 256 + [-float(merged.get(t, len(merged) + i)) for i, t in enumerate(pieces)]
+    tokens = ["<unk>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces + list(TINY_SPECIALS)
+    types = [TokenType.UNKNOWN] + [TokenType.BYTE] * 256 + [TokenType.NORMAL] * len(pieces) \
+        + [TokenType.CONTROL] * len(TINY_SPECIALS)
+    tokens += [f"<|reserved_{i}|>" for i in range(n_vocab - len(tokens))]
+    types += [TokenType.CONTROL] * (n_vocab - len(types))
+    scores += [0.0] * (n_vocab - len(scores))
+    return tokens, scores, [int(t) for t in types]
 
 
 def check_dims(who, *, n_embd, n_ff, n_head, n_head_kv, head_dim, n_vocab):
@@ -253,8 +282,17 @@ def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_expe
     path = Path(path)
     if tokenizer is None:
         tokenizer = n_vocab >= 256 + len(TINY_SPECIALS)
+    if tokenizer not in (True, False, "spm"):
+        raise ValueError(f"write_tiny: tokenizer must be None, a bool or 'spm', got {tokenizer!r}")
     pre = TINY_PRE[arch] if pre is None else pre
-    vocab = (*tiny_vocab(n_vocab, pre), pre) if tokenizer else None
+    if tokenizer == "spm":
+        tokens, scores, types = spm_vocab(n_vocab)
+        vocab = dict(model="llama", tokens=tokens, scores=scores, types=types)
+    elif tokenizer:
+        tokens, merges, types = tiny_vocab(n_vocab, pre)
+        vocab = dict(model="gpt2", tokens=tokens, merges=merges, types=types, pre=pre)
+    else:
+        vocab = None
     rng = np.random.default_rng([seed, 1])
     f32 = lambda *s, scale=0.1: (scale * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
     norm = lambda n: (1.0 + f32(n)).astype(np.float32)  # noqa: E731
@@ -293,19 +331,27 @@ def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_expe
 
 def write_gguf(path, arch, metadata: dict, tensors, *, vocab=None, split_max_tensors=0) -> Path:
     """Write ``metadata`` (``model_metadata``'s form) and ``tensors`` (``model_tensors``' form) as a
-    GGUF, with the tiny tokenizer ``vocab`` (``tiny_vocab``'s form, optionally with its
-    ``tokenizer.ggml.pre`` as a fourth item) when given; returns the path to load."""
+    GGUF, with the tiny tokenizer ``vocab`` when given: ``tiny_vocab``'s tuple, or a dict of
+    ``model`` ("gpt2": ``tokens``, ``merges``, ``types``, ``pre``; "llama": ``tokens``, ``scores``,
+    ``types``); returns the path to load."""
     w = GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     for key, v in metadata.items():
         w.add_key_value(key, v, GGUFValueType.STRING if isinstance(v, str) else GGUFValueType.BOOL
                         if isinstance(v, bool) else GGUFValueType.FLOAT32 if isinstance(v, float) else GGUFValueType.UINT32)
     if vocab is not None:
-        tokens, merges, types, pre = vocab if len(vocab) == 4 else (*vocab, TINY_PRE[arch])
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(pre)
+        if not isinstance(vocab, dict):
+            vocab = dict(zip(("tokens", "merges", "types"), vocab), model="gpt2", pre=TINY_PRE[arch])
+        tokens = vocab["tokens"]
+        w.add_tokenizer_model(vocab["model"])
+        if vocab["model"] == "gpt2":
+            w.add_tokenizer_pre(vocab["pre"])
         w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(merges)
+        w.add_token_types(vocab["types"])
+        if vocab["model"] == "gpt2":
+            w.add_token_merges(vocab["merges"])
+        else:
+            w.add_token_scores(vocab["scores"])
+            w.add_add_space_prefix(True)
         w.add_bos_token_id(tokens.index("<|start|>"))
         w.add_eos_token_id(tokens.index("<|return|>"))
         w.add_eot_token_id(tokens.index("<|end|>"))

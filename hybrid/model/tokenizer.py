@@ -2,7 +2,8 @@
 
 gpt2-style byte-level BPE (``tokenizer.ggml.model = gpt2``): vocabulary and
 merges from the file, the pre-tokenizer regex that ``tokenizer.ggml.pre`` names
-(as llama.cpp's llama-vocab.cpp), control and user-defined tokens as special
+(as llama.cpp's llama-vocab.cpp); SentencePiece (``llama``, Mixtral's): pieces and
+scores, U+2581 for spaces, byte tokens for the rest. Control and user-defined tokens as special
 tokens. Their text is matched only where asked (``special=True``, llama.cpp's
 ``parse_special``): in a chat prompt, only in the template's own text, never in
 the messages, so a user cannot write a control token. ``decode(encode(s)) == s``
@@ -90,20 +91,89 @@ def pre_tokenizer(pre):
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
+def _byte_level_bpe(vocab, merges, pre):
+    """The HF tokenizer of a gpt2-style vocabulary: the pre-tokenizer's splits, byte-level BPE."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    # Byte-level BPE spells every text with these 256 symbols; without one, the BPE
+    # would drop that byte from a prompt without a word (llama.cpp throws on it).
+    missing = [c for c in pre_tokenizers.ByteLevel.alphabet() if c not in vocab]
+    if missing:
+        raise ValueError(f"the vocabulary lacks {len(missing)} of the 256 byte tokens "
+                         f"(e.g. {sorted(missing)[0]!r}): not a byte-level BPE vocabulary")
+    pairs = []
+    for m in merges:
+        a, sep, b = m.partition(" ")
+        if not sep:
+            raise ValueError(f"merge {m!r} is not two tokens separated by a space")
+        pairs.append((a, b))
+    try:
+        bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, ignore_merges=pre in IGNORE_MERGES)
+    except Exception as e:  # tokenizers raises a plain Exception (a merge of unknown tokens)
+        raise ValueError(str(e)) from None
+    tok = HFTokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizer(pre)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+SPM_SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def _sentencepiece_bpe(tokens, vocab, scores, token_types, add_space_prefix):
+    """The HF tokenizer of a SentencePiece vocabulary (``tokenizer.ggml.model = llama``, as llama.cpp's
+    llm_tokenizer_spm): spaces as U+2581 (one before the text with ``add_space_prefix``), adjacent
+    pieces merged highest score first, characters outside the vocabulary as ``<0xXX>`` byte tokens.
+    The merges are every split of a piece into two pieces, ranked by the piece's score."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers
+
+    if scores is None or len(scores) != len(tokens):
+        raise ValueError(f"a SentencePiece vocabulary needs one score per token ({len(tokens)}), got "
+                         f"{'none' if scores is None else len(scores)}")
+    scores = np.asarray(scores, np.float64)
+    if not np.isfinite(scores).all():
+        raise ValueError("the token scores hold NaN or inf")
+    missing = [b for b in range(256) if f"<0x{b:02X}>" not in vocab]
+    if missing:
+        raise ValueError(f"the vocabulary lacks {len(missing)} of the 256 byte tokens (e.g. <0x{missing[0]:02X}>): "
+                         "llama.cpp spells characters outside the vocabulary with them")
+    types = np.full(len(tokens), int(TokenType.NORMAL)) if token_types is None else np.asarray(token_types)
+    merges = []
+    for i, t in enumerate(tokens):
+        if len(t) < 2 or types[i] not in (TokenType.NORMAL, TokenType.USER_DEFINED) or vocab[t] != i:
+            continue
+        for j in range(1, len(t)):
+            a, b = t[:j], t[j:]
+            if a in vocab and b in vocab:
+                merges.append((-scores[i], i, vocab[a], a, b))
+    merges.sort()
+    unk = next((t for t, ty in zip(tokens, types) if ty == TokenType.UNKNOWN), None)
+    try:
+        bpe = models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges], unk_token=unk, fuse_unk=True,
+                         byte_fallback=True)
+    except Exception as e:
+        raise ValueError(str(e)) from None
+    tok = HFTokenizer(bpe)
+    space = [normalizers.Replace(" ", SPM_SPACE)]
+    tok.normalizer = normalizers.Sequence(([normalizers.Prepend(SPM_SPACE)] if add_space_prefix else []) + space)
+    tok.decoder = decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
+    return tok
+
+
 class Tokenizer:
     """``encode(text) -> list[int]``, ``decode(ids) -> str``, ``chat(prompt) -> str``; ``bos``, ``eos``,
     ``stop`` (ids that end generation), ``add_bos``, ``n_vocab``."""
 
     def __init__(self, tokens, merges, token_types=None, pre="default", *, bos=None, eos=None,
-                 stop=(), add_bos=False, chat_template=None):
-        from tokenizers import AddedToken, decoders, models, pre_tokenizers
-        from tokenizers import Tokenizer as HFTokenizer
+                 stop=(), add_bos=False, chat_template=None, model="gpt2", scores=None, add_space_prefix=True):
+        from tokenizers import AddedToken
 
         if pre not in PRE_TOKENIZERS:
             raise ValueError(f"tokenizer.ggml.pre = {pre!r} is not supported "
                              f"(supported: {', '.join(PRE_TOKENIZERS)})")
         _check_strings("tokens", tokens)
-        _check_strings("merges", merges)
+        _check_strings("merges", merges or [])
         self.n_vocab = len(tokens)
         if not self.n_vocab:
             raise ValueError("the vocabulary is empty")
@@ -124,25 +194,12 @@ class Tokenizer:
             vocab.setdefault(t, i)  # duplicates: the first id, as llama.cpp's token_to_id keeps
         # decode: a later duplicate spells the first's text (the BPE knows only the first id)
         self._canon = np.array([vocab[t] for t in tokens], np.int64)
-        # Byte-level BPE spells every text with these 256 symbols; without one, the BPE
-        # would drop that byte from a prompt without a word (llama.cpp throws on it).
-        missing = [c for c in pre_tokenizers.ByteLevel.alphabet() if c not in vocab]
-        if missing:
-            raise ValueError(f"the vocabulary lacks {len(missing)} of the 256 byte tokens "
-                             f"(e.g. {sorted(missing)[0]!r}): not a byte-level BPE vocabulary")
-        pairs = []
-        for m in merges:
-            a, sep, b = m.partition(" ")
-            if not sep:
-                raise ValueError(f"merge {m!r} is not two tokens separated by a space")
-            pairs.append((a, b))
-        try:
-            bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, ignore_merges=pre in IGNORE_MERGES)
-        except Exception as e:  # tokenizers raises a plain Exception (a merge of unknown tokens)
-            raise ValueError(str(e)) from None
-        tok = HFTokenizer(bpe)
-        tok.pre_tokenizer = pre_tokenizer(pre)
-        tok.decoder = decoders.ByteLevel()
+        if model == "gpt2":
+            tok = _byte_level_bpe(vocab, merges, pre)
+        elif model == "llama":
+            tok = _sentencepiece_bpe(tokens, vocab, scores, token_types, add_space_prefix)
+        else:
+            raise ValueError(f"tokenizer model {model!r} is not supported (gpt2: byte-level BPE; llama: SentencePiece)")
         special = [i for i, t in enumerate(token_types if token_types is not None else ())
                    if int(t) in (TokenType.CONTROL, TokenType.USER_DEFINED)]
         tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
@@ -168,13 +225,16 @@ class Tokenizer:
         if kind is None:
             raise GGUFError(f"{model.path}: the file has no tokenizer ({K.MODEL} is missing); "
                             "pass token ids (--tokens) instead of text")
-        if kind != "gpt2":
-            raise GGUFError(f"{model.path}: {K.MODEL} = {kind!r} is not supported (byte-level BPE 'gpt2' only)")
+        if kind not in ("gpt2", "llama"):
+            raise GGUFError(f"{model.path}: {K.MODEL} = {kind!r} is not supported (byte-level BPE 'gpt2' and "
+                            "SentencePiece 'llama' only)")
         tokens = model.metadata_array(K.LIST)
-        merges = model.metadata_array(K.MERGES)
-        if tokens is None or len(tokens) == 0 or merges is None:
-            raise GGUFError(f"{model.path}: {K.MERGES if tokens is not None and len(tokens) else K.LIST} "
-                            "is missing or empty")
+        spm = kind == "llama"
+        merges = None if spm else model.metadata_array(K.MERGES)
+        scores = model.metadata_array(K.SCORES) if spm else None
+        if tokens is None or len(tokens) == 0 or (merges if not spm else scores) is None:
+            want = K.LIST if tokens is None or not len(tokens) else (K.SCORES if spm else K.MERGES)
+            raise GGUFError(f"{model.path}: {want} is missing or empty")
         types = model.metadata_array(K.TOKEN_TYPE)
         if types is not None and len(types) != len(tokens):
             raise GGUFError(f"{model.path}: {K.TOKEN_TYPE} has {len(types)} entries, {K.LIST} {len(tokens)}")
@@ -189,13 +249,15 @@ class Tokenizer:
                 raise GGUFError(f"{model.path}: {k} = {v!r} is not a token id in [0, {len(tokens)})")
             if v is not None:
                 stop.append(v)
-        add_bos = meta.get(K.ADD_BOS, False)
-        if not isinstance(add_bos, bool):
-            raise GGUFError(f"{model.path}: {K.ADD_BOS} = {add_bos!r} is not a bool")
+        add_bos = meta.get(K.ADD_BOS, spm)  # llama.cpp's defaults: BOS for SentencePiece vocabularies
+        space = meta.get(K.ADD_PREFIX, True)
+        for key, v in ((K.ADD_BOS, add_bos), (K.ADD_PREFIX, space)):
+            if not isinstance(v, bool):
+                raise GGUFError(f"{model.path}: {key} = {v!r} is not a bool")
         try:
             return cls(tokens, merges, types, meta.get(K.PRE, "default"), bos=meta.get(K.BOS_ID),
                        eos=meta.get(K.EOS_ID), stop=stop, add_bos=add_bos,
-                       chat_template=meta.get(K.CHAT_TEMPLATE))
+                       chat_template=meta.get(K.CHAT_TEMPLATE), model=kind, scores=scores, add_space_prefix=space)
         except ValueError as e:
             raise GGUFError(f"{model.path}: tokenizer: {e}") from None
 
