@@ -91,6 +91,10 @@ def pre_tokenizer(pre):
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
+# tokenizer.ggml.model values (names of tokenizer kinds, not architectures)
+BPE_MODEL, SPM_MODEL = "gpt2", "llama"
+
+
 def _byte_level_bpe(vocab, merges, pre):
     """The HF tokenizer of a gpt2-style vocabulary: the pre-tokenizer's splits, byte-level BPE."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
@@ -166,7 +170,7 @@ class Tokenizer:
     ``stop`` (ids that end generation), ``add_bos``, ``n_vocab``."""
 
     def __init__(self, tokens, merges, token_types=None, pre="default", *, bos=None, eos=None,
-                 stop=(), add_bos=False, chat_template=None, model="gpt2", scores=None, add_space_prefix=True):
+                 stop=(), add_bos=False, chat_template=None, model=BPE_MODEL, scores=None, add_space_prefix=True):
         from tokenizers import AddedToken
 
         if pre not in PRE_TOKENIZERS:
@@ -194,9 +198,9 @@ class Tokenizer:
             vocab.setdefault(t, i)  # duplicates: the first id, as llama.cpp's token_to_id keeps
         # decode: a later duplicate spells the first's text (the BPE knows only the first id)
         self._canon = np.array([vocab[t] for t in tokens], np.int64)
-        if model == "gpt2":
+        if model == BPE_MODEL:
             tok = _byte_level_bpe(vocab, merges, pre)
-        elif model == "llama":
+        elif model == SPM_MODEL:
             tok = _sentencepiece_bpe(tokens, vocab, scores, token_types, add_space_prefix)
         else:
             raise ValueError(f"tokenizer model {model!r} is not supported (gpt2: byte-level BPE; llama: SentencePiece)")
@@ -225,11 +229,11 @@ class Tokenizer:
         if kind is None:
             raise GGUFError(f"{model.path}: the file has no tokenizer ({K.MODEL} is missing); "
                             "pass token ids (--tokens) instead of text")
-        if kind not in ("gpt2", "llama"):
+        if kind not in (BPE_MODEL, SPM_MODEL):
             raise GGUFError(f"{model.path}: {K.MODEL} = {kind!r} is not supported (byte-level BPE 'gpt2' and "
                             "SentencePiece 'llama' only)")
         tokens = model.metadata_array(K.LIST)
-        spm = kind == "llama"
+        spm = kind == SPM_MODEL
         merges = None if spm else model.metadata_array(K.MERGES)
         scores = model.metadata_array(K.SCORES) if spm else None
         if tokens is None or len(tokens) == 0 or (merges if not spm else scores) is None:

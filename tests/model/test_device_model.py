@@ -63,7 +63,10 @@ def per_expert(m):
     return m.layers[0].expert_bytes
 
 
-@pytest.mark.parametrize("arch", [n for n in archs.with_graph() if n in TINY_PRE])  # every architecture
+WRITTEN = [n for n in archs.with_graph() if n in TINY_PRE]  # every architecture tiny.py writes
+
+
+@pytest.mark.parametrize("arch", [n for n in WRITTEN if archs.REGISTRY[n].device_graph])
 def test_device_logits_match_the_cpu_target_and_the_reference(cases, arch, monkeypatch):
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
     m, toks, msg, want = cases(arch)
@@ -90,6 +93,18 @@ def test_device_logits_match_the_cpu_target_and_the_reference(cases, arch, monke
     close(steps, full, msg)
     paths = [(r.n_tokens, r.path) for r in tr.moe.stats.records]
     assert paths == [(UB, "offload")] * 2 + [(1, "cpu")] * 4, paths
+
+
+@pytest.mark.parametrize("arch", [n for n in WRITTEN if not archs.REGISTRY[n].device_graph])
+def test_without_device_attention_the_experts_still_offload(cases, arch):
+    # deepseek2's MLA has no device kernels: attention stays on the host, the routed experts go
+    # through routing, the copy plan and the device experts as for every architecture
+    m, toks, msg, want = cases(arch)
+    tr = sim_model(m)
+    assert not tr.on_device and tr.moe.engine is not None
+    close(tr.prefill(toks), want["full"], msg, rel=1e-5)
+    assert [r.path for r in tr.moe.stats.records][:2] == ["offload"] * 2
+    assert sum(r.copies for r in tr.moe.stats.records) > 0
 
 
 def test_every_policy_layout_and_cache_gives_the_same_bits(cases):
