@@ -1,7 +1,8 @@
 """Logits and token ids against llama.cpp on the same files: one GGUF file, or every architecture.
 
 ``compare_llamacpp.py --dump-logits BIN FILE``: a text prompt through llama.cpp and through
-``Transformer`` on FILE, token for token. ``--all``: for each architecture (and each of its ``tiny["variants"]``) this writes a small random model
+``Transformer`` on FILE, token for token. ``--all``: for each architecture (and each of its
+``tiny["variants"]``) this writes a small random model
 laid out as llama.cpp's converter lays it out, runs the same tokens through llama.cpp
 (``examples/llamacpp/dump_logits.cpp``: float32 KV cache, no flash attention) and through
 ``Transformer`` (float32 activations, ``q8_decode=False``), and prints the largest difference
@@ -115,7 +116,8 @@ def main(argv=None):
     for name, variant in cases():
         spec = archs.REGISTRY[name]  # leading dense blocks and nextn blocks where the architecture has them
         path = write_tiny(folder / f"{name}-{variant or 'base'}-{a.type}.gguf", arch=name, seed=11, variant=variant,
-                          dense_blocks=(0,) if spec.leading_dense else (), n_nextn=int(spec.nextn), dense_type=wtype, expert_type=wtype, **SHAPE)
+                          dense_blocks=(0,) if spec.leading_dense else (), n_nextn=int(spec.nextn),
+                          dense_type=wtype, expert_type=wtype, **SHAPE)
         m = load(path)
         toks = np.random.default_rng(5).integers(0, SHAPE["n_vocab"], a.tokens)
         ours = Transformer(m, n_ctx=a.tokens, n_ubatch=a.ubatch, q8_decode=False).prefill(toks)

@@ -48,7 +48,8 @@ cfgs = {
                                    scoring_func="sigmoid", topk_method="noaux_tc"),  # as the hub's config.json
     # (transformers' config drops scoring_func; without it the converter writes no gating and
     #  llama.cpp, like us, takes V2's softmax)
-    "deepseekv2lite": DeepseekV2Config(**dict(common, num_key_value_heads=4, num_hidden_layers=27),  # llama.cpp knows Lite by 27 layers
+    # (27 blocks: llama.cpp knows V2-Lite by its block count)
+    "deepseekv2lite": DeepseekV2Config(**dict(common, num_key_value_heads=4, num_hidden_layers=27),
                                        n_routed_experts=8,
                                        num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
                                        first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
@@ -74,7 +75,8 @@ def write(name, out):
     extra = ["[gMASK]", "<|user|>", "<|observation|>"] if name == "glm4moe" else []  # GLM's converter names these
     tokens, merges, types = tiny_vocab(V - len(extra), PRE[name])
     tokens = tokens + extra
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(x.split(" ")) for x in merges]))
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(x.split(" ")) for x in merges])
+    tok = Tokenizer(bpe)
     tok.pre_tokenizer = pre_tokenizer(PRE[name])
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True) for t in list(TINY_SPECIALS) + extra])

@@ -309,7 +309,8 @@ def write_tiny(path, *, arch="gpt-oss", n_layers=4, n_embd=128, n_ff=128, n_expe
         layers = list(layers)
         want = (n_experts, n_embd, n_ff, k)
         if len(layers) != n_layers + n_nextn or any((L.n_experts, L.n_embd, L.n_ff, L.k) != want for L in layers):
-            raise ValueError(f"write_tiny: layers must be {n_layers + n_nextn} MoELayers of (experts, n_embd, n_ff, k) {want}")
+            raise ValueError(f"write_tiny: layers must be {n_layers + n_nextn} MoELayers of "
+                             f"(experts, n_embd, n_ff, k) {want}")
         etype = T(int(layers[0].gate.ggml_type))
     elif a.expert_biases:  # (gpt-oss-like: biases everywhere, a router skewed as real ones are)
         layers = tiny_layers(n_layers=n_layers + n_nextn, n_embd=n_embd, n_ff=n_ff, n_experts=n_experts, k=k,
@@ -336,8 +337,9 @@ def write_gguf(path, arch, metadata: dict, tensors, *, vocab=None, split_max_ten
     ``types``); returns the path to load."""
     w = GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     for key, v in metadata.items():
-        w.add_key_value(key, v, GGUFValueType.STRING if isinstance(v, str) else GGUFValueType.BOOL
-                        if isinstance(v, bool) else GGUFValueType.FLOAT32 if isinstance(v, float) else GGUFValueType.UINT32)
+        kind = (GGUFValueType.STRING if isinstance(v, str) else GGUFValueType.BOOL if isinstance(v, bool)
+                else GGUFValueType.FLOAT32 if isinstance(v, float) else GGUFValueType.UINT32)
+        w.add_key_value(key, v, kind)
     if vocab is not None:
         if not isinstance(vocab, dict):
             vocab = dict(zip(("tokens", "merges", "types"), vocab), model="gpt2", pre=TINY_PRE[arch])

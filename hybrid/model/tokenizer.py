@@ -29,7 +29,8 @@ from gguf.constants import Keys, TokenType
 
 from .gguf import GGUFError
 
-__all__ = ["Tokenizer", "PRE_TOKENIZERS", "IGNORE_MERGES", "pre_tokenizer", "CHAT_TIMEOUT_S", "CHAT_MEMORY_BYTES", "CHAT_MAX_CHARS"]
+__all__ = ["Tokenizer", "PRE_TOKENIZERS", "IGNORE_MERGES", "pre_tokenizer", "CHAT_TIMEOUT_S", "CHAT_MEMORY_BYTES",
+           "CHAT_MAX_CHARS"]
 
 # What a chat template may take: real ones render one message in milliseconds and a few kB.
 CHAT_TIMEOUT_S = 10.0  # wall clock, child start included

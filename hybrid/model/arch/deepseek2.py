@@ -57,7 +57,7 @@ class Deepseek2(Arch, name="deepseek2"):
         rope = kw["n_rot"]
         kv_lora = get(A.KV_LORA_RANK, int, lo=1)
         q_lora = get(A.Q_LORA_RANK, int, 0, lo=0)
-        if A.KEY_LENGTH_MLA.format(arch=cls.name) not in model.metadata:  # older files: the keys give the per-head sizes
+        if A.KEY_LENGTH_MLA.format(arch=cls.name) not in model.metadata:  # older files: per-head sizes
             dk, dv = kw["head_dim"], kw["head_dim_v"]
         else:
             dk, dv = get(A.KEY_LENGTH_MLA, int, lo=2), get(A.VALUE_LENGTH_MLA, int, lo=1)
