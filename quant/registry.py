@@ -40,7 +40,9 @@ when absent):
   32 elements at byte ``off`` as ``32 // lanes`` float vectors (the CPU block dots;
   ``isa_mode`` from ``quant.simd.mode``); ``simd_run(isa)`` the
   intrinsic factory behind ``decode_run``; ``int8_dot``: the CPU integer dot
-  path exists (``quant.simd``'s u8 x i8 kernels); ``mma``: a tensor-core
+  path exists (``quant.simd``'s u8 x i8 kernels), with ``int8_block`` (LLVM IR of one block of 32
+  as unsigned bytes, value + ``int8_offset``, and its scale) and ``int8_avx2`` (those bytes are at
+  most 127, so AVX2's vpmaddubsw cannot saturate); ``mma``: a tensor-core
   kernel exists (``cuda_bf16_tile`` decodes its tiles to BF16 pieces).
 
 Numba cannot call through a dict, so ``cpu_decoder()`` generates the njit
@@ -91,6 +93,9 @@ class Format:
     ir_block = None
     simd_run = None
     int8_dot = False
+    int8_block = None  # (b, p8, off) -> (<32 x i8> value + int8_offset as unsigned bytes, float32 scale)
+    int8_offset = 0  # what int8_block adds to each value so that it is unsigned
+    int8_avx2 = False  # whether vpmaddubsw can take int8_block's bytes (all <= 127: no i16 saturation)
     mma = False
     compile_on_use = False  # True: in the generated code only once ``activate``d (a rarely used type)
 

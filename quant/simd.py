@@ -327,16 +327,30 @@ def q8_isa() -> str | None:
     return v[-1] if v else None
 
 
-def emit_block_u8(b, p8, off):
-    """The MXFP4 block at byte ``off`` as <32 x i8> of value + U8_OFFSET (element order) and its
-    scale half(e): one 128-bit broadcast load, vpsrlvd (high lane by 4), vpand, vpshufb."""
-    qs = load(b, p8, b.add(off, c64(1)), vec(I8, 16))
+def emit_nibbles_u8(b, p8, qoff, table):
+    """The 16 bytes of nibbles at byte ``qoff`` (element j < 16 the low nibble of byte j, j + 16 its
+    high one: ggml's order) as <32 x i8> ``table[nibble]``: one 128-bit broadcast load, vpsrlvd
+    (high lane by 4), vpand, vpshufb. ``table``: 16 byte values."""
+    qs = load(b, p8, qoff, vec(I8, 16))
     both = b.bitcast(shuf(b, qs, qs, list(range(16)) * 2), vec(I32, 8))
     both = b.lshr(both, ir.Constant(vec(I32, 8), [0] * 4 + [4] * 4))
     idx = b.and_(b.bitcast(both, vec(I8, 32)), ivec(32, 0x0F, I8))
     pshufb = declare(b, "llvm.x86.avx2.pshuf.b", vec(I8, 32), [vec(I8, 32), vec(I8, 32)])
-    tbl = ir.Constant(vec(I8, 32), [int(v) for v in KVALUES_U8] * 2)
-    return b.call(pshufb, [tbl, idx]), emit_scale(b, p8, off)
+    tbl = ir.Constant(vec(I8, 32), [(int(v) & 0xFF) - (256 if int(v) & 0x80 else 0) for v in table] * 2)
+    return b.call(pshufb, [tbl, idx])
+
+
+def emit_block_u8(b, p8, off):
+    """The MXFP4 block at byte ``off`` as <32 x i8> of value + U8_OFFSET (element order) and its
+    scale half(e)."""
+    return emit_nibbles_u8(b, p8, b.add(off, c64(1)), KVALUES_U8), emit_scale(b, p8, off)
+
+
+def emit_q8_0_u8(b, p8, off):
+    """The Q8_0 block at byte ``off`` as <32 x i8> of value + 128 (the sign bit flipped) and its
+    half scale."""
+    qs = load(b, p8, b.add(off, c64(2)), vec(I8, 32))
+    return b.xor(qs, ivec(32, -128, I8)), emit_half(b, p8, off)
 
 
 def emit_pair_u8(b, p8, off):

@@ -147,8 +147,9 @@ def add_whole(p):
     p.add_argument("--moe-only", action="store_true", help="feed the MoE layers alone with synthetic "
                    "(or --hidden) hidden states: the kernel benchmark mode")
     p.add_argument("-b", "--batch-size", type=POS, default=2048, help="logical batch (default 2048)")
-    p.add_argument("--f32-decode", action="store_true", help="decode steps multiply MXFP4 experts with "
-                   "float32 activations (default: int8 blocks, as llama.cpp does; prompts always float32)")
+    p.add_argument("--f32-decode", action="store_true", help="decode steps multiply the experts with "
+                   "float32 activations (default: int8 blocks for MXFP4, Q4_0, Q8_0 and IQ4_NL, as llama.cpp "
+                   "does; prompts always float32)")
     p.add_argument("-r", "--repetitions", type=POS, default=1, help="bench: runs of each test (default 1)"
                    if p.prog.endswith("bench") else argparse.SUPPRESS)
 

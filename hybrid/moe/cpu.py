@@ -34,8 +34,9 @@ def mul_mat_id_cpu(w: ExpertTensor, x: np.ndarray, ids: np.ndarray, *, tiles: Cp
     """ggml_mul_mat_id on the CPU: ``y[t, j] = W[ids[t, j]] @ x[t]`` -> float32 ``[T, k, rows]``.
 
     ``x`` is ``[T, cols]`` (one input per token, as for gate/up) or ``[T, k, cols]``
-    (one per slot, as for down). MXFP4 weights with ``T <= tiles.q8_tokens`` (default: one
-    token, decode) multiply int8-quantised ``x`` as ggml does; otherwise float32 throughout.
+    (one per slot, as for down). Weights of a format with an integer dot (``experts.Q8_TYPES``:
+    MXFP4, Q4_0, with VNNI Q8_0 and IQ4_NL) with ``T <= tiles.q8_tokens`` (default: one token,
+    decode) multiply int8-quantised ``x`` as ggml does; otherwise float32 throughout.
     """
     raw, wtype = _check_tensor("w", w)
     tl = K.check_tiles(tiles)
@@ -74,7 +75,7 @@ def moe_ffn_cpu(layer: MoELayer, x: np.ndarray, ids: np.ndarray, weights: np.nda
     ``ids`` int ``[n_tokens, k]`` expert ids, ``weights`` float ``[n_tokens, k]``;
     ``out[t] = sum_j weights[t, j] * expert_ids[t, j](x[t])``, summed in j order.
     ``tiles`` overrides the blocking (default ``TILES``); results do not depend on it
-    beyond float32 rounding, except ``q8_tokens``: MXFP4 calls of at most that many tokens
+    beyond float32 rounding, except ``q8_tokens``: such calls of at most that many tokens
     (default 1: decode) quantise x and the activation to int8 blocks as ggml does.
     """
     if not isinstance(layer, MoELayer):

@@ -357,3 +357,13 @@ SPECS = {
     T.IQ1_M: (iq1_m_numpy, _iq1_m, iq1_m_bad),
 }
 globals().update(register(SPECS, __name__))  # the classes Q4_K, ... in the registry
+
+
+def _iq4_nl_int8(b, p8, off):
+    """IQ4_NL's integer-dot block: kvalue + 128 (1..241) as bytes; VNNI only (vpmaddubsw would saturate)."""
+    from ..simd import c64, emit_half, emit_nibbles_u8
+    return emit_nibbles_u8(b, p8, b.add(off, c64(2)), KVALUES.astype(np.int32) + 128), emit_half(b, p8, off)
+
+
+IQ4_NL.int8_dot, IQ4_NL.int8_offset, IQ4_NL.int8_avx2 = True, 128, False  # noqa: F821 (registered above)
+IQ4_NL.int8_block = staticmethod(_iq4_nl_int8)  # noqa: F821

@@ -109,6 +109,14 @@ class Q8_0(Format, ggml_type=T.Q8_0):
         from ..simd import emit_q8_0_block_f32
         return emit_q8_0_block_f32(b, lanes, p8, off)
 
+    # the integer dot: codes + 128 as unsigned bytes (up to 255: VNNI only, vpmaddubsw would saturate)
+    int8_dot, int8_offset, int8_avx2 = True, 128, False
+
+    @staticmethod
+    def int8_block(b, p8, off):
+        from ..simd import emit_q8_0_u8
+        return emit_q8_0_u8(b, p8, off)
+
     cuda_tile = staticmethod(_q8_0_tile)
     cuda_pair = staticmethod(_q8_0_pair)
     cuda_dequantize = staticmethod(_q8_0_dequantize)

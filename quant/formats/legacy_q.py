@@ -229,3 +229,13 @@ def register(specs, module):
 
 
 globals().update(register(SPECS, __name__))  # the classes Q4_0, ... in the registry
+
+
+def _q4_0_int8(b, p8, off):
+    """Q4_0's integer-dot block: q - 8 + 12 (4..19) as bytes, the offset MXFP4's kernel uses."""
+    from ..simd import c64, emit_half, emit_nibbles_u8
+    return emit_nibbles_u8(b, p8, b.add(off, c64(2)), np.arange(16) + 4), emit_half(b, p8, off)
+
+
+Q4_0.int8_dot, Q4_0.int8_offset, Q4_0.int8_avx2 = True, 12, True  # noqa: F821 (defined just above)
+Q4_0.int8_block = staticmethod(_q4_0_int8)  # noqa: F821

@@ -265,8 +265,13 @@ class MXFP4(Format, ggml_type=GGMLQuantizationType.MXFP4):
     decode_block = _decode_block
     decode_run = _best_run()  # numba caches compiled code per CPU: the decoder depends on the host alone
     simd_run = staticmethod(_simd_run)
-    int8_dot = True
+    int8_dot, int8_offset, int8_avx2 = True, 12, True  # doubled E2M1 (-12..12) + 12: at most 24
     mma = True
+
+    @staticmethod
+    def int8_block(b, p8, off):
+        from ..simd import emit_block_u8
+        return emit_block_u8(b, p8, off)
 
     decode_numpy = staticmethod(dequantize)
     check_blocks = staticmethod(_bad_blocks)

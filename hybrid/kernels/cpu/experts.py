@@ -9,12 +9,13 @@ L1/L2 for all of the expert's tokens. Items are ordered row-tile-major and cut
 into a few equal-cost chunks per thread, so skewed routing still balances.
 
 Inside an item, three ways to multiply:
-- int8 (MXFP4, calls of at most ``q8_tokens`` tokens: decode): as ggml does, the
-  activations are quantised once per call to int8 blocks of 32 (ggml's Q8_0
-  rounding, float32 scales; ``quant.cpu.quantize_q8``), the nibbles become bytes
-  through a 16-entry vpshufb table, integer multiply-adds (vpmaddubsw/vpmaddwd,
-  or vpdpbusd with VNNI) give each block's exact sum, scaled by half(e) * d_x into
-  float32 accumulators. It matches the float64 reference of the quantised
+- int8 (MXFP4, Q4_0, and with VNNI Q8_0 and IQ4_NL: the formats with an ``int8_block``; calls of
+  at most ``q8_tokens`` tokens: decode): as ggml does, the activations are quantised once per
+  call to int8 blocks of 32 (ggml's Q8_0 rounding, float32 scales; ``quant.cpu.quantize_q8``),
+  the weights' blocks become unsigned bytes (nibbles through a 16-entry vpshufb table, Q8_0's
+  codes with the sign bit flipped), integer multiply-adds (vpmaddubsw/vpmaddwd, or vpdpbusd with
+  VNNI) give each block's exact sum, scaled by the block scale * d_x into float32 accumulators.
+  It matches the float64 reference of the quantised
   activations to float32 rounding; against unquantised activations it differs
   by the int8 rounding (at gpt-oss shapes 5e-3 of the largest output per
   matrix, 9e-3 for the FFN; examples/bench_experts.py prints it).
@@ -45,7 +46,7 @@ import numpy as np
 
 from quant import cpu as qcpu, registry as qregistry, types as qtypes
 
-from .ir import W, best_isa, make_act, make_f32_dot, make_mx_dot, make_q8_dot, q8_isa
+from .ir import W, best_isa, make_act, make_f32_dot, make_mx_dot, make_q8_dot, q8_isa, q8_types
 from ...moe.activation import ACT_CODE, silu_f32, swiglu_oai_f32
 from ...moe.routing import bucket
 
@@ -97,14 +98,53 @@ DIRECT_R = (4, 4, 4, 4, 2, 2, 2, 2) if ISA == "avx512" else (2, 2, 2, 2, 1, 1, 1
 Q8_VARIANT = q8_isa()
 # (8 rows for one token on AVX-512 hosts: the token's loads amortised further, 0.96 vs 1.02 ms for n=1 on one thread)
 Q8_R = (8, 4, 2, 2) if Q8_VARIANT == "vnni512" else (8, 4, 4, 4) if ISA == "avx512" else (4, 2, 1, 1)
-if Q8_VARIANT is not None:
-    (_q8_t1, _q8_t2, _q8_t3, _q8_t4) = (make_q8_dot(Q8_R[t - 1], t, Q8_VARIANT) for t in range(1, 5))
-    (_q8_s1, _q8_s2, _q8_s3, _q8_s4) = (make_q8_dot(1, t, Q8_VARIANT) for t in range(1, 5))
-else:  # no integer path (not x86 with AVX2): never called, calls stay on the float paths
-    @nb.njit
-    def _q8_none(raw, wo, wst, nk, QC, D, xo, xst, out, oo, ost):
-        pass
-    _q8_t1 = _q8_t2 = _q8_t3 = _q8_t4 = _q8_s1 = _q8_s2 = _q8_s3 = _q8_s4 = _q8_none
+
+
+def _q8_kernels(wtype):
+    """The integer kernels of ``wtype``: R rows for 1..4 tokens, then single rows for 1..4 tokens."""
+    return ([make_q8_dot(Q8_R[t - 1], t, Q8_VARIANT, wtype) for t in range(1, 5)]
+            + [make_q8_dot(1, t, Q8_VARIANT, wtype) for t in range(1, 5)])
+
+
+def _q8_types():
+    """GGML ids the integer path runs here: the host variant's ``q8_types`` the generated code holds."""
+    active = {int(f.ggml_type) for f in qregistry.compiled_formats()}
+    return tuple(t for t in q8_types(Q8_VARIANT) if t in active)
+
+
+def _build_q8_pass():
+    """``_q8_pass(wtype, T_, raw, wo, wst, nk, nr, QC, D, xo, xst, out, oo, ost)``: out[oo + t*ost + r]
+    += row r . x_t for T_ (1..4) tokens, rows [0, nr), x_t the int8 blocks xo + t*xst .. of (QC, D).
+    Generated from the formats with an integer dot (one call site per kernel; Numba cannot call
+    through a dict), rebuilt when the registry changes."""
+    ns = {"Q8_R": Q8_R}
+    lines = ["def _q8_pass(wtype, T_, raw, wo, wst, nk, nr, QC, D, xo, xst, out, oo, ost):",
+             "    R = Q8_R[T_ - 1]", "    nm = nr - nr % R"]
+    args = "(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)"
+    for i, wt in enumerate(_q8_types()):
+        lines.append(f"    {'if' if i == 0 else 'elif'} wtype == {wt}:")
+        ks = _q8_kernels(wt)
+        for t in range(1, 5):
+            ns[f"k{wt}_{t}"], ns[f"s{wt}_{t}"] = ks[t - 1], ks[4 + t - 1]
+            lines += [f"        {'if' if t == 1 else 'elif'} T_ == {t}:",
+                      "            for r in range(0, nm, R):", f"                k{wt}_{t}{args}",
+                      "            for r in range(nm, nr):", f"                s{wt}_{t}{args}"]
+    lines.append("    pass")
+    exec(compile("\n".join(lines), "<hybrid.kernels.cpu.experts._q8_pass>", "exec"), ns)
+    return nb.njit(inline="always")(ns["_q8_pass"])
+
+
+_q8_pass = _build_q8_pass()
+
+
+@qregistry.on_change
+def _rebuild_q8():
+    global _q8_pass, Q8_TYPES
+    _q8_pass = _build_q8_pass()
+    Q8_TYPES = _q8_types()
+
+
+Q8_TYPES = _q8_types()
 F32_R = 4  # float32 tile kernel rows; tokens F32_T, largest first
 F32_T = (6, 4, 2, 1) if W == 16 else (3, 2, 1, 1)
 _f32_a, _f32_b, _f32_c, _f32_d = (make_f32_dot(F32_R, t) for t in F32_T)
@@ -166,34 +206,6 @@ def _direct_pass(T_, raw, wo, wst, nk, nr, X, xo, xst, out, oo, ost):
 
 
 @nb.njit(cache=True)
-def _q8_pass(T_, raw, wo, wst, nk, nr, QC, D, xo, xst, out, oo, ost):
-    """out[oo + t*ost + r] += row r . x_t for T_ (1..4) tokens, rows [0, nr), x_t the int8 blocks
-    xo + t*xst .. of (QC, D)."""
-    R = Q8_R[T_ - 1]
-    nm = nr - nr % R
-    if T_ == 1:
-        for r in range(0, nm, R):
-            _q8_t1(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
-        for r in range(nm, nr):
-            _q8_s1(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
-    elif T_ == 2:
-        for r in range(0, nm, R):
-            _q8_t2(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
-        for r in range(nm, nr):
-            _q8_s2(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
-    elif T_ == 3:
-        for r in range(0, nm, R):
-            _q8_t3(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
-        for r in range(nm, nr):
-            _q8_s3(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
-    else:
-        for r in range(0, nm, R):
-            _q8_t4(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
-        for r in range(nm, nr):
-            _q8_s4(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)
-
-
-@nb.njit(cache=True)
 def _tile_pass(T_, tile, ld, nvec, nr4, X, xo, xst, out, oo, ost):
     """out[oo + t*ost + r] += tile row r . x_t for T_ (one of F32_T) tokens, rows [0, nr4)."""
     if T_ == F32_T[0]:
@@ -224,7 +236,7 @@ def _item(raw, wtype, e, r0, nr, cols, X, QC, D, p0, n, out, ooff, ost, tile, ti
         wst = raw.shape[2]
         base = (e * raw.shape[1] + r0) * wst
         for t in range(0, n, 4):  # x of 4 tokens (4 x 5.6 KB at 2880 columns) stays in L1
-            _q8_pass(min(4, n - t), raw, base, wst, cols // _MX_QK, nr, QC, D, (p0 + t) * nbx, nbx,
+            _q8_pass(wtype, min(4, n - t), raw, base, wst, cols // _MX_QK, nr, QC, D, (p0 + t) * nbx, nbx,
                      out, ooff + t * ost, ost)
         return
     if wtype == _MXFP4 and n < tile_min and nr % 4 == 0:
@@ -480,7 +492,7 @@ def _chunks():
 
 
 def _use_q8(wtype, n_tokens, tl):
-    return Q8_VARIANT is not None and wtype == _MXFP4 and n_tokens <= tl[4]
+    return int(wtype) in Q8_TYPES and n_tokens <= tl[4]
 
 
 def check_block(tl, wtype):

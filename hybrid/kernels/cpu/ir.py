@@ -16,8 +16,8 @@ from gguf.constants import GGMLQuantizationType as GT
 from quant import mxfp4, registry as qregistry
 from quant.types import row_nbytes
 from quant.cpu import Q8_DREP, Q8_REC
-from quant.simd import (F32 as _F32, HAS as _HAS, I8 as _I8, I32 as _I32, I64 as _I64, ISAS, P8 as _P8,
-                        best_isa, c64 as _c64, emit_block_u8, emit_dot_u8_i8,
+from quant.simd import (F32 as _F32, HAS as _HAS, I8 as _I8, I32 as _I32, I64 as _I64, ISAS, P8 as _P8, U8_OFFSET,
+                        best_isa, c64 as _c64, emit_dot_u8_i8,
                         emit_loop, emit_pair_u8, ivec as _ivec, load as _load,
                         make_intrinsic as _make_intrinsic, make_mx_decode, mode as _mode, new_fn as _new_fn,
                         q8_isa, q8_isas, shuf as _shuf, splat as _splat, store as _store, supported_isas,
@@ -25,10 +25,10 @@ from quant.simd import (F32 as _F32, HAS as _HAS, I8 as _I8, I32 as _I32, I64 as
 
 from ...moe.activation import ACT_CODE, SWIGLU_ALPHA, SWIGLU_LIMIT
 
-__all__ = ["ISAS", "W", "best_isa", "supported_isas", "q8_isa", "q8_isas", "make_mx_dot", "make_q8_dot", "make_block_dot", "block_dot_types", "GROUP",
+__all__ = ["ISAS", "W", "best_isa", "supported_isas", "q8_isa", "q8_isas", "q8_types", "make_mx_dot", "make_q8_dot",
+           "make_block_dot", "block_dot_types", "GROUP",
            "make_mx_decode", "make_f32_dot", "make_act"]
 
-_MX_BYTES = mxfp4.BLOCK_BYTES
 W = 16 if _HAS["avx512"] else 8  # float32 lanes of the f32 kernels
 # Bytes of 32 weights of each format the block dots read, and their register decoders.
 GROUP = 32  # elements per step of the block dots: one format's ``ir_block`` yields 32 // lanes vectors
@@ -128,28 +128,45 @@ def _build_mx_dot(module, R, T_, isa, wtype=int(GT.MXFP4)):
     return fn
 
 
-def _build_q8_dot(module, R, T_, variant):
-    """out[t, r] += W[r, blocks] . x[t] for R rows x T tokens: MXFP4 as unsigned bytes (vpshufb),
-    x as int8 blocks (quant.cpu.quantize_q8), integer multiply-add per block, then
-    float(block sum) * half(e) * d_x into float32 accumulators. 'vnni512' takes two blocks per
-    512-bit step and an odd last block in 256 bits."""
-    fn, entry = _new_fn(module, f"hyb_q8_dot_r{R}_t{T_}_{variant}",
+def _build_q8_dot(module, R, T_, variant, wtype=int(GT.MXFP4)):
+    """out[t, r] += W[r, blocks] . x[t] for R rows x T tokens: the weights' blocks of 32 as unsigned
+    bytes (the format's ``int8_block``: value + ``int8_offset``), x as int8 blocks
+    (quant.cpu.quantize_q8, whose corrections are for MXFP4's offset and are rescaled for
+    another), integer multiply-add per block, then float(block sum) * scale * d_x into float32
+    accumulators. 'vnni512' takes two blocks per 512-bit step and an odd last block in 256 bits."""
+    fmt = qregistry.get(wtype)
+    tag = "" if wtype == int(GT.MXFP4) else f"_{fmt.name.lower()}"
+    fn, entry = _new_fn(module, f"hyb_q8_dot{tag}_r{R}_t{T_}_{variant}",
                         [_P8, _I64, _I64, _I64, _P8, _P8, _I64, _I64, _P8, _I64, _I64])
     if entry is None:
         return fn
     w, woff, wst, nblk, qc, d, xo, xst, out, ooff, ost = fn.args
     V8, V16 = _vec(_F32, 8), _vec(_F32, 16)
+    bb, offset = fmt.block_bytes, fmt.int8_offset
+
+    def rescaled(b, c):  # corrections -U8_OFFSET * partial sums -> -offset * partial sums (exact)
+        if offset == U8_OFFSET:
+            return c
+        n = c.type.count
+        return b.mul(b.sdiv(c, _ivec(n, U8_OFFSET)), _ivec(n, offset))
 
     def x_block(b, blk, lanes):  # token data of block(s) blk (and blk+1 for 16 lanes)
         rec = b.mul(blk, _c64(Q8_REC))
         dx = _load(b, d, b.mul(blk, _c64(4 * Q8_DREP)), _vec(_F32, lanes))
         if lanes == 8:
-            return _load(b, qc, rec, _vec(_I8, 32)), _load(b, qc, b.add(rec, _c64(32)), _vec(_I32, 8)), dx
+            return (_load(b, qc, rec, _vec(_I8, 32)), rescaled(b, _load(b, qc, b.add(rec, _c64(32)), _vec(_I32, 8))),
+                    dx)
         rec1 = b.add(rec, _c64(Q8_REC))
         q = _shuf(b, _load(b, qc, rec, _vec(_I8, 32)), _load(b, qc, rec1, _vec(_I8, 32)), list(range(64)))
         c = _shuf(b, _load(b, qc, b.add(rec, _c64(32)), _vec(_I32, 8)),
                   _load(b, qc, b.add(rec1, _c64(32)), _vec(_I32, 8)), list(range(16)))
-        return q, c, dx
+        return q, rescaled(b, c), dx
+
+    def pair(b, wb):  # two consecutive blocks: MXFP4's fused 512-bit decode, else two blocks joined
+        if wtype == int(GT.MXFP4):
+            return emit_pair_u8(b, w, wb)
+        (u0, d0), (u1, d1) = fmt.int8_block(b, w, wb), fmt.int8_block(b, w, b.add(wb, _c64(bb)))
+        return _shuf(b, u0, u1, list(range(64))), d0, d1
 
     def step(b, blocks, accs, wide):
         """One block (or a pair, wide) at block index ``blocks`` for every row and token."""
@@ -157,12 +174,12 @@ def _build_q8_dot(module, R, T_, variant):
         xs = [x_block(b, b.add(b.add(xo, blocks), b.mul(_c64(t), xst)), lanes) for t in range(T_)]
         new = []
         for r in range(R):
-            wb = b.add(b.add(woff, b.mul(_c64(r), wst)), b.mul(blocks, _c64(_MX_BYTES)))
+            wb = b.add(b.add(woff, b.mul(_c64(r), wst)), b.mul(blocks, _c64(bb)))
             if wide:
-                u, d0, d1 = emit_pair_u8(b, w, wb)
+                u, d0, d1 = pair(b, wb)
                 dw = _shuf(b, _splat(b, d0, 8), _splat(b, d1, 8), list(range(16)))
             else:
-                u, d0 = emit_block_u8(b, w, wb)
+                u, d0 = fmt.int8_block(b, w, wb)
                 dw = _splat(b, d0, 8)
             for t in range(T_):
                 q, c, dx = xs[t]
@@ -295,13 +312,28 @@ def make_block_dot(wtype, R, T_, isa):
                            (0, 4, 7))
 
 
-def make_q8_dot(R, T_, variant):
+def q8_types(variant) -> tuple:
+    """GGML ids with an integer dot on ``variant``: the formats' ``int8_block``, blocks of 32, and
+    on 'avx2' only those whose bytes vpmaddubsw takes without saturating (``int8_avx2``)."""
+    if variant is None:
+        return ()
+    return tuple(int(f.ggml_type) for f in qregistry.formats() if f.int8_dot and f.int8_block is not None
+                 and f.block == 32 and (variant != "avx2" or f.int8_avx2))
+
+
+def make_q8_dot(R, T_, variant, wtype=int(GT.MXFP4)):
     """Intrinsic ``(w u8[], woff, wstride, nblk, qc u8[], d f32[], xo, xstride, out f32[], ooff, ostride)``:
-    out[ooff + t*ostride + r] += row r (bytes from woff + r*wstride, nblk >= 1 blocks) . x_t, x_t the
-    int8 blocks xo + t*xstride .. of (qc, d) (quant.cpu.quantize_q8). variant: one of quant.simd.q8_isas()."""
+    out[ooff + t*ostride + r] += row r (bytes from woff + r*wstride, nblk >= 1 blocks of ``wtype``) . x_t,
+    x_t the int8 blocks xo + t*xstride .. of (qc, d) (quant.cpu.quantize_q8). variant: one of
+    quant.simd.q8_isas(); ``wtype`` one of ``q8_types(variant)``."""
     if variant not in ("avx2", "vnni", "vnni512"):
         raise ValueError(f"variant must be 'avx2', 'vnni' or 'vnni512', got {variant!r}")
-    return _make_intrinsic(f"q8_dot_{R}x{T_}_{variant}", lambda m: _build_q8_dot(m, R, T_, variant), 11, (0, 4, 5, 8))
+    if int(wtype) not in q8_types(variant):
+        raise ValueError(f"{qregistry.type_name(wtype)} has no integer dot on {variant} "
+                         f"(it has: {', '.join(qregistry.type_name(t) for t in q8_types(variant))})")
+    tag = "" if int(wtype) == int(GT.MXFP4) else f"{qregistry.get(wtype).name.lower()}_"
+    return _make_intrinsic(f"q8_dot_{tag}{R}x{T_}_{variant}", lambda m: _build_q8_dot(m, R, T_, variant, int(wtype)),
+                           11, (0, 4, 5, 8))
 
 
 def make_f32_dot(R, T_):
