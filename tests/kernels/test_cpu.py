@@ -453,20 +453,21 @@ def test_q8_kernel_variants(variant):
 
 
 def _int8_blocks(wtype, rows, cols, rng):
-    """Random weights of ``wtype`` as stored, scales included (gguf quantises what it can; IQ4_NL's
-    blocks are random codes under random half scales, 0 and a subnormal among them)."""
+    """Random weights of ``wtype`` as stored, scales included (gguf quantises what it can; the
+    others are random bytes under random half scales, 0 and a subnormal among them)."""
     from quant import registry as qreg
-    if wtype != T.IQ4_NL:
+    if wtype in (T.MXFP4, T.Q4_0, T.Q8_0):
         return np.ascontiguousarray(quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), wtype))
     f = qreg.get(wtype)
     raw = rng.integers(0, 256, (rows * cols // f.block, f.block_bytes), dtype=np.uint8)
-    d = rng.uniform(0.01, 0.1, raw.shape[0]).astype(np.float16)
-    d[0], d[1] = 0.0, np.float16(6e-8)
-    raw[:, :2] = d.view(np.uint8).reshape(-1, 2)
+    for at in f.scale_offsets:
+        d = rng.uniform(0.01, 0.1, raw.shape[0]).astype(np.float16)
+        d[0], d[1] = 0.0, np.float16(6e-8)
+        raw[:, at:at + 2] = d.view(np.uint8).reshape(-1, 2)
     return raw.reshape(rows, -1)
 
 
-INT8 = [T.MXFP4, T.Q4_0, T.Q8_0, T.IQ4_NL]  # the formats with an int8_block
+INT8 = [T.MXFP4, T.Q4_0, T.Q8_0, T.IQ4_NL, T.Q4_K]  # the formats with an int8_block or int8_superblock
 
 
 @pytest.mark.parametrize("variant", ["avx2", "vnni", "vnni512"])
@@ -482,13 +483,15 @@ def test_q8_kernels_of_every_int8_format(wtype, variant):
             cpu_ir.make_q8_dot(4, 1, variant, int(wtype))
         return
     rng = np.random.default_rng()
-    raw = _int8_blocks(wtype, 8, 96, rng)
     f = qreg.get(wtype)
-    wdq = f.decode_numpy(raw.reshape(-1, f.block_bytes)).reshape(8, 96)
-    x = rand_x(8, 96, seed=int(rng.integers(1 << 30)), scale=10.0)
+    cols = 96 if f.block == 32 else 512
+    nblk = cols // 32
+    raw = _int8_blocks(wtype, 8, cols, rng)
+    wdq = f.decode_numpy(raw.reshape(-1, f.block_bytes)).reshape(8, cols)
+    x = rand_x(8, cols, seed=int(rng.integers(1 << 30)), scale=10.0)
     x[2, 32:64] = 0.0  # an all-zero activation block: scale 0
-    qc, d = np.zeros(8 * 3 * 64, np.uint8), np.zeros(8 * 3 * qcpu.Q8_DREP, np.float32)
-    qcpu.quantize_q8(x, 8, 3, qc, d)
+    qc, d = np.zeros(8 * nblk * 64, np.uint8), np.zeros(8 * nblk * qcpu.Q8_DREP, np.float32)
+    qcpu.quantize_q8(x, 8, nblk, qc, d)
     ref = q8_reference(x, wdq)
     for R, T_ in ((4, 1), (2, 4), (1, 2)):
         dot = cpu_ir.make_q8_dot(R, T_, variant, int(wtype))
@@ -500,7 +503,7 @@ def test_q8_kernels_of_every_int8_format(wtype, variant):
                 for t in range(0, n, T_):
                     dot(raw, r * wst, wst, nblk, qc, d, t * nblk, nblk, out, t * rows + r, rows)
         out = np.zeros((8, 8), np.float32)
-        run(raw, qc, d, out.reshape(-1), 3, 8)
+        run(raw, qc, d, out.reshape(-1), nblk, 8)
         assert rel_err(out, ref) < TOL, (R, T_)
 
 
@@ -509,8 +512,9 @@ def test_decode_calls_of_int8_formats_take_the_integer_path(wtype):
     from quant import registry as qreg
     qreg.activate(int(wtype))
     rng = np.random.default_rng()
-    wt = ExpertTensor(_int8_blocks(wtype, 5 * 40, 160, rng).reshape(5, 40, -1), int(wtype), 40, 160)
-    x = rand_x(1, 160, seed=int(rng.integers(1 << 30)), scale=3.0)
+    cols = 160 if qreg.get(wtype).block == 32 else 512
+    wt = ExpertTensor(_int8_blocks(wtype, 5 * 40, cols, rng).reshape(5, 40, -1), int(wtype), 40, cols)
+    x = rand_x(1, cols, seed=int(rng.integers(1 << 30)), scale=3.0)
     ids = np.array([[4, 0, 2]])
     y = cpu.mul_mat_id_cpu(wt, x, ids)  # one token: the default decode path
     ref = np.stack([q8_reference(x, wt.dequantize(int(e)))[0] for e in ids[0]])[None]

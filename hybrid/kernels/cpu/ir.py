@@ -312,13 +312,59 @@ def make_block_dot(wtype, R, T_, isa):
                            (0, 4, 7))
 
 
+def _build_q8k_dot(module, R, T_, variant, wtype):
+    """As ``_build_q8_dot`` for super-blocks of 256 (the K-quants): the format's ``int8_superblock``
+    gives each of the 8 sub-blocks of 32 as unsigned bytes with its scale and min (``value = scale
+    * u - min``); per sub-block the integer dot of u with the token's int8 block, times scale * d_x,
+    minus min * d_x * (the block's code sum, from its corrections). 256-bit steps on every variant."""
+    fmt = qregistry.get(wtype)
+    fn, entry = _new_fn(module, f"hyb_q8k_dot_{fmt.name.lower()}_r{R}_t{T_}_{variant}",
+                        [_P8, _I64, _I64, _I64, _P8, _P8, _I64, _I64, _P8, _I64, _I64])
+    if entry is None:
+        return fn
+    w, woff, wst, nblk, qc, d, xo, xst, out, ooff, ost = fn.args
+    V8, zero8 = _vec(_F32, 8), _ivec(8, 0)
+    dot_variant = "vnni" if variant == "vnni512" else variant
+    nsb = ir.IRBuilder(entry).ashr(nblk, _c64(3))
+
+    def body(b, i, accs):
+        new = list(accs)
+        blk0 = b.shl(i, _c64(3))
+        xs = []  # per token and sub-block: codes, minus the code sums per lane, d_x
+        for t in range(T_):
+            row = []
+            for j in range(8):
+                blk = b.add(b.add(xo, b.add(blk0, _c64(j))), b.mul(_c64(t), xst))
+                rec = b.mul(blk, _c64(Q8_REC))
+                q = _load(b, qc, rec, _vec(_I8, 32))
+                sums = b.sitofp(b.sdiv(_load(b, qc, b.add(rec, _c64(32)), _vec(_I32, 8)), _ivec(8, U8_OFFSET)), V8)
+                row.append((q, sums, _load(b, d, b.mul(blk, _c64(4 * Q8_DREP)), V8)))
+            xs.append(row)
+        for r in range(R):
+            sb = fmt.int8_superblock(b, w, b.add(b.add(woff, b.mul(_c64(r), wst)), b.mul(i, _c64(fmt.block_bytes))))
+            for j, (u, scale, mn) in enumerate(sb):
+                sc, m = _splat(b, scale, 8), _splat(b, mn, 8)
+                for t in range(T_):
+                    q, neg_sums, dx = xs[t][j]
+                    s = b.sitofp(emit_dot_u8_i8(b, dot_variant, u, q, zero8), V8)
+                    a = _fma(b, s, b.fmul(sc, dx), new[r * T_ + t])
+                    new[r * T_ + t] = _fma(b, neg_sums, b.fmul(m, dx), a)  # (sums are -partials: + is -min)
+        return new
+
+    b, accs = emit_loop(fn, entry, nsb, [_zero(V8)] * (R * T_), body)
+    _emit_store_sums(b, accs, R, T_, 8, out, ooff, ost)
+    b.ret_void()
+    return fn
+
+
 def q8_types(variant) -> tuple:
     """GGML ids with an integer dot on ``variant``: the formats' ``int8_block``, blocks of 32, and
     on 'avx2' only those whose bytes vpmaddubsw takes without saturating (``int8_avx2``)."""
     if variant is None:
         return ()
-    return tuple(int(f.ggml_type) for f in qregistry.formats() if f.int8_dot and f.int8_block is not None
-                 and f.block == 32 and (variant != "avx2" or f.int8_avx2))
+    return tuple(int(f.ggml_type) for f in qregistry.formats() if f.int8_dot and (variant != "avx2" or f.int8_avx2)
+                 and ((f.int8_block is not None and f.block == 32)
+                      or (f.int8_superblock is not None and f.block == 256)))
 
 
 def make_q8_dot(R, T_, variant, wtype=int(GT.MXFP4)):
@@ -332,7 +378,8 @@ def make_q8_dot(R, T_, variant, wtype=int(GT.MXFP4)):
         raise ValueError(f"{qregistry.type_name(wtype)} has no integer dot on {variant} "
                          f"(it has: {', '.join(qregistry.type_name(t) for t in q8_types(variant))})")
     tag = "" if int(wtype) == int(GT.MXFP4) else f"{qregistry.get(wtype).name.lower()}_"
-    return _make_intrinsic(f"q8_dot_{tag}{R}x{T_}_{variant}", lambda m: _build_q8_dot(m, R, T_, variant, int(wtype)),
+    build = _build_q8k_dot if qregistry.get(wtype).block == 256 else _build_q8_dot
+    return _make_intrinsic(f"q8_dot_{tag}{R}x{T_}_{variant}", lambda m: build(m, R, T_, variant, int(wtype)),
                            11, (0, 4, 5, 8))
 
 
