@@ -227,3 +227,32 @@ def _q4_k_int8(b, p8, off):
 
 Q4_K.int8_dot, Q4_K.int8_avx2 = True, True  # noqa: F821 (registered above); codes 0..15
 Q4_K.int8_superblock = staticmethod(_q4_k_int8)  # noqa: F821
+
+
+def _q6_k_int8(b, p8, off):
+    """Q6_K's integer-dot super-block: 8 x (the 32 six-bit codes 0..63 as bytes, d * scale of each
+    16 as 8 lanes, no min); values are code - 32 (``int8_offset``). Layout as ggml's
+    dequantize_row_q6_K: half h of 128 from ql[64h..], qh[32h..], scales[8h..]."""
+    from llvmlite import ir
+    from ..simd import F32, I8, I32, c64, emit_half, ivec, load, shuf, vec
+    d = emit_half(b, p8, b.add(off, c64(208)))
+    out = []
+    for h in range(2):
+        lo = load(b, p8, b.add(off, c64(64 * h)), vec(I8, 32))
+        hi = load(b, p8, b.add(off, c64(64 * h + 32)), vec(I8, 32))
+        qh = load(b, p8, b.add(off, c64(128 + 32 * h)), vec(I8, 32))
+        for g in range(4):
+            low = b.and_(lo if g % 2 == 0 else hi, ivec(32, 15, I8)) if g < 2 else \
+                b.lshr(lo if g % 2 == 0 else hi, ivec(32, 4, I8))
+            top = b.shl(b.and_(b.lshr(qh, ivec(32, 2 * g, I8)), ivec(32, 3, I8)), ivec(32, 4, I8))
+            s = [b.fmul(d, b.sitofp(b.sext(b.load(b.gep(p8, [b.add(off, c64(192 + 8 * h + 2 * g + k))])), I32), F32))
+                 for k in range(2)]
+            v = ir.Constant(vec(F32, 4), [0.0] * 4)
+            halves = [b.insert_element(v, s[k], ir.Constant(I32, 0)) for k in range(2)]
+            lanes = shuf(b, halves[0], halves[1], [0, 0, 0, 0, 4, 4, 4, 4])
+            out.append((b.or_(low, top), lanes, None))
+    return out
+
+
+Q6_K.int8_dot, Q6_K.int8_offset, Q6_K.int8_avx2 = True, 32, True  # noqa: F821 (registered above); codes 0..63
+Q6_K.int8_superblock = staticmethod(_q6_k_int8)  # noqa: F821

@@ -467,7 +467,7 @@ def _int8_blocks(wtype, rows, cols, rng):
     return raw.reshape(rows, -1)
 
 
-INT8 = [T.MXFP4, T.Q4_0, T.Q8_0, T.IQ4_NL, T.Q4_K]  # the formats with an int8_block or int8_superblock
+INT8 = [T.MXFP4, T.Q4_0, T.Q8_0, T.IQ4_NL, T.Q4_K, T.Q6_K]  # the formats with an int8_block or int8_superblock
 
 
 @pytest.mark.parametrize("variant", ["avx2", "vnni", "vnni512"])

@@ -315,8 +315,10 @@ def make_block_dot(wtype, R, T_, isa):
 def _build_q8k_dot(module, R, T_, variant, wtype):
     """As ``_build_q8_dot`` for super-blocks of 256 (the K-quants): the format's ``int8_superblock``
     gives each of the 8 sub-blocks of 32 as unsigned bytes with its scale and min (``value = scale
-    * u - min``); per sub-block the integer dot of u with the token's int8 block, times scale * d_x,
-    minus min * d_x * (the block's code sum, from its corrections). 256-bit steps on every variant."""
+    * (u - int8_offset) - min``; scale a float, or 8 lanes for sub-blocks of 16: 4 lanes each;
+    min a float or None); per sub-block the integer dot of u with the token's int8 block (the
+    offset through the block's corrections), times scale * d_x, minus min * d_x * (the block's code
+    sum, also from its corrections). 256-bit steps on every variant."""
     fmt = qregistry.get(wtype)
     fn, entry = _new_fn(module, f"hyb_q8k_dot_{fmt.name.lower()}_r{R}_t{T_}_{variant}",
                         [_P8, _I64, _I64, _I64, _P8, _P8, _I64, _I64, _P8, _I64, _I64])
@@ -325,6 +327,7 @@ def _build_q8k_dot(module, R, T_, variant, wtype):
     w, woff, wst, nblk, qc, d, xo, xst, out, ooff, ost = fn.args
     V8, zero8 = _vec(_F32, 8), _ivec(8, 0)
     dot_variant = "vnni" if variant == "vnni512" else variant
+    offset = fmt.int8_offset
     nsb = ir.IRBuilder(entry).ashr(nblk, _c64(3))
 
     def body(b, i, accs):
@@ -337,18 +340,21 @@ def _build_q8k_dot(module, R, T_, variant, wtype):
                 blk = b.add(b.add(xo, b.add(blk0, _c64(j))), b.mul(_c64(t), xst))
                 rec = b.mul(blk, _c64(Q8_REC))
                 q = _load(b, qc, rec, _vec(_I8, 32))
-                sums = b.sitofp(b.sdiv(_load(b, qc, b.add(rec, _c64(32)), _vec(_I32, 8)), _ivec(8, U8_OFFSET)), V8)
-                row.append((q, sums, _load(b, d, b.mul(blk, _c64(4 * Q8_DREP)), V8)))
+                neg = b.sdiv(_load(b, qc, b.add(rec, _c64(32)), _vec(_I32, 8)), _ivec(8, U8_OFFSET))  # -partials
+                corr = b.mul(neg, _ivec(8, offset)) if offset else zero8
+                row.append((q, b.sitofp(neg, V8), corr, _load(b, d, b.mul(blk, _c64(4 * Q8_DREP)), V8)))
             xs.append(row)
         for r in range(R):
             sb = fmt.int8_superblock(b, w, b.add(b.add(woff, b.mul(_c64(r), wst)), b.mul(i, _c64(fmt.block_bytes))))
             for j, (u, scale, mn) in enumerate(sb):
-                sc, m = _splat(b, scale, 8), _splat(b, mn, 8)
+                sc = scale if isinstance(scale.type, ir.VectorType) else _splat(b, scale, 8)
+                m = None if mn is None else _splat(b, mn, 8)
                 for t in range(T_):
-                    q, neg_sums, dx = xs[t][j]
-                    s = b.sitofp(emit_dot_u8_i8(b, dot_variant, u, q, zero8), V8)
+                    q, neg_sums, corr, dx = xs[t][j]
+                    s = b.sitofp(emit_dot_u8_i8(b, dot_variant, u, q, corr), V8)
                     a = _fma(b, s, b.fmul(sc, dx), new[r * T_ + t])
-                    new[r * T_ + t] = _fma(b, neg_sums, b.fmul(m, dx), a)  # (sums are -partials: + is -min)
+                    # (neg_sums are -partials: adding min * d_x times them subtracts the min)
+                    new[r * T_ + t] = a if m is None else _fma(b, neg_sums, b.fmul(m, dx), a)
         return new
 
     b, accs = emit_loop(fn, entry, nsb, [_zero(V8)] * (R * T_), body)
