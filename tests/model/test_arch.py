@@ -208,6 +208,7 @@ def test_mla_yarn_kq_scale_is_llama_cpps(tmp_path):
 
 @pytest.mark.parametrize("key,value,match", [
     ("deepseek2.attention.key_length", 70, "MLA keys disagree"),
+    ("deepseek2.attention.kv_lora_rank", 48, "MLA keys disagree"),
     ("deepseek2.attention.head_count_kv", 2, "MLA keys disagree"),
     ("deepseek2.attention.key_length_mla", 16, "leaves no dims beside the 16 rope dims"),
     ("deepseek2.leading_dense_block_count", 2, "leading_dense_block_count = 2, but the tensors make blocks"),
@@ -224,6 +225,11 @@ def test_mla_missing_kv_lora_rank_is_named(tmp_path):
     del m.metadata["deepseek2.attention.kv_lora_rank"]
     with pytest.raises(GGUFError, match="kv_lora_rank is missing"):
         read_config(m)
+    # an older file (attn_kv_b) with a wrong rank: the tensors' shapes say so
+    m = _mla(tmp_path, variant="legacy")
+    m.metadata["deepseek2.attention.kv_lora_rank"] = 48
+    with pytest.raises(GGUFError, match=r"attn_kv_a_mqa\.weight has shape"):
+        Transformer(m, n_ctx=8)
 
 
 def test_glm4moe_optional_tensors_and_required_bias(tmp_path):
