@@ -148,8 +148,8 @@ def add_whole(p):
                    "(or --hidden) hidden states: the kernel benchmark mode")
     p.add_argument("-b", "--batch-size", type=POS, default=2048, help="logical batch (default 2048)")
     p.add_argument("--f32-decode", action="store_true", help="decode steps multiply the experts with "
-                   "float32 activations (default: int8 blocks for MXFP4, Q4_0, Q8_0 and IQ4_NL, as llama.cpp "
-                   "does; prompts always float32)")
+                   "float32 activations (default: int8 blocks for MXFP4, Q4_0, Q4_K, Q6_K, Q8_0 and IQ4_NL, "
+                   "as llama.cpp does; prompts always float32)")
     p.add_argument("-r", "--repetitions", type=POS, default=1, help="bench: runs of each test (default 1)"
                    if p.prog.endswith("bench") else argparse.SUPPRESS)
 

@@ -78,7 +78,7 @@ class Transformer:
     Threads: one Transformer is one sequence; its public methods take ``lock`` (an RLock)
     and ``generate`` holds it throughout, so concurrent generations run one after the other;
     use one Transformer per thread to run them at once. Decode steps (``decode_one_token``)
-    multiply MXFP4, Q4_0 (and with VNNI Q8_0, IQ4_NL) experts with int8 activations, as ggml
+    multiply MXFP4, Q4_0, Q4_K, Q6_K (and with VNNI Q8_0, IQ4_NL) experts with int8 activations, as ggml
     does (``q8_decode``; about 1e-2 of the largest output per MoE layer, see
     ``cpu.CpuTiles.q8_tokens``), since
     decode reads every used expert byte once per token and runs at memory speed that way.

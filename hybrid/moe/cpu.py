@@ -35,7 +35,7 @@ def mul_mat_id_cpu(w: ExpertTensor, x: np.ndarray, ids: np.ndarray, *, tiles: Cp
 
     ``x`` is ``[T, cols]`` (one input per token, as for gate/up) or ``[T, k, cols]``
     (one per slot, as for down). Weights of a format with an integer dot (``experts.Q8_TYPES``:
-    MXFP4, Q4_0, with VNNI Q8_0 and IQ4_NL) with ``T <= tiles.q8_tokens`` (default: one token,
+    MXFP4, Q4_0, Q4_K, Q6_K, with VNNI Q8_0 and IQ4_NL) with ``T <= tiles.q8_tokens`` (default: one token,
     decode) multiply int8-quantised ``x`` as ggml does; otherwise float32 throughout.
     """
     raw, wtype = _check_tensor("w", w)

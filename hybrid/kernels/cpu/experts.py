@@ -9,7 +9,8 @@ L1/L2 for all of the expert's tokens. Items are ordered row-tile-major and cut
 into a few equal-cost chunks per thread, so skewed routing still balances.
 
 Inside an item, three ways to multiply:
-- int8 (MXFP4, Q4_0, and with VNNI Q8_0 and IQ4_NL: the formats with an ``int8_block``; calls of
+- int8 (MXFP4, Q4_0, Q4_K, Q6_K, and with VNNI Q8_0 and IQ4_NL: the formats with an ``int8_block``
+  or, for super-blocks of 256, an ``int8_superblock``; calls of
   at most ``q8_tokens`` tokens: decode): as ggml does, the activations are quantised once per
   call to int8 blocks of 32 (ggml's Q8_0 rounding, float32 scales; ``quant.cpu.quantize_q8``),
   the weights' blocks become unsigned bytes (nibbles through a 16-entry vpshufb table, Q8_0's
