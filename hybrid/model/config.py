@@ -156,17 +156,15 @@ def read_config(model) -> Config:
     freq_scale = 1.0 if scaling == "none" or factor == 0.0 else 1.0 / factor
     ext_factor = get(R.SCALING_YARN_EXT_FACTOR, float, 1.0 if scaling == "yarn" else 0.0, lo=0.0)
     attn_factor = get(R.SCALING_YARN_ATTN_FACTOR, float, 1.0, lo=0.0)
+    m, log_mul = spec.yarn_mscales(get(R.SCALING_YARN_LOG_MUL, float, 0.0))
     if ext_factor != 0.0:  # llama_context: cancels ggml's own 1 + 0.1 ln(factor), see llama.cpp PR 17945
         f = 1.0 / freq_scale
         mscale = lambda m: 1.0 if f <= 1.0 else 0.1 * m * math.log(f) + 1.0  # noqa: E731
-        m, log_mul = spec.yarn_mscales(get(R.SCALING_YARN_LOG_MUL, float, 0.0))
         try:  # a zero divisor or log(0) from out-of-range keys: refused by _usable_rope
             attn_factor = mscale(m) / mscale(log_mul) if log_mul != 0.0 else mscale(1.0)
             attn_factor /= 1.0 + 0.1 * math.log(f)
         except (ArithmeticError, ValueError):
             attn_factor = math.nan
-    else:
-        log_mul = spec.yarn_mscales(get(R.SCALING_YARN_LOG_MUL, float, 0.0))[1]
     attn_factor *= get(R.SCALING_ATTN_FACTOR, float, 1.0, lo=0.0)
 
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from quant import types as qtypes
+
 from ..kernels.cpu.dense import Dense
 from .errors import GGUFError
 
@@ -26,7 +28,7 @@ class Transposed:
         rows, cols = self.W.shape
         if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != rows:
             raise ValueError(f"{self.W.name}: input must be float32 [n, {rows}], got {x.dtype} {x.shape}")
-        return x @ self.W.rows(np.arange(rows))
+        return x @ qtypes.dequantize(self.W.raw, self.W.ggml_type, self.W.shape)
 
 
 class Weights:

@@ -419,8 +419,8 @@ def test_q8_per_slot_inputs_and_default_threshold():
     assert np.array_equal(y2, cpu.mul_mat_id_cpu(layer.down, x2, np.concatenate([ids, ids]), tiles=F32))
 
 
-def _q8_harness(variant, R, T_):
-    dot = cpu_ir.make_q8_dot(R, T_, variant)
+def _q8_harness(variant, R, T_, wtype=T.MXFP4):
+    dot = cpu_ir.make_q8_dot(R, T_, variant, int(wtype))
 
     @nb.njit
     def run(raw, qc, d, out, nblk, n):
@@ -494,16 +494,8 @@ def test_q8_kernels_of_every_int8_format(wtype, variant):
     qcpu.quantize_q8(x, 8, nblk, qc, d)
     ref = q8_reference(x, wdq)
     for R, T_ in ((4, 1), (2, 4), (1, 2)):
-        dot = cpu_ir.make_q8_dot(R, T_, variant, int(wtype))
-
-        @nb.njit
-        def run(raw, qc, d, out, nblk, n):
-            rows, wst = raw.shape[0], raw.shape[1]
-            for r in range(0, rows, R):
-                for t in range(0, n, T_):
-                    dot(raw, r * wst, wst, nblk, qc, d, t * nblk, nblk, out, t * rows + r, rows)
         out = np.zeros((8, 8), np.float32)
-        run(raw, qc, d, out.reshape(-1), nblk, 8)
+        _q8_harness(variant, R, T_, wtype)(raw, qc, d, out.reshape(-1), nblk, 8)
         assert rel_err(out, ref) < TOL, (R, T_)
 
 

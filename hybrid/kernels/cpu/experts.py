@@ -39,6 +39,7 @@ work split and the edge checks are one numba call graph: ``_grouped`` inlines th
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -101,10 +102,11 @@ Q8_VARIANT = q8_isa()
 Q8_R = (8, 4, 2, 2) if Q8_VARIANT == "vnni512" else (8, 4, 4, 4) if ISA == "avx512" else (4, 2, 1, 1)
 
 
+@functools.lru_cache(maxsize=None)  # the dispatcher is rebuilt on every registry change; kernels once
 def _q8_kernels(wtype):
     """The integer kernels of ``wtype``: R rows for 1..4 tokens, then single rows for 1..4 tokens."""
-    return ([make_q8_dot(Q8_R[t - 1], t, Q8_VARIANT, wtype) for t in range(1, 5)]
-            + [make_q8_dot(1, t, Q8_VARIANT, wtype) for t in range(1, 5)])
+    return tuple([make_q8_dot(Q8_R[t - 1], t, Q8_VARIANT, wtype) for t in range(1, 5)]
+                 + [make_q8_dot(1, t, Q8_VARIANT, wtype) for t in range(1, 5)])
 
 
 def _q8_types():
