@@ -12,11 +12,12 @@ import functools
 import numpy as np
 
 from ..kernels.cpu import experts as K
-from ..kernels.cpu.experts import ISA, Q8_VARIANT, TILES, CpuTiles  # noqa: F401
+from ..kernels.cpu.experts import F32_TILES, ISA, Q8_VARIANT, TILES, CpuTiles  # noqa: F401
 from .activation import ACT_CODE
 from .layer import ExpertTensor, MoELayer
 
-__all__ = ["moe_ffn_cpu", "moe_ffn_cpu_trusted", "mul_mat_id_cpu", "expert_matmul_cpu", "CpuTiles", "TILES", "ISA"]
+__all__ = ["moe_ffn_cpu", "moe_ffn_cpu_trusted", "mul_mat_id_cpu", "expert_matmul_cpu", "CpuTiles", "TILES", "F32_TILES",
+           "ISA"]
 
 
 def _check_tensor(name, t):
@@ -35,8 +36,10 @@ def mul_mat_id_cpu(w: ExpertTensor, x: np.ndarray, ids: np.ndarray, *, tiles: Cp
 
     ``x`` is ``[T, cols]`` (one input per token, as for gate/up) or ``[T, k, cols]``
     (one per slot, as for down). Weights of a format with an integer dot (``experts.Q8_TYPES``:
-    MXFP4, Q4_0, Q4_K, Q6_K, with VNNI Q8_0 and IQ4_NL) with ``T <= tiles.q8_tokens`` (default: one token,
-    decode) multiply int8-quantised ``x`` as ggml does; otherwise float32 throughout.
+    MXFP4, Q4_0, Q4_K, Q6_K, with VNNI Q8_0 and IQ4_NL) multiply int8-quantised ``x`` as ggml does
+    for the experts with at most ``tiles.q8_tokens`` tokens in the call (default: the format's
+    crossover, ``experts.Q8_MAX_TOKENS``); the others, and every expert with ``experts.F32_TILES``,
+    multiply float32 ``x``.
     """
     raw, wtype = _check_tensor("w", w)
     tl = K.check_tiles(tiles)
@@ -75,8 +78,9 @@ def moe_ffn_cpu(layer: MoELayer, x: np.ndarray, ids: np.ndarray, weights: np.nda
     ``ids`` int ``[n_tokens, k]`` expert ids, ``weights`` float ``[n_tokens, k]``;
     ``out[t] = sum_j weights[t, j] * expert_ids[t, j](x[t])``, summed in j order.
     ``tiles`` overrides the blocking (default ``TILES``); results do not depend on it
-    beyond float32 rounding, except ``q8_tokens``: such calls of at most that many tokens
-    (default 1: decode) quantise x and the activation to int8 blocks as ggml does.
+    beyond float32 rounding, except ``q8_tokens``: experts with at most that many tokens in the
+    call (default: the format's crossover, ``experts.Q8_MAX_TOKENS``; every decode step) multiply x
+    and the activation quantised to int8 blocks, as ggml does. ``experts.F32_TILES``: float32 always.
     """
     if not isinstance(layer, MoELayer):
         raise TypeError(f"layer must be a MoELayer, got {type(layer).__name__}")

@@ -216,7 +216,8 @@ class HybridMoE:
         targets): the output goes into the device array ``out`` (default: a new one), which
         is returned; both are used in order on ``self.stream`` (see the module doc).
         ``cpu_tiles`` (a ``cpu.CpuTiles``) for batches on the CPU path; default ``cpu.TILES``,
-        whose ``q8_tokens`` multiplies 1-token calls with int8 activations as ggml does.
+        whose ``q8_tokens`` multiplies lightly used experts (every decode step's) with int8
+        activations as ggml does; ``cpu.F32_TILES`` keeps float32 activations.
         """
         L = self._layer(layer)
         _check_call(ubatch, cpu_tiles)

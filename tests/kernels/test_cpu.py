@@ -28,7 +28,8 @@ TYPES = tuple(t for t in qcpu.types() if qcpu.block_size(t) <= 32 and _gguf_quan
 TOL = 1e-5
 # Float activations everywhere: what the float64 reference computes, to TOL.
 F32 = cpu.CpuTiles(q8_tokens=0)
-# Decode calls (n_tokens <= TILES.q8_tokens) multiply MXFP4 with int8 activations, as ggml does:
+# Experts with few tokens in a call (at most the format's kcpu.q8_max_tokens: every decode step's)
+# multiply int8 activations, as ggml does:
 # each matmul matches the float64 product of the quantised activations to TOL (test_q8_* below);
 # against unquantised activations the whole FFN (x and the activation both quantised) differs by
 # the int8 rounding, measured at 1e-3..1.3e-2 of the largest output at these small shapes (fewer
@@ -52,11 +53,12 @@ def check_layer(layer, x, ids=None, w=None):
     assert ours.dtype == np.float32 and ours.shape == x.shape
     ref = moe_reference(layer, x, ids, w)
     assert rel_err(ours, ref) < TOL
-    if x.shape[0] <= cpu.TILES.q8_tokens:  # the default path of a decode call
-        dflt = cpu.moe_ffn_cpu(layer, x, ids, w)
-        assert rel_err(dflt, ref) < (Q8_FFN_TOL if _q8_applies(layer.gate) else TOL)
+    dflt = cpu.moe_ffn_cpu(layer, x, ids, w)
+    counts = np.bincount(ids.ravel())
+    if _q8_applies(layer.gate) and counts[counts > 0].min() <= kcpu.q8_max_tokens(layer.gate.ggml_type):
+        assert rel_err(dflt, ref) < Q8_FFN_TOL  # some expert took the integer path
     else:
-        assert np.array_equal(cpu.moe_ffn_cpu(layer, x, ids, w), ours)
+        assert np.array_equal(dflt, ours)
     return ours
 
 
@@ -131,19 +133,19 @@ def test_one_token_and_unused_experts():
     check_layer(layer, x, ids, np.array([[0.7, 0.3]], np.float32))
 
 
-@pytest.mark.parametrize("tiles", [cpu.CpuTiles(rows=4, kc_direct=1, kc_tile=32, tile_min=1),
-                                   cpu.CpuTiles(rows=8, kc_direct=3, kc_tile=64, tile_min=100),
-                                   cpu.CpuTiles(rows=12, kc_direct=2, kc_tile=96, tile_min=5)])
+@pytest.mark.parametrize("tiles", [cpu.CpuTiles(rows=4, kc_direct=1, kc_tile=32, tile_min=1, q8_tokens=0),
+                                   cpu.CpuTiles(rows=8, kc_direct=3, kc_tile=64, tile_min=100, q8_tokens=0),
+                                   cpu.CpuTiles(rows=12, kc_direct=2, kc_tile=96, tile_min=5, q8_tokens=0)])
 @pytest.mark.parametrize("wtype", [T.MXFP4, T.Q8_0, T.F16], ids=lambda t: t.name)
 def test_any_tiling_gives_the_same_result(tiles, wtype):
-    # Small tiles: many row tiles, K chunks and (tile_min) both paths; partial last tiles.
+    # Small tiles: many row tiles, K chunks and (tile_min) both paths; partial last tiles (float path).
     layer = random_layer(160, 96, 5, 2, wtype=wtype, seed=29)
     x = rand_x(30, 160, seed=30)
     ids, w = routed(layer, x)
     ours = cpu.moe_ffn_cpu(layer, x, ids, w, tiles=tiles)
     assert rel_err(ours, moe_reference(layer, x, ids, w)) < TOL
     assert rel_err(cpu.mul_mat_id_cpu(layer.gate, x, ids, tiles=tiles),
-                   cpu.mul_mat_id_cpu(layer.gate, x, ids)) < TOL
+                   cpu.mul_mat_id_cpu(layer.gate, x, ids, tiles=F32)) < TOL
 
 
 def test_bad_tiles():
@@ -213,7 +215,7 @@ def test_out_argument_and_zero_tokens():
     x = rand_x(5, 64, seed=18)
     ids, w = routed(layer, x)
     out = np.full((5, 64), np.nan, np.float32)
-    assert cpu.moe_ffn_cpu(layer, x, ids, w, out=out) is out
+    assert cpu.moe_ffn_cpu(layer, x, ids, w, out=out, tiles=F32) is out
     assert rel_err(out, moe_reference(layer, x, ids, w)) < TOL
     empty = cpu.moe_ffn_cpu(layer, x[:0], ids[:0], w[:0])
     assert empty.shape == (0, 64)
@@ -240,7 +242,7 @@ def test_expert_matmul(wtype):
     w = layer.gate
     x = rand_x(6, 96, seed=20)
     ref = x.astype(np.float64) @ w.dequantize(2).astype(np.float64).T
-    assert rel_err(cpu.expert_matmul_cpu(w, 2, x), ref) < TOL
+    assert rel_err(cpu.expert_matmul_cpu(w, 2, x, tiles=F32), ref) < TOL
     y1 = cpu.expert_matmul_cpu(w, 2, x[0], tiles=F32)
     assert y1.shape == (64,) and rel_err(y1, ref[0]) < TOL
     y1 = cpu.expert_matmul_cpu(w, 2, x[0])  # decode: int8 activations for MXFP4
@@ -251,7 +253,7 @@ def test_mul_mat_id_per_slot_inputs():
     layer = random_layer(64, 96, 5, 3, seed=21)
     x = rand_x(4 * 3, 96, seed=22).reshape(4, 3, 96)
     ids = np.array([[0, 4, 2], [4, 4, 1], [3, 0, 2], [1, 2, 3]], np.int32)
-    y = cpu.mul_mat_id_cpu(layer.down, x, ids)
+    y = cpu.mul_mat_id_cpu(layer.down, x, ids, tiles=F32)
     ref = np.stack([[layer.down.dequantize(ids[t, j]).astype(np.float64) @ x[t, j] for j in range(3)]
                     for t in range(4)])
     assert y.shape == (4, 3, 64) and rel_err(y, ref) < TOL
@@ -383,7 +385,7 @@ def test_isa_kernels(isa):
 
 
 # ------------------------------------------------------------ int8 activations (decode)
-Q8_ALL = cpu.CpuTiles(q8_tokens=1000, rows=8)  # every call in these tests takes the int8 path
+Q8_ALL = cpu.CpuTiles(q8_tokens=1000, rows=8)  # every expert in these tests takes the int8 path
 
 
 @pytest.mark.skipif(cpu.Q8_VARIANT is None, reason="no integer path on this CPU")
@@ -414,9 +416,10 @@ def test_q8_per_slot_inputs_and_default_threshold():
     y = cpu.mul_mat_id_cpu(layer.down, x, ids)  # one token: int8 by default
     ref = np.stack([q8_reference(x[0, j:j + 1], layer.down.dequantize(int(ids[0, j])))[0] for j in range(3)])
     assert rel_err(y[0], ref) < TOL
-    x2 = np.concatenate([x, x])  # two tokens: above the default q8_tokens, float path
-    y2 = cpu.mul_mat_id_cpu(layer.down, x2, np.concatenate([ids, ids]))
-    assert np.array_equal(y2, cpu.mul_mat_id_cpu(layer.down, x2, np.concatenate([ids, ids]), tiles=F32))
+    # past the format's crossover every expert has too many tokens: the float path throughout
+    m = kcpu.q8_max_tokens(layer.down.ggml_type) + 1
+    xm, idm = np.repeat(x, m, axis=0), np.repeat(ids, m, axis=0)
+    assert np.array_equal(cpu.mul_mat_id_cpu(layer.down, xm, idm), cpu.mul_mat_id_cpu(layer.down, xm, idm, tiles=F32))
 
 
 def _q8_harness(variant, R, T_, wtype=T.MXFP4):
@@ -514,3 +517,24 @@ def test_decode_calls_of_int8_formats_take_the_integer_path(wtype):
         pytest.skip(f"no integer path for {wtype.name} on this CPU")
     assert rel_err(y, ref) < TOL
     assert not np.array_equal(y, cpu.mul_mat_id_cpu(wt, x, ids, tiles=F32))
+
+
+@pytest.mark.parametrize("wtype", INT8, ids=lambda t: t.name)
+def test_prompt_calls_split_experts_at_the_crossover(wtype):
+    """In one call, an expert with q8_max_tokens tokens takes the integer path and one with more
+    the float tiles: each slot's bits equal those of the call with that path forced throughout."""
+    from quant import registry as qreg
+    qreg.activate(int(wtype))
+    if int(wtype) not in kcpu.Q8_TYPES:
+        pytest.skip(f"no integer path for {wtype.name} on this CPU")
+    rng = np.random.default_rng()
+    cols = 160 if qreg.get(wtype).block == 32 else 512
+    wt = ExpertTensor(_int8_blocks(wtype, 5 * 40, cols, rng).reshape(5, 40, -1), int(wtype), 40, cols)
+    m = kcpu.q8_max_tokens(wtype)
+    x = rand_x(m + 1, cols, seed=int(rng.integers(1 << 30)), scale=3.0)
+    ids = np.stack([np.full(m + 1, 4), np.where(np.arange(m + 1) < m, 0, 2)], axis=1)  # 4: m+1 tokens; 0: m
+    y = cpu.mul_mat_id_cpu(wt, x, ids)
+    flt = cpu.mul_mat_id_cpu(wt, x, ids, tiles=F32)
+    q8 = cpu.mul_mat_id_cpu(wt, x, ids, tiles=cpu.CpuTiles(q8_tokens=m + 1))
+    assert np.array_equal(y[:, 0], flt[:, 0]) and not np.array_equal(y[:, 0], q8[:, 0])
+    assert np.array_equal(y[:, 1], q8[:, 1]) and not np.array_equal(y[:, 1], flt[:, 1])

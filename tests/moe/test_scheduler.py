@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from hybrid.moe import copyplan
+from hybrid.moe.cpu import F32_TILES as F32  # float32 activations: the CPU path checkable to rounding
 from hybrid.kernels.cuda.experts import TileConfig
 from hybrid.model.tiny import random_layer
 from hybrid.moe.reference import moe_reference
@@ -32,7 +33,7 @@ def run(layers, xs, **kw):
     with HybridMoE(layers, **kw) as moe:
         outs = []
         for x in xs:
-            outs.append([moe.forward(i, x) for i in range(len(layers))])
+            outs.append([moe.forward(i, x, cpu_tiles=F32) for i in range(len(layers))])
             moe.end_ubatch()
         return outs, moe.stats
 
@@ -287,7 +288,7 @@ def test_forward_routed_validates_the_routing(layers):
     ids = np.array([[0, 1], [1, 2], [2, 3], [3, 4]], np.int32)
     w = np.full((4, 2), 0.5, np.float32)
     with HybridMoE(layers[:1], device="cpu", min_offload_batch=1) as moe:
-        out = moe.forward_routed(0, x, ids, w)
+        out = moe.forward_routed(0, x, ids, w, cpu_tiles=F32)
         assert rel_err(out, moe_reference(layers[0], x, ids, w)) < 1e-5
         with pytest.raises(ValueError, match="ids must be"):
             moe.forward_routed(0, x, ids[:, :1], w)
@@ -333,7 +334,7 @@ def test_cpu_tiles_reach_the_cpu_path():
     from hybrid.moe import cpu
     layer = random_layer(64, 64, 8, 2, seed=int(np.random.default_rng().integers(1 << 30)))
     x = np.random.default_rng().standard_normal((1, 64)).astype(np.float32)
-    f32 = cpu.CpuTiles(q8_tokens=0)
+    f32 = F32
     with HybridMoE([layer], device="cpu") as moe:
         q8, exact = moe.forward(0, x), moe.forward(0, x, cpu_tiles=f32)
         with pytest.raises(TypeError, match="cpu_tiles must be a cpu.CpuTiles"):
@@ -363,10 +364,10 @@ def test_hidden_states_on_the_device_stay_there(layers):
         with HybridMoE(ls, device="sim", min_offload_batch=4, tiles=TILES, dense_tiles=router, **cfg) as moe:
             for T, x in xs.items():
                 for i, L in enumerate(ls):
-                    want = moe.forward(i, x)
+                    want = moe.forward(i, x, cpu_tiles=F32)
                     x_d = cuda.to_device(x)
                     out = cuda.device_array_like(x)
-                    assert moe.forward(i, x_d, out=out) is out
+                    assert moe.forward(i, x_d, out=out, cpu_tiles=F32) is out
                     got = out.copy_to_host()
                     assert np.array_equal(got, want) and rel_err(got, moe_reference(L, x)) < 1e-5, (cfg, seed)
                     assert np.array_equal(x_d.copy_to_host(), x)

@@ -10,8 +10,9 @@ into a few equal-cost chunks per thread, so skewed routing still balances.
 
 Inside an item, three ways to multiply:
 - int8 (MXFP4, Q4_0, Q4_K, Q6_K, and with VNNI Q8_0 and IQ4_NL: the formats with an ``int8_block``
-  or, for super-blocks of 256, an ``int8_superblock``; calls of
-  at most ``q8_tokens`` tokens: decode): as ggml does, the activations are quantised once per
+  or, for super-blocks of 256, an ``int8_superblock``; experts with at most ``q8_tokens`` tokens
+  in the call, by default the format's measured crossover ``Q8_MAX_TOKENS``: every decode step,
+  and the lightly used experts of a prompt): as ggml does, the activations are quantised once per
   call to int8 blocks of 32 (ggml's Q8_0 rounding, float32 scales; ``quant.cpu.quantize_q8``),
   the weights' blocks become unsigned bytes (nibbles through a 16-entry vpshufb table, Q8_0's
   codes with the sign bit flipped), integer multiply-adds (vpmaddubsw/vpmaddwd, or vpdpbusd with
@@ -53,7 +54,7 @@ from ...moe.activation import ACT_CODE, silu_f32, swiglu_oai_f32
 from ...moe.routing import bucket
 
 __all__ = ["mul_mat_id", "moe_ffn", "check_experts", "check_tiles", "check_block", "check_x", "check_routing",
-           "check_out", "CpuTiles", "TILES", "ISA"]
+           "check_out", "CpuTiles", "TILES", "F32_TILES", "Q8_MAX_TOKENS", "q8_max_tokens", "ISA"]
 
 # ---------------------------------------------------------------- tile sizes
 @dataclass(frozen=True)
@@ -65,11 +66,15 @@ class CpuTiles:
     kc_tile: int = 0      # columns per decoded float32 tile (a multiple of 16 and of the weights' block);
     #                       0: per format, the most whole blocks in KC_TILE (960 for blocks of 32, 768 for 256)
     tile_min: int = 12    # an MXFP4 expert with this many tokens or more uses the tile path
-    q8_tokens: int = 1    # calls of at most this many tokens use int8 activations for MXFP4; 0: never
+    q8_tokens: int | None = None  # an expert with at most this many tokens in a call multiplies int8
+    #                       activations (formats with an integer dot); 0: never (float32 throughout);
+    #                       None: per format, the measured crossover in Q8_MAX_TOKENS
 
     def __post_init__(self):
         for name in ("rows", "kc_direct", "kc_tile", "tile_min", "q8_tokens"):
             v = getattr(self, name)
+            if name == "q8_tokens" and v is None:
+                continue
             zero_ok = name in ("q8_tokens", "kc_tile")
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (not zero_ok):
                 raise ValueError(f"CpuTiles.{name} must be a {'non-negative' if zero_ok else 'positive'} "
@@ -78,12 +83,15 @@ class CpuTiles:
             raise ValueError(f"CpuTiles.rows must be a multiple of 4 and kc_tile of {TILE_ALIGN}, got {self}")
 
     def astuple(self):
-        return (int(self.rows), int(self.kc_direct), int(self.kc_tile), int(self.tile_min), int(self.q8_tokens))
+        q8 = _Q8_AUTO if self.q8_tokens is None else int(self.q8_tokens)
+        return (int(self.rows), int(self.kc_direct), int(self.kc_tile), int(self.tile_min), q8)
 
 
 ALIGN = 64         # bytes; every float buffer row starts on a cache line
 TILE_ALIGN = ALIGN // 4  # floats: decoded tile rows (kc_tile apart) start on cache lines too
+_Q8_AUTO = -1  # q8_tokens=None in the tuple the kernels take, resolved per format by check_block
 TILES = CpuTiles()
+F32_TILES = CpuTiles(q8_tokens=0)  # float32 activations in every call: results checkable to float rounding
 KC_TILE = 960  # the auto tile's bound: 960 floats x 64 rows = 240 KB of decoded weights, in L2
 
 _MX_QK, _MX_BYTES, _MXFP4 = qcpu.MX_QK, qcpu.MX_BYTES, qcpu.MXFP4
@@ -100,6 +108,13 @@ DIRECT_R = (4, 4, 4, 4, 2, 2, 2, 2) if ISA == "avx512" else (2, 2, 2, 2, 1, 1, 1
 Q8_VARIANT = q8_isa()
 # (8 rows for one token on AVX-512 hosts: the token's loads amortised further, 0.96 vs 1.02 ms for n=1 on one thread)
 Q8_R = (8, 4, 2, 2) if Q8_VARIANT == "vnni512" else (8, 4, 4, 4) if ISA == "avx512" else (4, 2, 1, 1)
+# Tokens per expert up to which the integer path beats the float tile path (which decodes the
+# expert's weights to float32 once per call and reuses them for every token): measured by
+# examples/bench_crossover.py (BENCHMARKS.md, "Integer or float tiles"). Data per format name; a
+# format not listed takes Q8_MAX_DEFAULT. MXFP4's float path decodes in registers (no tile) below
+# tile_min, so its integer path pays off for few tokens only.
+Q8_MAX_TOKENS = {"Q4_0": 64, "Q8_0": 64, "IQ4_NL": 32, "Q4_K": 16, "Q6_K": 24, "MXFP4": 4}
+Q8_MAX_DEFAULT = 16
 
 
 @functools.lru_cache(maxsize=None)  # the dispatcher is rebuilt on every registry change; kernels once
@@ -230,11 +245,12 @@ def _item(raw, wtype, e, r0, nr, cols, X, QC, D, p0, n, out, ooff, ost, tile, ti
     """out[ooff + t*ost + r] += W[e, r0+r, :] . X[p0+t, :] for t < n, r < nr (rounded up to 4).
 
     X rows are ALIGN-aligned with zeros past ``cols``; ``tile`` holds rows x kc_tile floats.
-    With ``QC.size`` (MXFP4 only), X's rows quantised (quant.cpu.quantize_q8) are read instead.
+    With ``QC.size`` (formats with an integer dot) and at most ``q8_max`` tokens, X's rows quantised
+    (quant.cpu.quantize_q8) are read instead.
     """
-    _, kc_direct, kc_tile, tile_min, _ = tiles
+    _, kc_direct, kc_tile, tile_min, q8_max = tiles
     xst = X.shape[1]
-    if QC.size:
+    if QC.size and n <= q8_max:
         nbx = xst // _MX_QK
         wst = raw.shape[2]
         base = (e * raw.shape[1] + r0) * wst
@@ -333,7 +349,8 @@ def _grouped(graw, uraw, wtype, rows, cols, X, starts, used, gb, ub, act, H, til
     """H[p, r] += W[e(p), r, :] . X[p, :] for every pair p (H pre-zeroed).
 
     With act >= 0 gate and up are fused (``uraw`` the up experts): H = act(gate + gb, up + ub).
-    With q8 (MXFP4 only) X is quantised to int8 blocks first and the int8 kernels run.
+    With q8 X is quantised to int8 blocks first; experts with at most tiles[4] tokens then run the
+    int8 kernels, the others the float32 ones.
     One call site of _item keeps the unrolled kernels compiled once.
     """
     fused = act >= 0
@@ -494,8 +511,18 @@ def _chunks():
     return 4 * nb.get_num_threads()
 
 
-def _use_q8(wtype, n_tokens, tl):
-    return int(wtype) in Q8_TYPES and n_tokens <= tl[4]
+def _use_q8(wtype, starts, used, tl):
+    """Whether a call quantises its activations: some used expert has at most ``tl[4]`` tokens."""
+    if int(wtype) not in Q8_TYPES or tl[4] <= 0 or used.size == 0:
+        return False
+    return int((starts[used + 1] - starts[used]).min()) <= tl[4]
+
+
+def q8_max_tokens(wtype):
+    """Tokens per expert up to which ``wtype``'s experts take the integer path by default (0: none)."""
+    if int(wtype) not in Q8_TYPES:
+        return 0
+    return Q8_MAX_TOKENS.get(qtypes.type_name(wtype), Q8_MAX_DEFAULT)
 
 
 def check_block(tl, wtype):
@@ -503,6 +530,8 @@ def check_block(tl, wtype):
     kc_tile must be a multiple of the format's block; 0 takes the most whole blocks in KC_TILE."""
     blk = qregistry.block_size(wtype)
     qregistry.activate(wtype)  # the tile path's generated decoder must hold this format
+    if tl[4] == _Q8_AUTO:
+        tl = tl[:4] + (q8_max_tokens(wtype),)
     if tl[2] == 0:
         step = blk * TILE_ALIGN // math.gcd(blk, TILE_ALIGN)
         return tl[:2] + (max(step, KC_TILE // step * step),) + tl[3:]
@@ -533,7 +562,7 @@ def mul_mat_id(raw, wtype, rows, cols, x, ids, tl):
     Y = _zeros_aligned(pairs.size, _pad(rows))
     with nb.parallel_chunksize(1):
         _grouped(raw, raw, wtype, rows, cols, X, starts, used, _NO_BIAS, _NO_BIAS, -1, Y, tl, _chunks(),
-                 _use_q8(wtype, n, tl))
+                 _use_q8(wtype, starts, used, tl))
     return Y[pos, :rows].reshape(n, k, rows)
 
 
@@ -555,8 +584,8 @@ def moe_ffn(graw, uraw, draw, gtype, dtype_, n_ff, biases, activation, x, ids, w
     Y = _zeros_aligned(pairs.size, _pad(D))
     with nb.parallel_chunksize(1):
         _grouped(graw, uraw, gtype, F, D, X, starts, used, biases[0], biases[1], ACT_CODE[activation], H,
-                 tlg, _chunks(), _use_q8(gtype, n, tlg))
+                 tlg, _chunks(), _use_q8(gtype, starts, used, tlg))
         _grouped(draw, draw, dtype_, D, F, H, starts, used, _NO_BIAS, _NO_BIAS, -1, Y, tld, _chunks(),
-                 _use_q8(dtype_, n, tld))
+                 _use_q8(dtype_, starts, used, tld))
     _combine(Y, pos, weights, ids, biases[2], out)
     return out
