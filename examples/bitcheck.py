@@ -37,7 +37,7 @@ def capture(out):
         tr = Transformer(m, n_ctx=128)
         tr.prefill(toks[:40], logits="last")
         res[f"{name}_decode"] = np.stack([tr.decode_one_token(t) for t in toks[40:45]])
-        tr = Transformer(m, n_ctx=128, q8_decode=False)
+        tr = Transformer(m, n_ctx=128, f32=True)
         tr.prefill(toks[:40], logits="last")
         res[f"{name}_decode_f32"] = np.stack([tr.decode_one_token(t) for t in toks[40:42]])
         if name in ("gptoss_mxfp4", "qwen3_q8") and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":

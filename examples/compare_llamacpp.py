@@ -5,7 +5,7 @@
 ``tiny["variants"]``) this writes a small random model
 laid out as llama.cpp's converter lays it out, runs the same tokens through llama.cpp
 (``examples/llamacpp/dump_logits.cpp``: float32 KV cache, no flash attention) and through
-``Transformer`` (float32 activations, ``q8_decode=False``), and prints the largest difference
+``Transformer`` (float32 activations, ``f32=True``), and prints the largest difference
 relative to the largest logit, and how often the two argmaxes agree. With ``--tokenizer`` it
 also encodes a multilingual text with each file's tokenizer here and in llama.cpp.
 
@@ -75,7 +75,7 @@ def one_file(a):
     """The prompt's logits here and in llama.cpp on ``a.file``."""
     model = load(a.file)
     ids = Tokenizer.from_model(model).encode(PROMPT * 20)[:a.tokens]
-    ours = Transformer(model, n_ctx=max(16, len(ids)), n_ubatch=a.ubatch, q8_decode=False).prefill(ids)
+    ours = Transformer(model, n_ctx=max(16, len(ids)), n_ubatch=a.ubatch, f32=True).prefill(ids)
     theirs = run_llama(a.dump_logits, a.file, ids, a.ubatch, a.threads).reshape(ours.shape)
     d = np.abs(ours.astype(np.float64) - theirs)
     scale = np.abs(theirs).max()
@@ -120,7 +120,7 @@ def main(argv=None):
                           dense_type=wtype, expert_type=wtype, **SHAPE)
         m = load(path)
         toks = np.random.default_rng(5).integers(0, SHAPE["n_vocab"], a.tokens)
-        ours = Transformer(m, n_ctx=a.tokens, n_ubatch=a.ubatch, q8_decode=False).prefill(toks)
+        ours = Transformer(m, n_ctx=a.tokens, n_ubatch=a.ubatch, f32=True).prefill(toks)
         ref = run_llama(a.dump_logits, path, toks.tolist(), a.ubatch, a.threads).reshape(ours.shape)
         rel = float(np.abs(ours - ref).max() / np.abs(ref).max())
         agree = float((ours.argmax(1) == ref.argmax(1)).mean())

@@ -110,7 +110,7 @@ def vs_hf(name, out, n_tokens=(7, 300)):
         toks = np.random.default_rng(n).integers(0, V, n)
         with torch.no_grad():
             ref = hf(torch.tensor(toks[None])).logits[0].double().numpy()
-        ours = Transformer(m, n_ctx=max(16, n), n_ubatch=128, q8_decode=False).prefill(toks)
+        ours = Transformer(m, n_ctx=max(16, n), n_ubatch=128, f32=True).prefill(toks)
         d = np.abs(ours - ref).max() / np.abs(ref).max()
         print(f"| {name} | {n} | {d:.2e} | {np.mean(ours.argmax(1) == ref.argmax(1)):.2f} |", flush=True)
 

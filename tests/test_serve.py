@@ -64,7 +64,7 @@ def server(model_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "hybrid", "serve", "-m", str(model_path), "--port", str(port),
-           "--device", "cpu", "-t", "1", "-c", str(N_CTX), "--api-key", KEY, "--log-level", "warning"]
+           "--device", "cpu", "-t", "1", "-c", str(N_CTX), "--api-key", KEY, "--log-level", "warning", "--f32"]
     if shutil.which("timeout"):  # a bound even if this process is killed before its teardown
         cmd = ["timeout", "300"] + cmd
     with open(log, "wb") as out:
@@ -98,11 +98,12 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def ref(model_path):
-    """Greedy generation here, as `hybrid run` does it: (token ids) -> (text, n tokens, finish_reason)."""
+    """Greedy generation here, as `hybrid run --f32` does it: (token ids) -> (text, n tokens, finish_reason).
+    (float32 activations on both sides: a reused prompt cache then moves logits by float rounding only)"""
     import numba
     model = load(model_path)
     tok = Tokenizer.from_model(model)
-    tr = Transformer(model, n_ctx=N_CTX)
+    tr = Transformer(model, n_ctx=N_CTX, f32=True)
     numba.set_num_threads(1)  # as the server's -t 1
 
     def run(ids, n):
@@ -271,7 +272,7 @@ def test_auth(server):
 def test_kv_cache_rewind_is_refused_where_the_window_ring_lost_keys(tmp_path):
     m = load(write_tiny(tmp_path / "m.gguf", n_layers=2, n_embd=64, n_ff=64, n_experts=8, k=2, n_vocab=300,
                         n_swa=4, tokenizer=False))
-    tr = Transformer(m, n_ctx=32, n_ubatch=4)  # window layers: a ring of 4 + 4 slots
+    tr = Transformer(m, n_ctx=32, n_ubatch=4, f32=True)  # window layers: a ring of 4 + 4 slots; splits agree
     toks = np.random.default_rng(0).integers(0, 300, 20)
     full = tr.prefill(toks)
     tr.prefill(toks[:12])
@@ -288,9 +289,9 @@ def test_device_kv_cache_rewinds_as_the_host_one(tmp_path):
                         n_head_kv=1, head_dim=32, n_vocab=40, n_swa=3, tokenizer=False))
     sim = simulator_tiles()
     toks = np.random.default_rng(1).integers(0, 40, 12)
-    full = Transformer(m, n_ctx=12, n_ubatch=4).prefill(toks)
+    full = Transformer(m, n_ctx=12, n_ubatch=4, f32=True).prefill(toks)
     moe = HybridMoE(m.layers, device="sim", tiles=sim.moe, dense_tiles=sim.dense)
-    tr = Transformer(m, moe, n_ctx=12, n_ubatch=4, dense_tiles=sim.dense, attention_config=sim.attention)
+    tr = Transformer(m, moe, n_ctx=12, n_ubatch=4, f32=True, dense_tiles=sim.dense, attention_config=sim.attention)
     tr.prefill(toks[:10])  # block 0 has the window: a ring of 3 + 4 slots, positions 3..9 held
     assert not tr.cache.rewind(2) and not tr.cache.rewind(11)
     assert tr.cache.rewind(7) and tr.n_past == 7

@@ -147,9 +147,11 @@ def add_whole(p):
     p.add_argument("--moe-only", action="store_true", help="feed the MoE layers alone with synthetic "
                    "(or --hidden) hidden states: the kernel benchmark mode")
     p.add_argument("-b", "--batch-size", type=POS, default=2048, help="logical batch (default 2048)")
-    p.add_argument("--f32-decode", action="store_true", help="decode steps multiply the experts with "
-                   "float32 activations (default: int8 blocks for MXFP4, Q4_0, Q4_K, Q6_K, Q8_0 and IQ4_NL, "
-                   "as llama.cpp does; prompts always float32)")
+    p.add_argument("--f32", "--f32-decode", dest="f32", action="store_true",
+                   help="the experts multiply float32 activations in every call, so logits agree across "
+                   "-ub splits to float32 rounding (default: experts with few tokens in a call, every "
+                   "decode step's, multiply int8 blocks for MXFP4, Q4_0, Q4_K, Q6_K, Q8_0 and IQ4_NL, as "
+                   "llama.cpp does for all)")
     p.add_argument("-r", "--repetitions", type=POS, default=1, help="bench: runs of each test (default 1)"
                    if p.prog.endswith("bench") else argparse.SUPPRESS)
 
@@ -347,7 +349,7 @@ def make_transformer(model, args, n_ctx, ubatch, moe=None, **kw):
     try:
         sim = sim_tiles(moe.device)
         return Transformer(model, moe, n_ctx=n_ctx, n_batch=args.batch_size, n_ubatch=ubatch,
-                           q8_decode=not args.f32_decode, dense_tiles=sim.get("dense_tiles"),
+                           f32=args.f32, dense_tiles=sim.get("dense_tiles"),
                            attention_config=sim.get("attention_config"))
     except GGUFError as e:
         raise CLIError(f"bad model: {e}") from None

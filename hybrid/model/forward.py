@@ -27,7 +27,7 @@ import numpy as np
 from numba import cuda
 
 from ..kernels.cpu.dense import Dense
-from ..kernels.cpu.experts import CpuTiles
+from ..kernels.cpu.experts import F32_TILES
 from ..kernels.cuda import ops as device_ops
 from ..kernels.cuda.attention import AttentionConfig, DeviceKVCache, attention as device_attention
 from ..kernels.cuda.dense import DenseTiles, DeviceDense
@@ -43,7 +43,6 @@ from .weights import Weights
 
 __all__ = ["Transformer", "Block", "load_blocks"]
 
-_PROMPT_TILES = CpuTiles(q8_tokens=0)  # prompt ubatches: float32 activations at any size
 _SMALL_STEP_BYTES = 1 << 20  # expert bytes a ubatch reads below which the layers run on one thread
 
 
@@ -73,20 +72,21 @@ class Transformer:
     simulator's tests take small ones). ``n_ctx`` sizes the KV cache (default: the
     training context).
 
-    Precision: prompt ubatches compute the experts with float32 activations; a prompt's
-    logits depend on its split into ubatches only by float32 rounding (README, "Precision").
+    Precision: an expert with few tokens in a ubatch (every decode step's; a prompt ubatch's
+    lightly used ones, up to the format's crossover ``cpu.Q8_MAX_TOKENS``) multiplies int8
+    activation blocks, as ggml does for every product, when its format has an integer dot (MXFP4,
+    Q4_0, Q4_K, Q6_K, with VNNI Q8_0 and IQ4_NL): about 1e-2 of the largest output per MoE layer,
+    and a prompt's logits then depend on its split into ubatches by that much. ``f32``: float32
+    activations in every product, so logits agree across splits to float32 rounding (README,
+    "Precision").
     Threads: one Transformer is one sequence; its public methods take ``lock`` (an RLock)
     and ``generate`` holds it throughout, so concurrent generations run one after the other;
-    use one Transformer per thread to run them at once. Decode steps (``decode_one_token``)
-    multiply MXFP4, Q4_0, Q4_K, Q6_K (and with VNNI Q8_0, IQ4_NL) experts with int8 activations, as ggml
-    does (``q8_decode``; about 1e-2 of the largest output per MoE layer, see
-    ``cpu.CpuTiles.q8_tokens``), since
-    decode reads every used expert byte once per token and runs at memory speed that way.
+    use one Transformer per thread to run them at once.
     """
 
     def __init__(self, model, moe: HybridMoE | None = None, *, n_ctx: int | None = None,
                  n_batch: int = 2048, n_ubatch: int = 512, policy: str = "used", device: str = "cpu",
-                 q8_decode: bool = True, vram_bytes: int | None = None, dense_tiles=None, attention_config=None):
+                 f32: bool = False, vram_bytes: int | None = None, dense_tiles=None, attention_config=None):
         self.lock = threading.RLock()
         self.model = model
         self.cfg = cfg = read_config(model)
@@ -129,7 +129,7 @@ class Transformer:
             self._to_device()
             self.ops = DeviceOps(cfg, self.cache, self.moe, self.attention_config)
         self.ops.moe_index = {L.index: j for j, L in enumerate(model.layers)}
-        self._tiles = {False: _PROMPT_TILES, True: None if q8_decode else _PROMPT_TILES}  # by "is a decode step"
+        self._tiles = F32_TILES if f32 else None  # the CPU expert path's blocking (None: its default)
         first = model.layers[0]
         self._expert_step_bytes = first.k * first.expert_bytes  # what one token's MoE step reads
 
@@ -154,12 +154,11 @@ class Transformer:
     @_locked
     def decode_one_token(self, token: int) -> np.ndarray:
         """Append one token after the cache's contents; its logits float32 ``[n_vocab]``."""
-        return self.eval([token], logits="last", decode=True)[0]
+        return self.eval([token], logits="last")[0]
 
     @_locked
-    def eval(self, tokens, logits: str = "all", progress: bool = False, decode: bool = False) -> np.ndarray:
-        """Run ``tokens`` after what the cache holds, ubatch by ubatch (see the module doc);
-        ``decode``: a generation step (the class doc says what changes)."""
+    def eval(self, tokens, logits: str = "all", progress: bool = False) -> np.ndarray:
+        """Run ``tokens`` after what the cache holds, ubatch by ubatch (see the module doc)."""
         ids = self.check_tokens(tokens)
         if logits not in ("all", "last"):
             raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
@@ -172,7 +171,7 @@ class Transformer:
             for s, e in self.ubatch_bounds(len(ids)):
                 want = "all" if logits == "all" else ("last" if e == len(ids) else None)
                 run = self._ubatch_device if self.on_device else self._ubatch
-                y = run(ids[s:e], want, self._tiles[bool(decode)])
+                y = run(ids[s:e], want, self._tiles)
                 if y is not None:
                     out.append(y)
                 if bar is not None:

@@ -58,8 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="smaller batches run on the CPU (llama.cpp: 32)")
     p.add_argument("-t", "--threads", type=pos, default=None,
                    help="CPU threads of the Numba kernels (default: all cores); BLAS gets one")
-    p.add_argument("--f32-decode", action="store_true", help="decode steps multiply MXFP4 experts with "
-                   "float32 activations (default: int8 blocks, as llama.cpp does)")
+    p.add_argument("--f32", "--f32-decode", dest="f32", action="store_true",
+                   help="the experts multiply float32 activations in every call (default: int8 blocks for "
+                   "experts with few tokens, as llama.cpp does for all); decoded positions are then reused "
+                   "by the prompt cache too")
     p.add_argument("--policy", default="used", choices=POLICIES, help="copy every expert or only the used ones")
     p.add_argument("--layout", default="natural", choices=LAYOUTS, help="device slot = expert id or packed")
     p.add_argument("--cache-mb", type=_mb, default=0.0, help="VRAM cache for experts across ubatches (MiB)")
@@ -112,7 +114,7 @@ def build(args):
             raise cli.CLIError(f"bad model: {e}") from None
     tr = run_transformer(model, args, n_ctx)
     return model, tok, Engine(tr, tok, threads=args.threads, prompt_cache=not args.no_prompt_cache,
-                              reuse_decoded=args.f32_decode, max_queue=args.max_queue)
+                              max_queue=args.max_queue)
 
 
 def main(args) -> int:

@@ -9,9 +9,9 @@ next step, and a job cancelled while queued is dropped unrun.
 Prompt cache (llama-server's ``cache_prompt``): the worker remembers which tokens the KV
 cache holds. A new prompt that starts with them rewinds the cache to the common prefix
 (``KVCache.rewind``) and runs only the rest. Only positions a prompt computed are
-reused: a decode step's keys come from int8 activations (unless ``--f32-decode``), which
-a fresh run of the same text would compute in float32, so a chat's previous reply is run
-again as prompt. A rewind a sliding-window ring cannot make (it overwrote a key the
+reused: a decode step's experts multiply int8 activations (unless ``--f32``), which a fresh
+run of the same text as a prompt ubatch would not do for its well-used experts, so a chat's
+previous reply is run again as prompt. A rewind a sliding-window ring cannot make (it overwrote a key the
 prefix's end needs) runs the whole prompt.
 """
 from __future__ import annotations
@@ -128,15 +128,15 @@ class TextStream:
 class Engine:
     """The worker thread over ``tr`` (a ``Transformer``) and ``tok`` (its ``Tokenizer``).
 
-    ``threads``: Numba threads of the worker (Numba's setting is per thread); ``reuse_decoded``:
-    decode steps compute as prompts do (``--f32-decode``), so their cache positions are
-    reused too; ``prompt_cache`` False turns reuse off; ``max_queue`` bounds the waiting jobs.
+    ``threads``: Numba threads of the worker (Numba's setting is per thread); ``prompt_cache``
+    False turns reuse off (a decode step computes as a one-token prompt ubatch does, so its
+    cache position is reused too); ``max_queue`` bounds the waiting jobs.
     """
 
     def __init__(self, tr, tok, *, threads: int | None = None, prompt_cache: bool = True,
-                 reuse_decoded: bool = False, max_queue: int = 64):
+                 max_queue: int = 64):
         self.tr, self.tok = tr, tok
-        self.threads, self.prompt_cache, self.reuse_decoded = threads, prompt_cache, reuse_decoded
+        self.threads, self.prompt_cache = threads, prompt_cache
         self.max_queue = max_queue
         self._queue: queue.Queue = queue.Queue()
         self._kv: list[int] = []  # tokens at cache positions 0.. that a new prompt may reuse
@@ -272,7 +272,7 @@ class Engine:
             if n >= p.max_tokens or tr.n_past >= tr.n_ctx or job.cancelled:
                 break
             last = tr.decode_one_token(token)
-            if self.reuse_decoded and len(self._kv) == tr.n_past - 1:
+            if len(self._kv) == tr.n_past - 1:
                 self._kv.append(token)
         if job.cancelled:
             self.counts["cancelled"] += 1

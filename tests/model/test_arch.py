@@ -62,7 +62,7 @@ def test_kinds_are_read_from_the_tensors(dense_first):
 
 def test_a_dense_layer_runs_against_the_float64_reference(dense_first):
     toks = np.random.default_rng(3).integers(0, 300, 11)
-    tr = Transformer(dense_first, n_ctx=16, n_ubatch=4, q8_decode=False)
+    tr = Transformer(dense_first, n_ctx=16, n_ubatch=4, f32=True)
     got = tr.prefill(toks)
     want = forward_reference(dense_first, toks)
     close(got, want, dense_first.arch)
@@ -97,10 +97,10 @@ def test_a_dense_layer_on_the_device(arch, tmp_path):
     shape = dict(SHAPE, n_layers=2, n_embd=32, n_ff=32, n_experts=4, n_head=2, n_head_kv=1, n_vocab=40, n_swa=3)
     m = load(write_tiny(tmp_path / "m.gguf", arch=arch, seed=5, dense_blocks=(0,), **shape))
     toks = np.random.default_rng(1).integers(0, 40, 6)
-    want = Transformer(m, n_ctx=6, n_ubatch=4, q8_decode=False).prefill(toks)
+    want = Transformer(m, n_ctx=6, n_ubatch=4, f32=True).prefill(toks)
     t = simulator_tiles()
     moe = HybridMoE(m.layers, device="sim", min_offload_batch=4, tiles=t.moe, dense_tiles=t.dense)
-    tr = Transformer(m, moe, n_ctx=6, n_ubatch=4, q8_decode=False, dense_tiles=t.dense, attention_config=t.attention)
+    tr = Transformer(m, moe, n_ctx=6, n_ubatch=4, f32=True, dense_tiles=t.dense, attention_config=t.attention)
     # (an architecture without device kernels keeps attention on the host; its experts still offload)
     assert tr.on_device == archs.get(arch).device_graph and tr.cfg.kinds[0] == "dense"
     close(tr.prefill(toks), want, arch, rel=1e-5)
@@ -163,7 +163,7 @@ def test_variants_run_against_the_float64_reference(arch, variant, tmp_path):
     # the multi-head attention that MLA absorbs, so this checks the absorption too.
     m = load(write_tiny(tmp_path / "m.gguf", arch=arch, seed=3, variant=variant, dense_blocks=(0,), **SHAPE))
     toks = np.random.default_rng(4).integers(0, 300, 9)
-    tr = Transformer(m, n_ctx=12, n_ubatch=4, q8_decode=False)
+    tr = Transformer(m, n_ctx=12, n_ubatch=4, f32=True)
     want = forward_reference(m, toks)
     close(tr.prefill(toks), want, f"{arch} {variant}")
     tr.prefill(toks[:6], logits="last")
@@ -177,7 +177,7 @@ def test_next_token_prediction_blocks_are_skipped(arch, tmp_path):
     assert (cfg.n_layer, cfg.n_layer_nextn, len(cfg.kinds)) == (3, 1, 3)
     assert [L.index for L in m.layers] == [1, 2] and "blk.3.nextn.eh_proj.weight" in m.tensors
     toks = np.random.default_rng(1).integers(0, 300, 7)
-    close(Transformer(m, n_ctx=8, n_ubatch=8, q8_decode=False).prefill(toks), forward_reference(m, toks), arch)
+    close(Transformer(m, n_ctx=8, n_ubatch=8, f32=True).prefill(toks), forward_reference(m, toks), arch)
 
 
 def _mla(tmp_path, **kw):
@@ -239,7 +239,7 @@ def test_glm4moe_optional_tensors_and_required_bias(tmp_path):
         for n in ("attn_q_norm", "attn_k_norm"):
             del m.tensors[f"blk.{il}.{n}.weight"]
     toks = np.random.default_rng(2).integers(0, 300, 5)
-    tr = Transformer(m, n_ctx=8, q8_decode=False)
+    tr = Transformer(m, n_ctx=8, f32=True)
     assert tr.blocks[1].q_norm is None and tr.blocks[1].bq is not None
     close(tr.prefill(toks), forward_reference(m, toks), "glm4moe without q/k norms")
     m = load(path)
@@ -273,7 +273,7 @@ def test_expert_types_may_differ_between_layers(tmp_path):
     m = load(write_tiny(tmp_path / "mixed.gguf", arch="qwen3moe", layers=layers, **SHAPE))
     assert [L.down.ggml_type for L in m.layers] == [int(t) for t in types]
     toks = np.random.default_rng(6).integers(0, 300, 9)
-    tr = Transformer(m, n_ctx=12, n_ubatch=4, q8_decode=False)
+    tr = Transformer(m, n_ctx=12, n_ubatch=4, f32=True)
     close(tr.prefill(toks), forward_reference(m, toks), "mixed expert types")
     if __import__("os").environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         with pytest.raises(ValueError, match="mixes them .*block 0 Q8_0/Q8_0/Q8_0, block 1 Q4_0.*--device cpu"):

@@ -41,7 +41,7 @@ def cases(tmp_path_factory):
                             dense_type=T.Q8_0 if arch == "gpt-oss" else T.F16, **SHAPE))
         seed = int(np.random.SeedSequence().entropy % 2**32)
         toks = np.random.default_rng(seed).integers(0, SHAPE["n_vocab"], N)
-        cpu = Transformer(m, n_ctx=N, n_ubatch=UB, q8_decode=False)
+        cpu = Transformer(m, n_ctx=N, n_ubatch=UB, f32=True)
         steps = np.concatenate([cpu.prefill(toks[:UB])] + [cpu.decode_one_token(int(t))[None] for t in toks[UB:]])
         return m, toks, f"{arch}, seed {seed}", dict(full=cpu.prefill(toks), steps=steps,
                                                       ref=forward_reference(m, toks))
@@ -55,7 +55,7 @@ def close(a, b, msg, rel=2e-5):
 def sim_model(m, n_ctx=N, n_ubatch=UB, vram_bytes=None, min_offload_batch=UB, **moe_kw):
     moe = HybridMoE(m.layers, device="sim", min_offload_batch=min_offload_batch, tiles=TILES, dense_tiles=DENSE,
                     **moe_kw)
-    return Transformer(m, moe, n_ctx=n_ctx, n_ubatch=n_ubatch, q8_decode=False, vram_bytes=vram_bytes,
+    return Transformer(m, moe, n_ctx=n_ctx, n_ubatch=n_ubatch, f32=True, vram_bytes=vram_bytes,
                        dense_tiles=DENSE, attention_config=ATTENTION)
 
 
@@ -135,7 +135,7 @@ def test_decode_steps_offloaded_too(tmp_path):
     out = {}
     for device in ("cpu", "sim"):
         moe = HybridMoE(m.layers, device=device, min_offload_batch=1, tiles=TILES, dense_tiles=DENSE)
-        tr = Transformer(m, moe, n_ctx=7, n_ubatch=3, q8_decode=False, dense_tiles=DENSE, attention_config=ATTENTION)
+        tr = Transformer(m, moe, n_ctx=7, n_ubatch=3, f32=True, dense_tiles=DENSE, attention_config=ATTENTION)
         out[device] = np.concatenate([tr.prefill(toks), tr.decode_one_token(int(toks[0]))[None]])
         assert {r.path for r in moe.stats.records} == {"offload"} and tr.on_device == (device == "sim")
     close(out["sim"], out["cpu"], f"seed {seed}", rel=1e-5)

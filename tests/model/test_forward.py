@@ -62,44 +62,49 @@ def test_config_from_keys(model):
 
 def test_logits_match_the_float64_reference(model):
     toks, seed = prompt(13)  # > 2 windows
-    got = Transformer(model, n_ctx=32, n_ubatch=4).prefill(toks)
+    got = Transformer(model, n_ctx=32, n_ubatch=4, f32=True).prefill(toks)
     want = forward_reference(model, toks)
     assert got.dtype == np.float32 and got.shape == (13, 300)
     close(got, want, f"{model.arch}, {seed}")
+    close(Transformer(model, n_ctx=32, n_ubatch=4).prefill(toks), want, f"{model.arch}, {seed}", rel=Q8_REL)
     assert np.abs(want[-1] - want[0]).max() > 1e-2 * np.abs(want).max()  # positions differ: not degenerate
 
 
 def test_any_ubatch_split_gives_the_same_logits(model):
     toks, seed = prompt(40)
-    base = Transformer(model, n_ctx=64, n_ubatch=64).prefill(toks)
+    base = Transformer(model, n_ctx=64, n_ubatch=64, f32=True).prefill(toks)
     for b, ub in ((64, 1), (64, 3), (64, 7), (5, 3), (40, 32)):
-        got = Transformer(model, n_ctx=40, n_batch=b, n_ubatch=ub).prefill(toks)
+        got = Transformer(model, n_ctx=40, n_batch=b, n_ubatch=ub, f32=True).prefill(toks)
         close(got, base, f"b {b} ub {ub}, {seed}")
 
 
 def test_prefill_then_decode_equals_a_full_forward(model):
     toks, seed = prompt(17)
-    full = Transformer(model, n_ctx=17, n_ubatch=17).prefill(toks)
-    tr = Transformer(model, n_ctx=17, n_ubatch=3, q8_decode=False)  # window ring of 5 + 3 slots wraps
+    full = Transformer(model, n_ctx=17, n_ubatch=17, f32=True).prefill(toks)
+    tr = Transformer(model, n_ctx=17, n_ubatch=3, f32=True)  # window ring of 5 + 3 slots wraps
     steps = [tr.prefill(toks[:6])] + [tr.decode_one_token(int(t))[None] for t in toks[6:]]
     close(np.concatenate(steps), full, seed)
     assert tr.n_past == 17
 
 
-def test_decode_steps_take_int8_activations_prompts_never(model):
-    # Decode steps multiply integer-dot experts (MXFP4, Q4_0, ...) with int8 activations (ggml's Q8_0 rounding), a
-    # prompt never does, whatever its split: a 1-token last ubatch gives the float logits.
-    toks, seed = prompt(9)
-    full = Transformer(model, n_ctx=10, n_ubatch=9, q8_decode=False).prefill(toks)
-    close(Transformer(model, n_ctx=10, n_ubatch=4).prefill(toks), full, seed)  # ubatches 4, 4, 1
-    exact = Transformer(model, n_ctx=10, q8_decode=False)
-    q8 = Transformer(model, n_ctx=10)
-    exact.prefill(toks[:8])
-    q8.prefill(toks[:8])
-    a, b = exact.decode_one_token(int(toks[8])), q8.decode_one_token(int(toks[8]))
-    close(a, full[-1], seed)
+def test_few_tokens_per_expert_take_int8_activations_unless_f32(model):
+    # Experts of integer-dot formats (MXFP4, Q4_0, ...) with few tokens in a ubatch (every one here:
+    # 8 experts, at most 8 tokens) multiply int8 activations (ggml's Q8_0 rounding), in a prompt
+    # as in a decode step; f32=True keeps float32 throughout.
     from hybrid.kernels.cpu.experts import Q8_TYPES
     q8 = model.layers[0].gate.ggml_type in Q8_TYPES  # the formats with an integer dot on this CPU
+    toks, seed = prompt(9)
+    full = Transformer(model, n_ctx=10, n_ubatch=9, f32=True).prefill(toks)
+    close(Transformer(model, n_ctx=10, n_ubatch=4, f32=True).prefill(toks), full, seed)  # ubatches 4, 4, 1
+    dflt = Transformer(model, n_ctx=10, n_ubatch=4).prefill(toks)
+    assert np.array_equal(dflt, full) != q8, seed
+    close(dflt, full, seed, rel=Q8_REL)
+    exact = Transformer(model, n_ctx=10, f32=True)
+    fast = Transformer(model, n_ctx=10)
+    exact.prefill(toks[:8])
+    fast.prefill(toks[:8])
+    a, b = exact.decode_one_token(int(toks[8])), fast.decode_one_token(int(toks[8]))
+    close(a, full[-1], seed)
     assert np.array_equal(a, b) != q8, seed  # the int8 path ran, for those experts only
     close(b, a, seed, rel=Q8_REL)  # and stays within int8 rounding of the float path
 
@@ -127,11 +132,11 @@ def test_usage_comes_from_the_models_own_routing(model):
 
 def test_generate_greedy_is_argmax_of_full_forwards(model):
     toks, seed = prompt(5)
-    tr = Transformer(model, n_ctx=12, q8_decode=False)
+    tr = Transformer(model, n_ctx=12, f32=True)
     g = generate(tr, toks, 4)
     assert len(g.tokens) == 4 and g.stopped == "n" and g.n_decoded == 3
     seq = list(toks)
-    check = Transformer(model, n_ctx=12)
+    check = Transformer(model, n_ctx=12, f32=True)
     for t in g.tokens:
         assert t == int(np.argmax(check.prefill(seq)[-1])), seed
         seq.append(t)
@@ -235,7 +240,7 @@ def test_rope_over_part_of_the_head(tmp_path):
     m = load(write_tiny(tmp_path / "r.gguf", tokenizer=False, seed=2, **SHAPE))
     m.metadata["gpt-oss.rope.dimension_count"] = 16
     toks, seed = prompt(9)
-    got = Transformer(m, n_ctx=9, n_ubatch=4).prefill(toks)
+    got = Transformer(m, n_ctx=9, n_ubatch=4, f32=True).prefill(toks)
     close(got, forward_reference(m, toks), seed)
     assert read_config(m).n_rot == 16
 

@@ -71,7 +71,7 @@ def test_it_is_what_load_gives_for_the_same_tensors(tiny, tmp_path):
 def test_forward_matches_the_float64_reference(tiny):
     model, seed = tiny
     ids = np.random.default_rng(seed + 1).integers(0, 300, 11)  # longer than the window of 5
-    got = Transformer(model, n_ctx=11, n_ubatch=4).prefill(ids)
+    got = Transformer(model, n_ctx=11, n_ubatch=4, f32=True).prefill(ids)
     want = forward_reference(model, ids)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max(), err_msg=f"seed {seed}")

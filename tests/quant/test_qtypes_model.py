@@ -28,10 +28,10 @@ def test_logits_match_the_float64_reference(tmp_path, etype, dtype):
     want = forward_reference(model, toks)
     scale = float(np.abs(want).max())
     assert np.abs(want[-1] - want[0]).max() > 1e-2 * scale  # not degenerate
-    got = Transformer(model, n_ctx=16, n_ubatch=4).prefill(toks)
+    got = Transformer(model, n_ctx=16, n_ubatch=4, f32=True).prefill(toks)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * scale, err_msg=f"prefill, seed {seed}")
     # then decode steps, one token each, float32 activations (the int8 path: tests/kernels/test_cpu.py)
-    tr = Transformer(model, n_ctx=16, n_ubatch=4, q8_decode=False)
+    tr = Transformer(model, n_ctx=16, n_ubatch=4, f32=True)
     steps = [tr.prefill(toks[:3])] + [tr.decode_one_token(int(t))[None] for t in toks[3:]]
     np.testing.assert_allclose(np.concatenate(steps), want, rtol=0, atol=2e-5 * scale,
                                err_msg=f"decode, seed {seed}")
