@@ -92,7 +92,7 @@ def _roundf(v):
 
 @nb.njit(fastmath={"nnan", "ninf"}, cache=True)
 def _amax32(x, p, c0):
-    # max |x| of 32 finite floats (callers validate): the flags let LLVM vectorise the max
+    # max |x| of 32 floats (a NaN may be skipped: quantize_q8_row tests for it): the flags let LLVM vectorise
     m = np.float32(0.0)
     for j in range(32):
         m = max(m, abs(x[p, c0 + j]))
@@ -101,20 +101,26 @@ def _amax32(x, p, c0):
 
 @nb.njit(inline="always")
 def quantize_q8_row(x, p, nblk, qc, d):
-    """Row p of x (float32 [P, >= nblk*32], finite) -> its nblk blocks in qc (uint8, flat: row p's
+    """Row p of x (float32 [P, >= nblk*32]) -> its nblk blocks in qc (uint8, flat: row p's
     block b at byte (p*nblk + b)*Q8_REC) and d (float32, flat: d[(p*nblk + b)*Q8_DREP + 0..7]).
-    Sizes are the caller's."""
+    A block holding a NaN or an inf gets zero codes under a NaN scale, so every dot it enters is
+    NaN, as the float product would be non-finite (an int8 code cannot hold it). Sizes are the caller's."""
     qi = qc.view(np.int32)
     q8 = qc.view(np.int8)
     for b in range(nblk):
         s = _amax32(x, p, b * 32) / np.float32(127.0)
         inv = np.float32(1.0) / s if s != 0 else np.float32(0.0)
+        z = np.float32(0.0)
+        for j in range(32):
+            z += x[p, b * 32 + j] * np.float32(0.0)  # NaN iff the block holds a NaN or an inf
+        if z != z:
+            s, inv = np.float32(np.nan), np.float32(0.0)
         o = (p * nblk + b) * Q8_REC
         for j in range(Q8_DREP):
             d[(p * nblk + b) * Q8_DREP + j] = s
         for j in range(32):
             v = x[p, b * 32 + j] * inv
-            q = np.int32(_roundf(v))
+            q = np.int32(_roundf(v)) if z == z else np.int32(0)
             q8[o + j] = np.int8(q)
         for g in range(8):
             qi[o // 4 + 8 + g] = np.int32(-U8_OFFSET) * (np.int32(q8[o + 4 * g]) + np.int32(q8[o + 4 * g + 1])

@@ -17,6 +17,7 @@ from hybrid.model import GGUFError, load, write_tiny
 from hybrid.model.tiny import random_layer
 from hybrid.moe import copyplan, cpu
 from hybrid.moe.reference import moe_reference
+from hybrid.moe.cpu import F32_TILES, CpuTiles
 from hybrid.moe.scheduler import HybridMoE
 from hybrid.moe.stats import Stats
 from quant import check as qcheck
@@ -35,6 +36,7 @@ def _gpu():
 TARGETS = ["cpu", pytest.param("sim", marks=needs_sim),
            pytest.param("cuda", marks=pytest.mark.skipif(not _gpu(), reason="needs a CUDA GPU"))]
 FLT_MAX = float(np.finfo(np.float32).max)
+INT8_TILES = CpuTiles(q8_tokens=1 << 20)  # every expert on the integer path
 
 
 def tiles():
@@ -42,12 +44,13 @@ def tiles():
     return TileConfig(block_pairs=4, block_cols=32, k_chunk=32, thread_rows=1, thread_cols=8)
 
 
-def forward(layer, x, target):
-    """The MoE output of ``layer`` through HybridMoE on ``target``, offloaded, with its routing."""
+def forward(layer, x, target, cpu_tiles=F32_TILES):
+    """The MoE output of ``layer`` through HybridMoE on ``target``, offloaded, with its routing
+    (the CPU expert path in float32 by default: its finite values then match the reference)."""
     ids, w = layer.route(x)
     kw = dict(tiles=tiles()) if target == "sim" else {}  # (cuda: the default tiles)
     with HybridMoE([layer], device=target, min_offload_batch=1, **kw) as moe:
-        out = moe.forward(0, x)
+        out = moe.forward(0, x, cpu_tiles=cpu_tiles)
         assert moe.stats.records[0].path == "offload"
     return out, ids, w
 
@@ -109,6 +112,8 @@ def test_issue_example_nan_gate_bias_on_mxfp4(target):
         x = rng.standard_normal((n, 64)).astype(np.float32)
         out, ids, w = forward(L, x, target)
         assert np.isnan(out).all() and np.isnan(moe_reference(L, x, ids, w)).all(), f"seed {seed}"
+        if target == "cpu":  # the integer path too: a NaN block's int8 scale is NaN
+            assert np.isnan(forward(L, x, target, cpu_tiles=INT8_TILES)[0]).all(), f"seed {seed}"
 
 
 @pytest.mark.parametrize("target", TARGETS)
