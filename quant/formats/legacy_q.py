@@ -239,3 +239,14 @@ def _q4_0_int8(b, p8, off):
 
 Q4_0.int8_dot, Q4_0.int8_offset, Q4_0.int8_avx2 = True, 12, True  # noqa: F821 (defined just above)
 Q4_0.int8_block = staticmethod(_q4_0_int8)  # noqa: F821
+
+
+def _q5_0_int8(b, p8, off):
+    """Q5_0's integer-dot block: the codes q (0..31, value q - 16) as bytes, nibble | fifth bit << 4."""
+    from ..simd import c64, emit_bits_u8, emit_half, emit_nibbles_u8
+    u = b.or_(emit_nibbles_u8(b, p8, b.add(off, c64(6))), emit_bits_u8(b, p8, b.add(off, c64(2)), 16))
+    return u, emit_half(b, p8, off)
+
+
+Q5_0.int8_dot, Q5_0.int8_offset, Q5_0.int8_avx2 = True, 16, True  # noqa: F821 (defined above)
+Q5_0.int8_block = staticmethod(_q5_0_int8)  # noqa: F821
