@@ -205,28 +205,36 @@ SPECS = {
 globals().update(register(SPECS, __name__))  # the classes Q4_K, ... in the registry
 
 
-def _q4_k_int8(b, p8, off):
-    """Q4_K's integer-dot super-block: 8 x (the 32 codes 0..15 as bytes, d * sc, dmin * m)."""
-    from llvmlite import ir
-    from ..simd import F32, I8, I32, c64, emit_half, ivec, load, vec
-    d, dmin = emit_half(b, p8, off), emit_half(b, p8, b.add(off, c64(2)))
-    q = [b.zext(b.load(b.gep(p8, [b.add(off, c64(4 + k))])), I32) for k in range(12)]
-    k = lambda v: ir.Constant(I32, v)  # noqa: E731
-    out = []
-    for j in range(8):  # ggml's get_scale_min_k4
-        if j < 4:
-            sc, m = b.and_(q[j], k(63)), b.and_(q[j + 4], k(63))
-        else:
-            sc = b.or_(b.and_(q[j + 4], k(15)), b.shl(b.lshr(q[j - 4], k(6)), k(4)))
-            m = b.or_(b.lshr(q[j + 4], k(4)), b.shl(b.lshr(q[j], k(6)), k(4)))
-        qs = load(b, p8, b.add(off, c64(16 + 32 * (j // 2))), vec(I8, 32))
-        u = b.and_(qs, ivec(32, 15, I8)) if j % 2 == 0 else b.lshr(qs, ivec(32, 4, I8))
-        out.append((u, b.fmul(d, b.sitofp(sc, F32)), b.fmul(dmin, b.sitofp(m, F32))))
-    return out
+def _k4_int8(qh_at, qs_at):
+    """Q4_K's (no high bits: qh_at < 0) and Q5_K's integer-dot super-block: 8 x (the 32 codes,
+    0..15 or 0..31, as bytes, d * sc, dmin * m)."""
+    def superblock(b, p8, off):
+        from llvmlite import ir
+        from ..simd import F32, I8, I32, c64, emit_half, ivec, load, vec
+        d, dmin = emit_half(b, p8, off), emit_half(b, p8, b.add(off, c64(2)))
+        q = [b.zext(b.load(b.gep(p8, [b.add(off, c64(4 + k))])), I32) for k in range(12)]
+        k = lambda v: ir.Constant(I32, v)  # noqa: E731
+        qh = None if qh_at < 0 else load(b, p8, b.add(off, c64(qh_at)), vec(I8, 32))
+        out = []
+        for j in range(8):  # ggml's get_scale_min_k4
+            if j < 4:
+                sc, m = b.and_(q[j], k(63)), b.and_(q[j + 4], k(63))
+            else:
+                sc = b.or_(b.and_(q[j + 4], k(15)), b.shl(b.lshr(q[j - 4], k(6)), k(4)))
+                m = b.or_(b.lshr(q[j + 4], k(4)), b.shl(b.lshr(q[j], k(6)), k(4)))
+            qs = load(b, p8, b.add(off, c64(qs_at + 32 * (j // 2))), vec(I8, 32))
+            u = b.and_(qs, ivec(32, 15, I8)) if j % 2 == 0 else b.lshr(qs, ivec(32, 4, I8))
+            if qh is not None:  # bit j of qh byte l: the fifth bit of element 32j + l
+                u = b.or_(u, b.shl(b.and_(b.lshr(qh, ivec(32, j, I8)), ivec(32, 1, I8)), ivec(32, 4, I8)))
+            out.append((u, b.fmul(d, b.sitofp(sc, F32)), b.fmul(dmin, b.sitofp(m, F32))))
+        return out
+    return superblock
 
 
 Q4_K.int8_dot, Q4_K.int8_avx2 = True, True  # noqa: F821 (registered above); codes 0..15
-Q4_K.int8_superblock = staticmethod(_q4_k_int8)  # noqa: F821
+Q4_K.int8_superblock = staticmethod(_k4_int8(-1, 16))  # noqa: F821
+Q5_K.int8_dot, Q5_K.int8_avx2 = True, True  # noqa: F821; codes 0..31
+Q5_K.int8_superblock = staticmethod(_k4_int8(16, 48))  # noqa: F821
 
 
 def _q6_k_int8(b, p8, off):
