@@ -97,6 +97,7 @@ class Format:
     int8_offset = 0  # what int8_block adds to each value so that it is unsigned
     int8_avx2 = False  # whether vpmaddubsw can take int8_block's bytes (all <= 127: no i16 saturation)
     int8_superblock = None  # super-blocks of 256: (b, p8, off) -> 8 x (<32 x i8> u, scale, min): scale * u - min
+    #                         (scale, min: a float or 8 lanes, 4 per sub-block of 16; min None: none)
     mma = False
     compile_on_use = False  # True: in the generated code only once ``activate``d (a rarely used type)
 

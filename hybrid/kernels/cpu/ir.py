@@ -316,7 +316,7 @@ def _build_q8k_dot(module, R, T_, variant, wtype):
     """As ``_build_q8_dot`` for super-blocks of 256 (the K-quants): the format's ``int8_superblock``
     gives each of the 8 sub-blocks of 32 as unsigned bytes with its scale and min (``value = scale
     * (u - int8_offset) - min``; scale a float, or 8 lanes for sub-blocks of 16: 4 lanes each;
-    min a float or None); per sub-block the integer dot of u with the token's int8 block (the
+    min likewise, or None); per sub-block the integer dot of u with the token's int8 block (the
     offset through the block's corrections), times scale * d_x, minus min * d_x * (the block's code
     sum, also from its corrections). 256-bit steps on every variant."""
     fmt = qregistry.get(wtype)
@@ -348,7 +348,7 @@ def _build_q8k_dot(module, R, T_, variant, wtype):
             sb = fmt.int8_superblock(b, w, b.add(b.add(woff, b.mul(_c64(r), wst)), b.mul(i, _c64(fmt.block_bytes))))
             for j, (u, scale, mn) in enumerate(sb):
                 sc = scale if isinstance(scale.type, ir.VectorType) else _splat(b, scale, 8)
-                m = None if mn is None else _splat(b, mn, 8)
+                m = mn if mn is None or isinstance(mn.type, ir.VectorType) else _splat(b, mn, 8)
                 for t in range(T_):
                     q, neg_sums, corr, dx = xs[t][j]
                     s = b.sitofp(emit_dot_u8_i8(b, dot_variant, u, q, corr), V8)
