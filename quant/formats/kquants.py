@@ -238,6 +238,35 @@ Q2_K.int8_dot, Q2_K.int8_avx2 = True, True  # noqa: F821 (registered above); cod
 Q2_K.int8_superblock = staticmethod(_q2_k_int8)  # noqa: F821
 
 
+def _q3_k_int8(b, p8, off):
+    """Q3_K's integer-dot super-block: 8 x (the codes q2 | hmask bit << 2 (0..7, value code - 4:
+    a clear bit subtracts 4) as bytes, d * (sc - 32) of each 16 as 8 lanes, no min). Sub-block j
+    of 32: bits 2(j % 4).. of the qs group j // 4, bit j of the 32 hmask bytes, scales 2j, 2j + 1
+    (each 4 low bits of byte s % 8, shifted by 4 (s // 8), and 2 high of byte 8 + s % 4, by 2 (s // 4))."""
+    from llvmlite import ir
+    from ..simd import F32, I8, I32, c64, emit_half, ivec, load, vec
+    d = emit_half(b, p8, b.add(off, c64(108)))
+    hm = load(b, p8, off, vec(I8, 32))
+    k = lambda v: ir.Constant(I32, v)  # noqa: E731
+    byte = lambda at: b.zext(b.load(b.gep(p8, [b.add(off, c64(at))])), I32)  # noqa: E731
+    out = []
+    for j in range(8):
+        qs = load(b, p8, b.add(off, c64(32 + 32 * (j // 4))), vec(I8, 32))
+        u = b.or_(b.and_(b.lshr(qs, ivec(32, 2 * (j % 4), I8)), ivec(32, 3, I8)),
+                  b.shl(b.and_(b.lshr(hm, ivec(32, j, I8)), ivec(32, 1, I8)), ivec(32, 2, I8)))
+        dl = []
+        for s in (2 * j, 2 * j + 1):
+            lo = b.and_(b.lshr(byte(96 + s % 8), k(4 * (s // 8))), k(15))
+            hi = b.and_(b.lshr(byte(104 + s % 4), k(2 * (s // 4))), k(3))
+            dl.append(b.fmul(d, b.sitofp(b.sub(b.or_(lo, b.shl(hi, k(4))), k(32)), F32)))
+        out.append((u, _lanes16(b, *dl), None))
+    return out
+
+
+Q3_K.int8_dot, Q3_K.int8_offset, Q3_K.int8_avx2 = True, 4, True  # noqa: F821 (registered above); codes 0..7
+Q3_K.int8_superblock = staticmethod(_q3_k_int8)  # noqa: F821
+
+
 def _k4_int8(qh_at, qs_at):
     """Q4_K's (no high bits: qh_at < 0) and Q5_K's integer-dot super-block: 8 x (the 32 codes,
     0..15 or 0..31, as bytes, d * sc, dmin * m)."""
