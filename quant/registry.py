@@ -93,7 +93,8 @@ class Format:
     ir_block = None
     simd_run = None
     int8_dot = False
-    int8_block = None  # (b, p8, off) -> (<32 x i8> value + int8_offset as unsigned bytes, float32 scale)
+    int8_block = None  # (b, p8, off) -> (<32 x i8> value + int8_offset as unsigned bytes, float32 scale[, min]):
+    #                    scale * (u - int8_offset) - min
     int8_offset = 0  # what int8_block adds to each value so that it is unsigned
     int8_avx2 = False  # whether vpmaddubsw can take int8_block's bytes (all <= 127: no i16 saturation)
     int8_superblock = None  # super-blocks of 256: (b, p8, off) -> 8 x (<32 x i8> u, scale, min): scale * u - min
