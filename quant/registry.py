@@ -41,9 +41,9 @@ when absent):
   ``isa_mode`` from ``quant.simd.mode``); ``simd_run(isa)`` the
   intrinsic factory behind ``decode_run``; ``int8_dot``: the CPU integer dot
   path exists (``quant.simd``'s u8 x i8 kernels), with ``int8_block`` (LLVM IR of one block of 32
-  as unsigned bytes, value + ``int8_offset``, and its scale) and ``int8_avx2`` (those bytes are at
-  most 127, so AVX2's vpmaddubsw cannot saturate); ``mma``: a tensor-core
-  kernel exists (``cuda_bf16_tile`` decodes its tiles to BF16 pieces).
+  as unsigned bytes, value + ``int8_offset``, its scale, optionally a min) or ``int8_superblock``
+  (super-blocks of 256) and ``int8_avx2`` (those bytes are at most 127, so AVX2's vpmaddubsw
+  cannot saturate); ``mma``: a tensor-core kernel exists (``cuda_bf16_tile`` decodes its tiles to BF16 pieces).
 
 Numba cannot call through a dict, so ``cpu_decoder()`` generates the njit
 dispatcher (an if/elif chain over the registered formats' ``decode_block``)
