@@ -28,20 +28,7 @@ from hybrid.kernels.cpu import experts as cpu  # noqa: E402
 from hybrid.kernels.cpu.ir import q8_types  # noqa: E402
 from quant import registry as qregistry  # noqa: E402
 from hybrid.report import machine_line  # noqa: E402
-from bench_types import quantize  # noqa: E402
-
-
-def weights(w, t, lib, rng):
-    """``w`` in type ``t`` (ggml's or gguf's quantiser); for a type neither quantises here,
-    random codes under random half-precision scales: the same bytes to read and work to do."""
-    try:
-        return quantize(w, t, lib)
-    except NotImplementedError:
-        f = qregistry.get(int(t))
-        raw = rng.integers(0, 256, (w.size // f.block, f.block_bytes), dtype=np.uint8)
-        for at in f.scale_offsets:
-            raw[:, at:at + 2] = rng.uniform(0.01, 0.1, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
-        return raw.reshape(w.shape[0], -1)
+from bench_types import weights  # noqa: E402
 
 
 def median_ms(fn, repeat):

@@ -6,8 +6,9 @@
 Shape: [rows x cols] = [2048 x 2048] per expert, 32 experts, 4 used per token (distinct, uniform).
 Weights: random normal floats quantised by ggml's own ``ggml_quantize_chunk`` (``--ggml-lib``; an
 importance matrix of ones for the types that need one), else by gguf.quants for the types it can
-quantise. The floor reads the used experts' bytes once (numpy sums them on the same threads). ggml:
-llama.cpp's test-backend-ops timing the same op shape (``--ggml``), random weights of its own.
+quantise, else random codes under random half scales (the same bytes to read, the same work). The
+floor reads the used experts' bytes once (numpy sums them on the same threads). ggml: llama.cpp's
+test-backend-ops timing the same op shape (``--ggml``), random weights of its own.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybrid.kernels.cpu import experts as cpu  # noqa: E402
 from hybrid.report import machine_line  # noqa: E402
+from quant import registry as qregistry  # noqa: E402
 from bench_experts import Floor  # noqa: E402
 
 ROWS = COLS = 2048
@@ -49,6 +51,19 @@ def quantize(w, t, lib):
                             ctypes.c_int64(0), ctypes.c_int64(n), ctypes.c_int64(cols),
                             imat.ctypes.data_as(ctypes.c_void_p))
     return out
+
+
+def weights(w, t, lib, rng):
+    """``w`` in type ``t`` (ggml's or gguf's quantiser); for a type neither quantises here,
+    random codes under random half-precision scales: the same bytes to read and work to do."""
+    try:
+        return quantize(w, t, lib)
+    except NotImplementedError:
+        f = qregistry.get(int(t))
+        raw = rng.integers(0, 256, (w.size // f.block, f.block_bytes), dtype=np.uint8)
+        for at in f.scale_offsets:
+            raw[:, at:at + 2] = rng.uniform(0.01, 0.1, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        return raw.reshape(w.shape[0], -1)
 
 
 def ggml_ms(binary, t, n, rb):
@@ -93,7 +108,7 @@ def main(argv=None):
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in a.types.split(","):
         t = T[name]
-        raw = quantize(w, t, lib).reshape(E, ROWS, -1)
+        raw = weights(w, t, lib, rng).reshape(E, ROWS, -1)
         rb = raw.shape[2]
         bits = 8 * rb / COLS
         cpu.check_experts(name, raw, int(t), E, ROWS, COLS)

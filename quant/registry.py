@@ -41,9 +41,9 @@ when absent):
   ``isa_mode`` from ``quant.simd.mode``); ``simd_run(isa)`` the
   intrinsic factory behind ``decode_run``; ``int8_dot``: the CPU integer dot
   path exists (``quant.simd``'s u8 x i8 kernels), with ``int8_block`` (LLVM IR of one block of 32
-  as unsigned bytes, value + ``int8_offset``, and its scale) and ``int8_avx2`` (those bytes are at
-  most 127, so AVX2's vpmaddubsw cannot saturate); ``mma``: a tensor-core
-  kernel exists (``cuda_bf16_tile`` decodes its tiles to BF16 pieces).
+  as unsigned bytes, value + ``int8_offset``, its scale, optionally a min) or ``int8_superblock``
+  (super-blocks of 256) and ``int8_avx2`` (those bytes are at most 127, so AVX2's vpmaddubsw
+  cannot saturate); ``mma``: a tensor-core kernel exists (``cuda_bf16_tile`` decodes its tiles to BF16 pieces).
 
 Numba cannot call through a dict, so ``cpu_decoder()`` generates the njit
 dispatcher (an if/elif chain over the registered formats' ``decode_block``)
@@ -93,10 +93,12 @@ class Format:
     ir_block = None
     simd_run = None
     int8_dot = False
-    int8_block = None  # (b, p8, off) -> (<32 x i8> value + int8_offset as unsigned bytes, float32 scale)
+    int8_block = None  # (b, p8, off) -> (<32 x i8> value + int8_offset as unsigned bytes, float32 scale[, min]):
+    #                    scale * (u - int8_offset) - min
     int8_offset = 0  # what int8_block adds to each value so that it is unsigned
     int8_avx2 = False  # whether vpmaddubsw can take int8_block's bytes (all <= 127: no i16 saturation)
     int8_superblock = None  # super-blocks of 256: (b, p8, off) -> 8 x (<32 x i8> u, scale, min): scale * u - min
+    #                         (scale, min: a float or 8 lanes, 4 per sub-block of 16; min None: none)
     mma = False
     compile_on_use = False  # True: in the generated code only once ``activate``d (a rarely used type)
 

@@ -327,17 +327,30 @@ def q8_isa() -> str | None:
     return v[-1] if v else None
 
 
-def emit_nibbles_u8(b, p8, qoff, table):
+def emit_nibbles_u8(b, p8, qoff, table=None):
     """The 16 bytes of nibbles at byte ``qoff`` (element j < 16 the low nibble of byte j, j + 16 its
     high one: ggml's order) as <32 x i8> ``table[nibble]``: one 128-bit broadcast load, vpsrlvd
-    (high lane by 4), vpand, vpshufb. ``table``: 16 byte values."""
+    (high lane by 4), vpand, vpshufb. ``table``: 16 byte values; None: the nibbles themselves."""
     qs = load(b, p8, qoff, vec(I8, 16))
     both = b.bitcast(shuf(b, qs, qs, list(range(16)) * 2), vec(I32, 8))
     both = b.lshr(both, ir.Constant(vec(I32, 8), [0] * 4 + [4] * 4))
     idx = b.and_(b.bitcast(both, vec(I8, 32)), ivec(32, 0x0F, I8))
+    if table is None:
+        return idx
     pshufb = declare(b, "llvm.x86.avx2.pshuf.b", vec(I8, 32), [vec(I8, 32), vec(I8, 32)])
     tbl = ir.Constant(vec(I8, 32), [(int(v) & 0xFF) - (256 if int(v) & 0x80 else 0) for v in table] * 2)
     return b.call(pshufb, [tbl, idx])
+
+
+def emit_bits_u8(b, p8, off, value):
+    """The 32 bits of the 4 bytes at ``off`` (bit j of their little-endian u32 for element j: the
+    fifth bits of Q5_0/Q5_1) as <32 x i8>, ``value`` where the bit is set, else 0: byte j // 8
+    broadcast to lane j, tested against 1 << (j % 8)."""
+    qh = load(b, p8, off, vec(I8, 4))
+    lanes = shuf(b, qh, qh, [j // 8 for j in range(32)])
+    bit = ir.Constant(vec(I8, 32), [(1 << (j % 8)) - (256 if j % 8 == 7 else 0) for j in range(32)])
+    on = b.icmp_unsigned("!=", b.and_(lanes, bit), ivec(32, 0, I8))
+    return b.select(on, ivec(32, value, I8), ivec(32, 0, I8))
 
 
 def emit_block_u8(b, p8, off):

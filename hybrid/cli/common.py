@@ -150,7 +150,8 @@ def add_whole(p):
     p.add_argument("--f32", "--f32-decode", dest="f32", action="store_true",
                    help="the experts multiply float32 activations in every call, so logits agree across "
                    "-ub splits to float32 rounding (default: experts with few tokens in a call, every "
-                   "decode step's, multiply int8 blocks for MXFP4, Q4_0, Q4_K, Q6_K, Q8_0 and IQ4_NL, as "
+                   "decode step's, multiply int8 blocks for MXFP4, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K, "
+                   "Q8_0, IQ4_NL and IQ4_XS (the last three with VNNI), as "
                    "llama.cpp does for all)")
     p.add_argument("-r", "--repetitions", type=POS, default=1, help="bench: runs of each test (default 1)"
                    if p.prog.endswith("bench") else argparse.SUPPRESS)

@@ -75,10 +75,10 @@ class Transformer:
     Precision: an expert with few tokens in a ubatch (every decode step's; a prompt ubatch's
     lightly used ones, up to the format's crossover ``cpu.Q8_MAX_TOKENS``) multiplies int8
     activation blocks, as ggml does for every product, when its format has an integer dot (MXFP4,
-    Q4_0, Q4_K, Q6_K, with VNNI Q8_0 and IQ4_NL): about 1e-2 of the largest output per MoE layer,
-    and a prompt's logits then depend on its split into ubatches by that much. ``f32``: float32
-    activations in every product, so logits agree across splits to float32 rounding (README,
-    "Precision").
+    Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K, with VNNI Q8_0, IQ4_NL and IQ4_XS): about 1e-2 of the
+    largest output per MoE layer, and a prompt's logits then depend on its split into ubatches by that
+    much. ``f32``: float32 activations in every product, so logits agree across splits to float32
+    rounding (README, "Precision").
     Threads: one Transformer is one sequence; its public methods take ``lock`` (an RLock)
     and ``generate`` holds it throughout, so concurrent generations run one after the other;
     use one Transformer per thread to run them at once.

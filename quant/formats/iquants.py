@@ -367,3 +367,25 @@ def _iq4_nl_int8(b, p8, off):
 
 IQ4_NL.int8_dot, IQ4_NL.int8_offset, IQ4_NL.int8_avx2 = True, 128, False  # noqa: F821 (registered above)
 IQ4_NL.int8_block = staticmethod(_iq4_nl_int8)  # noqa: F821
+
+
+def _iq4_xs_int8(b, p8, off):
+    """IQ4_XS's integer-dot super-block: 8 x (kvalue + 128 as bytes, d * (ls - 32), no min), each
+    sub-block of 32 an IQ4_NL block under its own 6-bit scale; VNNI only, as IQ4_NL."""
+    from llvmlite import ir
+    from ..simd import F32, I16, I32, c64, emit_half, emit_nibbles_u8
+    d = emit_half(b, p8, off)
+    sh = b.zext(b.load(b.bitcast(b.gep(p8, [b.add(off, c64(2))]), I16.as_pointer()), align=1), I32)
+    k = lambda v: ir.Constant(I32, v)  # noqa: E731
+    table = KVALUES.astype(np.int32) + 128
+    out = []
+    for ib in range(8):  # ls: nibble ib of scales_l, bits 2ib..2ib+1 of scales_h on top
+        lo = b.and_(b.lshr(b.zext(b.load(b.gep(p8, [b.add(off, c64(4 + ib // 2))])), I32), k(4 * (ib % 2))), k(15))
+        ls = b.or_(lo, b.shl(b.and_(b.lshr(sh, k(2 * ib)), k(3)), k(4)))
+        u = emit_nibbles_u8(b, p8, b.add(off, c64(8 + 16 * ib)), table)
+        out.append((u, b.fmul(d, b.sitofp(b.sub(ls, k(32)), F32)), None))
+    return out
+
+
+IQ4_XS.int8_dot, IQ4_XS.int8_offset, IQ4_XS.int8_avx2 = True, 128, False  # noqa: F821 (registered above)
+IQ4_XS.int8_superblock = staticmethod(_iq4_xs_int8)  # noqa: F821

@@ -205,36 +205,105 @@ SPECS = {
 globals().update(register(SPECS, __name__))  # the classes Q4_K, ... in the registry
 
 
-def _q4_k_int8(b, p8, off):
-    """Q4_K's integer-dot super-block: 8 x (the 32 codes 0..15 as bytes, d * sc, dmin * m)."""
+def _lanes16(b, s0, s1):
+    """Two sub-blocks of 16's floats as the 8 lanes of their sub-block of 32: 4 lanes each (the
+    integer dot's i32 lane k sums elements 4k..4k+3)."""
+    from llvmlite import ir
+    from ..simd import F32, I32, shuf, vec
+    v = ir.Constant(vec(F32, 4), [0.0] * 4)
+    h0, h1 = (b.insert_element(v, s, ir.Constant(I32, 0)) for s in (s0, s1))
+    return shuf(b, h0, h1, [0, 0, 0, 0, 4, 4, 4, 4])
+
+
+def _q2_k_int8(b, p8, off):
+    """Q2_K's integer-dot super-block: 8 x (the 32 codes 0..3 as bytes, d * sc and dmin * m of each
+    16 as 8 lanes). Sub-block j of 32: bits 2(j % 4).. of the 32 qs bytes of group j // 4, under
+    the scale bytes 2j and 2j + 1."""
     from llvmlite import ir
     from ..simd import F32, I8, I32, c64, emit_half, ivec, load, vec
-    d, dmin = emit_half(b, p8, off), emit_half(b, p8, b.add(off, c64(2)))
-    q = [b.zext(b.load(b.gep(p8, [b.add(off, c64(4 + k))])), I32) for k in range(12)]
+    d, dmin = emit_half(b, p8, b.add(off, c64(80))), emit_half(b, p8, b.add(off, c64(82)))
     k = lambda v: ir.Constant(I32, v)  # noqa: E731
     out = []
-    for j in range(8):  # ggml's get_scale_min_k4
-        if j < 4:
-            sc, m = b.and_(q[j], k(63)), b.and_(q[j + 4], k(63))
-        else:
-            sc = b.or_(b.and_(q[j + 4], k(15)), b.shl(b.lshr(q[j - 4], k(6)), k(4)))
-            m = b.or_(b.lshr(q[j + 4], k(4)), b.shl(b.lshr(q[j], k(6)), k(4)))
-        qs = load(b, p8, b.add(off, c64(16 + 32 * (j // 2))), vec(I8, 32))
-        u = b.and_(qs, ivec(32, 15, I8)) if j % 2 == 0 else b.lshr(qs, ivec(32, 4, I8))
-        out.append((u, b.fmul(d, b.sitofp(sc, F32)), b.fmul(dmin, b.sitofp(m, F32))))
+    for j in range(8):
+        qs = load(b, p8, b.add(off, c64(16 + 32 * (j // 4))), vec(I8, 32))
+        u = b.and_(b.lshr(qs, ivec(32, 2 * (j % 4), I8)), ivec(32, 3, I8))
+        sc = [b.zext(b.load(b.gep(p8, [b.add(off, c64(2 * j + h))])), I32) for h in range(2)]
+        scale = _lanes16(b, *(b.fmul(d, b.sitofp(b.and_(v, k(15)), F32)) for v in sc))
+        mn = _lanes16(b, *(b.fmul(dmin, b.sitofp(b.lshr(v, k(4)), F32)) for v in sc))
+        out.append((u, scale, mn))
     return out
 
 
+Q2_K.int8_dot, Q2_K.int8_avx2 = True, True  # noqa: F821 (registered above); codes 0..3
+Q2_K.int8_superblock = staticmethod(_q2_k_int8)  # noqa: F821
+
+
+def _q3_k_int8(b, p8, off):
+    """Q3_K's integer-dot super-block: 8 x (the codes q2 | hmask bit << 2 (0..7, value code - 4:
+    a clear bit subtracts 4) as bytes, d * (sc - 32) of each 16 as 8 lanes, no min). Sub-block j
+    of 32: bits 2(j % 4).. of the qs group j // 4, bit j of the 32 hmask bytes, scales 2j, 2j + 1
+    (each 4 low bits of byte s % 8, shifted by 4 (s // 8), and 2 high of byte 8 + s % 4, by 2 (s // 4))."""
+    from llvmlite import ir
+    from ..simd import F32, I8, I32, c64, emit_half, ivec, load, vec
+    d = emit_half(b, p8, b.add(off, c64(108)))
+    hm = load(b, p8, off, vec(I8, 32))
+    k = lambda v: ir.Constant(I32, v)  # noqa: E731
+    byte = lambda at: b.zext(b.load(b.gep(p8, [b.add(off, c64(at))])), I32)  # noqa: E731
+    out = []
+    for j in range(8):
+        qs = load(b, p8, b.add(off, c64(32 + 32 * (j // 4))), vec(I8, 32))
+        u = b.or_(b.and_(b.lshr(qs, ivec(32, 2 * (j % 4), I8)), ivec(32, 3, I8)),
+                  b.shl(b.and_(b.lshr(hm, ivec(32, j, I8)), ivec(32, 1, I8)), ivec(32, 2, I8)))
+        dl = []
+        for s in (2 * j, 2 * j + 1):
+            lo = b.and_(b.lshr(byte(96 + s % 8), k(4 * (s // 8))), k(15))
+            hi = b.and_(b.lshr(byte(104 + s % 4), k(2 * (s // 4))), k(3))
+            dl.append(b.fmul(d, b.sitofp(b.sub(b.or_(lo, b.shl(hi, k(4))), k(32)), F32)))
+        out.append((u, _lanes16(b, *dl), None))
+    return out
+
+
+Q3_K.int8_dot, Q3_K.int8_offset, Q3_K.int8_avx2 = True, 4, True  # noqa: F821 (registered above); codes 0..7
+Q3_K.int8_superblock = staticmethod(_q3_k_int8)  # noqa: F821
+
+
+def _k4_int8(qh_at, qs_at):
+    """Q4_K's (no high bits: qh_at < 0) and Q5_K's integer-dot super-block: 8 x (the 32 codes,
+    0..15 or 0..31, as bytes, d * sc, dmin * m)."""
+    def superblock(b, p8, off):
+        from llvmlite import ir
+        from ..simd import F32, I8, I32, c64, emit_half, ivec, load, vec
+        d, dmin = emit_half(b, p8, off), emit_half(b, p8, b.add(off, c64(2)))
+        q = [b.zext(b.load(b.gep(p8, [b.add(off, c64(4 + k))])), I32) for k in range(12)]
+        k = lambda v: ir.Constant(I32, v)  # noqa: E731
+        qh = None if qh_at < 0 else load(b, p8, b.add(off, c64(qh_at)), vec(I8, 32))
+        out = []
+        for j in range(8):  # ggml's get_scale_min_k4
+            if j < 4:
+                sc, m = b.and_(q[j], k(63)), b.and_(q[j + 4], k(63))
+            else:
+                sc = b.or_(b.and_(q[j + 4], k(15)), b.shl(b.lshr(q[j - 4], k(6)), k(4)))
+                m = b.or_(b.lshr(q[j + 4], k(4)), b.shl(b.lshr(q[j], k(6)), k(4)))
+            qs = load(b, p8, b.add(off, c64(qs_at + 32 * (j // 2))), vec(I8, 32))
+            u = b.and_(qs, ivec(32, 15, I8)) if j % 2 == 0 else b.lshr(qs, ivec(32, 4, I8))
+            if qh is not None:  # bit j of qh byte l: the fifth bit of element 32j + l
+                u = b.or_(u, b.shl(b.and_(b.lshr(qh, ivec(32, j, I8)), ivec(32, 1, I8)), ivec(32, 4, I8)))
+            out.append((u, b.fmul(d, b.sitofp(sc, F32)), b.fmul(dmin, b.sitofp(m, F32))))
+        return out
+    return superblock
+
+
 Q4_K.int8_dot, Q4_K.int8_avx2 = True, True  # noqa: F821 (registered above); codes 0..15
-Q4_K.int8_superblock = staticmethod(_q4_k_int8)  # noqa: F821
+Q4_K.int8_superblock = staticmethod(_k4_int8(-1, 16))  # noqa: F821
+Q5_K.int8_dot, Q5_K.int8_avx2 = True, True  # noqa: F821; codes 0..31
+Q5_K.int8_superblock = staticmethod(_k4_int8(16, 48))  # noqa: F821
 
 
 def _q6_k_int8(b, p8, off):
     """Q6_K's integer-dot super-block: 8 x (the 32 six-bit codes 0..63 as bytes, d * scale of each
     16 as 8 lanes, no min); values are code - 32 (``int8_offset``). Layout as ggml's
     dequantize_row_q6_K: half h of 128 from ql[64h..], qh[32h..], scales[8h..]."""
-    from llvmlite import ir
-    from ..simd import F32, I8, I32, c64, emit_half, ivec, load, shuf, vec
+    from ..simd import F32, I8, I32, c64, emit_half, ivec, load, vec
     d = emit_half(b, p8, b.add(off, c64(208)))
     out = []
     for h in range(2):
@@ -247,10 +316,7 @@ def _q6_k_int8(b, p8, off):
             top = b.shl(b.and_(b.lshr(qh, ivec(32, 2 * g, I8)), ivec(32, 3, I8)), ivec(32, 4, I8))
             s = [b.fmul(d, b.sitofp(b.sext(b.load(b.gep(p8, [b.add(off, c64(192 + 8 * h + 2 * g + k))])), I32), F32))
                  for k in range(2)]
-            v = ir.Constant(vec(F32, 4), [0.0] * 4)
-            halves = [b.insert_element(v, s[k], ir.Constant(I32, 0)) for k in range(2)]
-            lanes = shuf(b, halves[0], halves[1], [0, 0, 0, 0, 4, 4, 4, 4])
-            out.append((b.or_(low, top), lanes, None))
+            out.append((b.or_(low, top), _lanes16(b, *s), None))
     return out
 
 

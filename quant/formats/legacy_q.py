@@ -239,3 +239,34 @@ def _q4_0_int8(b, p8, off):
 
 Q4_0.int8_dot, Q4_0.int8_offset, Q4_0.int8_avx2 = True, 12, True  # noqa: F821 (defined just above)
 Q4_0.int8_block = staticmethod(_q4_0_int8)  # noqa: F821
+
+
+def _q5_0_int8(b, p8, off):
+    """Q5_0's integer-dot block: the codes q (0..31, value q - 16) as bytes, nibble | fifth bit << 4."""
+    from ..simd import c64, emit_bits_u8, emit_half, emit_nibbles_u8
+    u = b.or_(emit_nibbles_u8(b, p8, b.add(off, c64(6))), emit_bits_u8(b, p8, b.add(off, c64(2)), 16))
+    return u, emit_half(b, p8, off)
+
+
+Q5_0.int8_dot, Q5_0.int8_offset, Q5_0.int8_avx2 = True, 16, True  # noqa: F821 (defined above)
+Q5_0.int8_block = staticmethod(_q5_0_int8)  # noqa: F821
+
+
+def _q4_1_int8(b, p8, off):
+    """Q4_1's integer-dot block: the nibbles (0..15) as bytes, d, and -m as the min (d * q + m)."""
+    from ..simd import c64, emit_half, emit_nibbles_u8
+    m = emit_half(b, p8, b.add(off, c64(2)))
+    return emit_nibbles_u8(b, p8, b.add(off, c64(4))), emit_half(b, p8, off), b.fneg(m)
+
+
+def _q5_1_int8(b, p8, off):
+    """Q5_1's integer-dot block: nibble | fifth bit << 4 (0..31) as bytes, d, and -m as the min."""
+    from ..simd import c64, emit_bits_u8, emit_half, emit_nibbles_u8
+    u = b.or_(emit_nibbles_u8(b, p8, b.add(off, c64(8))), emit_bits_u8(b, p8, b.add(off, c64(4)), 16))
+    return u, emit_half(b, p8, off), b.fneg(emit_half(b, p8, b.add(off, c64(2))))
+
+
+Q4_1.int8_dot, Q4_1.int8_avx2 = True, True  # noqa: F821 (defined above); codes 0..15, offset 0
+Q4_1.int8_block = staticmethod(_q4_1_int8)  # noqa: F821
+Q5_1.int8_dot, Q5_1.int8_avx2 = True, True  # noqa: F821; codes 0..31
+Q5_1.int8_block = staticmethod(_q5_1_int8)  # noqa: F821

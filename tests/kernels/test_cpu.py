@@ -11,7 +11,7 @@ from hybrid.moe import cpu
 from hybrid.moe.layer import ExpertTensor
 from hybrid.model.tiny import random_layer
 from hybrid.moe.reference import moe_reference, route_reference, router_logits_reference, silu_gated, swiglu_oai
-from quant import cpu as qcpu, mxfp4
+from quant import cpu as qcpu, mxfp4, registry as qreg
 
 
 def _gguf_quantises(t):
@@ -458,7 +458,6 @@ def test_q8_kernel_variants(variant):
 def _int8_blocks(wtype, rows, cols, rng):
     """Random weights of ``wtype`` as stored, scales included (gguf quantises what it can; the
     others are random bytes under random half scales, 0 and a subnormal among them)."""
-    from quant import registry as qreg
     if wtype in (T.MXFP4, T.Q4_0, T.Q8_0):
         return np.ascontiguousarray(quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), wtype))
     f = qreg.get(wtype)
@@ -470,14 +469,15 @@ def _int8_blocks(wtype, rows, cols, rng):
     return raw.reshape(rows, -1)
 
 
-INT8 = [T.MXFP4, T.Q4_0, T.Q8_0, T.IQ4_NL, T.Q4_K, T.Q6_K]  # the formats with an int8_block or int8_superblock
+# the formats with an int8_block or int8_superblock: the registry's, each tested once it has one
+INT8 = [T(t) for t in qreg.types("int8_dot")]
+assert {T.MXFP4, T.Q4_0, T.Q8_0, T.IQ4_NL, T.Q4_K, T.Q6_K} <= set(INT8)  # none lost its integer dot
 
 
 @pytest.mark.parametrize("variant", ["avx2", "vnni", "vnni512"])
 @pytest.mark.parametrize("wtype", INT8, ids=lambda t: t.name)
 def test_q8_kernels_of_every_int8_format(wtype, variant):
     """Each format's integer kernels on each variant the host runs, against the quantised reference."""
-    from quant import registry as qreg
     if variant not in cpu_ir.q8_isas():
         pytest.skip(f"{variant} not on this CPU")
     if int(wtype) not in cpu_ir.q8_types(variant):
@@ -504,7 +504,6 @@ def test_q8_kernels_of_every_int8_format(wtype, variant):
 
 @pytest.mark.parametrize("wtype", INT8, ids=lambda t: t.name)
 def test_decode_calls_of_int8_formats_take_the_integer_path(wtype):
-    from quant import registry as qreg
     qreg.activate(int(wtype))
     rng = np.random.default_rng()
     cols = 160 if qreg.get(wtype).block == 32 else 512
@@ -523,7 +522,6 @@ def test_decode_calls_of_int8_formats_take_the_integer_path(wtype):
 def test_prompt_calls_split_experts_at_the_crossover(wtype):
     """In one call, an expert with q8_max_tokens tokens takes the integer path and one with more
     the float tiles: each slot's bits equal those of the call with that path forced throughout."""
-    from quant import registry as qreg
     qreg.activate(int(wtype))
     if int(wtype) not in kcpu.Q8_TYPES:
         pytest.skip(f"no integer path for {wtype.name} on this CPU")

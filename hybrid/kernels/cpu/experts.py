@@ -9,14 +9,16 @@ L1/L2 for all of the expert's tokens. Items are ordered row-tile-major and cut
 into a few equal-cost chunks per thread, so skewed routing still balances.
 
 Inside an item, three ways to multiply:
-- int8 (MXFP4, Q4_0, Q4_K, Q6_K, and with VNNI Q8_0 and IQ4_NL: the formats with an ``int8_block``
-  or, for super-blocks of 256, an ``int8_superblock``; experts with at most ``q8_tokens`` tokens
-  in the call, by default the format's measured crossover ``Q8_MAX_TOKENS``: every decode step,
-  and the lightly used experts of a prompt): as ggml does, the activations are quantised once per
-  call to int8 blocks of 32 (ggml's Q8_0 rounding, float32 scales; ``quant.cpu.quantize_q8``),
-  the weights' blocks become unsigned bytes (nibbles through a 16-entry vpshufb table, Q8_0's
-  codes with the sign bit flipped), integer multiply-adds (vpmaddubsw/vpmaddwd, or vpdpbusd with
-  VNNI) give each block's exact sum, scaled by the block scale * d_x into float32 accumulators.
+- int8 (MXFP4, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K, and with VNNI Q8_0, IQ4_NL and IQ4_XS: the
+  formats with an ``int8_block`` or, for super-blocks of 256, an ``int8_superblock``; experts with
+  at most ``q8_tokens`` tokens in the call, by default the format's measured crossover
+  ``Q8_MAX_TOKENS``: every decode step, and the lightly used experts of a prompt): as ggml does,
+  the activations are quantised once per call to int8 blocks of 32 (ggml's Q8_0 rounding, float32
+  scales; ``quant.cpu.quantize_q8``), the weights' blocks become unsigned bytes (nibbles through a
+  16-entry vpshufb table, Q8_0's codes with the sign bit flipped, the K-quants' bit fields), integer
+  multiply-adds (vpmaddubsw/vpmaddwd, or vpdpbusd with VNNI) give each block's exact sum, scaled by
+  the block scale * d_x into float32 accumulators (minus, for a format with a min, min * d_x * the
+  token block's code sum).
   It matches the float64 reference of the quantised
   activations to float32 rounding; against unquantised activations it differs
   by the int8 rounding (at gpt-oss shapes 5e-3 of the largest output per
@@ -113,7 +115,8 @@ Q8_R = (8, 4, 2, 2) if Q8_VARIANT == "vnni512" else (8, 4, 4, 4) if ISA == "avx5
 # examples/bench_crossover.py (BENCHMARKS.md, "Integer or float tiles"). Data per format name; a
 # format not listed takes Q8_MAX_DEFAULT. MXFP4's float path decodes in registers (no tile) below
 # tile_min, so its integer path pays off for few tokens only.
-Q8_MAX_TOKENS = {"Q4_0": 64, "Q8_0": 64, "IQ4_NL": 32, "Q4_K": 16, "Q6_K": 24, "MXFP4": 4}
+Q8_MAX_TOKENS = {"Q4_0": 64, "Q4_1": 16, "Q5_0": 48, "Q5_1": 32, "Q8_0": 64, "Q2_K": 16, "Q3_K": 64, "Q4_K": 16,
+                 "Q5_K": 48, "Q6_K": 24, "IQ4_NL": 32, "IQ4_XS": 4, "MXFP4": 4}
 Q8_MAX_DEFAULT = 16
 
 

@@ -133,7 +133,9 @@ def _build_q8_dot(module, R, T_, variant, wtype=int(GT.MXFP4)):
     bytes (the format's ``int8_block``: value + ``int8_offset``), x as int8 blocks
     (quant.cpu.quantize_q8, whose corrections are for MXFP4's offset and are rescaled for
     another), integer multiply-add per block, then float(block sum) * scale * d_x into float32
-    accumulators. 'vnni512' takes two blocks per 512-bit step and an odd last block in 256 bits."""
+    accumulators; a block with a min (``value = scale * (u - offset) - min``: Q4_1, Q5_1) also
+    subtracts min * d_x * (the token block's code sum, from its corrections). 'vnni512' takes two
+    blocks per 512-bit step and an odd last block in 256 bits."""
     fmt = qregistry.get(wtype)
     tag = "" if wtype == int(GT.MXFP4) else f"_{fmt.name.lower()}"
     fn, entry = _new_fn(module, f"hyb_q8_dot{tag}_r{R}_t{T_}_{variant}",
@@ -154,19 +156,28 @@ def _build_q8_dot(module, R, T_, variant, wtype=int(GT.MXFP4)):
         rec = b.mul(blk, _c64(Q8_REC))
         dx = _load(b, d, b.mul(blk, _c64(4 * Q8_DREP)), _vec(_F32, lanes))
         if lanes == 8:
-            return (_load(b, qc, rec, _vec(_I8, 32)), rescaled(b, _load(b, qc, b.add(rec, _c64(32)), _vec(_I32, 8))),
-                    dx)
-        rec1 = b.add(rec, _c64(Q8_REC))
-        q = _shuf(b, _load(b, qc, rec, _vec(_I8, 32)), _load(b, qc, rec1, _vec(_I8, 32)), list(range(64)))
-        c = _shuf(b, _load(b, qc, b.add(rec, _c64(32)), _vec(_I32, 8)),
-                  _load(b, qc, b.add(rec1, _c64(32)), _vec(_I32, 8)), list(range(16)))
-        return q, rescaled(b, c), dx
+            q, c = _load(b, qc, rec, _vec(_I8, 32)), _load(b, qc, b.add(rec, _c64(32)), _vec(_I32, 8))
+        else:
+            rec1 = b.add(rec, _c64(Q8_REC))
+            q = _shuf(b, _load(b, qc, rec, _vec(_I8, 32)), _load(b, qc, rec1, _vec(_I8, 32)), list(range(64)))
+            c = _shuf(b, _load(b, qc, b.add(rec, _c64(32)), _vec(_I32, 8)),
+                      _load(b, qc, b.add(rec1, _c64(32)), _vec(_I32, 8)), list(range(16)))
+        # -(partial code sums) as floats, for a min (unused, and so dropped, without one)
+        neg = b.sitofp(b.sdiv(c, _ivec(lanes, U8_OFFSET)), _vec(_F32, lanes))
+        return q, rescaled(b, c), neg, dx
+
+    def block(b, wb):  # (u, scale, min or None)
+        got = fmt.int8_block(b, w, wb)
+        return got if len(got) == 3 else (*got, None)
 
     def pair(b, wb):  # two consecutive blocks: MXFP4's fused 512-bit decode, else two blocks joined
         if wtype == int(GT.MXFP4):
-            return emit_pair_u8(b, w, wb)
-        (u0, d0), (u1, d1) = fmt.int8_block(b, w, wb), fmt.int8_block(b, w, b.add(wb, _c64(bb)))
-        return _shuf(b, u0, u1, list(range(64))), d0, d1
+            return (*emit_pair_u8(b, w, wb), None, None)
+        (u0, d0, m0), (u1, d1, m1) = block(b, wb), block(b, b.add(wb, _c64(bb)))
+        return _shuf(b, u0, u1, list(range(64))), d0, d1, m0, m1
+
+    def lanes16(b, v0, v1):
+        return _shuf(b, _splat(b, v0, 8), _splat(b, v1, 8), list(range(16)))
 
     def step(b, blocks, accs, wide):
         """One block (or a pair, wide) at block index ``blocks`` for every row and token."""
@@ -176,16 +187,17 @@ def _build_q8_dot(module, R, T_, variant, wtype=int(GT.MXFP4)):
         for r in range(R):
             wb = b.add(b.add(woff, b.mul(_c64(r), wst)), b.mul(blocks, _c64(bb)))
             if wide:
-                u, d0, d1 = pair(b, wb)
-                dw = _shuf(b, _splat(b, d0, 8), _splat(b, d1, 8), list(range(16)))
+                u, d0, d1, m0, m1 = pair(b, wb)
+                dw, mw = lanes16(b, d0, d1), None if m0 is None else lanes16(b, m0, m1)
             else:
-                u, d0 = fmt.int8_block(b, w, wb)
-                dw = _splat(b, d0, 8)
+                u, d0, m0 = block(b, wb)
+                dw, mw = _splat(b, d0, 8), None if m0 is None else _splat(b, m0, 8)
             for t in range(T_):
-                q, c, dx = xs[t]
+                q, c, neg, dx = xs[t]
                 s = b.sitofp(emit_dot_u8_i8(b, variant if wide or variant != "vnni512" else "vnni", u, q, c),
                              _vec(_F32, lanes))
-                new.append(_fma(b, s, b.fmul(dw, dx), accs[r * T_ + t]))
+                a = _fma(b, s, b.fmul(dw, dx), accs[r * T_ + t])
+                new.append(a if mw is None else _fma(b, neg, b.fmul(mw, dx), a))  # neg: -sums, so - min
         return new
 
     if variant != "vnni512":
@@ -316,7 +328,7 @@ def _build_q8k_dot(module, R, T_, variant, wtype):
     """As ``_build_q8_dot`` for super-blocks of 256 (the K-quants): the format's ``int8_superblock``
     gives each of the 8 sub-blocks of 32 as unsigned bytes with its scale and min (``value = scale
     * (u - int8_offset) - min``; scale a float, or 8 lanes for sub-blocks of 16: 4 lanes each;
-    min a float or None); per sub-block the integer dot of u with the token's int8 block (the
+    min likewise, or None); per sub-block the integer dot of u with the token's int8 block (the
     offset through the block's corrections), times scale * d_x, minus min * d_x * (the block's code
     sum, also from its corrections). 256-bit steps on every variant."""
     fmt = qregistry.get(wtype)
@@ -348,7 +360,7 @@ def _build_q8k_dot(module, R, T_, variant, wtype):
             sb = fmt.int8_superblock(b, w, b.add(b.add(woff, b.mul(_c64(r), wst)), b.mul(i, _c64(fmt.block_bytes))))
             for j, (u, scale, mn) in enumerate(sb):
                 sc = scale if isinstance(scale.type, ir.VectorType) else _splat(b, scale, 8)
-                m = None if mn is None else _splat(b, mn, 8)
+                m = mn if mn is None or isinstance(mn.type, ir.VectorType) else _splat(b, mn, 8)
                 for t in range(T_):
                     q, neg_sums, corr, dx = xs[t][j]
                     s = b.sitofp(emit_dot_u8_i8(b, dot_variant, u, q, corr), V8)
