@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import sys
-import time
 from pathlib import Path
 
 import numba
@@ -28,17 +27,7 @@ from hybrid.kernels.cpu import experts as cpu  # noqa: E402
 from hybrid.kernels.cpu.ir import q8_types  # noqa: E402
 from quant import registry as qregistry  # noqa: E402
 from hybrid.report import machine_line  # noqa: E402
-from bench_types import weights  # noqa: E402
-
-
-def median_ms(fn, repeat):
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)) * 1e3
+from bench_types import median_ms, weights  # noqa: E402
 
 
 def main(argv=None):

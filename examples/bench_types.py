@@ -79,7 +79,7 @@ def ggml_ms(binary, t, n, rb):
     return float(m.group(1)) / 1e3 if m else None
 
 
-def best_ms(fn, repeat):
+def median_ms(fn, repeat):
     fn()
     ts = []
     for _ in range(repeat):
@@ -116,10 +116,10 @@ def main(argv=None):
         for n in tokens:
             ids = np.stack([rng.choice(E, K, replace=False) for _ in range(n)]).astype(np.int64)
             x = rng.standard_normal((n, COLS)).astype(np.float32)
-            ours = best_ms(lambda: cpu.mul_mat_id(raw, int(t), ROWS, COLS, x, ids, tl), a.repeat)
+            ours = median_ms(lambda: cpu.mul_mat_id(raw, int(t), ROWS, COLS, x, ids, tl), a.repeat)
             used = np.unique(ids)
             floor = Floor([raw[e] for e in used], a.threads)
-            fl = best_ms(floor, a.repeat)
+            fl = median_ms(floor, a.repeat)
             g = ggml_ms(a.ggml, t, n, rb) if a.ggml else None
             gs = f"{g:.2f} | {ours / g:.2f}x" if g else "- | -"
             print(f"| {name} | {bits:.2f} | {n} | {ours:.2f} | {fl:.2f} | {ours / fl:.2f}x | {gs} |", flush=True)
