@@ -113,15 +113,16 @@ def quantize_q8_row(x, p, nblk, qc, d):
         z = np.float32(0.0)
         for j in range(32):
             z += x[p, b * 32 + j] * np.float32(0.0)  # NaN iff the block holds a NaN or an inf
+        o = (p * nblk + b) * Q8_REC
         if z != z:
             s, inv = np.float32(np.nan), np.float32(0.0)
-        o = (p * nblk + b) * Q8_REC
+            for j in range(32):
+                q8[o + j] = 0
+        else:
+            for j in range(32):
+                q8[o + j] = np.int8(np.int32(_roundf(x[p, b * 32 + j] * inv)))
         for j in range(Q8_DREP):
             d[(p * nblk + b) * Q8_DREP + j] = s
-        for j in range(32):
-            v = x[p, b * 32 + j] * inv
-            q = np.int32(_roundf(v)) if z == z else np.int32(0)
-            q8[o + j] = np.int8(q)
         for g in range(8):
             qi[o // 4 + 8 + g] = np.int32(-U8_OFFSET) * (np.int32(q8[o + 4 * g]) + np.int32(q8[o + 4 * g + 1])
                                                          + np.int32(q8[o + 4 * g + 2]) + np.int32(q8[o + 4 * g + 3]))
