@@ -241,11 +241,17 @@ Q4_0.int8_dot, Q4_0.int8_offset, Q4_0.int8_avx2 = True, 12, True  # noqa: F821 (
 Q4_0.int8_block = staticmethod(_q4_0_int8)  # noqa: F821
 
 
+def _five_bit_codes(b, p8, off, qh_at):
+    """Q5_0's and Q5_1's 32 codes 0..31 as bytes: nibble | fifth bit << 4 (qh at ``qh_at``, the
+    nibbles right after it)."""
+    from ..simd import c64, emit_bits_u8, emit_nibbles_u8
+    return b.or_(emit_nibbles_u8(b, p8, b.add(off, c64(qh_at + 4))), emit_bits_u8(b, p8, b.add(off, c64(qh_at)), 16))
+
+
 def _q5_0_int8(b, p8, off):
-    """Q5_0's integer-dot block: the codes q (0..31, value q - 16) as bytes, nibble | fifth bit << 4."""
-    from ..simd import c64, emit_bits_u8, emit_half, emit_nibbles_u8
-    u = b.or_(emit_nibbles_u8(b, p8, b.add(off, c64(6))), emit_bits_u8(b, p8, b.add(off, c64(2)), 16))
-    return u, emit_half(b, p8, off)
+    """Q5_0's integer-dot block: the codes q (0..31, value q - 16) as bytes and d."""
+    from ..simd import emit_half
+    return _five_bit_codes(b, p8, off, 2), emit_half(b, p8, off)
 
 
 Q5_0.int8_dot, Q5_0.int8_offset, Q5_0.int8_avx2 = True, 16, True  # noqa: F821 (defined above)
@@ -260,10 +266,9 @@ def _q4_1_int8(b, p8, off):
 
 
 def _q5_1_int8(b, p8, off):
-    """Q5_1's integer-dot block: nibble | fifth bit << 4 (0..31) as bytes, d, and -m as the min."""
-    from ..simd import c64, emit_bits_u8, emit_half, emit_nibbles_u8
-    u = b.or_(emit_nibbles_u8(b, p8, b.add(off, c64(8))), emit_bits_u8(b, p8, b.add(off, c64(4)), 16))
-    return u, emit_half(b, p8, off), b.fneg(emit_half(b, p8, b.add(off, c64(2))))
+    """Q5_1's integer-dot block: the codes 0..31 as bytes, d, and -m as the min."""
+    from ..simd import c64, emit_half
+    return _five_bit_codes(b, p8, off, 4), emit_half(b, p8, off), b.fneg(emit_half(b, p8, b.add(off, c64(2))))
 
 
 Q4_1.int8_dot, Q4_1.int8_avx2 = True, True  # noqa: F821 (defined above); codes 0..15, offset 0
