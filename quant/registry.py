@@ -48,7 +48,8 @@ when absent):
 Numba cannot call through a dict, so ``cpu_decoder()`` generates the njit
 dispatcher (an if/elif chain over the registered formats' ``decode_block``)
 and ``jit`` compiles consumers whose on-disk cache is keyed on the registry's
-``fingerprint()``; both are rebuilt when a format registers or unregisters.
+``fingerprint()``; both are rebuilt when a format registers or unregisters (consumers on
+their next call, from the disk cache where that set of formats was compiled before).
 A format with ``compile_on_use`` (the legacy, K-, i- and ternary quants) joins the
 generated code only when an entry point ``activate``s it for a tensor of its type:
 a model of common types compiles five decoders, not twenty-five (first run of the
@@ -369,6 +370,10 @@ def _changed():
     _DISPATCH = None
     for fn in list(_LISTENERS):
         fn()
-    for d in _CONSUMERS:  # definition order: callees before their callers
+    for d in _CONSUMERS:
         if d.overloads:
-            d.recompile()
+            # Lazily: the next call compiles, or loads from the disk cache under the new
+            # fingerprint. Not ``recompile()``: it compiles every consumer at once and flushes
+            # its disk cache, so each registry change would cost every fingerprint's compile again.
+            d._make_finalizer()()
+            d._reset_overloads()

@@ -6,6 +6,17 @@ from gguf import GGUFReader
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _all_formats_compiled_in():
+    # Every format in the generated code from the start: one registry fingerprint for the
+    # whole session, so each compiled consumer compiles (or loads from disk) once, instead of
+    # once per format that a test happens to activate first (tests of activation itself
+    # register a compile_on_use toy of their own).
+    from quant import registry
+    registry.activate(*registry.types("decode"))
+    yield
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _short_gil_switch():
     # The CUDA simulator's block manager polls its threads while holding the GIL;
     # a shorter switch interval cuts each barrier's wait several-fold.

@@ -256,6 +256,9 @@ class Model:
                 self.layers.append(layer)
         if not self.layers:
             raise GGUFError(f"{self.path}: no MoE layers (no blk.N.ffn_gate_exps.weight tensors)")
+        # all of the file's types join the generated CPU code at once: one compile on the first
+        # call, not one more for each type a later layer meets first
+        qregistry.activate(*{t.ggml_type for t in self.tensors.values() if qregistry.has(t.ggml_type, "cpu")})
         if check_tensors:
             self.check_tensors()
 
