@@ -15,9 +15,10 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(PY) -m hybrid run
 
-# Simulator on so CUDA kernels run on the CPU; -p no:cacheprovider keeps the tree clean.
+# Simulator on so CUDA kernels run on the CPU; -p no:cacheprovider keeps the tree clean;
+# -n auto: one pytest worker per core.
 test: $(STAMP)
-	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest -q -p no:cacheprovider
+	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest -q -p no:cacheprovider -n auto
 
 clean:
 	rm -rf $(VENV) build *.egg-info
