@@ -342,15 +342,70 @@ def emit_nibbles_u8(b, p8, qoff, table=None):
     return b.call(pshufb, [tbl, idx])
 
 
-def emit_bits_u8(b, p8, off, value):
-    """The 32 bits of the 4 bytes at ``off`` (bit j of their little-endian u32 for element j: the
-    fifth bits of Q5_0/Q5_1) as <32 x i8>, ``value`` where the bit is set, else 0: byte j // 8
-    broadcast to lane j, tested against 1 << (j % 8)."""
+def _bits_set(b, p8, off):
+    """<32 x i1>: bit j of the little-endian u32 at byte ``off``, for lane j (byte j // 8
+    broadcast to lane j, tested against 1 << (j % 8))."""
     qh = load(b, p8, off, vec(I8, 4))
     lanes = shuf(b, qh, qh, [j // 8 for j in range(32)])
     bit = ir.Constant(vec(I8, 32), [(1 << (j % 8)) - (256 if j % 8 == 7 else 0) for j in range(32)])
-    on = b.icmp_unsigned("!=", b.and_(lanes, bit), ivec(32, 0, I8))
-    return b.select(on, ivec(32, value, I8), ivec(32, 0, I8))
+    return b.icmp_unsigned("!=", b.and_(lanes, bit), ivec(32, 0, I8))
+
+
+def emit_bits_u8(b, p8, off, value):
+    """The 32 bits of the 4 bytes at ``off`` (bit j of their little-endian u32 for element j: the
+    fifth bits of Q5_0/Q5_1) as <32 x i8>, ``value`` where the bit is set, else 0."""
+    return b.select(_bits_set(b, p8, off), ivec(32, value, I8), ivec(32, 0, I8))
+
+
+def emit_sign_bits(b, p8, off):
+    """The 32 sign bits at byte ``off`` (element j: bit j of their u32; IQ2_S, IQ3_S) as a <32 x i8>
+    mask, -1 where set, else 0: the operand of ``emit_signed_u8``."""
+    return b.sext(_bits_set(b, p8, off), vec(I8, 32))
+
+
+def emit_rows_i8(b, name, table, idxs):
+    """The rows ``idxs`` (integer IR values) of ``table`` (a numpy [n, w] array of bytes, w 4 or 8,
+    len(idxs) * w == 32), in order, as <32 x i8>: the table one internal IR constant ``name`` of
+    w-byte words, one load per row (the i-quants' grids, their sign masks)."""
+    n, w = table.shape
+    assert w * len(idxs) == 32 and w in (4, 8), (table.shape, len(idxs))
+    word = ir.IntType(8 * w)
+    words = np.ascontiguousarray(table).view(np.int32 if w == 4 else np.int64).reshape(n)
+    tbl = _global_table(b.module, name, word, [int(v) for v in words])
+    v = ir.Constant(vec(word, len(idxs)), ir.Undefined)
+    for k, i in enumerate(idxs):
+        i64 = i if i.type.width == 64 else b.zext(i, I64)
+        v = b.insert_element(v, b.load(b.gep(tbl, [c64(0), i64])), ir.Constant(I32, k))
+    return b.bitcast(v, vec(I8, 32))
+
+
+def emit_signed_u8(b, g, mask, offset):
+    """<32 x i8> ``offset + (mask ? -g : g)`` (mask lanes -1 or 0): the i-quants' grid values under
+    their signs, as the unsigned bytes the integer dot takes."""
+    return b.add(b.sub(b.xor(g, mask), mask), ivec(32, offset, I8))
+
+
+def emit_lanes16(b, s0, s1):
+    """Two sub-blocks of 16's floats as the 8 lanes of their sub-block of 32: 4 lanes each (the
+    integer dot's i32 lane k sums elements 4k..4k+3)."""
+    v = ir.Constant(vec(F32, 4), [0.0] * 4)
+    h0, h1 = (b.insert_element(v, s, ir.Constant(I32, 0)) for s in (s0, s1))
+    return shuf(b, h0, h1, [0, 0, 0, 0, 4, 4, 4, 4])
+
+
+def emit_u8_at(b, p8, off):
+    """The byte at ``off`` as i32."""
+    return b.zext(b.load(b.gep(p8, [off])), I32)
+
+
+def emit_u16_at(b, p8, off):
+    """The little-endian u16 at ``off`` as i32."""
+    return b.zext(b.load(b.bitcast(b.gep(p8, [off]), I16.as_pointer()), align=1), I32)
+
+
+def emit_u32_at(b, p8, off):
+    """The little-endian u32 at ``off`` as i32."""
+    return b.load(b.bitcast(b.gep(p8, [off]), I32.as_pointer()), align=1)
 
 
 def emit_block_u8(b, p8, off):

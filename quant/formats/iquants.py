@@ -389,3 +389,164 @@ def _iq4_xs_int8(b, p8, off):
 
 IQ4_XS.int8_dot, IQ4_XS.int8_offset, IQ4_XS.int8_avx2 = True, 128, False  # noqa: F821 (registered above)
 IQ4_XS.int8_superblock = staticmethod(_iq4_xs_int8)  # noqa: F821
+
+
+# ---------------------------------------------------------------- the lattice i-quants as int8
+# Each sub-block of 32 becomes the unsigned bytes offset + (sign ? -grid : grid) (quant.simd's
+# emit_rows_i8 gathers the grid rows and, for the 7-bit sign indices, 8-byte masks from this table).
+KSIGN_MASKS = np.where(SIGN_BITS != 0, U8(0xFF), U8(0))  # [128, 8]: -1 where a value is negated
+
+
+def _ir():
+    from llvmlite import ir
+    from .. import simd
+    return ir, simd, (lambda v: ir.Constant(simd.I32, v))
+
+
+def _ksign_mask(b, aux):
+    """The 32 sign bytes of four 7-bit KSIGNS indices in ``aux`` (bits 0, 7, 14, 21)."""
+    ir, s, k = _ir()
+    return s.emit_rows_i8(b, "hyb_ksign_masks", KSIGN_MASKS, [b.and_(b.lshr(aux, k(7 * j)), k(127)) for j in range(4)])
+
+
+def _iq2_xxs_int8(b, p8, off):
+    """IQ2_XXS: per 32, 4 grid bytes and a u32 of 4 sign indices under a 4-bit scale (offset 43)."""
+    ir, s, k = _ir()
+    d, out = s.emit_half(b, p8, off), []
+    for ib in range(8):
+        at = b.add(off, s.c64(2 + 8 * ib))
+        aux = s.emit_u32_at(b, p8, b.add(at, s.c64(4)))
+        g = s.emit_rows_i8(b, "hyb_grid_iq2_xxs", GRID_IQ2_XXS,
+                           [s.emit_u8_at(b, p8, b.add(at, s.c64(j))) for j in range(4)])
+        db = b.fmul(b.fmul(d, b.fadd(ir.Constant(s.F32, 0.5), b.uitofp(b.lshr(aux, k(28)), s.F32))),
+                    ir.Constant(s.F32, 0.25))
+        out.append((s.emit_signed_u8(b, g, _ksign_mask(b, aux), 43), db, None))
+    return out
+
+
+def _half_dbs(b, p8, at, d):
+    """IQ2_XS's and IQ2_S's two scales of a sub-block of 32 (the nibbles of the byte at ``at``) as
+    8 lanes: d * (0.5 + nibble) * 0.25."""
+    ir, s, k = _ir()
+    sc = s.emit_u8_at(b, p8, at)
+    dbs = [b.fmul(b.fmul(d, b.fadd(ir.Constant(s.F32, 0.5), b.uitofp(v, s.F32))), ir.Constant(s.F32, 0.25))
+           for v in (b.and_(sc, k(15)), b.lshr(sc, k(4)))]
+    return s.emit_lanes16(b, *dbs)
+
+
+def _iq2_xs_int8(b, p8, off):
+    """IQ2_XS: per 32, 4 u16 of (9-bit grid index, 7-bit sign index), a scale nibble per 16."""
+    ir, s, k = _ir()
+    d, out = s.emit_half(b, p8, off), []
+    for j in range(8):
+        q = [s.emit_u16_at(b, p8, b.add(off, s.c64(2 + 8 * j + 2 * i))) for i in range(4)]
+        g = s.emit_rows_i8(b, "hyb_grid_iq2_xs", GRID_IQ2_XS, [b.and_(v, k(511)) for v in q])
+        m = s.emit_rows_i8(b, "hyb_ksign_masks", KSIGN_MASKS, [b.lshr(v, k(9)) for v in q])
+        out.append((s.emit_signed_u8(b, g, m, 43), _half_dbs(b, p8, b.add(off, s.c64(66 + j)), d), None))
+    return out
+
+
+def _iq2_s_int8(b, p8, off):
+    """IQ2_S: per 32, 4 grid bytes with 2 high bits each from one qh byte, 32 sign bits."""
+    ir, s, k = _ir()
+    d, out = s.emit_half(b, p8, off), []
+    for j in range(8):
+        qh = s.emit_u8_at(b, p8, b.add(off, s.c64(66 + j)))
+        idx = [b.or_(s.emit_u8_at(b, p8, b.add(off, s.c64(2 + 4 * j + i))),
+                     b.shl(b.and_(b.lshr(qh, k(2 * i)), k(3)), k(8))) for i in range(4)]
+        g = s.emit_rows_i8(b, "hyb_grid_iq2_s", GRID_IQ2_S, idx)
+        m = s.emit_sign_bits(b, p8, b.add(off, s.c64(34 + 4 * j)))
+        out.append((s.emit_signed_u8(b, g, m, 43), _half_dbs(b, p8, b.add(off, s.c64(74 + j)), d), None))
+    return out
+
+
+def _iq3_xxs_int8(b, p8, off):
+    """IQ3_XXS: per 32, 8 grid bytes (4 values each), a u32 of sign indices and scale (offset 62)."""
+    ir, s, k = _ir()
+    d, out = s.emit_half(b, p8, off), []
+    for ib in range(8):
+        aux = s.emit_u32_at(b, p8, b.add(off, s.c64(66 + 4 * ib)))
+        g = s.emit_rows_i8(b, "hyb_grid_iq3_xxs", GRID_IQ3_XXS,
+                           [s.emit_u8_at(b, p8, b.add(off, s.c64(2 + 8 * ib + j))) for j in range(8)])
+        db = b.fmul(b.fmul(d, b.fadd(ir.Constant(s.F32, 0.5), b.uitofp(b.lshr(aux, k(28)), s.F32))),
+                    ir.Constant(s.F32, 0.5))
+        out.append((s.emit_signed_u8(b, g, _ksign_mask(b, aux), 62), db, None))
+    return out
+
+
+def _iq3_s_int8(b, p8, off):
+    """IQ3_S: per 32, 8 grid bytes with a 9th bit each from one qh byte, 32 sign bits, a scale
+    nibble: d * (1 + 2 * nibble) (offset 15)."""
+    ir, s, k = _ir()
+    d, out = s.emit_half(b, p8, off), []
+    for ib in range(8):
+        qh = s.emit_u8_at(b, p8, b.add(off, s.c64(66 + ib)))
+        idx = [b.or_(s.emit_u8_at(b, p8, b.add(off, s.c64(2 + 8 * ib + j))), b.shl(b.and_(b.lshr(qh, k(j)), k(1)), k(8)))
+               for j in range(8)]
+        g = s.emit_rows_i8(b, "hyb_grid_iq3_s", GRID_IQ3_S, idx)
+        m = s.emit_sign_bits(b, p8, b.add(off, s.c64(74 + 4 * ib)))
+        nib = b.and_(b.lshr(s.emit_u8_at(b, p8, b.add(off, s.c64(106 + ib // 2))), k(4 * (ib % 2))), k(15))
+        db = b.fmul(d, b.uitofp(b.add(b.shl(nib, k(1)), k(1)), s.F32))
+        out.append((s.emit_signed_u8(b, g, m, 15), db, None))
+    return out
+
+
+def _iq1_rows(b, p8, lo_at, highs):
+    """IQ1_S's and IQ1_M's 4 grid rows (-1..1) + 1 as bytes: low index bytes from ``lo_at``, the
+    3 high bits of row i in ``highs[i]``."""
+    ir, s, k = _ir()
+    idx = [b.or_(s.emit_u8_at(b, p8, b.add(lo_at, s.c64(i))), b.shl(h, k(8))) for i, h in enumerate(highs)]
+    return b.add(s.emit_rows_i8(b, "hyb_grid_iq1", GRID_IQ1, idx), s.ivec(32, 1, s.I8))
+
+
+def _delta_min(b, dl, neg_bit):
+    """The min of dl * (grid + delta) as ``scale * u - min``: -dl * delta, delta -IQ1_DELTA where
+    ``neg_bit`` (i32, 0 or not) is set."""
+    ir, s, k = _ir()
+    dm = b.select(b.icmp_unsigned("!=", neg_bit, k(0)), ir.Constant(s.F32, float(IQ1_DELTA)),
+                  ir.Constant(s.F32, -float(IQ1_DELTA)))
+    return b.fmul(dl, dm)
+
+
+def _iq1_s_int8(b, p8, off):
+    """IQ1_S: per 32, 4 grid bytes, a u16 of 4 x 3 high bits, a 3-bit scale and the delta's sign:
+    dl * (grid + delta) = dl * (u - 1) + dl * delta, the delta a min (offset 1)."""
+    ir, s, k = _ir()
+    d, out = s.emit_half(b, p8, off), []
+    for ib in range(8):
+        qh = s.emit_u16_at(b, p8, b.add(off, s.c64(34 + 2 * ib)))
+        u = _iq1_rows(b, p8, b.add(off, s.c64(2 + 4 * ib)), [b.and_(b.lshr(qh, k(3 * i)), k(7)) for i in range(4)])
+        dl = b.fmul(d, b.uitofp(b.add(b.shl(b.and_(b.lshr(qh, k(12)), k(7)), k(1)), k(1)), s.F32))
+        out.append((u, dl, _delta_min(b, dl, b.and_(qh, k(0x8000)))))
+    return out
+
+
+def _iq1_m_int8(b, p8, off):
+    """IQ1_M: per 32, 4 grid bytes, 2 qh bytes (per row 3 high bits and the delta's sign), two
+    3-bit scales (per 16) of the u16 scales whose top nibbles hold d; mins per row of 8 (offset 1)."""
+    ir, s, k = _ir()
+    w = [s.emit_u16_at(b, p8, b.add(off, s.c64(48 + 2 * i))) for i in range(4)]
+    top = [b.shl(b.lshr(v, k(12)), k(4 * i)) for i, v in enumerate(w)]
+    d = s._half_to_f32(b, b.or_(b.or_(top[0], top[1]), b.or_(top[2], top[3])))
+    out = []
+    for ib in range(8):
+        qh = [b.and_(b.lshr(s.emit_u8_at(b, p8, b.add(off, s.c64(32 + 2 * ib + i // 2))), k(4 * (i % 2))), k(15))
+              for i in range(4)]
+        u = _iq1_rows(b, p8, b.add(off, s.c64(4 * ib)), [b.and_(h, k(7)) for h in qh])
+        dl = [b.fmul(d, b.uitofp(b.add(b.shl(b.and_(b.lshr(w[ib // 2], k(3 * (2 * ib % 4 + h))), k(7)), k(1)), k(1)),
+                                 s.F32)) for h in range(2)]
+        mins = ir.Constant(s.vec(s.F32, 8), ir.Undefined)
+        for i in range(4):  # row i of 8: lanes 2i, 2i + 1
+            m = _delta_min(b, dl[i // 2], b.and_(qh[i], k(8)))
+            for lane in (2 * i, 2 * i + 1):
+                mins = b.insert_element(mins, m, k(lane))
+        out.append((u, s.emit_lanes16(b, *dl), mins))
+    return out
+
+
+for _t, _hook, _offset in ((IQ2_XXS, _iq2_xxs_int8, 43), (IQ2_XS, _iq2_xs_int8, 43), (IQ2_S, _iq2_s_int8, 43),  # noqa: F821
+                           (IQ3_XXS, _iq3_xxs_int8, 62), (IQ3_S, _iq3_s_int8, 15),  # noqa: F821
+                           (IQ1_S, _iq1_s_int8, 1), (IQ1_M, _iq1_m_int8, 1)):  # noqa: F821
+    # grid + offset at most 86 (IQ2), 124 (IQ3_XXS): vpmaddubsw's pairs stay under 2^15 with |q| <= 127
+    _t.int8_dot, _t.int8_offset, _t.int8_avx2 = True, _offset, True
+    _t.int8_superblock = staticmethod(_hook)

@@ -205,22 +205,12 @@ SPECS = {
 globals().update(register(SPECS, __name__))  # the classes Q4_K, ... in the registry
 
 
-def _lanes16(b, s0, s1):
-    """Two sub-blocks of 16's floats as the 8 lanes of their sub-block of 32: 4 lanes each (the
-    integer dot's i32 lane k sums elements 4k..4k+3)."""
-    from llvmlite import ir
-    from ..simd import F32, I32, shuf, vec
-    v = ir.Constant(vec(F32, 4), [0.0] * 4)
-    h0, h1 = (b.insert_element(v, s, ir.Constant(I32, 0)) for s in (s0, s1))
-    return shuf(b, h0, h1, [0, 0, 0, 0, 4, 4, 4, 4])
-
-
 def _q2_k_int8(b, p8, off):
     """Q2_K's integer-dot super-block: 8 x (the 32 codes 0..3 as bytes, d * sc and dmin * m of each
     16 as 8 lanes). Sub-block j of 32: bits 2(j % 4).. of the 32 qs bytes of group j // 4, under
     the scale bytes 2j and 2j + 1."""
     from llvmlite import ir
-    from ..simd import F32, I8, I32, c64, emit_half, ivec, load, vec
+    from ..simd import F32, I8, I32, c64, emit_half, emit_lanes16 as lanes16, ivec, load, vec
     d, dmin = emit_half(b, p8, b.add(off, c64(80))), emit_half(b, p8, b.add(off, c64(82)))
     k = lambda v: ir.Constant(I32, v)  # noqa: E731
     out = []
@@ -228,8 +218,8 @@ def _q2_k_int8(b, p8, off):
         qs = load(b, p8, b.add(off, c64(16 + 32 * (j // 4))), vec(I8, 32))
         u = b.and_(b.lshr(qs, ivec(32, 2 * (j % 4), I8)), ivec(32, 3, I8))
         sc = [b.zext(b.load(b.gep(p8, [b.add(off, c64(2 * j + h))])), I32) for h in range(2)]
-        scale = _lanes16(b, *(b.fmul(d, b.sitofp(b.and_(v, k(15)), F32)) for v in sc))
-        mn = _lanes16(b, *(b.fmul(dmin, b.sitofp(b.lshr(v, k(4)), F32)) for v in sc))
+        scale = lanes16(b, *(b.fmul(d, b.sitofp(b.and_(v, k(15)), F32)) for v in sc))
+        mn = lanes16(b, *(b.fmul(dmin, b.sitofp(b.lshr(v, k(4)), F32)) for v in sc))
         out.append((u, scale, mn))
     return out
 
@@ -244,7 +234,7 @@ def _q3_k_int8(b, p8, off):
     of 32: bits 2(j % 4).. of the qs group j // 4, bit j of the 32 hmask bytes, scales 2j, 2j + 1
     (each 4 low bits of byte s % 8, shifted by 4 (s // 8), and 2 high of byte 8 + s % 4, by 2 (s // 4))."""
     from llvmlite import ir
-    from ..simd import F32, I8, I32, c64, emit_half, ivec, load, vec
+    from ..simd import F32, I8, I32, c64, emit_half, emit_lanes16 as lanes16, ivec, load, vec
     d = emit_half(b, p8, b.add(off, c64(108)))
     hm = load(b, p8, off, vec(I8, 32))
     k = lambda v: ir.Constant(I32, v)  # noqa: E731
@@ -259,7 +249,7 @@ def _q3_k_int8(b, p8, off):
             lo = b.and_(b.lshr(byte(96 + s % 8), k(4 * (s // 8))), k(15))
             hi = b.and_(b.lshr(byte(104 + s % 4), k(2 * (s // 4))), k(3))
             dl.append(b.fmul(d, b.sitofp(b.sub(b.or_(lo, b.shl(hi, k(4))), k(32)), F32)))
-        out.append((u, _lanes16(b, *dl), None))
+        out.append((u, lanes16(b, *dl), None))
     return out
 
 
@@ -303,7 +293,7 @@ def _q6_k_int8(b, p8, off):
     """Q6_K's integer-dot super-block: 8 x (the 32 six-bit codes 0..63 as bytes, d * scale of each
     16 as 8 lanes, no min); values are code - 32 (``int8_offset``). Layout as ggml's
     dequantize_row_q6_K: half h of 128 from ql[64h..], qh[32h..], scales[8h..]."""
-    from ..simd import F32, I8, I32, c64, emit_half, ivec, load, vec
+    from ..simd import F32, I8, I32, c64, emit_half, emit_lanes16 as lanes16, ivec, load, vec
     d = emit_half(b, p8, b.add(off, c64(208)))
     out = []
     for h in range(2):
@@ -316,7 +306,7 @@ def _q6_k_int8(b, p8, off):
             top = b.shl(b.and_(b.lshr(qh, ivec(32, 2 * g, I8)), ivec(32, 3, I8)), ivec(32, 4, I8))
             s = [b.fmul(d, b.sitofp(b.sext(b.load(b.gep(p8, [b.add(off, c64(192 + 8 * h + 2 * g + k))])), I32), F32))
                  for k in range(2)]
-            out.append((b.or_(low, top), _lanes16(b, *s), None))
+            out.append((b.or_(low, top), lanes16(b, *s), None))
     return out
 
 

@@ -69,3 +69,59 @@ SPECS = {
     T.TQ2_0: (tq2_0_numpy, _tq2_0, (64,)),
 }
 globals().update(register(SPECS, __name__))  # the classes Q4_K, ... in the registry
+
+
+# ---------------------------------------------------------------- as int8: trits 0..2 (value q - 1)
+def _tq1_0_sources():
+    """Per sub-block of 32 and lane: (byte of the block, power of 3) its trit comes from."""
+    out = []
+    for j in range(8):
+        src, pw = [], []
+        for e in range(32 * j, 32 * j + 32):
+            at, k = ((e % 32, e // 32) if e < 160 else (32 + (e - 160) % 16, (e - 160) // 16) if e < 240
+                     else (48 + (e - 240) % 4, (e - 240) // 4))
+            src.append(at)
+            pw.append(int(POW3[k]))
+        out.append((src, pw))
+    return out
+
+
+TQ1_0_SOURCES = _tq1_0_sources()
+
+
+def _tq1_0_int8(b, p8, off):
+    """TQ1_0: each sub-block's bytes gathered by one shuffle of the qs and qh loads, then the trit
+    ((x * 3^k mod 256) * 3) >> 8 in 16-bit lanes."""
+    from ..simd import I8, I16, c64, emit_half, ivec, load, shuf, vec
+    a = load(b, p8, off, vec(I8, 32))
+    rest = shuf(b, load(b, p8, b.add(off, c64(32)), vec(I8, 16)),
+                shuf(b, load(b, p8, b.add(off, c64(48)), vec(I8, 4)), load(b, p8, b.add(off, c64(48)), vec(I8, 4)),
+                     list(range(4)) * 4), list(range(32)))  # bytes 32..47, then 48..51 (and copies)
+    d, out = emit_half(b, p8, b.add(off, c64(52))), []
+    V16 = vec(I16, 32)
+    for src, pw in TQ1_0_SOURCES:
+        x = b.zext(shuf(b, a, rest, src), V16)
+        x = b.and_(b.mul(x, _i16s(pw)), ivec(32, 255, I16))
+        out.append((b.trunc(b.lshr(b.mul(x, ivec(32, 3, I16)), ivec(32, 8, I16)), vec(I8, 32)), d, None))
+    return out
+
+
+def _i16s(values):
+    from llvmlite import ir
+    from ..simd import I16, vec
+    return ir.Constant(vec(I16, len(values)), values)
+
+
+def _tq2_0_int8(b, p8, off):
+    """TQ2_0: sub-block j the bits 2(j % 4).. of the 32 qs bytes of half j // 4, as Q2_K's codes."""
+    from ..simd import I8, c64, emit_half, ivec, load, vec
+    d, out = emit_half(b, p8, b.add(off, c64(64))), []
+    for j in range(8):
+        qs = load(b, p8, b.add(off, c64(32 * (j // 4))), vec(I8, 32))
+        out.append((b.and_(b.lshr(qs, ivec(32, 2 * (j % 4), I8)), ivec(32, 3, I8)), d, None))
+    return out
+
+
+for _t, _hook in ((TQ1_0, _tq1_0_int8), (TQ2_0, _tq2_0_int8)):  # noqa: F821 (registered above)
+    _t.int8_dot, _t.int8_offset, _t.int8_avx2 = True, 1, True
+    _t.int8_superblock = staticmethod(_hook)

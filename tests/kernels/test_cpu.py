@@ -462,10 +462,20 @@ def _int8_blocks(wtype, rows, cols, rng):
         return np.ascontiguousarray(quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), wtype))
     f = qreg.get(wtype)
     raw = rng.integers(0, 256, (rows * cols // f.block, f.block_bytes), dtype=np.uint8)
-    for at in f.scale_offsets:
+
+    def halves():
         d = rng.uniform(0.01, 0.1, raw.shape[0]).astype(np.float16)
         d[0], d[1] = 0.0, np.float16(6e-8)
-        raw[:, at:at + 2] = d.view(np.uint8).reshape(-1, 2)
+        return d
+
+    if wtype == T.IQ1_M:  # its f16 d: nibble i in the top 4 bits of the scale word i (bytes 48..55)
+        words = raw[:, 48:56].copy().view(np.uint16)
+        h = halves().view(np.uint16)
+        for i in range(4):
+            words[:, i] = (words[:, i] & 0x0FFF) | (((h >> (4 * i)) & 15) << 12)
+        raw[:, 48:56] = words.view(np.uint8)
+    for at in f.scale_offsets or ():
+        raw[:, at:at + 2] = halves().view(np.uint8).reshape(-1, 2)
     return raw.reshape(rows, -1)
 
 

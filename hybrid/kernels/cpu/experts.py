@@ -9,7 +9,7 @@ L1/L2 for all of the expert's tokens. Items are ordered row-tile-major and cut
 into a few equal-cost chunks per thread, so skewed routing still balances.
 
 Inside an item, three ways to multiply:
-- int8 (MXFP4, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K, and with VNNI Q8_0, IQ4_NL and IQ4_XS: the
+- int8 (every quantised format; Q8_0, IQ4_NL and IQ4_XS with VNNI only: the
   formats with an ``int8_block`` or, for super-blocks of 256, an ``int8_superblock``; experts with
   at most ``q8_tokens`` tokens in the call, by default the format's measured crossover
   ``Q8_MAX_TOKENS``: every decode step, and the lightly used experts of a prompt): as ggml does,
@@ -133,26 +133,39 @@ def _q8_types():
     return tuple(t for t in q8_types(Q8_VARIANT) if t in active)
 
 
+def _build_format_pass(wt):
+    """One format's integer pass (``_q8_pass`` without ``wtype``): its own function, not inlined,
+    so LLVM optimises each format's unrolled kernels apart (one function holding every format's
+    took 221 s to compile, superlinear in its size) and each consumer links it once."""
+    ks = _q8_kernels(wt)
+    ns = {"Q8_R": Q8_R, **{f"k{t}": ks[t - 1] for t in range(1, 5)}, **{f"s{t}": ks[3 + t] for t in range(1, 5)}}
+    args = "(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)"
+    lines = ["def q8_pass(T_, raw, wo, wst, nk, nr, QC, D, xo, xst, out, oo, ost):",
+             "    R = Q8_R[T_ - 1]", "    nm = nr - nr % R"]
+    for t in range(1, 5):
+        lines += [f"    {'if' if t == 1 else 'elif'} T_ == {t}:",
+                  "        for r in range(0, nm, R):", f"            k{t}{args}",
+                  "        for r in range(nm, nr):", f"            s{t}{args}"]
+    exec(compile("\n".join(lines), f"<hybrid.kernels.cpu.experts._q8_pass_{wt}>", "exec"), ns)
+    return nb.njit(ns["q8_pass"])
+
+
 def _build_q8_pass():
     """``_q8_pass(wtype, T_, raw, wo, wst, nk, nr, QC, D, xo, xst, out, oo, ost)``: out[oo + t*ost + r]
     += row r . x_t for T_ (1..4) tokens, rows [0, nr), x_t the int8 blocks xo + t*xst .. of (QC, D).
-    Generated from the formats with an integer dot (one call site per kernel; Numba cannot call
+    Generated from the formats with an integer dot (one call site per format; Numba cannot call
     through a dict), rebuilt when the registry changes."""
-    ns = {"Q8_R": Q8_R}
-    lines = ["def _q8_pass(wtype, T_, raw, wo, wst, nk, nr, QC, D, xo, xst, out, oo, ost):",
-             "    R = Q8_R[T_ - 1]", "    nm = nr - nr % R"]
-    args = "(raw, wo + r * wst, wst, nk, QC, D, xo, xst, out, oo + r, ost)"
+    ns, lines = {}, ["def _q8_pass(wtype, T_, raw, wo, wst, nk, nr, QC, D, xo, xst, out, oo, ost):"]
     for i, wt in enumerate(_q8_types()):
-        lines.append(f"    {'if' if i == 0 else 'elif'} wtype == {wt}:")
-        ks = _q8_kernels(wt)
-        for t in range(1, 5):
-            ns[f"k{wt}_{t}"], ns[f"s{wt}_{t}"] = ks[t - 1], ks[4 + t - 1]
-            lines += [f"        {'if' if t == 1 else 'elif'} T_ == {t}:",
-                      "            for r in range(0, nm, R):", f"                k{wt}_{t}{args}",
-                      "            for r in range(nm, nr):", f"                s{wt}_{t}{args}"]
+        ns[f"p{wt}"] = _format_pass(wt)
+        lines += [f"    {'if' if i == 0 else 'elif'} wtype == {wt}:",
+                  f"        p{wt}(T_, raw, wo, wst, nk, nr, QC, D, xo, xst, out, oo, ost)"]
     lines.append("    pass")
     exec(compile("\n".join(lines), "<hybrid.kernels.cpu.experts._q8_pass>", "exec"), ns)
     return nb.njit(inline="always")(ns["_q8_pass"])
+
+
+_format_pass = functools.lru_cache(maxsize=None)(_build_format_pass)  # each format's compiled once a process
 
 
 _q8_pass = _build_q8_pass()
