@@ -409,19 +409,44 @@ def _ksign_mask(b, aux):
     return s.emit_rows_i8(b, "hyb_ksign_masks", KSIGN_MASKS, [b.and_(b.lshr(aux, k(7 * j)), k(127)) for j in range(4)])
 
 
-def _iq2_xxs_int8(b, p8, off):
-    """IQ2_XXS: per 32, 4 grid bytes and a u32 of 4 sign indices under a 4-bit scale (offset 43)."""
+def _signed_superblock(fmt, grid, sub):
+    """A lattice i-quant's ``int8_superblock``: per sub-block j of 32, ``sub(b, p8, off, j, d)``
+    gives (grid row indices, sign mask, scale); the bytes are offset + (sign ? -grid : grid),
+    the offset the grid's largest value (so the format's ``int8_offset``, ``_offset(grid)``)."""
+    offset = _offset(grid)
+    name = f"hyb_grid_{fmt}"
+
+    def superblock(b, p8, off):
+        from .. import simd as s
+        d, out = s.emit_half(b, p8, off), []
+        for j in range(8):
+            idx, mask, scale = sub(b, p8, off, j, d)
+            out.append((s.emit_signed_u8(b, s.emit_rows_i8(b, name, grid, idx), mask, offset), scale, None))
+        return out
+    return superblock
+
+
+def _offset(grid):
+    return int(np.abs(grid.astype(np.int32)).max())
+
+
+def _half_step(b, d, v, unit):
+    """d * (0.5 + v) * unit (v an i32): the IQ2 and IQ3_XXS scales."""
     ir, s, k = _ir()
-    d, out = s.emit_half(b, p8, off), []
-    for ib in range(8):
-        at = b.add(off, s.c64(2 + 8 * ib))
-        aux = s.emit_u32_at(b, p8, b.add(at, s.c64(4)))
-        g = s.emit_rows_i8(b, "hyb_grid_iq2_xxs", GRID_IQ2_XXS,
-                           [s.emit_u8_at(b, p8, b.add(at, s.c64(j))) for j in range(4)])
-        db = b.fmul(b.fmul(d, b.fadd(ir.Constant(s.F32, 0.5), b.uitofp(b.lshr(aux, k(28)), s.F32))),
-                    ir.Constant(s.F32, 0.25))
-        out.append((s.emit_signed_u8(b, g, _ksign_mask(b, aux), 43), db, None))
-    return out
+    return b.fmul(b.fmul(d, b.fadd(ir.Constant(s.F32, 0.5), b.uitofp(v, s.F32))), ir.Constant(s.F32, unit))
+
+
+def _bytes_at(b, p8, at, n):
+    ir, s, k = _ir()
+    return [s.emit_u8_at(b, p8, b.add(at, s.c64(i))) for i in range(n)]
+
+
+def _iq2_xxs_sub(b, p8, off, j, d):
+    """IQ2_XXS: per 32, 4 grid bytes and a u32 of 4 sign indices under a 4-bit scale."""
+    ir, s, k = _ir()
+    at = b.add(off, s.c64(2 + 8 * j))
+    aux = s.emit_u32_at(b, p8, b.add(at, s.c64(4)))
+    return _bytes_at(b, p8, at, 4), _ksign_mask(b, aux), _half_step(b, d, b.lshr(aux, k(28)), 0.25)
 
 
 def _half_dbs(b, p8, at, d):
@@ -429,66 +454,47 @@ def _half_dbs(b, p8, at, d):
     8 lanes: d * (0.5 + nibble) * 0.25."""
     ir, s, k = _ir()
     sc = s.emit_u8_at(b, p8, at)
-    dbs = [b.fmul(b.fmul(d, b.fadd(ir.Constant(s.F32, 0.5), b.uitofp(v, s.F32))), ir.Constant(s.F32, 0.25))
-           for v in (b.and_(sc, k(15)), b.lshr(sc, k(4)))]
-    return s.emit_lanes16(b, *dbs)
+    return s.emit_lanes16(b, *(_half_step(b, d, v, 0.25) for v in (b.and_(sc, k(15)), b.lshr(sc, k(4)))))
 
 
-def _iq2_xs_int8(b, p8, off):
+def _iq2_xs_sub(b, p8, off, j, d):
     """IQ2_XS: per 32, 4 u16 of (9-bit grid index, 7-bit sign index), a scale nibble per 16."""
     ir, s, k = _ir()
-    d, out = s.emit_half(b, p8, off), []
-    for j in range(8):
-        q = [s.emit_u16_at(b, p8, b.add(off, s.c64(2 + 8 * j + 2 * i))) for i in range(4)]
-        g = s.emit_rows_i8(b, "hyb_grid_iq2_xs", GRID_IQ2_XS, [b.and_(v, k(511)) for v in q])
-        m = s.emit_rows_i8(b, "hyb_ksign_masks", KSIGN_MASKS, [b.lshr(v, k(9)) for v in q])
-        out.append((s.emit_signed_u8(b, g, m, 43), _half_dbs(b, p8, b.add(off, s.c64(66 + j)), d), None))
-    return out
+    q = [s.emit_u16_at(b, p8, b.add(off, s.c64(2 + 8 * j + 2 * i))) for i in range(4)]
+    m = s.emit_rows_i8(b, "hyb_ksign_masks", KSIGN_MASKS, [b.lshr(v, k(9)) for v in q])
+    return [b.and_(v, k(511)) for v in q], m, _half_dbs(b, p8, b.add(off, s.c64(66 + j)), d)
 
 
-def _iq2_s_int8(b, p8, off):
+def _high_bits(b, p8, lo_at, qh, width, n):
+    """n grid indices: the bytes from ``lo_at``, index i with bits i*width.. of ``qh`` above them."""
+    ir, s, k = _ir()
+    return [b.or_(lo, b.shl(b.and_(b.lshr(qh, k(width * i)), k((1 << width) - 1)), k(8)))
+            for i, lo in enumerate(_bytes_at(b, p8, lo_at, n))]
+
+
+def _iq2_s_sub(b, p8, off, j, d):
     """IQ2_S: per 32, 4 grid bytes with 2 high bits each from one qh byte, 32 sign bits."""
     ir, s, k = _ir()
-    d, out = s.emit_half(b, p8, off), []
-    for j in range(8):
-        qh = s.emit_u8_at(b, p8, b.add(off, s.c64(66 + j)))
-        idx = [b.or_(s.emit_u8_at(b, p8, b.add(off, s.c64(2 + 4 * j + i))),
-                     b.shl(b.and_(b.lshr(qh, k(2 * i)), k(3)), k(8))) for i in range(4)]
-        g = s.emit_rows_i8(b, "hyb_grid_iq2_s", GRID_IQ2_S, idx)
-        m = s.emit_sign_bits(b, p8, b.add(off, s.c64(34 + 4 * j)))
-        out.append((s.emit_signed_u8(b, g, m, 43), _half_dbs(b, p8, b.add(off, s.c64(74 + j)), d), None))
-    return out
+    idx = _high_bits(b, p8, b.add(off, s.c64(2 + 4 * j)), s.emit_u8_at(b, p8, b.add(off, s.c64(66 + j))), 2, 4)
+    return idx, s.emit_sign_bits(b, p8, b.add(off, s.c64(34 + 4 * j))), _half_dbs(b, p8, b.add(off, s.c64(74 + j)), d)
 
 
-def _iq3_xxs_int8(b, p8, off):
-    """IQ3_XXS: per 32, 8 grid bytes (4 values each), a u32 of sign indices and scale (offset 62)."""
+def _iq3_xxs_sub(b, p8, off, j, d):
+    """IQ3_XXS: per 32, 8 grid bytes (4 values each), a u32 of sign indices and the scale."""
     ir, s, k = _ir()
-    d, out = s.emit_half(b, p8, off), []
-    for ib in range(8):
-        aux = s.emit_u32_at(b, p8, b.add(off, s.c64(66 + 4 * ib)))
-        g = s.emit_rows_i8(b, "hyb_grid_iq3_xxs", GRID_IQ3_XXS,
-                           [s.emit_u8_at(b, p8, b.add(off, s.c64(2 + 8 * ib + j))) for j in range(8)])
-        db = b.fmul(b.fmul(d, b.fadd(ir.Constant(s.F32, 0.5), b.uitofp(b.lshr(aux, k(28)), s.F32))),
-                    ir.Constant(s.F32, 0.5))
-        out.append((s.emit_signed_u8(b, g, _ksign_mask(b, aux), 62), db, None))
-    return out
+    aux = s.emit_u32_at(b, p8, b.add(off, s.c64(66 + 4 * j)))
+    return (_bytes_at(b, p8, b.add(off, s.c64(2 + 8 * j)), 8), _ksign_mask(b, aux),
+            _half_step(b, d, b.lshr(aux, k(28)), 0.5))
 
 
-def _iq3_s_int8(b, p8, off):
+def _iq3_s_sub(b, p8, off, j, d):
     """IQ3_S: per 32, 8 grid bytes with a 9th bit each from one qh byte, 32 sign bits, a scale
-    nibble: d * (1 + 2 * nibble) (offset 15)."""
+    nibble: d * (1 + 2 * nibble)."""
     ir, s, k = _ir()
-    d, out = s.emit_half(b, p8, off), []
-    for ib in range(8):
-        qh = s.emit_u8_at(b, p8, b.add(off, s.c64(66 + ib)))
-        idx = [b.or_(s.emit_u8_at(b, p8, b.add(off, s.c64(2 + 8 * ib + j))), b.shl(b.and_(b.lshr(qh, k(j)), k(1)), k(8)))
-               for j in range(8)]
-        g = s.emit_rows_i8(b, "hyb_grid_iq3_s", GRID_IQ3_S, idx)
-        m = s.emit_sign_bits(b, p8, b.add(off, s.c64(74 + 4 * ib)))
-        nib = b.and_(b.lshr(s.emit_u8_at(b, p8, b.add(off, s.c64(106 + ib // 2))), k(4 * (ib % 2))), k(15))
-        db = b.fmul(d, b.uitofp(b.add(b.shl(nib, k(1)), k(1)), s.F32))
-        out.append((s.emit_signed_u8(b, g, m, 15), db, None))
-    return out
+    idx = _high_bits(b, p8, b.add(off, s.c64(2 + 8 * j)), s.emit_u8_at(b, p8, b.add(off, s.c64(66 + j))), 1, 8)
+    nib = b.and_(b.lshr(s.emit_u8_at(b, p8, b.add(off, s.c64(106 + j // 2))), k(4 * (j % 2))), k(15))
+    return idx, s.emit_sign_bits(b, p8, b.add(off, s.c64(74 + 4 * j))), \
+        b.fmul(d, b.uitofp(b.add(b.shl(nib, k(1)), k(1)), s.F32))
 
 
 def _iq1_rows(b, p8, lo_at, highs):
@@ -496,7 +502,7 @@ def _iq1_rows(b, p8, lo_at, highs):
     3 high bits of row i in ``highs[i]``."""
     ir, s, k = _ir()
     idx = [b.or_(s.emit_u8_at(b, p8, b.add(lo_at, s.c64(i))), b.shl(h, k(8))) for i, h in enumerate(highs)]
-    return b.add(s.emit_rows_i8(b, "hyb_grid_iq1", GRID_IQ1, idx), s.ivec(32, 1, s.I8))
+    return b.add(s.emit_rows_i8(b, "hyb_grid_iq1", GRID_IQ1, idx), s.ivec(32, _offset(GRID_IQ1), s.I8))
 
 
 def _delta_min(b, dl, neg_bit):
@@ -544,9 +550,12 @@ def _iq1_m_int8(b, p8, off):
     return out
 
 
-for _t, _hook, _offset in ((IQ2_XXS, _iq2_xxs_int8, 43), (IQ2_XS, _iq2_xs_int8, 43), (IQ2_S, _iq2_s_int8, 43),  # noqa: F821
-                           (IQ3_XXS, _iq3_xxs_int8, 62), (IQ3_S, _iq3_s_int8, 15),  # noqa: F821
-                           (IQ1_S, _iq1_s_int8, 1), (IQ1_M, _iq1_m_int8, 1)):  # noqa: F821
+for _t, _grid, _sub in ((IQ2_XXS, GRID_IQ2_XXS, _iq2_xxs_sub), (IQ2_XS, GRID_IQ2_XS, _iq2_xs_sub),  # noqa: F821
+                       (IQ2_S, GRID_IQ2_S, _iq2_s_sub), (IQ3_XXS, GRID_IQ3_XXS, _iq3_xxs_sub),  # noqa: F821
+                       (IQ3_S, GRID_IQ3_S, _iq3_s_sub)):  # noqa: F821
     # grid + offset at most 86 (IQ2), 124 (IQ3_XXS): vpmaddubsw's pairs stay under 2^15 with |q| <= 127
-    _t.int8_dot, _t.int8_offset, _t.int8_avx2 = True, _offset, True
+    _t.int8_dot, _t.int8_offset, _t.int8_avx2 = True, _offset(_grid), True
+    _t.int8_superblock = staticmethod(_signed_superblock(_t.name.lower(), _grid, _sub))
+for _t, _hook in ((IQ1_S, _iq1_s_int8), (IQ1_M, _iq1_m_int8)):  # noqa: F821
+    _t.int8_dot, _t.int8_offset, _t.int8_avx2 = True, _offset(GRID_IQ1), True  # grid -1..1 + 1
     _t.int8_superblock = staticmethod(_hook)

@@ -94,9 +94,9 @@ def _tq1_0_int8(b, p8, off):
     ((x * 3^k mod 256) * 3) >> 8 in 16-bit lanes."""
     from ..simd import I8, I16, c64, emit_half, ivec, load, shuf, vec
     a = load(b, p8, off, vec(I8, 32))
-    rest = shuf(b, load(b, p8, b.add(off, c64(32)), vec(I8, 16)),
-                shuf(b, load(b, p8, b.add(off, c64(48)), vec(I8, 4)), load(b, p8, b.add(off, c64(48)), vec(I8, 4)),
-                     list(range(4)) * 4), list(range(32)))  # bytes 32..47, then 48..51 (and copies)
+    qh = load(b, p8, b.add(off, c64(48)), vec(I8, 4))
+    rest = shuf(b, load(b, p8, b.add(off, c64(32)), vec(I8, 16)), shuf(b, qh, qh, list(range(4)) * 4),
+                list(range(32)))  # bytes 32..47, then 48..51 (and copies)
     d, out = emit_half(b, p8, b.add(off, c64(52))), []
     V16 = vec(I16, 32)
     for src, pw in TQ1_0_SOURCES:
