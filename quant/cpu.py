@@ -133,3 +133,50 @@ def quantize_q8(x, rows, nblk, qc, d):
     """Rows [0, rows) of x, as quantize_q8_row."""
     for p in range(rows):
         quantize_q8_row(x, p, nblk, qc, d)
+
+
+# Activations for the super-block formats with integer sub-block scales (``int8_scales``: the
+# K-quants), as ggml pairs them with Q8_K: one float32 scale amax/127 per super-block of 256 (so a
+# row's 8 sub-block dots add up in integers under its integer scales), the values rounded as
+# quantize_q8_row rounds them, and the sum of each 16 values (what the mins and the unsigned
+# offset multiply). A super-block is Q8K_REC bytes: the 256 q, then 16 int16 sums; the scale is
+# stored Q8_DREP times in d, as for blocks of 32.
+Q8K_REC = 288
+
+
+@nb.njit(inline="always")
+def quantize_q8k_row(x, p, nsb, qc, d):
+    """Row p of x (float32 [P, >= nsb*256]) -> its nsb super-blocks in qc (uint8, flat: row p's
+    super-block b at byte (p*nsb + b)*Q8K_REC) and d (float32, d[(p*nsb + b)*Q8_DREP + 0..7]).
+    A super-block holding a NaN or an inf gets zero codes under a NaN scale, as quantize_q8_row."""
+    q8 = qc.view(np.int8)
+    q16 = qc.view(np.int16)
+    for b in range(nsb):
+        c0 = b * 256
+        m = np.float32(0.0)
+        for j in range(8):
+            m = max(m, _amax32(x, p, c0 + 32 * j))
+        s = m / np.float32(127.0)
+        inv = np.float32(1.0) / s if s != 0 else np.float32(0.0)
+        z = np.float32(0.0)
+        for j in range(256):
+            z += x[p, c0 + j] * np.float32(0.0)
+        o = (p * nsb + b) * Q8K_REC
+        if z != z:
+            s, inv = np.float32(np.nan), np.float32(0.0)
+        for g in range(16):
+            acc = np.int32(0)
+            for j in range(16):
+                v = np.int8(np.int32(_roundf(x[p, c0 + 16 * g + j] * inv)))
+                q8[o + 16 * g + j] = v
+                acc += np.int32(v)
+            q16[o // 2 + 128 + g] = np.int16(acc)
+        for j in range(Q8_DREP):
+            d[(p * nsb + b) * Q8_DREP + j] = s
+
+
+@nb.njit(cache=True)
+def quantize_q8k(x, rows, nsb, qc, d):
+    """Rows [0, rows) of x, as quantize_q8k_row."""
+    for p in range(rows):
+        quantize_q8k_row(x, p, nsb, qc, d)

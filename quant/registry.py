@@ -41,9 +41,12 @@ when absent):
   ``isa_mode`` from ``quant.simd.mode``); ``simd_run(isa)`` the
   intrinsic factory behind ``decode_run``; ``int8_dot``: the CPU integer dot
   path exists (``quant.simd``'s u8 x i8 kernels), with ``int8_block`` (LLVM IR of one block of 32
-  as unsigned bytes, value + ``int8_offset``, its scale, optionally a min) or ``int8_superblock``
-  (super-blocks of 256) and ``int8_avx2`` (those bytes are at most 127, so AVX2's vpmaddubsw
-  cannot saturate); ``mma``: a tensor-core kernel exists (``cuda_bf16_tile`` decodes its tiles to BF16 pieces).
+  as unsigned bytes, value + ``int8_offset``, its scale, optionally a min) or ``int8_scales``
+  (super-blocks of 256 whose sub-block scales and mins are integers under a float d and dmin:
+  the sub-block dots add up in integers; bytes at most 127 on every ISA, or with
+  ``int8_signed`` the signed values) and ``int8_avx2`` (those bytes are at most 127, so AVX2's
+  vpmaddubsw cannot saturate); ``mma``: a tensor-core kernel exists (``cuda_bf16_tile`` decodes
+  its tiles to BF16 pieces).
 
 Numba cannot call through a dict, so ``cpu_decoder()`` generates the njit
 dispatcher (an if/elif chain over the registered formats' ``decode_block``)
@@ -98,7 +101,10 @@ class Format:
     #                    scale * (u - int8_offset) - min
     int8_offset = 0  # what int8_block adds to each value so that it is unsigned
     int8_avx2 = False  # whether vpmaddubsw can take int8_block's bytes (all <= 127: no i16 saturation)
-    int8_superblock = None  # super-blocks of 256: (b, p8, off) -> 8 x (<32 x i8> u, scale, min): scale * u - min
+    int8_scales = None  # super-blocks of 256, integer scales: (b, p8, off) -> (d, dmin or None, 8 x <32 x i8> u,
+    #                     <16 x i16> sc, <16 x i16> mn or None), per 16 values: d*sc*(u - int8_offset) - dmin*mn
+    int8_signed = False  # the bytes are the signed values (offset 0): with VNNI value + 128, else
+    #                      vpmaddubsw(|v|, q * sign(v)) (|v| <= 127; 128 too for blocks of 32)
     #                         (scale, min: a float or 8 lanes, 4 per sub-block of 16; min None: none)
     mma = False
     compile_on_use = False  # True: in the generated code only once ``activate``d (a rarely used type)

@@ -414,11 +414,9 @@ def emit_block_u8(b, p8, off):
     return emit_nibbles_u8(b, p8, b.add(off, c64(1)), KVALUES_U8), emit_scale(b, p8, off)
 
 
-def emit_q8_0_u8(b, p8, off):
-    """The Q8_0 block at byte ``off`` as <32 x i8> of value + 128 (the sign bit flipped) and its
-    half scale."""
-    qs = load(b, p8, b.add(off, c64(2)), vec(I8, 32))
-    return b.xor(qs, ivec(32, -128, I8)), emit_half(b, p8, off)
+def emit_q8_0_i8(b, p8, off):
+    """The Q8_0 block at byte ``off`` as <32 x i8> of its values (signed) and its half scale."""
+    return load(b, p8, b.add(off, c64(2)), vec(I8, 32)), emit_half(b, p8, off)
 
 
 def emit_pair_u8(b, p8, off):
@@ -448,3 +446,49 @@ def emit_dot_u8_i8(b, variant, u, q, c):
     maddwd = declare(b, "llvm.x86.avx2.pmadd.wd", vec(I32, 8), [vec(I16, 16), vec(I16, 16)])
     p16 = b.call(maddubs, [u, q])  # |pair| <= 2 * 24 * 128: no saturation
     return b.add(b.call(maddwd, [p16, ivec(16, 1, I16)]), c)
+
+
+def emit_bytes_i16(b, p8, off, idx, signed=False):
+    """<16 x i16> of the bytes at ``off + idx[k]`` (idx: 16 offsets in 0..15; the 16 bytes at ``off``
+    must lie inside the block), zero- or sign-extended: a super-block's 16 sub-block scales."""
+    v = shuf(b, load(b, p8, off, vec(I8, 16)), ir.Constant(vec(I8, 16), ir.Undefined), list(idx))
+    return (b.sext if signed else b.zext)(v, vec(I16, 16))
+
+
+def emit_dot_i16(b, variant, a, w, acc):
+    """acc (<8 x i32>) + per lane k: a[2k]*w[2k] + a[2k+1]*w[2k+1] (<16 x i16> each): vpmaddwd and
+    an add, or one vpdpwssd with VNNI."""
+    v8 = vec(I32, 8)
+    if variant in ("vnni", "vnni512"):
+        fn = declare(b, "llvm.x86.avx512.vpdpwssd.256", v8, [v8, v8, v8])
+        return b.call(fn, [acc, b.bitcast(a, v8), b.bitcast(w, v8)])
+    maddwd = declare(b, "llvm.x86.avx2.pmadd.wd", v8, [vec(I16, 16), vec(I16, 16)])
+    return b.add(b.call(maddwd, [a, w]), acc)
+
+
+def emit_dot_u8_i8_scaled(b, variant, u, q, sc, acc):
+    """acc (<8 x i32>) + per lane k: sc[2k]*(u[4k]q[4k] + u[4k+1]q[4k+1]) + sc[2k+1]*(the next
+    pair): vpmaddubsw's pair sums (exact for u <= 127) under <16 x i16> scales, so the dots of a
+    super-block's sub-blocks add up in integers under their own scales (ggml's Q4_K x Q8_K)."""
+    maddubs = declare(b, "llvm.x86.avx2.pmadd.ub.sw", vec(I16, 16), [vec(I8, 32), vec(I8, 32)])
+    return emit_dot_i16(b, variant, b.call(maddubs, [u, q]), sc, acc)
+
+
+def emit_i16_lanes(b, vals):
+    """<16 x i16> of 16 i32 values (truncated): sub-block scales computed one by one."""
+    v = ir.Constant(vec(I16, 16), ir.Undefined)
+    for k, x in enumerate(vals):
+        v = b.insert_element(v, b.trunc(x, I16), ir.Constant(I32, k))
+    return v
+
+
+def emit_abs_i8(b, v):
+    """<32 x i8> |v| (vpabsb): with emit_sign_i8 the signed-weight form of the u8 x i8 dots."""
+    return b.select(b.icmp_signed("<", v, ivec(32, 0, I8)), b.sub(ivec(32, 0, I8), v), v)
+
+
+def emit_sign_i8(b, q, v):
+    """<32 x i8> q * sign(v) (vpsignb): |v| * (q * sign(v)) = v * q, so signed weights multiply
+    signed activations by vpmaddubsw (ggml's trick for IQ4_NL/IQ4_XS on AVX2)."""
+    fn = declare(b, "llvm.x86.avx2.psign.b", vec(I8, 32), [vec(I8, 32), vec(I8, 32)])
+    return b.call(fn, [q, v])

@@ -360,35 +360,33 @@ globals().update(register(SPECS, __name__))  # the classes Q4_K, ... in the regi
 
 
 def _iq4_nl_int8(b, p8, off):
-    """IQ4_NL's integer-dot block: kvalue + 128 (1..241) as bytes; VNNI only (vpmaddubsw would saturate)."""
+    """IQ4_NL's integer-dot block: the kvalues (-127..113) as signed bytes (``int8_signed``)."""
     from ..simd import c64, emit_half, emit_nibbles_u8
-    return emit_nibbles_u8(b, p8, b.add(off, c64(2)), KVALUES.astype(np.int32) + 128), emit_half(b, p8, off)
+    return emit_nibbles_u8(b, p8, b.add(off, c64(2)), KVALUES.astype(np.int32)), emit_half(b, p8, off)
 
 
-IQ4_NL.int8_dot, IQ4_NL.int8_offset, IQ4_NL.int8_avx2 = True, 128, False  # noqa: F821 (registered above)
+IQ4_NL.int8_dot, IQ4_NL.int8_signed, IQ4_NL.int8_avx2 = True, True, True  # noqa: F821 (registered above)
 IQ4_NL.int8_block = staticmethod(_iq4_nl_int8)  # noqa: F821
 
 
 def _iq4_xs_int8(b, p8, off):
-    """IQ4_XS's integer-dot super-block: 8 x (kvalue + 128 as bytes, d * (ls - 32), no min), each
-    sub-block of 32 an IQ4_NL block under its own 6-bit scale; VNNI only, as IQ4_NL."""
+    """IQ4_XS's ``int8_scales``: each sub-block of 32 an IQ4_NL block's kvalues as signed bytes
+    (-127..113: ``int8_signed``, so vpmaddubsw takes them on AVX2 too) under its 6-bit scale ls - 32."""
     from llvmlite import ir
-    from ..simd import F32, I16, I32, c64, emit_half, emit_nibbles_u8
-    d = emit_half(b, p8, off)
-    sh = b.zext(b.load(b.bitcast(b.gep(p8, [b.add(off, c64(2))]), I16.as_pointer()), align=1), I32)
+    from ..simd import I32, c64, emit_half, emit_i16_lanes, emit_nibbles_u8, emit_u8_at, emit_u16_at
+    sh = emit_u16_at(b, p8, b.add(off, c64(2)))
     k = lambda v: ir.Constant(I32, v)  # noqa: E731
-    table = KVALUES.astype(np.int32) + 128
-    out = []
+    us, scales = [], []
     for ib in range(8):  # ls: nibble ib of scales_l, bits 2ib..2ib+1 of scales_h on top
-        lo = b.and_(b.lshr(b.zext(b.load(b.gep(p8, [b.add(off, c64(4 + ib // 2))])), I32), k(4 * (ib % 2))), k(15))
+        lo = b.and_(b.lshr(emit_u8_at(b, p8, b.add(off, c64(4 + ib // 2))), k(4 * (ib % 2))), k(15))
         ls = b.or_(lo, b.shl(b.and_(b.lshr(sh, k(2 * ib)), k(3)), k(4)))
-        u = emit_nibbles_u8(b, p8, b.add(off, c64(8 + 16 * ib)), table)
-        out.append((u, b.fmul(d, b.sitofp(b.sub(ls, k(32)), F32)), None))
-    return out
+        us.append(emit_nibbles_u8(b, p8, b.add(off, c64(8 + 16 * ib)), KVALUES.astype(np.int32)))
+        scales += [b.sub(ls, k(32))] * 2
+    return emit_half(b, p8, off), None, us, emit_i16_lanes(b, scales), None
 
 
-IQ4_XS.int8_dot, IQ4_XS.int8_offset, IQ4_XS.int8_avx2 = True, 128, False  # noqa: F821 (registered above)
-IQ4_XS.int8_superblock = staticmethod(_iq4_xs_int8)  # noqa: F821
+IQ4_XS.int8_dot, IQ4_XS.int8_signed, IQ4_XS.int8_avx2 = True, True, True  # noqa: F821 (registered above)
+IQ4_XS.int8_scales = staticmethod(_iq4_xs_int8)  # noqa: F821
 
 
 # ---------------------------------------------------------------- the lattice i-quants as int8
@@ -409,20 +407,23 @@ def _ksign_mask(b, aux):
     return s.emit_rows_i8(b, "hyb_ksign_masks", KSIGN_MASKS, [b.and_(b.lshr(aux, k(7 * j)), k(127)) for j in range(4)])
 
 
-def _signed_superblock(fmt, grid, sub):
-    """A lattice i-quant's ``int8_superblock``: per sub-block j of 32, ``sub(b, p8, off, j, d)``
-    gives (grid row indices, sign mask, scale); the bytes are offset + (sign ? -grid : grid),
-    the offset the grid's largest value (so the format's ``int8_offset``, ``_offset(grid)``)."""
+def _signed_superblock(fmt, grid, sub, unit):
+    """A lattice i-quant's ``int8_scales``: per sub-block j of 32, ``sub(b, p8, off, j)`` gives
+    (grid row indices, sign mask, its integer scale, or the two of its 16s), the values
+    d * unit * scale * (sign ? -grid : grid); the bytes are offset + (sign ? -grid : grid), the
+    offset the grid's largest value (so the format's ``int8_offset``, ``_offset(grid)``)."""
     offset = _offset(grid)
     name = f"hyb_grid_{fmt}"
 
     def superblock(b, p8, off):
-        from .. import simd as s
-        d, out = s.emit_half(b, p8, off), []
+        ir, s, k = _ir()
+        d = b.fmul(s.emit_half(b, p8, off), ir.Constant(s.F32, unit))
+        us, scales = [], []
         for j in range(8):
-            idx, mask, scale = sub(b, p8, off, j, d)
-            out.append((s.emit_signed_u8(b, s.emit_rows_i8(b, name, grid, idx), mask, offset), scale, None))
-        return out
+            idx, mask, sc = sub(b, p8, off, j)
+            us.append(s.emit_signed_u8(b, s.emit_rows_i8(b, name, grid, idx), mask, offset))
+            scales += list(sc) if isinstance(sc, tuple) else [sc, sc]
+        return d, None, us, s.emit_i16_lanes(b, scales), None
     return superblock
 
 
@@ -430,10 +431,10 @@ def _offset(grid):
     return int(np.abs(grid.astype(np.int32)).max())
 
 
-def _half_step(b, d, v, unit):
-    """d * (0.5 + v) * unit (v an i32): the IQ2 and IQ3_XXS scales."""
+def _odd(b, v):
+    """2v + 1 (v an i32): the i-quants' scales d * (0.5 + v) * unit as (d * unit / 2) * (2v + 1)."""
     ir, s, k = _ir()
-    return b.fmul(b.fmul(d, b.fadd(ir.Constant(s.F32, 0.5), b.uitofp(v, s.F32))), ir.Constant(s.F32, unit))
+    return b.add(b.shl(v, k(1)), k(1))
 
 
 def _bytes_at(b, p8, at, n):
@@ -441,28 +442,29 @@ def _bytes_at(b, p8, at, n):
     return [s.emit_u8_at(b, p8, b.add(at, s.c64(i))) for i in range(n)]
 
 
-def _iq2_xxs_sub(b, p8, off, j, d):
-    """IQ2_XXS: per 32, 4 grid bytes and a u32 of 4 sign indices under a 4-bit scale."""
+def _iq2_xxs_sub(b, p8, off, j):
+    """IQ2_XXS: per 32, 4 grid bytes and a u32 of 4 sign indices under a 4-bit scale
+    (d * (0.5 + scale) * 0.25)."""
     ir, s, k = _ir()
     at = b.add(off, s.c64(2 + 8 * j))
     aux = s.emit_u32_at(b, p8, b.add(at, s.c64(4)))
-    return _bytes_at(b, p8, at, 4), _ksign_mask(b, aux), _half_step(b, d, b.lshr(aux, k(28)), 0.25)
+    return _bytes_at(b, p8, at, 4), _ksign_mask(b, aux), _odd(b, b.lshr(aux, k(28)))
 
 
-def _half_dbs(b, p8, at, d):
-    """IQ2_XS's and IQ2_S's two scales of a sub-block of 32 (the nibbles of the byte at ``at``) as
-    8 lanes: d * (0.5 + nibble) * 0.25."""
+def _half_dbs(b, p8, at):
+    """IQ2_XS's and IQ2_S's two scales of a sub-block of 32, the nibbles of the byte at ``at``
+    (d * (0.5 + nibble) * 0.25)."""
     ir, s, k = _ir()
     sc = s.emit_u8_at(b, p8, at)
-    return s.emit_lanes16(b, *(_half_step(b, d, v, 0.25) for v in (b.and_(sc, k(15)), b.lshr(sc, k(4)))))
+    return _odd(b, b.and_(sc, k(15))), _odd(b, b.lshr(sc, k(4)))
 
 
-def _iq2_xs_sub(b, p8, off, j, d):
+def _iq2_xs_sub(b, p8, off, j):
     """IQ2_XS: per 32, 4 u16 of (9-bit grid index, 7-bit sign index), a scale nibble per 16."""
     ir, s, k = _ir()
     q = [s.emit_u16_at(b, p8, b.add(off, s.c64(2 + 8 * j + 2 * i))) for i in range(4)]
     m = s.emit_rows_i8(b, "hyb_ksign_masks", KSIGN_MASKS, [b.lshr(v, k(9)) for v in q])
-    return [b.and_(v, k(511)) for v in q], m, _half_dbs(b, p8, b.add(off, s.c64(66 + j)), d)
+    return [b.and_(v, k(511)) for v in q], m, _half_dbs(b, p8, b.add(off, s.c64(66 + j)))
 
 
 def _high_bits(b, p8, lo_at, qh, width, n):
@@ -472,29 +474,28 @@ def _high_bits(b, p8, lo_at, qh, width, n):
             for i, lo in enumerate(_bytes_at(b, p8, lo_at, n))]
 
 
-def _iq2_s_sub(b, p8, off, j, d):
+def _iq2_s_sub(b, p8, off, j):
     """IQ2_S: per 32, 4 grid bytes with 2 high bits each from one qh byte, 32 sign bits."""
     ir, s, k = _ir()
     idx = _high_bits(b, p8, b.add(off, s.c64(2 + 4 * j)), s.emit_u8_at(b, p8, b.add(off, s.c64(66 + j))), 2, 4)
-    return idx, s.emit_sign_bits(b, p8, b.add(off, s.c64(34 + 4 * j))), _half_dbs(b, p8, b.add(off, s.c64(74 + j)), d)
+    return idx, s.emit_sign_bits(b, p8, b.add(off, s.c64(34 + 4 * j))), _half_dbs(b, p8, b.add(off, s.c64(74 + j)))
 
 
-def _iq3_xxs_sub(b, p8, off, j, d):
-    """IQ3_XXS: per 32, 8 grid bytes (4 values each), a u32 of sign indices and the scale."""
+def _iq3_xxs_sub(b, p8, off, j):
+    """IQ3_XXS: per 32, 8 grid bytes (4 values each), a u32 of sign indices and the scale
+    (d * (0.5 + scale) * 0.5)."""
     ir, s, k = _ir()
     aux = s.emit_u32_at(b, p8, b.add(off, s.c64(66 + 4 * j)))
-    return (_bytes_at(b, p8, b.add(off, s.c64(2 + 8 * j)), 8), _ksign_mask(b, aux),
-            _half_step(b, d, b.lshr(aux, k(28)), 0.5))
+    return _bytes_at(b, p8, b.add(off, s.c64(2 + 8 * j)), 8), _ksign_mask(b, aux), _odd(b, b.lshr(aux, k(28)))
 
 
-def _iq3_s_sub(b, p8, off, j, d):
+def _iq3_s_sub(b, p8, off, j):
     """IQ3_S: per 32, 8 grid bytes with a 9th bit each from one qh byte, 32 sign bits, a scale
     nibble: d * (1 + 2 * nibble)."""
     ir, s, k = _ir()
     idx = _high_bits(b, p8, b.add(off, s.c64(2 + 8 * j)), s.emit_u8_at(b, p8, b.add(off, s.c64(66 + j))), 1, 8)
     nib = b.and_(b.lshr(s.emit_u8_at(b, p8, b.add(off, s.c64(106 + j // 2))), k(4 * (j % 2))), k(15))
-    return idx, s.emit_sign_bits(b, p8, b.add(off, s.c64(74 + 4 * j))), \
-        b.fmul(d, b.uitofp(b.add(b.shl(nib, k(1)), k(1)), s.F32))
+    return idx, s.emit_sign_bits(b, p8, b.add(off, s.c64(74 + 4 * j))), _odd(b, nib)
 
 
 def _iq1_rows(b, p8, lo_at, highs):
@@ -505,57 +506,69 @@ def _iq1_rows(b, p8, lo_at, highs):
     return b.add(s.emit_rows_i8(b, "hyb_grid_iq1", GRID_IQ1, idx), s.ivec(32, _offset(GRID_IQ1), s.I8))
 
 
-def _delta_min(b, dl, neg_bit):
-    """The min of dl * (grid + delta) as ``scale * u - min``: -dl * delta, delta -IQ1_DELTA where
-    ``neg_bit`` (i32, 0 or not) is set."""
+# IQ1: dl * (grid + delta), delta = +-IQ1_DELTA = +-1/8, as (dl / 8) * (8 * grid +- 1): the bytes
+# 8 * (grid + 1) + (1 +- 1), offset 9 (``_IQ1_OFFSET``), the scales the odd integers of dl.
+_IQ1_OFFSET = 8 * _offset(GRID_IQ1) + 1
+assert IQ1_DELTA == 0.125
+
+
+def _iq1_delta(b, neg_bit):
+    """1 + the sign of delta as an i8: 0 where ``neg_bit`` (i32) is set (delta -1/8), else 2."""
     ir, s, k = _ir()
-    dm = b.select(b.icmp_unsigned("!=", neg_bit, k(0)), ir.Constant(s.F32, float(IQ1_DELTA)),
-                  ir.Constant(s.F32, -float(IQ1_DELTA)))
-    return b.fmul(dl, dm)
+    return b.select(b.icmp_unsigned("!=", neg_bit, k(0)), ir.Constant(s.I8, 0), ir.Constant(s.I8, 2))
+
+
+def _iq1_bytes(b, rows, deltas):
+    """u = 8 * (grid + 1) + (1 + sign of delta): ``rows`` the grid + 1 (<32 x i8>), ``deltas`` one
+    i8 per sub-block (1) or per row of 8 (4)."""
+    ir, s, k = _ir()
+    v = ir.Constant(s.vec(s.I8, 4), ir.Undefined)
+    for i, dv in enumerate(deltas):
+        v = b.insert_element(v, dv, k(i))
+    per = 32 // len(deltas)
+    return b.add(b.shl(rows, s.ivec(32, 3, s.I8)), s.shuf(b, v, v, [lane // per for lane in range(32)]))
 
 
 def _iq1_s_int8(b, p8, off):
-    """IQ1_S: per 32, 4 grid bytes, a u16 of 4 x 3 high bits, a 3-bit scale and the delta's sign:
-    dl * (grid + delta) = dl * (u - 1) + dl * delta, the delta a min (offset 1)."""
+    """IQ1_S: per 32, 4 grid bytes, a u16 of 4 x 3 high bits, a 3-bit scale (dl = d * (2 scale + 1))
+    and the delta's sign."""
     ir, s, k = _ir()
-    d, out = s.emit_half(b, p8, off), []
+    us, scales = [], []
     for ib in range(8):
         qh = s.emit_u16_at(b, p8, b.add(off, s.c64(34 + 2 * ib)))
-        u = _iq1_rows(b, p8, b.add(off, s.c64(2 + 4 * ib)), [b.and_(b.lshr(qh, k(3 * i)), k(7)) for i in range(4)])
-        dl = b.fmul(d, b.uitofp(b.add(b.shl(b.and_(b.lshr(qh, k(12)), k(7)), k(1)), k(1)), s.F32))
-        out.append((u, dl, _delta_min(b, dl, b.and_(qh, k(0x8000)))))
-    return out
+        rows = _iq1_rows(b, p8, b.add(off, s.c64(2 + 4 * ib)), [b.and_(b.lshr(qh, k(3 * i)), k(7)) for i in range(4)])
+        us.append(_iq1_bytes(b, rows, [_iq1_delta(b, b.and_(qh, k(0x8000)))]))
+        scales += [_odd(b, b.and_(b.lshr(qh, k(12)), k(7)))] * 2
+    d = b.fmul(s.emit_half(b, p8, off), ir.Constant(s.F32, IQ1_DELTA))
+    return d, None, us, s.emit_i16_lanes(b, scales), None
 
 
 def _iq1_m_int8(b, p8, off):
-    """IQ1_M: per 32, 4 grid bytes, 2 qh bytes (per row 3 high bits and the delta's sign), two
-    3-bit scales (per 16) of the u16 scales whose top nibbles hold d; mins per row of 8 (offset 1)."""
+    """IQ1_M: per 32, 4 grid bytes, 2 qh bytes (per row of 8: 3 high bits and the delta's sign),
+    two 3-bit scales (per 16) of the u16 scales whose top nibbles hold d."""
     ir, s, k = _ir()
     w = [s.emit_u16_at(b, p8, b.add(off, s.c64(48 + 2 * i))) for i in range(4)]
     top = [b.shl(b.lshr(v, k(12)), k(4 * i)) for i, v in enumerate(w)]
     d = s._half_to_f32(b, b.or_(b.or_(top[0], top[1]), b.or_(top[2], top[3])))
-    out = []
+    us, scales = [], []
     for ib in range(8):
         qh = [b.and_(b.lshr(s.emit_u8_at(b, p8, b.add(off, s.c64(32 + 2 * ib + i // 2))), k(4 * (i % 2))), k(15))
               for i in range(4)]
-        u = _iq1_rows(b, p8, b.add(off, s.c64(4 * ib)), [b.and_(h, k(7)) for h in qh])
-        dl = [b.fmul(d, b.uitofp(b.add(b.shl(b.and_(b.lshr(w[ib // 2], k(3 * (2 * ib % 4 + h))), k(7)), k(1)), k(1)),
-                                 s.F32)) for h in range(2)]
-        mins = ir.Constant(s.vec(s.F32, 8), ir.Undefined)
-        for i in range(4):  # row i of 8: lanes 2i, 2i + 1
-            m = _delta_min(b, dl[i // 2], b.and_(qh[i], k(8)))
-            for lane in (2 * i, 2 * i + 1):
-                mins = b.insert_element(mins, m, k(lane))
-        out.append((u, s.emit_lanes16(b, *dl), mins))
-    return out
+        rows = _iq1_rows(b, p8, b.add(off, s.c64(4 * ib)), [b.and_(h, k(7)) for h in qh])
+        us.append(_iq1_bytes(b, rows, [_iq1_delta(b, b.and_(h, k(8))) for h in qh]))
+        scales += [_odd(b, b.and_(b.lshr(w[ib // 2], k(3 * (2 * ib % 4 + h))), k(7))) for h in range(2)]
+    return b.fmul(d, ir.Constant(s.F32, IQ1_DELTA)), None, us, s.emit_i16_lanes(b, scales), None
 
 
-for _t, _grid, _sub in ((IQ2_XXS, GRID_IQ2_XXS, _iq2_xxs_sub), (IQ2_XS, GRID_IQ2_XS, _iq2_xs_sub),  # noqa: F821
-                       (IQ2_S, GRID_IQ2_S, _iq2_s_sub), (IQ3_XXS, GRID_IQ3_XXS, _iq3_xxs_sub),  # noqa: F821
-                       (IQ3_S, GRID_IQ3_S, _iq3_s_sub)):  # noqa: F821
+# (type, grid, sub-block reader, d's unit: the scale is d * unit * the odd integer 2 v + 1)
+for _t, _grid, _sub, _unit in ((IQ2_XXS, GRID_IQ2_XXS, _iq2_xxs_sub, 0.125),  # noqa: F821
+                              (IQ2_XS, GRID_IQ2_XS, _iq2_xs_sub, 0.125),  # noqa: F821
+                              (IQ2_S, GRID_IQ2_S, _iq2_s_sub, 0.125),  # noqa: F821
+                              (IQ3_XXS, GRID_IQ3_XXS, _iq3_xxs_sub, 0.25),  # noqa: F821
+                              (IQ3_S, GRID_IQ3_S, _iq3_s_sub, 1.0)):  # noqa: F821
     # grid + offset at most 86 (IQ2), 124 (IQ3_XXS): vpmaddubsw's pairs stay under 2^15 with |q| <= 127
     _t.int8_dot, _t.int8_offset, _t.int8_avx2 = True, _offset(_grid), True
-    _t.int8_superblock = staticmethod(_signed_superblock(_t.name.lower(), _grid, _sub))
+    _t.int8_scales = staticmethod(_signed_superblock(_t.name.lower(), _grid, _sub, _unit))
 for _t, _hook in ((IQ1_S, _iq1_s_int8), (IQ1_M, _iq1_m_int8)):  # noqa: F821
-    _t.int8_dot, _t.int8_offset, _t.int8_avx2 = True, _offset(GRID_IQ1), True  # grid -1..1 + 1
-    _t.int8_superblock = staticmethod(_hook)
+    _t.int8_dot, _t.int8_offset, _t.int8_avx2 = True, _IQ1_OFFSET, True  # bytes 0..18
+    _t.int8_scales = staticmethod(_hook)

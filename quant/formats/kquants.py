@@ -205,97 +205,98 @@ SPECS = {
 globals().update(register(SPECS, __name__))  # the classes Q4_K, ... in the registry
 
 
+# ---------------------------------------------------------------- integer dots
+# Each type's ``int8_scales``: the super-block's d (and dmin), its 8 sub-blocks of 32 as unsigned
+# bytes (value d*sc*(u - int8_offset) - dmin*mn) and the 16 sub-block scales (and mins), one per
+# 16 values, as <16 x i16> integers: the kernel adds the 8 sub-block dots in integers (ggml's
+# K-quant x Q8_K dots). LLVM IR; llvmlite is imported where the IR is built.
+_PAIRS = [j // 2 for j in range(16)]  # a scale per 32 values, repeated for its two 16s
+
+
 def _q2_k_int8(b, p8, off):
-    """Q2_K's integer-dot super-block: 8 x (the 32 codes 0..3 as bytes, d * sc and dmin * m of each
-    16 as 8 lanes). Sub-block j of 32: bits 2(j % 4).. of the 32 qs bytes of group j // 4, under
-    the scale bytes 2j and 2j + 1."""
-    from llvmlite import ir
-    from ..simd import F32, I8, I32, c64, emit_half, emit_lanes16 as lanes16, ivec, load, vec
+    """Q2_K: sub-block j of 32 is bits 2(j % 4).. of the 32 qs bytes of group j // 4, codes 0..3;
+    scale byte s (one per 16): low nibble sc, high nibble mn."""
+    from ..simd import I8, I16, c64, emit_bytes_i16, emit_half, ivec, load, vec
     d, dmin = emit_half(b, p8, b.add(off, c64(80))), emit_half(b, p8, b.add(off, c64(82)))
-    k = lambda v: ir.Constant(I32, v)  # noqa: E731
-    out = []
+    us = []
     for j in range(8):
         qs = load(b, p8, b.add(off, c64(16 + 32 * (j // 4))), vec(I8, 32))
-        u = b.and_(b.lshr(qs, ivec(32, 2 * (j % 4), I8)), ivec(32, 3, I8))
-        sc = [b.zext(b.load(b.gep(p8, [b.add(off, c64(2 * j + h))])), I32) for h in range(2)]
-        scale = lanes16(b, *(b.fmul(d, b.sitofp(b.and_(v, k(15)), F32)) for v in sc))
-        mn = lanes16(b, *(b.fmul(dmin, b.sitofp(b.lshr(v, k(4)), F32)) for v in sc))
-        out.append((u, scale, mn))
-    return out
+        us.append(b.and_(b.lshr(qs, ivec(32, 2 * (j % 4), I8)), ivec(32, 3, I8)))
+    s = emit_bytes_i16(b, p8, off, range(16))
+    return d, dmin, us, b.and_(s, ivec(16, 15, I16)), b.lshr(s, ivec(16, 4, I16))
 
 
 Q2_K.int8_dot, Q2_K.int8_avx2 = True, True  # noqa: F821 (registered above); codes 0..3
-Q2_K.int8_superblock = staticmethod(_q2_k_int8)  # noqa: F821
+Q2_K.int8_scales = staticmethod(_q2_k_int8)  # noqa: F821
 
 
 def _q3_k_int8(b, p8, off):
-    """Q3_K's integer-dot super-block: 8 x (the codes q2 | hmask bit << 2 (0..7, value code - 4:
-    a clear bit subtracts 4) as bytes, d * (sc - 32) of each 16 as 8 lanes, no min). Sub-block j
-    of 32: bits 2(j % 4).. of the qs group j // 4, bit j of the 32 hmask bytes, scales 2j, 2j + 1
-    (each 4 low bits of byte s % 8, shifted by 4 (s // 8), and 2 high of byte 8 + s % 4, by 2 (s // 4))."""
+    """Q3_K: codes q2 | hmask bit << 2 (0..7; value code - 4: a clear bit subtracts 4), sub-block j
+    from bits 2(j % 4).. of qs group j // 4 and bit j of the 32 hmask bytes; scale s (one per 16,
+    minus 32): the 4 low bits of byte 96 + s % 8 shifted by 4(s // 8), the 2 high of byte 104 + s % 4
+    by 2(s // 4)."""
     from llvmlite import ir
-    from ..simd import F32, I8, I32, c64, emit_half, emit_lanes16 as lanes16, ivec, load, vec
+    from ..simd import I8, I16, c64, emit_bytes_i16, emit_half, ivec, load, vec
     d = emit_half(b, p8, b.add(off, c64(108)))
     hm = load(b, p8, off, vec(I8, 32))
-    k = lambda v: ir.Constant(I32, v)  # noqa: E731
-    byte = lambda at: b.zext(b.load(b.gep(p8, [b.add(off, c64(at))])), I32)  # noqa: E731
-    out = []
+    us = []
     for j in range(8):
         qs = load(b, p8, b.add(off, c64(32 + 32 * (j // 4))), vec(I8, 32))
-        u = b.or_(b.and_(b.lshr(qs, ivec(32, 2 * (j % 4), I8)), ivec(32, 3, I8)),
-                  b.shl(b.and_(b.lshr(hm, ivec(32, j, I8)), ivec(32, 1, I8)), ivec(32, 2, I8)))
-        dl = []
-        for s in (2 * j, 2 * j + 1):
-            lo = b.and_(b.lshr(byte(96 + s % 8), k(4 * (s // 8))), k(15))
-            hi = b.and_(b.lshr(byte(104 + s % 4), k(2 * (s // 4))), k(3))
-            dl.append(b.fmul(d, b.sitofp(b.sub(b.or_(lo, b.shl(hi, k(4))), k(32)), F32)))
-        out.append((u, lanes16(b, *dl), None))
-    return out
+        us.append(b.or_(b.and_(b.lshr(qs, ivec(32, 2 * (j % 4), I8)), ivec(32, 3, I8)),
+                        b.shl(b.and_(b.lshr(hm, ivec(32, j, I8)), ivec(32, 1, I8)), ivec(32, 2, I8))))
+    at = b.add(off, c64(94))  # bytes 94..109: the 12 scale bytes end the block's 16 last but two
+    per = lambda f: ir.Constant(vec(I16, 16), [f(s) for s in range(16)])  # noqa: E731 (a constant per scale s)
+    lo = b.and_(b.lshr(emit_bytes_i16(b, p8, at, [2 + s % 8 for s in range(16)]), per(lambda s: 4 * (s // 8))),
+                ivec(16, 15, I16))
+    hi = b.and_(b.lshr(emit_bytes_i16(b, p8, at, [10 + s % 4 for s in range(16)]), per(lambda s: 2 * (s // 4))),
+                ivec(16, 3, I16))
+    return d, None, us, b.sub(b.or_(lo, b.shl(hi, ivec(16, 4, I16))), ivec(16, 32, I16)), None
 
 
 Q3_K.int8_dot, Q3_K.int8_offset, Q3_K.int8_avx2 = True, 4, True  # noqa: F821 (registered above); codes 0..7
-Q3_K.int8_superblock = staticmethod(_q3_k_int8)  # noqa: F821
+Q3_K.int8_scales = staticmethod(_q3_k_int8)  # noqa: F821
 
 
 def _k4_int8(qh_at, qs_at):
-    """Q4_K's (no high bits: qh_at < 0) and Q5_K's integer-dot super-block: 8 x (the 32 codes,
-    0..15 or 0..31, as bytes, d * sc, dmin * m)."""
+    """Q4_K (no high bits: qh_at < 0) and Q5_K: codes 0..15 or 0..31; the 8 six-bit (scale, min)
+    pairs of ggml's get_scale_min_k4, unpacked on 16 lanes at once from the 12 bytes at 4."""
     def superblock(b, p8, off):
         from llvmlite import ir
-        from ..simd import F32, I8, I32, c64, emit_half, ivec, load, vec
+        from ..simd import I8, I16, c64, emit_bytes_i16, emit_half, ivec, load, vec
         d, dmin = emit_half(b, p8, off), emit_half(b, p8, b.add(off, c64(2)))
-        q = [b.zext(b.load(b.gep(p8, [b.add(off, c64(4 + k))])), I32) for k in range(12)]
-        k = lambda v: ir.Constant(I32, v)  # noqa: E731
         qh = None if qh_at < 0 else load(b, p8, b.add(off, c64(qh_at)), vec(I8, 32))
-        out = []
-        for j in range(8):  # ggml's get_scale_min_k4
-            if j < 4:
-                sc, m = b.and_(q[j], k(63)), b.and_(q[j + 4], k(63))
-            else:
-                sc = b.or_(b.and_(q[j + 4], k(15)), b.shl(b.lshr(q[j - 4], k(6)), k(4)))
-                m = b.or_(b.lshr(q[j + 4], k(4)), b.shl(b.lshr(q[j], k(6)), k(4)))
+        us = []
+        for j in range(8):
             qs = load(b, p8, b.add(off, c64(qs_at + 32 * (j // 2))), vec(I8, 32))
             u = b.and_(qs, ivec(32, 15, I8)) if j % 2 == 0 else b.lshr(qs, ivec(32, 4, I8))
             if qh is not None:  # bit j of qh byte l: the fifth bit of element 32j + l
                 u = b.or_(u, b.shl(b.and_(b.lshr(qh, ivec(32, j, I8)), ivec(32, 1, I8)), ivec(32, 4, I8)))
-            out.append((u, b.fmul(d, b.sitofp(sc, F32)), b.fmul(dmin, b.sitofp(m, F32))))
-        return out
+            us.append(u)
+        i16 = lambda vals: ir.Constant(vec(I16, 16), [vals[j] for j in _PAIRS])  # noqa: E731 (per sub-block j)
+        at = b.add(off, c64(4))  # q[k] = scale byte k
+        byte = lambda idx: emit_bytes_i16(b, p8, at, [idx[j] for j in _PAIRS])  # noqa: E731 (q[idx[j]] per j)
+        low = i16([63] * 4 + [15] * 4)  # j < 4: six bits of q[j] (scale) or q[j + 4] (min); else four
+        # j >= 4: the 2 high bits of q[j - 4] (scale) or q[j] (min) above 4 low ones
+        top = lambda idx: b.and_(b.lshr(byte(idx), ivec(16, 2, I16)), i16([0] * 4 + [0x30] * 4))  # noqa: E731
+        sc = b.or_(b.and_(byte([0, 1, 2, 3, 8, 9, 10, 11]), low), top([0] * 4 + [0, 1, 2, 3]))
+        mn = b.or_(b.and_(b.lshr(byte([4, 5, 6, 7, 8, 9, 10, 11]), i16([0] * 4 + [4] * 4)), low),
+                   top([0] * 4 + [4, 5, 6, 7]))
+        return d, dmin, us, sc, mn
     return superblock
 
 
 Q4_K.int8_dot, Q4_K.int8_avx2 = True, True  # noqa: F821 (registered above); codes 0..15
-Q4_K.int8_superblock = staticmethod(_k4_int8(-1, 16))  # noqa: F821
+Q4_K.int8_scales = staticmethod(_k4_int8(-1, 16))  # noqa: F821
 Q5_K.int8_dot, Q5_K.int8_avx2 = True, True  # noqa: F821; codes 0..31
-Q5_K.int8_superblock = staticmethod(_k4_int8(16, 48))  # noqa: F821
+Q5_K.int8_scales = staticmethod(_k4_int8(16, 48))  # noqa: F821
 
 
 def _q6_k_int8(b, p8, off):
-    """Q6_K's integer-dot super-block: 8 x (the 32 six-bit codes 0..63 as bytes, d * scale of each
-    16 as 8 lanes, no min); values are code - 32 (``int8_offset``). Layout as ggml's
-    dequantize_row_q6_K: half h of 128 from ql[64h..], qh[32h..], scales[8h..]."""
-    from ..simd import F32, I8, I32, c64, emit_half, emit_lanes16 as lanes16, ivec, load, vec
+    """Q6_K: the six-bit codes 0..63 (value code - 32, ``int8_offset``), half h of 128 from
+    ql[64h..], qh[32h..] as ggml's dequantize_row_q6_K; 16 int8 scales at 192."""
+    from ..simd import I8, c64, emit_bytes_i16, emit_half, ivec, load, vec
     d = emit_half(b, p8, b.add(off, c64(208)))
-    out = []
+    us = []
     for h in range(2):
         lo = load(b, p8, b.add(off, c64(64 * h)), vec(I8, 32))
         hi = load(b, p8, b.add(off, c64(64 * h + 32)), vec(I8, 32))
@@ -304,11 +305,9 @@ def _q6_k_int8(b, p8, off):
             low = b.and_(lo if g % 2 == 0 else hi, ivec(32, 15, I8)) if g < 2 else \
                 b.lshr(lo if g % 2 == 0 else hi, ivec(32, 4, I8))
             top = b.shl(b.and_(b.lshr(qh, ivec(32, 2 * g, I8)), ivec(32, 3, I8)), ivec(32, 4, I8))
-            s = [b.fmul(d, b.sitofp(b.sext(b.load(b.gep(p8, [b.add(off, c64(192 + 8 * h + 2 * g + k))])), I32), F32))
-                 for k in range(2)]
-            out.append((b.or_(low, top), lanes16(b, *s), None))
-    return out
+            us.append(b.or_(low, top))
+    return d, None, us, emit_bytes_i16(b, p8, b.add(off, c64(192)), range(16), signed=True), None
 
 
 Q6_K.int8_dot, Q6_K.int8_offset, Q6_K.int8_avx2 = True, 32, True  # noqa: F821 (registered above); codes 0..63
-Q6_K.int8_superblock = staticmethod(_q6_k_int8)  # noqa: F821
+Q6_K.int8_scales = staticmethod(_q6_k_int8)  # noqa: F821

@@ -109,13 +109,13 @@ class Q8_0(Format, ggml_type=T.Q8_0):
         from ..simd import emit_q8_0_block_f32
         return emit_q8_0_block_f32(b, lanes, p8, off)
 
-    # the integer dot: codes + 128 as unsigned bytes (up to 255: VNNI only, vpmaddubsw would saturate)
-    int8_dot, int8_offset, int8_avx2 = True, 128, False
+    # the integer dot: the signed codes (+ 128 with VNNI; AVX2's vpmaddubsw by the sign trick)
+    int8_dot, int8_signed, int8_avx2 = True, True, True
 
     @staticmethod
     def int8_block(b, p8, off):
-        from ..simd import emit_q8_0_u8
-        return emit_q8_0_u8(b, p8, off)
+        from ..simd import emit_q8_0_i8
+        return emit_q8_0_i8(b, p8, off)
 
     cuda_tile = staticmethod(_q8_0_tile)
     cuda_pair = staticmethod(_q8_0_pair)

@@ -72,6 +72,7 @@ globals().update(register(SPECS, __name__))  # the classes Q4_K, ... in the regi
 
 
 # ---------------------------------------------------------------- as int8: trits 0..2 (value q - 1)
+# (``int8_scales``: one scale d for the 256, so every sub-block's integer scale is 1)
 def _tq1_0_sources():
     """Per sub-block of 32 and lane: (byte of the block, power of 3) its trit comes from."""
     out = []
@@ -97,13 +98,13 @@ def _tq1_0_int8(b, p8, off):
     qh = load(b, p8, b.add(off, c64(48)), vec(I8, 4))
     rest = shuf(b, load(b, p8, b.add(off, c64(32)), vec(I8, 16)), shuf(b, qh, qh, list(range(4)) * 4),
                 list(range(32)))  # bytes 32..47, then 48..51 (and copies)
-    d, out = emit_half(b, p8, b.add(off, c64(52))), []
+    d, us = emit_half(b, p8, b.add(off, c64(52))), []
     V16 = vec(I16, 32)
     for src, pw in TQ1_0_SOURCES:
         x = b.zext(shuf(b, a, rest, src), V16)
         x = b.and_(b.mul(x, _i16s(pw)), ivec(32, 255, I16))
-        out.append((b.trunc(b.lshr(b.mul(x, ivec(32, 3, I16)), ivec(32, 8, I16)), vec(I8, 32)), d, None))
-    return out
+        us.append(b.trunc(b.lshr(b.mul(x, ivec(32, 3, I16)), ivec(32, 8, I16)), vec(I8, 32)))
+    return d, None, us, ivec(16, 1, I16), None
 
 
 def _i16s(values):
@@ -114,14 +115,12 @@ def _i16s(values):
 
 def _tq2_0_int8(b, p8, off):
     """TQ2_0: sub-block j the bits 2(j % 4).. of the 32 qs bytes of half j // 4, as Q2_K's codes."""
-    from ..simd import I8, c64, emit_half, ivec, load, vec
-    d, out = emit_half(b, p8, b.add(off, c64(64))), []
-    for j in range(8):
-        qs = load(b, p8, b.add(off, c64(32 * (j // 4))), vec(I8, 32))
-        out.append((b.and_(b.lshr(qs, ivec(32, 2 * (j % 4), I8)), ivec(32, 3, I8)), d, None))
-    return out
+    from ..simd import I8, I16, c64, emit_half, ivec, load, vec
+    us = [b.and_(b.lshr(load(b, p8, b.add(off, c64(32 * (j // 4))), vec(I8, 32)), ivec(32, 2 * (j % 4), I8)),
+                 ivec(32, 3, I8)) for j in range(8)]
+    return emit_half(b, p8, b.add(off, c64(64))), None, us, ivec(16, 1, I16), None
 
 
 for _t, _hook in ((TQ1_0, _tq1_0_int8), (TQ2_0, _tq2_0_int8)):  # noqa: F821 (registered above)
     _t.int8_dot, _t.int8_offset, _t.int8_avx2 = True, 1, True
-    _t.int8_superblock = staticmethod(_hook)
+    _t.int8_scales = staticmethod(_hook)

@@ -71,6 +71,24 @@ def q8_reference(x, wdq):
     return (qs * d[..., None].astype(np.float64)).reshape(n, cols) @ wdq.astype(np.float64).T
 
 
+def q8k_reference(x, wdq):
+    """float64 x_q @ W^T, x_q = x in super-blocks of 256 under one float32 scale amax/127 each
+    (ggml's Q8_K granularity), the values rounded as gguf's Q8_0 rounds its blocks of 32."""
+    n, cols = x.shape
+    xb = x.reshape(n, cols // 256, 256)
+    d = np.abs(xb).max(-1, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    q = quants.np_roundf(xb * inv)
+    return (q * d.astype(np.float64)).reshape(n, cols) @ wdq.astype(np.float64).T
+
+
+def q8_reference_of(wtype):
+    """The reference of ``wtype``'s integer path: its activations in super-blocks for the formats
+    with integer sub-block scales, else in blocks of 32."""
+    return q8k_reference if int(wtype) in cpu_ir.q8s_types() else q8_reference
+
+
 def _q8_applies(t):
     from hybrid.kernels.cpu.experts import Q8_TYPES  # (rebound when a format activates)
     return t.ggml_type in Q8_TYPES
@@ -426,11 +444,11 @@ def _q8_harness(variant, R, T_, wtype=T.MXFP4):
     dot = cpu_ir.make_q8_dot(R, T_, variant, int(wtype))
 
     @nb.njit
-    def run(raw, qc, d, out, nblk, n):
+    def run(raw, qc, d, out, nblk, n, nx):  # nx: activation blocks per token
         rows, wst = raw.shape[0], raw.shape[1]
         for r in range(0, rows, R):
             for t in range(0, n, T_):
-                dot(raw, r * wst, wst, nblk, qc, d, t * nblk, nblk, out, t * rows + r, rows)
+                dot(raw, r * wst, wst, nblk, qc, d, t * nx, nx, out, t * rows + r, rows)
     return run
 
 
@@ -451,7 +469,7 @@ def test_q8_kernel_variants(variant):
     ref = q8_reference(x, mxfp4.dequantize(raw))
     for R, T_ in ((4, 1), (2, 4), (1, 2)):
         out = np.zeros((8, 8), np.float32)
-        _q8_harness(variant, R, T_)(raw, qc, d, out.reshape(-1), 3, 8)
+        _q8_harness(variant, R, T_)(raw, qc, d, out.reshape(-1), 3, 8, 3)
         assert rel_err(out, ref) < TOL
 
 
@@ -459,7 +477,10 @@ def _int8_blocks(wtype, rows, cols, rng):
     """Random weights of ``wtype`` as stored, scales included (gguf quantises what it can; the
     others are random bytes under random half scales, 0 and a subnormal among them)."""
     if wtype in (T.MXFP4, T.Q4_0, T.Q8_0):
-        return np.ascontiguousarray(quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), wtype))
+        raw = np.ascontiguousarray(quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), wtype))
+        if wtype == T.Q8_0:  # a code of -128: ggml's quantiser never writes it, a file may hold it
+            raw[0, 2:5] = 0x80
+        return raw
     f = qreg.get(wtype)
     raw = rng.integers(0, 256, (rows * cols // f.block, f.block_bytes), dtype=np.uint8)
 
@@ -479,7 +500,7 @@ def _int8_blocks(wtype, rows, cols, rng):
     return raw.reshape(rows, -1)
 
 
-# the formats with an int8_block or int8_superblock: the registry's, each tested once it has one
+# the formats with an int8_block or int8_scales: the registry's, each tested once it has one
 INT8 = [T(t) for t in qreg.types("int8_dot")]
 assert {T.MXFP4, T.Q4_0, T.Q8_0, T.IQ4_NL, T.Q4_K, T.Q6_K} <= set(INT8)  # none lost its integer dot
 
@@ -503,12 +524,19 @@ def test_q8_kernels_of_every_int8_format(wtype, variant):
     wdq = f.decode_numpy(raw.reshape(-1, f.block_bytes)).reshape(8, cols)
     x = rand_x(8, cols, seed=int(rng.integers(1 << 30)), scale=10.0)
     x[2, 32:64] = 0.0  # an all-zero activation block: scale 0
-    qc, d = np.zeros(8 * nblk * 64, np.uint8), np.zeros(8 * nblk * qcpu.Q8_DREP, np.float32)
-    qcpu.quantize_q8(x, 8, nblk, qc, d)
-    ref = q8_reference(x, wdq)
+    x[3, 256:] = 0.0  # and super-block
+    if int(wtype) in cpu_ir.q8s_types():  # super-block activations
+        nx = cols // 256
+        qc, d = np.zeros(8 * nx * qcpu.Q8K_REC, np.uint8), np.zeros(8 * nx * qcpu.Q8_DREP, np.float32)
+        qcpu.quantize_q8k(x, 8, nx, qc, d)
+    else:
+        nx = nblk
+        qc, d = np.zeros(8 * nblk * 64, np.uint8), np.zeros(8 * nblk * qcpu.Q8_DREP, np.float32)
+        qcpu.quantize_q8(x, 8, nblk, qc, d)
+    ref = q8_reference_of(wtype)(x, wdq)
     for R, T_ in ((4, 1), (2, 4), (1, 2)):
         out = np.zeros((8, 8), np.float32)
-        _q8_harness(variant, R, T_, wtype)(raw, qc, d, out.reshape(-1), nblk, 8)
+        _q8_harness(variant, R, T_, wtype)(raw, qc, d, out.reshape(-1), nblk, 8, nx)
         assert rel_err(out, ref) < TOL, (R, T_)
 
 
@@ -521,7 +549,7 @@ def test_decode_calls_of_int8_formats_take_the_integer_path(wtype):
     x = rand_x(1, cols, seed=int(rng.integers(1 << 30)), scale=3.0)
     ids = np.array([[4, 0, 2]])
     y = cpu.mul_mat_id_cpu(wt, x, ids)  # one token: the default decode path
-    ref = np.stack([q8_reference(x, wt.dequantize(int(e)))[0] for e in ids[0]])[None]
+    ref = np.stack([q8_reference_of(wtype)(x, wt.dequantize(int(e)))[0] for e in ids[0]])[None]
     if not _q8_applies(wt):
         pytest.skip(f"no integer path for {wtype.name} on this CPU")
     assert rel_err(y, ref) < TOL

@@ -126,3 +126,31 @@ def test_q8_activations_are_ggml_q8_0_values():
     sums = rec[..., :32].copy().view(np.int8).astype(np.int32).reshape(5, 3, 8, 4).sum(-1)
     assert np.array_equal(rec[..., 32:].copy().view(np.int32), -simd.U8_OFFSET * sums)
     assert simd.U8_OFFSET == 12 and list(simd.KVALUES_U8) == list(mxfp4.KVALUES.astype(int) + 12)
+
+
+def test_q8k_activations_are_q8_0_values_over_256():
+    # super-blocks of 256: the Q8_0 rounding of x / (amax/127) with amax over all 256 (so the
+    # values equal gguf's Q8_0 of a block whose amax is the super-block's), the 16 sums of 16
+    # values, the scale Q8_DREP times; a non-finite value makes the super-block NaN with zero codes.
+    rng = np.random.default_rng()
+    x = (rng.standard_normal((4, 768)) * rng.choice([1e-3, 1.0, 100.0], (4, 1))).astype(np.float32)
+    x[0, :256] = 0.0  # zero super-block: scale 0, values 0
+    x[1, :32] = np.arange(32, dtype=np.float32) - 15.5  # ties round away from 0
+    x[1, 40] = 127.0  # the super-block's amax outside its first block
+    x[2, 300] = np.inf
+    qc, d = np.zeros(4 * 3 * qcpu.Q8K_REC, np.uint8), np.zeros(4 * 3 * qcpu.Q8_DREP, np.float32)
+    qcpu.quantize_q8k(x, 4, 3, qc, d)
+    rec, d8 = qc.reshape(4, 3, qcpu.Q8K_REC), d.reshape(4, 3, qcpu.Q8_DREP)
+    codes = rec[..., :256].copy().view(np.int8)
+    amax = np.abs(x.reshape(4, 3, 256)).max(-1)
+    fin = np.isfinite(amax)
+    assert (d8[fin] == d8[fin][..., :1]).all()
+    assert np.array_equal(d8[..., 0][fin], (amax / np.float32(127))[fin]) and np.isnan(d8[2, 1]).all()
+    assert not codes[2, 1].any() and not codes[0, 0].any()
+    for p, s in zip(*np.nonzero(fin & (amax > 0))):
+        for j in range(8):  # each block's values as gguf's Q8_0 of the block with the super-block's amax
+            b = x[p, 256 * s + 32 * j:256 * s + 32 * j + 32]
+            q = quants.np_roundf(b * (np.float32(1) / (amax[p, s] / np.float32(127))))
+            assert np.array_equal(codes[p, s, 32 * j:32 * j + 32], q.astype(np.int8))
+    sums = codes.astype(np.int32).reshape(4, 3, 16, 16).sum(-1)
+    assert np.array_equal(rec[..., 256:].copy().view(np.int16), sums)

@@ -10,11 +10,14 @@ into a few equal-cost chunks per thread, so skewed routing still balances.
 
 Inside an item, three ways to multiply:
 - int8 (every quantised format; Q8_0, IQ4_NL and IQ4_XS with VNNI only: the
-  formats with an ``int8_block`` or, for super-blocks of 256, an ``int8_superblock``; experts with
+  formats with an ``int8_block`` or, for super-blocks of 256, ``int8_scales``; experts with
   at most ``q8_tokens`` tokens in the call, by default the format's measured crossover
   ``Q8_MAX_TOKENS``: every decode step, and the lightly used experts of a prompt): as ggml does,
   the activations are quantised once per call to int8 blocks of 32 (ggml's Q8_0 rounding, float32
-  scales; ``quant.cpu.quantize_q8``), the weights' blocks become unsigned bytes (nibbles through a
+  scales; ``quant.cpu.quantize_q8``; for the formats with integer sub-block scales, ``int8_scales``,
+  one scale per super-block of 256 as ggml's Q8_K, ``quantize_q8k``, so a row's 8 sub-block
+  dots add up in integers under their scales and the floats come once per 256), the weights'
+  blocks become unsigned bytes (nibbles through a
   16-entry vpshufb table, Q8_0's codes with the sign bit flipped, the K-quants' bit fields), integer
   multiply-adds (vpmaddubsw/vpmaddwd, or vpdpbusd with VNNI) give each block's exact sum, scaled by
   the block scale * d_x into float32 accumulators (minus, for a format with a min, min * d_x * the
@@ -51,7 +54,7 @@ import numpy as np
 
 from quant import cpu as qcpu, registry as qregistry, types as qtypes
 
-from .ir import W, best_isa, make_act, make_f32_dot, make_mx_dot, make_q8_dot, q8_isa, q8_types
+from .ir import W, best_isa, make_act, make_f32_dot, make_mx_dot, make_q8_dot, q8_isa, q8_types, q8s_types
 from ...moe.activation import ACT_CODE, silu_f32, swiglu_oai_f32
 from ...moe.routing import bucket
 
@@ -165,16 +168,27 @@ def _build_q8_pass():
     return nb.njit(inline="always")(ns["_q8_pass"])
 
 
+def _build_q8_superblocks():
+    """``_q8_superblocks(wtype)``: whether ``wtype``'s integer dot reads activations in super-blocks
+    of 256 (quant.cpu.quantize_q8k: the formats with integer sub-block scales) instead of blocks of 32."""
+    sbs = [wt for wt in _q8_types() if wt in q8s_types()]
+    ns = {}
+    body = " or ".join(f"wtype == {wt}" for wt in sbs) or "False"
+    exec(compile(f"def _q8_superblocks(wtype):\n    return {body}", "<hybrid.kernels.cpu.experts._q8_superblocks>",
+                 "exec"), ns)
+    return nb.njit(inline="always")(ns["_q8_superblocks"])
+
+
 _format_pass = functools.lru_cache(maxsize=None)(_build_format_pass)  # each format's compiled once a process
 
 
-_q8_pass = _build_q8_pass()
+_q8_pass, _q8_superblocks = _build_q8_pass(), _build_q8_superblocks()
 
 
 @qregistry.on_change
 def _rebuild_q8():
-    global _q8_pass, Q8_TYPES
-    _q8_pass = _build_q8_pass()
+    global _q8_pass, _q8_superblocks, Q8_TYPES
+    _q8_pass, _q8_superblocks = _build_q8_pass(), _build_q8_superblocks()
     Q8_TYPES = _q8_types()
 
 
@@ -267,7 +281,7 @@ def _item(raw, wtype, e, r0, nr, cols, X, QC, D, p0, n, out, ooff, ost, tile, ti
     _, kc_direct, kc_tile, tile_min, q8_max = tiles
     xst = X.shape[1]
     if QC.size and n <= q8_max:
-        nbx = xst // _MX_QK
+        nbx = xst // (256 if _q8_superblocks(wtype) else _MX_QK)  # activation blocks per row
         wst = raw.shape[2]
         base = (e * raw.shape[1] + r0) * wst
         for t in range(0, n, 4):  # x of 4 tokens (4 x 5.6 KB at 2880 columns) stays in L1
@@ -354,6 +368,14 @@ def _gather(x, pairs, k, width, slot_rows):
 
 
 @nb.njit(inline="always")
+def _quantize_row(sb, X, p, nbx, QC, D):
+    if sb:
+        qcpu.quantize_q8k_row(X, p, nbx, QC, D)
+    else:
+        qcpu.quantize_q8_row(X, p, nbx, QC, D)
+
+
+@nb.njit(inline="always")
 def _act(g, u, act):
     if act == _SWIGLU:
         return _swiglu_oai(g, u)
@@ -371,16 +393,17 @@ def _grouped(graw, uraw, wtype, rows, cols, X, starts, used, gb, ub, act, H, til
     """
     fused = act >= 0
     rt, kc_tile = tiles[0], tiles[2]
-    P, nbx = X.shape[0], X.shape[1] // _MX_QK
-    QC = _aligned(P * nbx * qcpu.Q8_REC // 4 if q8 else 0).view(np.uint8)
+    sb = _q8_superblocks(wtype)  # activations in super-blocks of 256 (K-quants), else blocks of 32
+    P, nbx = X.shape[0], X.shape[1] // (256 if sb else _MX_QK)
+    QC = _aligned(P * nbx * (qcpu.Q8K_REC if sb else qcpu.Q8_REC) // 4 if q8 else 0).view(np.uint8)
     D = _aligned(P * nbx * qcpu.Q8_DREP if q8 else 0)
     if q8:
         if P <= 16:  # decode: a parallel region costs more than these few rows (~3 us each)
             for p in range(P):
-                qcpu.quantize_q8_row(X, p, nbx, QC, D)
+                _quantize_row(sb, X, p, nbx, QC, D)
         else:
             for p in nb.prange(P):
-                qcpu.quantize_q8_row(X, p, nbx, QC, D)
+                _quantize_row(sb, X, p, nbx, QC, D)
     item_e, item_r, bounds = _work_items(starts, used, rows, rt, nchunks)
     nmax = 1
     for e in used:

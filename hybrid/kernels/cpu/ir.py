@@ -15,18 +15,18 @@ from gguf.constants import GGMLQuantizationType as GT
 
 from quant import mxfp4, registry as qregistry
 from quant.types import row_nbytes
-from quant.cpu import Q8_DREP, Q8_REC
-from quant.simd import (F32 as _F32, HAS as _HAS, I8 as _I8, I32 as _I32, I64 as _I64, ISAS, P8 as _P8, U8_OFFSET,
-                        best_isa, c64 as _c64, emit_dot_u8_i8,
-                        emit_loop, emit_pair_u8, ivec as _ivec, load as _load,
+from quant.cpu import Q8_DREP, Q8K_REC, Q8_REC
+from quant.simd import (F32 as _F32, HAS as _HAS, I8 as _I8, I16 as _I16, I32 as _I32, I64 as _I64, ISAS, P8 as _P8,
+                        U8_OFFSET, best_isa, c64 as _c64, emit_abs_i8, emit_dot_i16, emit_dot_u8_i8,
+                        emit_dot_u8_i8_scaled, emit_loop, emit_pair_u8, emit_sign_i8, ivec as _ivec, load as _load,
                         make_intrinsic as _make_intrinsic, make_mx_decode, mode as _mode, new_fn as _new_fn,
                         q8_isa, q8_isas, shuf as _shuf, splat as _splat, store as _store, supported_isas,
                         vec as _vec)
 
 from ...moe.activation import ACT_CODE, SWIGLU_ALPHA, SWIGLU_LIMIT
 
-__all__ = ["ISAS", "W", "best_isa", "supported_isas", "q8_isa", "q8_isas", "q8_types", "make_mx_dot", "make_q8_dot",
-           "make_block_dot", "block_dot_types", "GROUP",
+__all__ = ["ISAS", "W", "best_isa", "supported_isas", "q8_isa", "q8_isas", "q8_types", "q8s_types", "make_mx_dot",
+           "make_q8_dot", "make_block_dot", "block_dot_types", "GROUP",
            "make_mx_decode", "make_f32_dot", "make_act"]
 
 W = 16 if _HAS["avx512"] else 8  # float32 lanes of the f32 kernels
@@ -135,7 +135,9 @@ def _build_q8_dot(module, R, T_, variant, wtype=int(GT.MXFP4)):
     another), integer multiply-add per block, then float(block sum) * scale * d_x into float32
     accumulators; a block with a min (``value = scale * (u - offset) - min``: Q4_1, Q5_1) also
     subtracts min * d_x * (the token block's code sum, from its corrections). 'vnni512' takes two
-    blocks per 512-bit step and an odd last block in 256 bits."""
+    blocks per 512-bit step and an odd last block in 256 bits. A format with ``int8_signed``
+    bytes (Q8_0, IQ4_NL: the values, up to 128 in magnitude) becomes value + 128 with VNNI
+    (vpdpbusd does not saturate) and, on AVX2, vpmaddubsw(|value|, q * sign(value))."""
     fmt = qregistry.get(wtype)
     tag = "" if wtype == int(GT.MXFP4) else f"_{fmt.name.lower()}"
     fn, entry = _new_fn(module, f"hyb_q8_dot{tag}_r{R}_t{T_}_{variant}",
@@ -144,7 +146,9 @@ def _build_q8_dot(module, R, T_, variant, wtype=int(GT.MXFP4)):
         return fn
     w, woff, wst, nblk, qc, d, xo, xst, out, ooff, ost = fn.args
     V8, V16 = _vec(_F32, 8), _vec(_F32, 16)
-    bb, offset = fmt.block_bytes, fmt.int8_offset
+    signed = fmt.int8_signed
+    sign_trick = signed and variant == "avx2"
+    bb, offset = fmt.block_bytes, (0 if sign_trick else 128) if signed else fmt.int8_offset
 
     def rescaled(b, c):  # corrections -U8_OFFSET * partial sums -> -offset * partial sums (exact)
         if offset == U8_OFFSET:
@@ -166,9 +170,10 @@ def _build_q8_dot(module, R, T_, variant, wtype=int(GT.MXFP4)):
         neg = b.sitofp(b.sdiv(c, _ivec(lanes, U8_OFFSET)), _vec(_F32, lanes))
         return q, rescaled(b, c), neg, dx
 
-    def block(b, wb):  # (u, scale, min or None)
-        got = fmt.int8_block(b, w, wb)
-        return got if len(got) == 3 else (*got, None)
+    def block(b, wb):  # (u, scale, min or None); signed values: v + 128 (VNNI) or v itself (sign trick)
+        u, *rest = fmt.int8_block(b, w, wb)
+        u = b.xor(u, _ivec(32, -128, _I8)) if signed and not sign_trick else u
+        return (u, *rest) if len(rest) == 2 else (u, *rest, None)
 
     def pair(b, wb):  # two consecutive blocks: MXFP4's fused 512-bit decode, else two blocks joined
         if wtype == int(GT.MXFP4):
@@ -192,9 +197,11 @@ def _build_q8_dot(module, R, T_, variant, wtype=int(GT.MXFP4)):
             else:
                 u, d0, m0 = block(b, wb)
                 dw, mw = _splat(b, d0, 8), None if m0 is None else _splat(b, m0, 8)
+            mag = emit_abs_i8(b, u) if sign_trick else u
             for t in range(T_):
                 q, c, neg, dx = xs[t]
-                s = b.sitofp(emit_dot_u8_i8(b, variant if wide or variant != "vnni512" else "vnni", u, q, c),
+                q = emit_sign_i8(b, q, u) if sign_trick else q
+                s = b.sitofp(emit_dot_u8_i8(b, variant if wide or variant != "vnni512" else "vnni", mag, q, c),
                              _vec(_F32, lanes))
                 a = _fma(b, s, b.fmul(dw, dx), accs[r * T_ + t])
                 new.append(a if mw is None else _fma(b, neg, b.fmul(mw, dx), a))  # neg: -sums, so - min
@@ -324,49 +331,56 @@ def make_block_dot(wtype, R, T_, isa):
                            (0, 4, 7))
 
 
-def _build_q8k_dot(module, R, T_, variant, wtype):
-    """As ``_build_q8_dot`` for super-blocks of 256 (the K-quants): the format's ``int8_superblock``
-    gives each of the 8 sub-blocks of 32 as unsigned bytes with its scale and min (``value = scale
-    * (u - int8_offset) - min``; scale a float, or 8 lanes for sub-blocks of 16: 4 lanes each;
-    min likewise, or None); per sub-block the integer dot of u with the token's int8 block (the
-    offset through the block's corrections), times scale * d_x, minus min * d_x * (the block's code
-    sum, also from its corrections). 256-bit steps on every variant."""
+def _build_q8s_dot(module, R, T_, variant, wtype):
+    """As ``_build_q8_dot`` for super-blocks of 256 whose sub-block scales are integers
+    (``int8_scales``: the K-quants, the i-quants, TQ1_0/TQ2_0), against activations in
+    super-blocks of 256 (quant.cpu.quantize_q8k: one d_x, the sums of each 16). Per row, token
+    and super-block, as ggml's K-quant x Q8_K dots:
+    isum = sum over the 8 sub-blocks of vpmaddubsw(u, q) under the i16 scales (vpmaddwd, or
+    vpdpwssd with VNNI) - offset * (scales . sums), then acc += isum * (d * d_x) and, for a min,
+    acc -= (mins . sums) * (dmin * d_x): 2 integer ops per 32 multiply-adds, the floats once per
+    256 (a format with ``int8_signed`` bytes, IQ4_XS: vpmaddubsw(|w|, q * sign(w)), one op more).
+    ``xo``/``xstride`` count super-blocks; ``nblk`` blocks of 32."""
     fmt = qregistry.get(wtype)
-    fn, entry = _new_fn(module, f"hyb_q8k_dot_{fmt.name.lower()}_r{R}_t{T_}_{variant}",
+    fn, entry = _new_fn(module, f"hyb_q8s_dot_{fmt.name.lower()}_r{R}_t{T_}_{variant}",
                         [_P8, _I64, _I64, _I64, _P8, _P8, _I64, _I64, _P8, _I64, _I64])
     if entry is None:
         return fn
     w, woff, wst, nblk, qc, d, xo, xst, out, ooff, ost = fn.args
-    V8, zero8 = _vec(_F32, 8), _ivec(8, 0)
-    dot_variant = "vnni" if variant == "vnni512" else variant
+    V8, I16x16 = _vec(_F32, 8), _vec(_I16, 16)
+    zero = _ivec(8, 0)
     offset = fmt.int8_offset
     nsb = ir.IRBuilder(entry).ashr(nblk, _c64(3))
 
     def body(b, i, accs):
         new = list(accs)
-        blk0 = b.shl(i, _c64(3))
-        xs = []  # per token and sub-block: codes, minus the code sums per lane, d_x
+        xs = []  # per token: the 8 blocks' codes, the 16 sums, d_x
         for t in range(T_):
-            row = []
-            for j in range(8):
-                blk = b.add(b.add(xo, b.add(blk0, _c64(j))), b.mul(_c64(t), xst))
-                rec = b.mul(blk, _c64(Q8_REC))
-                q = _load(b, qc, rec, _vec(_I8, 32))
-                neg = b.sdiv(_load(b, qc, b.add(rec, _c64(32)), _vec(_I32, 8)), _ivec(8, U8_OFFSET))  # -partials
-                corr = b.mul(neg, _ivec(8, offset)) if offset else zero8
-                row.append((q, b.sitofp(neg, V8), corr, _load(b, d, b.mul(blk, _c64(4 * Q8_DREP)), V8)))
-            xs.append(row)
+            sb = b.add(b.add(xo, i), b.mul(_c64(t), xst))
+            rec = b.mul(sb, _c64(Q8K_REC))
+            q = [_load(b, qc, b.add(rec, _c64(32 * j)), _vec(_I8, 32)) for j in range(8)]
+            sums = _load(b, qc, b.add(rec, _c64(256)), I16x16)
+            xs.append((q, sums, b.load(b.bitcast(b.gep(d, [b.mul(sb, _c64(4 * Q8_DREP))]), _F32.as_pointer()))))
         for r in range(R):
-            sb = fmt.int8_superblock(b, w, b.add(b.add(woff, b.mul(_c64(r), wst)), b.mul(i, _c64(fmt.block_bytes))))
-            for j, (u, scale, mn) in enumerate(sb):
-                sc = scale if isinstance(scale.type, ir.VectorType) else _splat(b, scale, 8)
-                m = mn if mn is None or isinstance(mn.type, ir.VectorType) else _splat(b, mn, 8)
-                for t in range(T_):
-                    q, neg_sums, corr, dx = xs[t][j]
-                    s = b.sitofp(emit_dot_u8_i8(b, dot_variant, u, q, corr), V8)
-                    a = _fma(b, s, b.fmul(sc, dx), new[r * T_ + t])
-                    # (neg_sums are -partials: adding min * d_x times them subtracts the min)
-                    new[r * T_ + t] = a if m is None else _fma(b, neg_sums, b.fmul(m, dx), a)
+            wb = b.add(b.add(woff, b.mul(_c64(r), wst)), b.mul(i, _c64(fmt.block_bytes)))
+            dw, dmin, us, sc, mn = fmt.int8_scales(b, w, wb)
+            scj = [_shuf(b, sc, sc, [2 * j] * 8 + [2 * j + 1] * 8) for j in range(8)]
+            mags = [emit_abs_i8(b, u) for u in us] if fmt.int8_signed else us
+            osc = b.mul(sc, _ivec(16, -offset, _I16)) if offset else None
+            nmn = None if mn is None else b.sub(_ivec(16, 0, _I16), mn)
+            for t in range(T_):
+                q, sums, dx = xs[t]
+                isum = zero
+                for j in range(8):  # signed weights: |w| times q under w's sign
+                    qj = emit_sign_i8(b, q[j], us[j]) if fmt.int8_signed else q[j]
+                    isum = emit_dot_u8_i8_scaled(b, variant, mags[j], qj, scj[j], isum)
+                if osc is not None:
+                    isum = emit_dot_i16(b, variant, osc, sums, isum)
+                a = _fma(b, b.sitofp(isum, V8), _splat(b, b.fmul(dw, dx), 8), new[r * T_ + t])
+                if nmn is not None:
+                    m = b.sitofp(emit_dot_i16(b, variant, nmn, sums, zero), V8)
+                    a = _fma(b, m, _splat(b, b.fmul(dmin, dx), 8), a)
+                new[r * T_ + t] = a
         return new
 
     b, accs = emit_loop(fn, entry, nsb, [_zero(V8)] * (R * T_), body)
@@ -375,20 +389,29 @@ def _build_q8k_dot(module, R, T_, variant, wtype):
     return fn
 
 
+def q8s_types() -> tuple:
+    """GGML ids whose integer dot reads super-block activations (quant.cpu.quantize_q8k): the
+    formats with ``int8_scales``."""
+    return tuple(int(f.ggml_type) for f in qregistry.formats() if f.int8_dot and f.int8_scales is not None)
+
+
 def q8_types(variant) -> tuple:
-    """GGML ids with an integer dot on ``variant``: the formats' ``int8_block``, blocks of 32, and
-    on 'avx2' only those whose bytes vpmaddubsw takes without saturating (``int8_avx2``)."""
+    """GGML ids with an integer dot on ``variant``: the formats' ``int8_block``, blocks of 32, or
+    ``int8_scales``, super-blocks of 256; on 'avx2' (and for ``int8_scales``, whose kernel runs
+    vpmaddubsw on every variant) only those whose bytes vpmaddubsw takes without saturating
+    (``int8_avx2``)."""
     if variant is None:
         return ()
     return tuple(int(f.ggml_type) for f in qregistry.formats() if f.int8_dot and (variant != "avx2" or f.int8_avx2)
                  and ((f.int8_block is not None and f.block == 32)
-                      or (f.int8_superblock is not None and f.block == 256)))
+                      or (f.int8_scales is not None and f.block == 256 and f.int8_avx2)))  # vpmaddubsw everywhere
 
 
 def make_q8_dot(R, T_, variant, wtype=int(GT.MXFP4)):
     """Intrinsic ``(w u8[], woff, wstride, nblk, qc u8[], d f32[], xo, xstride, out f32[], ooff, ostride)``:
     out[ooff + t*ostride + r] += row r (bytes from woff + r*wstride, nblk >= 1 blocks of ``wtype``) . x_t,
-    x_t the int8 blocks xo + t*xstride .. of (qc, d) (quant.cpu.quantize_q8). variant: one of
+    x_t the int8 blocks xo + t*xstride .. of (qc, d) (quant.cpu.quantize_q8; for ``q8s_types()``
+    the super-blocks of quant.cpu.quantize_q8k, xo and xstride counting them). variant: one of
     quant.simd.q8_isas(); ``wtype`` one of ``q8_types(variant)``."""
     if variant not in ("avx2", "vnni", "vnni512"):
         raise ValueError(f"variant must be 'avx2', 'vnni' or 'vnni512', got {variant!r}")
@@ -396,7 +419,8 @@ def make_q8_dot(R, T_, variant, wtype=int(GT.MXFP4)):
         raise ValueError(f"{qregistry.type_name(wtype)} has no integer dot on {variant} "
                          f"(it has: {', '.join(qregistry.type_name(t) for t in q8_types(variant))})")
     tag = "" if int(wtype) == int(GT.MXFP4) else f"{qregistry.get(wtype).name.lower()}_"
-    build = _build_q8k_dot if qregistry.get(wtype).block == 256 else _build_q8_dot
+    f = qregistry.get(wtype)
+    build = _build_q8s_dot if f.int8_scales is not None else _build_q8_dot
     return _make_intrinsic(f"q8_dot_{tag}{R}x{T_}_{variant}", lambda m: build(m, R, T_, variant, int(wtype)),
                            11, (0, 4, 5, 8))
 
