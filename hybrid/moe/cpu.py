@@ -36,7 +36,7 @@ def mul_mat_id_cpu(w: ExpertTensor, x: np.ndarray, ids: np.ndarray, *, tiles: Cp
 
     ``x`` is ``[T, cols]`` (one input per token, as for gate/up) or ``[T, k, cols]``
     (one per slot, as for down). Weights of a format with an integer dot (``experts.Q8_TYPES``:
-    every quantised type; Q8_0, IQ4_NL and IQ4_XS with VNNI) multiply int8-quantised ``x`` as ggml does
+    every quantised type) multiply int8-quantised ``x`` as ggml does
     for the experts with at most ``tiles.q8_tokens`` tokens in the call (default: the format's
     crossover, ``experts.Q8_MAX_TOKENS``); the others, and every expert with ``experts.F32_TILES``,
     multiply float32 ``x``.

@@ -9,8 +9,7 @@ L1/L2 for all of the expert's tokens. Items are ordered row-tile-major and cut
 into a few equal-cost chunks per thread, so skewed routing still balances.
 
 Inside an item, three ways to multiply:
-- int8 (every quantised format; Q8_0, IQ4_NL and IQ4_XS with VNNI only: the
-  formats with an ``int8_block`` or, for super-blocks of 256, ``int8_scales``; experts with
+- int8 (every quantised format, AVX2 or AVX-512: the formats with an ``int8_block`` or, for super-blocks of 256, ``int8_scales``; experts with
   at most ``q8_tokens`` tokens in the call, by default the format's measured crossover
   ``Q8_MAX_TOKENS``: every decode step, and the lightly used experts of a prompt): as ggml does,
   the activations are quantised once per call to int8 blocks of 32 (ggml's Q8_0 rounding, float32
