@@ -53,15 +53,18 @@ def quantize(w, t, lib):
     return out
 
 
-def weights(w, t, lib, rng):
-    """``w`` in type ``t`` (ggml's or gguf's quantiser); for a type neither quantises here,
-    random codes under random half-precision scales: the same bytes to read and work to do."""
+def weights(w, t, lib, rng, random_codes=False):
+    """``w`` in type ``t`` (ggml's or gguf's quantiser); for a type neither quantises here (or
+    with ``random_codes``), random codes under random half-precision scales: the same bytes to
+    read and work to do."""
     try:
+        if random_codes:
+            raise NotImplementedError
         return quantize(w, t, lib)
     except NotImplementedError:
         f = qregistry.get(int(t))
         raw = rng.integers(0, 256, (w.size // f.block, f.block_bytes), dtype=np.uint8)
-        for at in f.scale_offsets:
+        for at in getattr(f, "scale_offsets", None) or {T.Q8_0: (0,)}.get(t, ()):  # f16 scales: finite, normal
             raw[:, at:at + 2] = rng.uniform(0.01, 0.1, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
         return raw.reshape(w.shape[0], -1)
 
@@ -97,18 +100,22 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--ggml-lib", help="libggml-base.so: quantise with ggml (every type)")
     ap.add_argument("--ggml", help="test-backend-ops: time ggml's MUL_MAT_ID on the same shapes")
+    ap.add_argument("--random-codes", action="store_true",
+                    help="random codes under random scales instead of quantised weights (the same work, no "
+                         "quantiser's minutes: for timing two trees)")
     a = ap.parse_args(argv)
     numba.set_num_threads(a.threads)
     lib = ctypes.CDLL(a.ggml_lib) if a.ggml_lib else None
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((E * ROWS, COLS)) / np.sqrt(COLS)).astype(np.float32)
     tokens = [int(s) for s in a.tokens.split(",")]
+    qregistry.activate(*(T[name] for name in a.types.split(",")))  # one compile for all, as the loader does
     print(f"# {machine_line()}; {a.threads} threads; [{ROWS} x {COLS}] x {E} experts, {K} used per token\n")
     print("| type | bits/weight | tokens | ours ms | floor ms | ours / floor | ggml ms | ours / ggml |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in a.types.split(","):
         t = T[name]
-        raw = weights(w, t, lib, rng).reshape(E, ROWS, -1)
+        raw = weights(w, t, lib, rng, a.random_codes).reshape(E, ROWS, -1)
         rb = raw.shape[2]
         bits = 8 * rb / COLS
         cpu.check_experts(name, raw, int(t), E, ROWS, COLS)

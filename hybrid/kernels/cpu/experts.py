@@ -117,8 +117,9 @@ Q8_R = (8, 4, 2, 2) if Q8_VARIANT == "vnni512" else (8, 4, 4, 4) if ISA == "avx5
 # examples/bench_crossover.py (BENCHMARKS.md, "Integer or float tiles"). Data per format name; a
 # format not listed takes Q8_MAX_DEFAULT. MXFP4's float path decodes in registers (no tile) below
 # tile_min, so its integer path pays off for few tokens only.
-Q8_MAX_TOKENS = {"Q4_0": 64, "Q4_1": 16, "Q5_0": 48, "Q5_1": 32, "Q8_0": 64, "Q2_K": 16, "Q3_K": 64, "Q4_K": 16,
-                 "Q5_K": 48, "Q6_K": 24, "IQ4_NL": 32, "IQ4_XS": 4, "MXFP4": 4}
+Q8_MAX_TOKENS = {"Q4_0": 64, "Q4_1": 16, "Q5_0": 48, "Q5_1": 32, "Q8_0": 64, "Q2_K": 64, "Q3_K": 64, "Q4_K": 64,
+                 "Q5_K": 64, "Q6_K": 64, "IQ4_NL": 32, "IQ4_XS": 32, "IQ3_S": 32, "IQ3_XXS": 32, "IQ2_S": 32,
+                 "IQ2_XS": 32, "IQ2_XXS": 32, "IQ1_S": 16, "IQ1_M": 16, "TQ1_0": 64, "TQ2_0": 64, "MXFP4": 4}
 Q8_MAX_DEFAULT = 16
 
 
