@@ -64,7 +64,7 @@ def weights(w, t, lib, rng, random_codes=False):
     except NotImplementedError:
         f = qregistry.get(int(t))
         raw = rng.integers(0, 256, (w.size // f.block, f.block_bytes), dtype=np.uint8)
-        for at in getattr(f, "scale_offsets", None) or {T.Q8_0: (0,)}.get(t, ()):  # f16 scales: finite, normal
+        for at in f.scale_offsets or ():  # f16 scales: finite, normal
             raw[:, at:at + 2] = rng.uniform(0.01, 0.1, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
         return raw.reshape(w.shape[0], -1)
 

@@ -100,6 +100,27 @@ def _amax32(x, p, c0):
 
 
 @nb.njit(inline="always")
+def _block_scale(x, p, c0, n):
+    """(amax/127, its inverse or 0, finite) of x[p, c0:c0 + n], n a multiple of 32; (NaN, 0, False)
+    when the values hold a NaN or an inf: their codes are then written 0 (x * 0 would round a NaN)."""
+    m = np.float32(0.0)
+    for j in range(0, n, 32):
+        m = max(m, _amax32(x, p, c0 + j))
+    z = np.float32(0.0)
+    for j in range(n):
+        z += x[p, c0 + j] * np.float32(0.0)  # NaN iff the values hold a NaN or an inf
+    if z != z:
+        return np.float32(np.nan), np.float32(0.0), False
+    s = m / np.float32(127.0)
+    return s, (np.float32(1.0) / s if s != 0 else np.float32(0.0)), True
+
+
+@nb.njit(inline="always")
+def _code(v, inv, finite):
+    return np.int8(np.int32(_roundf(v * inv))) if finite else np.int8(0)
+
+
+@nb.njit(inline="always")
 def quantize_q8_row(x, p, nblk, qc, d):
     """Row p of x (float32 [P, >= nblk*32]) -> its nblk blocks in qc (uint8, flat: row p's
     block b at byte (p*nblk + b)*Q8_REC) and d (float32, flat: d[(p*nblk + b)*Q8_DREP + 0..7]).
@@ -108,19 +129,10 @@ def quantize_q8_row(x, p, nblk, qc, d):
     qi = qc.view(np.int32)
     q8 = qc.view(np.int8)
     for b in range(nblk):
-        s = _amax32(x, p, b * 32) / np.float32(127.0)
-        inv = np.float32(1.0) / s if s != 0 else np.float32(0.0)
-        z = np.float32(0.0)
-        for j in range(32):
-            z += x[p, b * 32 + j] * np.float32(0.0)  # NaN iff the block holds a NaN or an inf
+        s, inv, finite = _block_scale(x, p, b * 32, 32)
         o = (p * nblk + b) * Q8_REC
-        if z != z:
-            s, inv = np.float32(np.nan), np.float32(0.0)
-            for j in range(32):
-                q8[o + j] = 0
-        else:
-            for j in range(32):
-                q8[o + j] = np.int8(np.int32(_roundf(x[p, b * 32 + j] * inv)))
+        for j in range(32):
+            q8[o + j] = _code(x[p, b * 32 + j], inv, finite)
         for j in range(Q8_DREP):
             d[(p * nblk + b) * Q8_DREP + j] = s
         for g in range(8):
@@ -153,21 +165,12 @@ def quantize_q8k_row(x, p, nsb, qc, d):
     q16 = qc.view(np.int16)
     for b in range(nsb):
         c0 = b * 256
-        m = np.float32(0.0)
-        for j in range(8):
-            m = max(m, _amax32(x, p, c0 + 32 * j))
-        s = m / np.float32(127.0)
-        inv = np.float32(1.0) / s if s != 0 else np.float32(0.0)
-        z = np.float32(0.0)
-        for j in range(256):
-            z += x[p, c0 + j] * np.float32(0.0)
+        s, inv, finite = _block_scale(x, p, c0, 256)
         o = (p * nsb + b) * Q8K_REC
-        if z != z:
-            s, inv = np.float32(np.nan), np.float32(0.0)
         for g in range(16):
             acc = np.int32(0)
             for j in range(16):
-                v = np.int8(np.int32(_roundf(x[p, c0 + 16 * g + j] * inv)))
+                v = _code(x[p, c0 + 16 * g + j], inv, finite)
                 q8[o + 16 * g + j] = v
                 acc += np.int32(v)
             q16[o // 2 + 128 + g] = np.int16(acc)

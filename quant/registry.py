@@ -105,7 +105,7 @@ class Format:
     #                     <16 x i16> sc, <16 x i16> mn or None), per 16 values: d*sc*(u - int8_offset) - dmin*mn
     int8_signed = False  # the bytes are the signed values (offset 0): with VNNI value + 128, else
     #                      vpmaddubsw(|v|, q * sign(v)) (|v| <= 127; 128 too for blocks of 32)
-    #                         (scale, min: a float or 8 lanes, 4 per sub-block of 16; min None: none)
+    scale_offsets = None  # byte offsets of a block's f16 scales (where tests and benchmarks write finite ones)
     mma = False
     compile_on_use = False  # True: in the generated code only once ``activate``d (a rarely used type)
 

@@ -111,6 +111,7 @@ class Q8_0(Format, ggml_type=T.Q8_0):
 
     # the integer dot: the signed codes (+ 128 with VNNI; AVX2's vpmaddubsw by the sign trick)
     int8_dot, int8_signed, int8_avx2 = True, True, True
+    scale_offsets = (0,)  # its f16 d
 
     @staticmethod
     def int8_block(b, p8, off):

@@ -9,7 +9,8 @@ L1/L2 for all of the expert's tokens. Items are ordered row-tile-major and cut
 into a few equal-cost chunks per thread, so skewed routing still balances.
 
 Inside an item, three ways to multiply:
-- int8 (every quantised format, AVX2 or AVX-512: the formats with an ``int8_block`` or, for super-blocks of 256, ``int8_scales``; experts with
+- int8 (every quantised format, AVX2 or AVX-512: the formats with an ``int8_block`` or, for
+  super-blocks of 256, ``int8_scales``; experts with
   at most ``q8_tokens`` tokens in the call, by default the format's measured crossover
   ``Q8_MAX_TOKENS``: every decode step, and the lightly used experts of a prompt): as ggml does,
   the activations are quantised once per call to int8 blocks of 32 (ggml's Q8_0 rounding, float32
@@ -171,7 +172,7 @@ def _build_q8_pass():
 def _build_q8_superblocks():
     """``_q8_superblocks(wtype)``: whether ``wtype``'s integer dot reads activations in super-blocks
     of 256 (quant.cpu.quantize_q8k: the formats with integer sub-block scales) instead of blocks of 32."""
-    sbs = [wt for wt in _q8_types() if wt in q8s_types()]
+    sbs = sorted(set(_q8_types()) & set(q8s_types()))
     ns = {}
     body = " or ".join(f"wtype == {wt}" for wt in sbs) or "False"
     exec(compile(f"def _q8_superblocks(wtype):\n    return {body}", "<hybrid.kernels.cpu.experts._q8_superblocks>",
