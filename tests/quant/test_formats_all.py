@@ -15,11 +15,11 @@ from quant import registry
 
 FORMATS = registry.formats()
 # formats whose only non-finite values come from f16 scales (the data check's rule for them)
-F16_SCALED = [f for f in FORMATS if hasattr(f, "scale_offsets")]
+F16_SCALED = [f for f in FORMATS if f.scale_offsets is not None or f.name == "IQ1_M"]
 
 
 def scale_offsets(f):
-    return getattr(f, "scale_offsets", ())
+    return f.scale_offsets or ()
 
 SPECIAL_F16 = [0x0000, 0x8000, 0x0001, 0x8001, 0x03FF, 0x0400, 0x3C00, 0x7BFF, 0xFBFF,
                0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFFFF]
