@@ -135,11 +135,56 @@ def tile_decoder(ggml_type, rows, k_chunk, n_threads, stride):
 
 
 def check_chunk(ggml_type, k, what):
-    """A K extent device kernels step by must hold whole blocks of the format."""
-    blk = registry.get(ggml_type).block
-    if k <= 0 or k % blk:
+    """A K extent device kernels step by must hold whole blocks of the format, or (a format
+    whose tiles come from its block decoder) divide its block."""
+    f = registry.get(ggml_type)
+    blk, parts = f.block, f.cuda_tile_parts
+    if k <= 0 or (k % blk and not (parts and blk % k == 0)):
         raise ValueError(f"{what} ({k}) must be a positive multiple of {registry.type_name(ggml_type)}'s "
-                         f"block of {blk}")
+                         f"block of {blk}" + (" or divide it" if parts else ""))
+
+
+# ---------------------------------------------------------------- any block format, from its block decoder
+#
+# The formats with no hand-written tile decoder (the legacy, K-, i- and ternary quants) get
+# one from ``cuda_decode_block``, the decoder the tests hold bit-identical to gguf: a thread
+# decodes a whole block into its local memory and stores the part of it the tile covers.
+# Exact for every type; the cost is a local array of one block per thread and, for blocks
+# of 256 under a K step of 32, each block decoded once per step (8 times).
+
+@functools.lru_cache(maxsize=None)
+def block_tile_decoder(ggml_type, rows, k_chunk, n_threads, stride):
+    """``tile_decoder``'s device function (same contract) built on the format's
+    ``cuda_decode_block``; ``k_chunk`` a multiple of the block or a divisor of it."""
+    f = registry.get(ggml_type)
+    dec, B, BB = f.cuda_decode_block, f.block, f.block_bytes
+    if dec is None:
+        raise NotImplementedError(f"{f.name} has no CUDA block decoder")
+    NB = k_chunk // B if k_chunk >= B else 1  # blocks a row of the tile touches
+    SPAN = B if k_chunk >= B else k_chunk  # values of each block the tile stores
+    ITEMS = rows * NB
+    U = np.uint64
+    ROWS, ST, UB = U(rows), U(stride), U(B)
+
+    @cuda.jit(device=True, inline=True)
+    def decode(w, s, row0, n_rows, k0, K, dst, off, tid, tabs):
+        # item i: row n = i % rows of block b = i // rows (consecutive threads take consecutive
+        # rows, so their stores hit consecutive words); j0: where the chunk starts in its block
+        buf = cuda.local.array(B, np.float32)
+        su, r0, nr, kb0, j0, kleft, o = U(s), U(row0), U(n_rows), U(k0) // UB, U(k0) % UB, U(K - k0), U(off)
+        for i in range(tid, ITEMS, n_threads):
+            b = U(i) // ROWS
+            n = U(i) - b * ROWS
+            row = r0 + n
+            live = row < nr and b * U(SPAN) < kleft
+            if live:
+                dec(w[su, row], np.int64((kb0 + b) * U(BB)), buf, 0)
+            for j in range(SPAN):
+                v = np.float32(0.0)
+                if live:
+                    v = buf[j0 + U(j)]
+                dst[o + (b * U(SPAN) + U(j)) * ST + n] = v
+    return decode
 
 
 def _name(t):
@@ -211,14 +256,16 @@ _BF16_UNIT = np.float32(1.0 / 128.0)  # 2^-7: one step of the 7-bit mantissa
 
 
 def dense_types() -> tuple:
-    """GGML ids of the formats whose dense rows device kernels read (``cuda_pair``)."""
-    return tuple(int(t) for t in registry.types("cuda_pair"))
+    """GGML ids of the formats whose dense rows device kernels read: with a pair reader
+    (``cuda_pair``) or through their block decoder (``cuda_decode_block``)."""
+    return tuple(int(f.ggml_type) for f in registry.formats()
+                 if f.cuda_pair is not None or f.cuda_decode_block is not None)
 
 
 def dense_dtype(ggml_type) -> np.dtype:
     """The element type a kernel reads rows of ``ggml_type`` as: float32 (F32), uint16 (F16, BF16
     bits), uint8 (block formats)."""
-    if not registry.has(ggml_type, "cuda_pair"):
+    if int(ggml_type) not in dense_types():
         raise NotImplementedError(f"dense rows of GGML type {_name(ggml_type)} are not supported "
                                   f"(supported: {', '.join(_name(t) for t in dense_types())})")
     return np.dtype(registry.get(ggml_type).cuda_dtype)
@@ -250,7 +297,7 @@ def pair_reader(ggml_type):
     ``s`` and ``row`` in range; the block types' K is a multiple of their block. The
     format's ``cuda_pair`` builds it (registry).
     """
-    dense_dtype(ggml_type)  # refuses other types
+    registry.require(ggml_type, "cuda_pair", "pair_reader")  # refuses other types
     return registry.get(ggml_type).cuda_pair()
 
 

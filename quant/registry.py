@@ -33,7 +33,8 @@ when absent):
   (NaN/inf scale); ``check_what(raw)`` names the fault of the bad block's bytes ``raw``;
 - ``cuda_tile(rows, k_chunk, n_threads, stride)`` (classmethod): the device
   function decoding a transposed ``rows x k_chunk`` tile into shared memory
-  (``quant.cuda.tile_decoder``'s contract); ``cuda_pair(...)`` the pair
+  (``quant.cuda.tile_decoder``'s contract; ``quant.cuda.block_tile_decoder`` builds it from
+  ``cuda_decode_block``, and ``cuda_tile_parts`` says its K step may divide the block); ``cuda_pair(...)`` the pair
   reader of dense rows (``quant.cuda.pair_reader``); ``cuda_dtype`` the element
   dtype device kernels read its rows as;
 - ``ir_block(b, isa_mode, lanes, p8, off)`` (staticmethod): LLVM IR emitting the
@@ -90,6 +91,7 @@ class Format:
     cuda_decode_block = None
     check_blocks = None
     cuda_tile = None
+    cuda_tile_parts = False  # True: cuda_tile also takes K steps that divide the block (256 by 32)
     cuda_pair = None
     cuda_bf16_tile = None
     cuda_dequantize = None

@@ -15,19 +15,52 @@ from gguf.constants import (GGML_QUANT_VERSION, GGMLQuantizationType as T, GGUFV
                              RopeScalingType)
 
 from quant import mxfp4
+from quant import registry as qregistry
 
 from ..moe.layer import ExpertTensor, MoELayer
 from . import arch as archs
 from .gguf import GGUFError, load
 
-__all__ = ["random_layer", "tiny_layers", "tiny_vocab", "spm_vocab", "write_tiny", "model_metadata", "model_tensors",
+__all__ = ["random_layer", "random_blocks", "set_f16", "tiny_layers", "tiny_vocab", "spm_vocab", "write_tiny", "model_metadata", "model_tensors",
            "write_gguf", "check_dims", "simulator_tiles",
            "default_model_path", "ensure_default_model"]
 
 
+def set_f16(blocks, f, h, rng=None):
+    """Write half ``h`` into every f16 scale of each block (IQ1_M: its four nibbles); with
+    ``rng``, each scale of each block gets a random sign (zero-mean weights, as trained ones are)."""
+    offs = ((None,) if f.name == "IQ1_M" else f.scale_offsets) or ()
+    for at in offs:
+        hb = np.full(blocks.shape[0], h, np.int64)
+        if rng is not None:
+            hb |= rng.integers(0, 2, blocks.shape[0]) << 15
+        if at is None:  # IQ1_M: bits 4k..4k+3 of d are the top nibble of the u16 at 48 + 2k
+            for k in range(4):
+                blocks[:, 49 + 2 * k] = (blocks[:, 49 + 2 * k] & 0x0F) | (((hb >> (4 * k)) & 0xF) << 4)
+        else:
+            blocks[:, at], blocks[:, at + 1] = hb & 0xFF, hb >> 8
+
+
+def random_blocks(f, shape, rng, rms):
+    """uint8 ``shape[:-1] + (row bytes,)`` of format ``f`` holding values of about ``rms``:
+    gguf's quantisation of normal weights where gguf-py quantises the type, else random
+    blocks (every code drawn) with the f16 scales set to give that spread."""
+    if f.scale_offsets is None and f.name != "IQ1_M":  # a type gguf quantises
+        w = (rms * rng.standard_normal(shape)).astype(np.float32)
+        return np.ascontiguousarray(quants.quantize(w, f.ggml_type)).view(np.uint8).reshape(
+            *shape[:-1], shape[-1] // f.block * f.block_bytes)
+    n = int(np.prod(shape)) // f.block
+    b = rng.integers(0, 256, (n, f.block_bytes), dtype=np.uint8)
+    set_f16(b, f, 0x3C00)  # 1.0: values are linear in the scales
+    r = float(np.sqrt(np.mean(f.decode_numpy(b).astype(np.float64) ** 2)))
+    set_f16(b, f, int(np.float16(rms / r).view(np.uint16)), rng)
+    return b.reshape(*shape[:-1], shape[-1] // f.block * f.block_bytes)
+
+
 def random_layer(n_embd=64, n_ff=64, n_experts=8, k=2, *, wtype=None, gpt_oss=True,
                  seed=0, index=0, skew=1.0) -> MoELayer:
-    """A layer of random weights, quantised to ``wtype`` (default MXFP4).
+    """A layer of random weights, quantised to ``wtype`` (default MXFP4; any registered
+    type, ``random_blocks``'s codes where gguf-py does not quantise it).
 
     ``skew`` adds a per-expert router bias (Zipf-like), so routing favours some
     experts as real routers do; 0 gives unbiased routing.
@@ -36,6 +69,9 @@ def random_layer(n_embd=64, n_ff=64, n_experts=8, k=2, *, wtype=None, gpt_oss=Tr
     rng = np.random.default_rng(seed)
 
     def experts(rows, cols):
+        if wtype not in (T.MXFP4, T.F32, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1):
+            return ExpertTensor(random_blocks(qregistry.get(wtype), (n_experts, rows, cols), rng, cols ** -0.5),
+                                int(wtype), rows, cols)
         w = (rng.standard_normal((n_experts, rows, cols)) / np.sqrt(cols)).astype(np.float32)
         if wtype == T.MXFP4:
             data = mxfp4.quantize(w)

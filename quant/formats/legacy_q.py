@@ -44,9 +44,18 @@ def _mul(a, b):
 
 cpu_f16 = nb.njit(inline="always")(_f16)
 cpu_mul = nb.njit(inline="always")(_mul)
-cuda_f16 = cuda.jit(device=True, inline=True)(_f16)
+
+
+def _cuda_jit(fn):
+    # The simulator wraps every device-function call in a swap of the ``cuda`` module (each
+    # value of a block of 256 paid it several times); these helpers never use that module,
+    # so there they stay plain Python.
+    return fn if SIMULATOR else cuda.jit(device=True, inline=True)(fn)
+
+
+cuda_f16 = _cuda_jit(_f16)
 if SIMULATOR:
-    cuda_mul = cuda.jit(device=True, inline=True)(_mul)
+    cuda_mul = _mul
 else:
     from numba.cuda import libdevice
 
@@ -61,10 +70,6 @@ def _cpu_jit(fn):
     # twenty 256-value decoders into every consumer took its first compile from 1 s to 27 s;
     # a call per block of 32..256 values costs little. Cached: the closure's contents key it.
     return nb.njit(cache=True)(fn)
-
-
-def _cuda_jit(fn):
-    return cuda.jit(device=True, inline=True)(fn)
 
 
 def compile_block(factory):
@@ -214,6 +219,11 @@ def format_attrs(ggml_type, spec):
                 check_blocks=staticmethod(check_blocks), scale_offsets=None if callable(scales) else scales)
 
 
+def _block_tile(cls, rows, k_chunk, n_threads, stride):
+    from ..cuda import block_tile_decoder  # numba-cuda kernels only when a device path asks
+    return block_tile_decoder(cls.ggml_type, rows, k_chunk, n_threads, stride)
+
+
 def register(specs, module):
     """One registry Format per ``specs`` entry (the family's table), defined in ``module``;
     returns name -> class for the module's namespace."""
@@ -224,6 +234,8 @@ def register(specs, module):
         attrs = {k: v for k, v in a.items() if k not in ("ggml_type", "block", "block_bytes")}
         attrs["__module__"] = module
         attrs["compile_on_use"] = True  # compiled into the dispatchers once a model uses the type
+        attrs["cuda_tile"] = classmethod(_block_tile)  # device tiles from the block decoder
+        attrs["cuda_tile_parts"] = True
         out[a["name"]] = type(a["name"], (Format,), attrs, ggml_type=t)
     return out
 

@@ -12,11 +12,13 @@ from gguf.constants import GGMLQuantizationType as T
 from hypothesis import given, settings, strategies as st
 from numba import cuda
 
+from cases import blockwise, one_per_block_size
 from hybrid.kernels.cuda import experts as K
 from hybrid import random_layer
 from hybrid.moe.reference import moe_reference, router_logits_reference
 from hybrid.moe.routing import bucket, route
 from hybrid.moe.scheduler import HybridMoE
+from quant.registry import block_size, type_name
 
 pytestmark = pytest.mark.skipif(not cuda.is_available(), reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")
 
@@ -106,6 +108,20 @@ def test_other_expert_types(wtype, gpt_oss):
     layer = random_layer(64, 64, 6, 2, seed=8, wtype=wtype, gpt_oss=gpt_oss)
     x, ids, w = _routed(layer, 3, seed=8)
     _check(layer, x, ids, w, tiles=SMALL, layout="compact", poison=0xFF)
+
+
+# Blocks of 256 by K steps of 256 here (the K steps that split a block are the tile decoder's
+# own test): 4 pairs x 16 columns, 8 threads.
+WHOLE_256 = K.TileConfig(block_pairs=4, block_cols=16, k_chunk=256, thread_rows=1, thread_cols=8)
+
+
+@pytest.mark.parametrize("wtype", one_per_block_size(blockwise(K.expert_types())), ids=type_name)
+def test_expert_types_read_through_their_block_decoder(wtype):
+    B = block_size(wtype)
+    D = max(64, B)
+    layer = random_layer(D, D, 3, 2, seed=9, wtype=wtype, gpt_oss=B == 32)
+    x, ids, w = _routed(layer, 2, seed=9)
+    _check(layer, x, ids, w, tiles=SMALL if B <= 64 else WHOLE_256, layout="compact", poison=0xFF)
 
 
 @settings(max_examples=4, deadline=None, derandomize=True)

@@ -6,43 +6,13 @@ code drawn) with f16 scales set so values have the spread of real weights.
 import dataclasses
 
 import numpy as np
-from gguf import quants
 from gguf.constants import GGMLQuantizationType as T
 
-from hybrid.model.tiny import model_metadata, model_tensors, random_layer, write_gguf
+from hybrid.model.tiny import model_metadata, model_tensors, random_blocks as weight_blocks, random_layer, write_gguf
 from hybrid.moe.layer import ExpertTensor
 from quant import registry
 
 DIMS = dict(n_embd=256, n_ff=256, n_experts=4, k=2, n_head=4, n_head_kv=2, head_dim=64, n_vocab=300)
-
-
-def set_f16(blocks, f, h, rng=None):
-    """Write half ``h`` into every f16 scale of each block (IQ1_M: its four nibbles); with
-    ``rng``, each scale of each block gets a random sign (zero-mean weights, as trained ones are)."""
-    offs = ((None,) if f.name == "IQ1_M" else getattr(f, "scale_offsets", None)) or ()
-    for at in offs:
-        hb = np.full(blocks.shape[0], h, np.int64)
-        if rng is not None:
-            hb |= rng.integers(0, 2, blocks.shape[0]) << 15
-        if at is None:  # IQ1_M: bits 4k..4k+3 of d are the top nibble of the u16 at 48 + 2k
-            for k in range(4):
-                blocks[:, 49 + 2 * k] = (blocks[:, 49 + 2 * k] & 0x0F) | (((hb >> (4 * k)) & 0xF) << 4)
-        else:
-            blocks[:, at], blocks[:, at + 1] = hb & 0xFF, hb >> 8
-
-
-def weight_blocks(f, shape, rng, rms):
-    """uint8 ``shape[:-1] + (row bytes,)`` of random codes, scales giving values of about ``rms``."""
-    if getattr(f, "scale_offsets", None) is None and f.name != "IQ1_M":  # a type gguf quantises
-        w = (rms * rng.standard_normal(shape)).astype(np.float32)
-        return np.ascontiguousarray(quants.quantize(w, f.ggml_type)).view(np.uint8).reshape(
-            *shape[:-1], shape[-1] // f.block * f.block_bytes)
-    n = int(np.prod(shape)) // f.block
-    b = rng.integers(0, 256, (n, f.block_bytes), dtype=np.uint8)
-    set_f16(b, f, 0x3C00)  # 1.0: values are linear in the scales
-    r = float(np.sqrt(np.mean(f.decode_numpy(b).astype(np.float64) ** 2)))
-    set_f16(b, f, int(np.float16(rms / r).view(np.uint16)), rng)
-    return b.reshape(*shape[:-1], shape[-1] // f.block * f.block_bytes)
 
 
 def write_model(path, etype, dtype, seed=0, n_layers=2):

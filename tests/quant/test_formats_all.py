@@ -11,15 +11,12 @@ from gguf.constants import GGML_QUANT_SIZES
 from hypothesis import given, settings, strategies as st
 from numba import cuda, njit
 
+from hybrid.model.tiny import set_f16
 from quant import registry
 
 FORMATS = registry.formats()
 # formats whose only non-finite values come from f16 scales (the data check's rule for them)
 F16_SCALED = [f for f in FORMATS if f.scale_offsets is not None or f.name == "IQ1_M"]
-
-
-def scale_offsets(f):
-    return f.scale_offsets or ()
 
 SPECIAL_F16 = [0x0000, 0x8000, 0x0001, 0x8001, 0x03FF, 0x0400, 0x3C00, 0x7BFF, 0xFBFF,
                0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFFFF]
@@ -34,17 +31,6 @@ def _same(got, ref):
     np.testing.assert_array_equal(got.view(np.uint32)[~gn], ref.view(np.uint32)[~rn])
 
 
-def _set_f16(blocks, f, h):
-    """Write half ``h`` into every f16 scale of ``blocks`` (IQ1_M: its four nibbles)."""
-    offs = scale_offsets(f)
-    if f.name == "IQ1_M":  # IQ1_M: bits 4k..4k+3 of d are the top nibble of the u16 at 48 + 2k
-        for k in range(4):
-            blocks[:, 49 + 2 * k] = (blocks[:, 49 + 2 * k] & 0x0F) | (((h >> (4 * k)) & 0xF) << 4)
-        return
-    for at in offs:
-        blocks[:, at], blocks[:, at + 1] = h & 0xFF, h >> 8
-
-
 def _blocks(f, seed, n_random=48):
     rng = np.random.default_rng(seed)
     size = f.block_bytes
@@ -53,11 +39,11 @@ def _blocks(f, seed, n_random=48):
         b = (np.full((len(SPECIAL_F16), size), fill, np.uint8) if fill is not None
              else rng.integers(0, 256, (len(SPECIAL_F16), size), dtype=np.uint8))
         for i, h in enumerate(SPECIAL_F16):
-            _set_f16(b[i:i + 1], f, h)
+            set_f16(b[i:i + 1], f, h)
         parts.append(b)
     finite = rng.integers(0, 256, (16, size), dtype=np.uint8)  # scales drawn from finite halves
     for i in range(16):
-        _set_f16(finite[i:i + 1], f, int(rng.integers(0, 0x7C00)) | (0x8000 * (i % 2)))
+        set_f16(finite[i:i + 1], f, int(rng.integers(0, 0x7C00)) | (0x8000 * (i % 2)))
     parts.append(finite)
     return np.concatenate(parts)
 

@@ -102,8 +102,9 @@ def _tile_kernel(qt, rows, k_chunk, n_threads, stride):
     return run
 
 
-@pytest.mark.parametrize("qt", registry.types("cuda_tile"), ids=registry.type_name)
-def test_tile_decoder_transposes_and_zero_fills(qt):
+@pytest.mark.parametrize("qt", [t for t in registry.types("cuda_tile") if not registry.get(t).cuda_tile_parts],
+                         ids=registry.type_name)
+def test_tile_decoder_transposes_and_zero_fills(qt):  # the hand-written tile decoders
     # A 5-row x 64-col tile of matrix 1 of a stack of 3 [7, 96] matrices, taken at
     # rows 4.. (rows 7, 8 are past the matrix) and k0=64 (cols 96..127 past K).
     rng = np.random.default_rng(int(qt))
@@ -122,5 +123,41 @@ def test_tile_decoder_transposes_and_zero_fills(qt):
 
 
 def test_tile_decoder_rejects_other_types():
-    with pytest.raises(NotImplementedError, match="Q4_K"):
-        qc.tile_decoder(int(T.Q4_K), 4, 32, 8, 5)
+    with pytest.raises(NotImplementedError, match="BF16"):
+        qc.tile_decoder(int(T.BF16), 4, 32, 8, 5)
+
+
+PARTS = [t for t in registry.types("cuda_tile") if registry.get(t).cuda_tile_parts]
+
+
+@pytest.mark.parametrize("qt", PARTS, ids=registry.type_name)
+def test_block_tile_decoder_every_format(qt):
+    # Tiles built from the format's block decoder: rows 4.. of matrix 1 (rows 7, 8 past the
+    # matrix); blocks of 32 at k0 = 64 with K = 96 (the chunk's second block past K), blocks
+    # of 256 by K steps of 32 at the start, inside and at the end of the second block.
+    from hybrid.model.tiny import random_blocks
+    f = registry.get(qt)
+    B = f.block
+    rng = np.random.default_rng()
+    K = 96 if B <= 64 else 2 * B
+    raw = random_blocks(f, (3, 7, K), rng, 0.5)
+    dense = f.decode_numpy(raw.reshape(-1, f.block_bytes)).reshape(3, 7, K)
+    rows, stride, n_threads = 5, 7, 8
+    k_chunk = 64 if B <= 64 else 32
+    for k0 in ([64] if B <= 64 else [B, B + 96, K - 32]):
+        out = np.zeros(k_chunk * stride, np.float32)
+        smem = 4 * (qc.TABLES + k_chunk * stride)
+        _tile_kernel(int(qt), rows, k_chunk, n_threads, stride)[1, n_threads, 0, smem](raw, 1, 4, k0, K, out)
+        tile = out.reshape(k_chunk, stride)
+        want = np.zeros((k_chunk, rows), np.float32)
+        n_k = min(k_chunk, K - k0)
+        want[:n_k, :3] = dense[1, 4:7, k0:k0 + n_k].T
+        np.testing.assert_array_equal(_bits(tile[:, :rows]), _bits(want), err_msg=f"k0={k0}")
+        assert (tile[:, rows:] == -1.0).all()  # the stride padding is not written
+
+
+def test_block_tile_decoder_checks_the_step():
+    with pytest.raises(ValueError, match="divide it"):
+        qc.tile_decoder(int(T.Q4_K), 4, 48, 8, 5)
+    with pytest.raises(ValueError, match="multiple of Q8_0's block of 32$"):  # hand-written: whole blocks
+        qc.tile_decoder(int(T.Q8_0), 4, 16, 8, 5)

@@ -23,6 +23,7 @@ import numpy as np
 from numba import cuda, types
 
 from quant import cuda as qc
+from quant import registry as qregistry
 from quant import types as qtypes
 
 from ..cpu.dense import Dense
@@ -81,6 +82,8 @@ class DenseTiles:
 
 @functools.lru_cache(maxsize=None)
 def _gemv_kernel(tiles: DenseTiles, wtype: int, n_tok: int):
+    if not qregistry.has(wtype, "cuda_pair"):
+        return _gemv_blocks_kernel(tiles, wtype, n_tok)
     WARPS, R, NT = tiles.gemv_warps, tiles.gemv_rows, n_tok
     THREADS, ACC = tiles.gemv_threads, n_tok * tiles.gemv_rows
     offs_scratch = qc.TABLES
@@ -122,6 +125,55 @@ def _gemv_kernel(tiles: DenseTiles, wtype: int, n_tok: int):
                         lo, hi = read(w, 0, row0 + r, item, K, sm)
                         for t in range(NT):
                             acc[t * R + r] += xlo[t] * lo + xhi[t] * hi
+        warp_sum(acc, ACC, scratch, tid, THREADS)
+        if lane == 0:
+            for r in range(R):
+                if row0 + r < n_rows:
+                    for t in range(NT):
+                        out[t, row0 + r] = acc[t * R + r]
+
+    return gemv
+
+
+@functools.lru_cache(maxsize=None)
+def _gemv_blocks_kernel(tiles: DenseTiles, wtype: int, n_tok: int):
+    """The GEMV of a format read through its block decoder (no pair reader: the K- and i-quants)."""
+    f = qregistry.get(wtype)
+    dec, B, BB = f.cuda_decode_block, f.block, f.block_bytes
+    WARPS, R, NT = tiles.gemv_warps, tiles.gemv_rows, n_tok
+    THREADS, ACC = tiles.gemv_threads, n_tok * tiles.gemv_rows
+    offs_scratch = qc.TABLES
+
+    @cuda.jit
+    def gemv(x, w, out):
+        """Tiling: warp ``warp`` of block b owns weight rows row0 .. row0 + R - 1, row0 =
+        (b*WARPS + warp)*R, as the pair GEMV; lane ``lane`` takes whole quant blocks lane,
+        lane + 32, ... of each row (a warp step reads 32 consecutive blocks), decodes each
+        once into local memory and uses it for all NT tokens; warp_sum reduces each sum."""
+        tid = cuda.threadIdx.x
+        warp = tid // WARP
+        lane = tid - warp * WARP
+        row0 = (cuda.blockIdx.x * WARPS + warp) * R
+        n_rows = w.shape[1]
+        n_blk = x.shape[1] // B
+        sm = cuda.shared.array(0, types.float32)  # [tables | warp_sum scratch (simulator)]
+        scratch = sm[offs_scratch:]
+
+        acc = cuda.local.array(ACC, np.float32)
+        buf = cuda.local.array(B, np.float32)
+        for a in range(ACC):
+            acc[a] = _ZERO
+        if row0 < n_rows:
+            for blk in range(lane, n_blk, WARP):
+                c0 = blk * B
+                for r in range(R):
+                    if row0 + r < n_rows:
+                        dec(w[0, row0 + r], np.int64(blk * BB), buf, 0)
+                        for t in range(NT):
+                            part = _ZERO
+                            for j in range(B):
+                                part += x[t, c0 + j] * buf[j]
+                            acc[t * R + r] += part
         warp_sum(acc, ACC, scratch, tid, THREADS)
         if lane == 0:
             for r in range(R):
@@ -196,6 +248,8 @@ def _gemm_kernel(cfg: TileConfig, wtype: int):
 
 @functools.lru_cache(maxsize=None)
 def _rows_kernel(wtype: int):
+    if not qregistry.has(wtype, "cuda_pair"):
+        return _rows_blocks_kernel(wtype)
     read = qc.pair_reader(wtype)
 
     @cuda.jit
@@ -221,6 +275,30 @@ def _rows_kernel(wtype: int):
                 out[n, c_lo] = lo
             if c_lo + 16 < K:
                 out[n, c_lo + 16] = hi
+
+    return rows
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_blocks_kernel(wtype: int):
+    """The row lookup of a format read through its block decoder."""
+    f = qregistry.get(wtype)
+    dec, B, BB = f.cuda_decode_block, f.block, f.block_bytes
+
+    @cuda.jit
+    def rows(w, ids, out):
+        """Tiling: grid-stride over (id, quant block) pairs; each decodes straight into its
+        output row. An id outside the matrix gives a row of NaN."""
+        per_row = out.shape[1] // B
+        for idx in range(cuda.grid(1), ids.shape[0] * per_row, cuda.gridsize(1)):
+            n = idx // per_row
+            blk = idx - n * per_row
+            row = ids[n]
+            if 0 <= row < w.shape[1]:
+                dec(w[0, row], np.int64(blk * BB), out[n], blk * B)
+            else:
+                for j in range(B):
+                    out[n, blk * B + j] = _NAN
 
     return rows
 
@@ -301,7 +379,9 @@ class DeviceDense:
             return out
         if self._w is None:
             raise ValueError(f"{self.name}: no rows to look up in an empty matrix")
-        per_row = -(-cols // 32) * 16
+        # items: value pairs (pair readers) or whole quant blocks (block decoders)
+        per_row = -(-cols // 32) * 16 if qregistry.has(self.ggml_type, "cuda_pair") else \
+            cols // qregistry.block_size(self.ggml_type)
         _rows_kernel(self.ggml_type)[qc.grid_blocks(n * per_row, _ROWS_THREADS), _ROWS_THREADS, stream,
                                      4 * qc.TABLES](self._w, ids, out)
         return out
