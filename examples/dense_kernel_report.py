@@ -19,7 +19,8 @@ from pathlib import Path
 # The builds tests/kernels/test_ptx.py checks: the GEMV at T=8 (the most accumulators) for MXFP4 and BF16,
 # the GEMM for MXFP4, Q8_0 and BF16 (F32 decodes as the first two, F16 as BF16), the ops, and
 # attention at head dim 64 (``device_attention.variants(full=False)``).
-SUBSET = ("dense gemv MXFP4 T=8", "dense gemv BF16 T=8", "dense gemm MXFP4", "dense gemm Q8_0", "dense gemm BF16")
+SUBSET = ("dense gemv MXFP4 T=8", "dense gemv BF16 T=8", "dense gemm MXFP4", "dense gemm Q8_0", "dense gemm BF16",
+          "dense gemv Q4_K T=8", "dense gemm Q4_K", "dense rows Q4_K")  # Q4_K: the block-decoder builds
 
 
 def main(argv=None):

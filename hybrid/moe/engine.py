@@ -49,10 +49,11 @@ class DeviceEngine:
     def __init__(self, layers, n_slots, *, host="auto", tiles=None, launch_tiles=None, dense_tiles=None):
         self.layers = layers
         first = layers[0]
-        for t in (first.gate, first.up, first.down):
-            if int(t.ggml_type) not in kernels.expert_types():
-                raise ValueError(f"the CUDA kernels read {', '.join(type_name(s) for s in kernels.expert_types())} "
-                                 f"experts, not {type_name(t.ggml_type)}; use device='cpu' for this model")
+        for L in layers:
+            for t in (L.gate, L.up, L.down):
+                if int(t.ggml_type) not in kernels.expert_types():
+                    raise ValueError(f"the CUDA kernels read {', '.join(type_name(s) for s in kernels.expert_types())}"
+                                     f" experts, not {type_name(t.ggml_type)}; use device='cpu' for this model")
         assert launch_tiles is None or launch_tiles >= 1  # checked by HybridMoE
         self.n_embd, self.n_ff, self.k = first.n_embd, first.n_ff, first.k
         self.tiles = tiles or kernels.TileConfig()
@@ -61,12 +62,26 @@ class DeviceEngine:
         self.host = HostMemory([c.host for L in layers for c in L.copied()], mode=host)
         self._index = {id(L): i for i, L in enumerate(layers)}
         self.n_slots = n_slots
-        self.dev = []  # per role: (flat device buffer, elements per expert, shaped view for kernels)
-        for c in self.roles:
-            per = c.slab_bytes // c.host.itemsize
-            flat = device_buffer(n_slots * per, c.host.dtype)
-            self.dev.append((flat, per, flat.reshape((n_slots,) + c.host.shape[1:])))
-        self._views = {c.role: view for c, (_, _, view) in zip(self.roles, self.dev)}
+        # Per role one flat buffer of n_slots experts of the largest layer's size. Layers may hold
+        # other types in a role (Q4_K_M: Q6_K for some ffn_down), so each layer gets its own
+        # elements per expert and kernel views of the front of the buffers (HybridMoE keeps a
+        # cache, whose slots outlive a layer, to files of one layout).
+        self._per, self._views = {}, {}
+        for L in layers:
+            cs = L.copied()
+            if [(c.role, c.host.dtype) for c in cs] != [(c.role, c.host.dtype) for c in self.roles]:
+                raise ValueError(f"block {L.index}: expert tensors stored as {[str(c.host.dtype) for c in cs]}, "
+                                 f"block {first.index} as {[str(c.host.dtype) for c in self.roles]}: "
+                                 f"one element type per role on the device; use device='cpu'")
+            self._per[id(L)] = [c.slab_bytes // c.host.itemsize for c in cs]
+        self.dev = []  # per role: (flat device buffer, elements per slot, the first layer's kernel view)
+        for r, c in enumerate(self.roles):
+            per = max(p[r] for p in self._per.values())
+            self.dev.append((device_buffer(n_slots * per, c.host.dtype), per, None))
+        for L in layers:
+            self._views[id(L)] = {c.role: flat[:n_slots * per].reshape((n_slots,) + c.host.shape[1:])
+                                  for c, (flat, _, _), per in zip(L.copied(), self.dev, self._per[id(L)])}
+        self.dev = [(flat, per, self._views[id(first)][c.role]) for c, (flat, per, _) in zip(self.roles, self.dev)]
         self.copy_stream = cuda.stream()
         self.compute_stream = cuda.stream()
         # Routers for the logits of hidden states on the device: the dense device matmul (F32).
@@ -107,7 +122,8 @@ class DeviceEngine:
         what was enqueued is counted into ``enqueued`` ([tensor] -> [copies, bytes])."""
         n_roles = len(self.dev)
         try:
-            rows_of = [copyplan.extents(first, last, dst_slot, per) for _, per, _ in self.dev]  # elements
+            pers = self._per[id(self.layers[layer_pos])]
+            rows_of = [copyplan.extents(first, last, dst_slot, per) for per in pers]  # elements
             for i in range(first.size):
                 for r, (flat, _, _) in enumerate(self.dev):
                     src, dst, n = (int(a[i]) for a in rows_of[r])
@@ -228,7 +244,7 @@ class DeviceEngine:
         return x_d, w_d, kernels.DeviceBuckets(bk, pairs, tile_expert)
 
     def _launch(self, L, uploaded, t_lo, t_hi, slots_d, buf, T):
-        v = self._views
+        v = self._views[id(L)]
         x_d, w_d, bk_d = uploaded
         kernels.moe_launch(x_d, bk_d, t_lo, t_hi, slots_d, v["gate"], v["up"], v["down"],
                            v.get("gate_b"), v.get("up_b"), v.get("down_b"), w_d, buf["act"], buf["y"],

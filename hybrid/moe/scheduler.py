@@ -105,7 +105,8 @@ class HybridMoE:
         if any(shape(l) != shape(first) for l in layers):
             raise ValueError("all layers must share n_experts, n_embd, n_ff, k and biases")
         # Files quantised by llama.cpp mix types across layers (Q4_K_M: Q6_K for some ffn_down):
-        # the CPU path takes them as they are; the device buffers are laid out for one type per role.
+        # the CPU path and the device without a cache take them as they are (each layer its own
+        # view of the slots); a cache's slots outlive a layer, so it needs one type per role.
         types = lambda l: tuple(t.ggml_type for t in (l.gate, l.up, l.down))  # noqa: E731
         mixed = [l for l in layers if types(l) != types(first)]
         if policy not in POLICIES:
@@ -134,12 +135,13 @@ class HybridMoE:
             raise ValueError("merge takes a copyplan.CostModel and the natural layout without a cache")
         self.layers = layers
         self.device = resolve_device(device)
-        if mixed and self.device != "cpu":
+        if mixed and self.device != "cpu" and cache_bytes:
             from quant.registry import type_name
             names = lambda l: "/".join(type_name(t) for t in types(l))  # noqa: E731
-            raise ValueError(f"the {self.device} path lays out one expert type per tensor for all layers, and this "
+            raise ValueError(f"the expert cache lays out one expert type per tensor for all layers, and this "
                              f"file mixes them (gate/up/down: block {first.index} {names(first)}, block "
-                             f"{mixed[0].index} {names(mixed[0])}): run it with --device cpu")
+                             f"{mixed[0].index} {names(mixed[0])}): run it without a cache (--cache-mb 0) "
+                             f"or with --device cpu")
         self.policy, self.layout, self.overlap, self.merge = policy, layout, bool(overlap), merge
         self.cache_bytes, self.min_offload_batch = int(cache_bytes), int(min_offload_batch)
         self.stats = stats if stats is not None else Stats()

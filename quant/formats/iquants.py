@@ -134,7 +134,7 @@ def _half_db(d, src, at, gi):
 
 
 def _iq2_xxs(f16, mul, jit):
-    grid, ks = GRID_IQ2_XXS.reshape(-1).astype(np.int32), KSIGNS.astype(np.int32)
+    grid, ks = GRID_IQ2_XXS.reshape(-1).astype(np.int8), KSIGNS.astype(np.int32)
     signed8 = jit(_signed8)
 
     def decode(src, off, out, o):
@@ -163,7 +163,7 @@ def iq2_xs_numpy(b):
 
 
 def _iq2_xs(f16, mul, jit):
-    grid, ks = GRID_IQ2_XS.reshape(-1).astype(np.int32), KSIGNS.astype(np.int32)
+    grid, ks = GRID_IQ2_XS.reshape(-1).astype(np.int8), KSIGNS.astype(np.int32)
     signed8, half_db = jit(_signed8), jit(_half_db)
 
     def decode(src, off, out, o):
@@ -189,7 +189,7 @@ def iq2_s_numpy(b):
 
 
 def _iq2_s(f16, mul, jit):
-    grid = GRID_IQ2_S.reshape(-1).astype(np.int32)
+    grid = GRID_IQ2_S.reshape(-1).astype(np.int8)
     signed8, half_db = jit(_signed8), jit(_half_db)
 
     def decode(src, off, out, o):
@@ -216,7 +216,7 @@ def iq3_xxs_numpy(b):
 
 
 def _iq3_xxs(f16, mul, jit):
-    grid, ks = GRID_IQ3_XXS.reshape(-1).astype(np.int32), KSIGNS.astype(np.int32)
+    grid, ks = GRID_IQ3_XXS.reshape(-1).astype(np.int8), KSIGNS.astype(np.int32)
 
     def decode(src, off, out, o):
         d = f16(np.int32(src[off]), np.int32(src[off + 1]))
@@ -248,7 +248,7 @@ def iq3_s_numpy(b):
 
 
 def _iq3_s(f16, mul, jit):
-    grid = GRID_IQ3_S.reshape(-1).astype(np.int32)
+    grid = GRID_IQ3_S.reshape(-1).astype(np.int8)
 
     def decode(src, off, out, o):
         d = f16(np.int32(src[off]), np.int32(src[off + 1]))
@@ -280,7 +280,9 @@ def iq1_s_numpy(b):
 
 
 def _iq1_s(f16, mul, jit):
-    grid = GRID_IQ1.reshape(-1).astype(np.int32)
+    # grids as int8 (the decoders' constant tables): IQ1's 2048 x 8 as int32 is 64 KB, past the
+    # 64 KB constant bank of a GPU with the kernel's other constants
+    grid = GRID_IQ1.reshape(-1).astype(np.int8)
 
     def decode(src, off, out, o):
         d = f16(np.int32(src[off]), np.int32(src[off + 1]))
@@ -323,7 +325,7 @@ def iq1_m_bad(b):
 
 
 def _iq1_m(f16, mul, jit):
-    grid = GRID_IQ1.reshape(-1).astype(np.int32)
+    grid = GRID_IQ1.reshape(-1).astype(np.int8)
 
     def decode(src, off, out, o):
         w0 = np.int32(src[off + 49]) >> 4

@@ -19,6 +19,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from gguf.constants import GGMLQuantizationType as T
+
+from hybrid.kernels.cuda.experts import expert_types
+from quant import registry
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -50,12 +54,29 @@ def dense_rows():
     return _run_json("dense_kernel_report.py", *([] if FULL else ["--subset"]))
 
 
+def _stack_limit(kernel):
+    """The stack a build may have: none, but for the formats read through their block decoder
+    (``quant.cuda.block_tile_decoder``), whose local one-block buffers (1 KB for 256 values)
+    stay in memory where they do not fit registers: one per decoder a K step inlines
+    (gate+up: 2; the row lookup decodes in place; the GEMV's sums too)."""
+    words = kernel.split()
+    f = next((registry.get(getattr(T, w)) for w in words if hasattr(T, w) and registry.has(getattr(T, w))), None)
+    if f is None or not f.cuda_tile_parts or words[1] == "rows":
+        return 0
+    if words[1] == "gemv":  # and its T x gemv_rows sums, indexed in the loop over a row's blocks
+        from hybrid.kernels.cuda.dense import DenseTiles
+        return 4 * f.block + 4 * int(words[-1].removeprefix("T=")) * DenseTiles().gemv_rows
+    return (2 if words[0] == "gate_up" else 1) * 4 * f.block
+
+
 def test_every_kernel_compiles_for_both_archs(report):
     names = {row["kernel"] for row in report["rows"]}
     for t in ("MXFP4", "Q8_0", "F32"):
         assert any(n.startswith(f"gate_up {t}") for n in names)
         assert {f"down {t}", f"down {t} bias"} <= names
     assert "reduce" in names
+    for t in expert_types():  # every format's decoder compiled for hardware at least once
+        assert f"down {registry.type_name(t)}" in names
     # The tensor-core builds (MXFP4): both activations, both bias settings, and down.
     assert {"gate_up MXFP4 swiglu_oai bias mma", "gate_up MXFP4 silu mma", "down MXFP4 mma",
             "down MXFP4 bias mma"} <= names
@@ -78,7 +99,7 @@ def test_tensor_core_kernels_run_hmma(report):
 
 def test_no_spills_and_no_stack(report):
     for row in report["rows"]:
-        assert (row["spill_stores"], row["spill_loads"], row["stack"]) == (0, 0, 0), row
+        assert (row["spill_stores"], row["spill_loads"]) == (0, 0) and row["stack"] <= _stack_limit(row["kernel"]), row
 
 
 def test_occupancy_the_launch_assumes(report):
@@ -121,5 +142,5 @@ def test_dense_kernels_compile_for_both_archs(dense_rows):
 
 def test_dense_kernels_no_spills_no_stack_and_the_assumed_occupancy(dense_rows):
     for row in dense_rows:
-        assert (row["spill_stores"], row["spill_loads"], row["stack"]) == (0, 0, 0), row
+        assert (row["spill_stores"], row["spill_loads"]) == (0, 0) and row["stack"] <= _stack_limit(row["kernel"]), row
         assert row["blocks_per_sm"] >= row["assumed_blocks_per_sm"], row

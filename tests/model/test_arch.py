@@ -262,8 +262,9 @@ def test_every_architecture_against_llama_cpp(tmp_path, capsys):
 
 
 def test_expert_types_may_differ_between_layers(tmp_path):
-    # llama.cpp's Q4_K_M gives some layers' ffn_down Q6_K: the CPU path runs such files as they are,
-    # the device path (one buffer layout per tensor role) refuses them with a line that says so.
+    # llama.cpp's Q4_K_M gives some layers' ffn_down Q6_K: the CPU path and the device path (each
+    # layer its own view of the slots) run such files as they are; the expert cache, whose slots
+    # outlive a layer, refuses them with a line that says so.
     from gguf.constants import GGMLQuantizationType as T
     from hybrid.model.tiny import random_layer
     from hybrid.moe.scheduler import HybridMoE
@@ -275,6 +276,19 @@ def test_expert_types_may_differ_between_layers(tmp_path):
     toks = np.random.default_rng(6).integers(0, 300, 9)
     tr = Transformer(m, n_ctx=12, n_ubatch=4, f32=True)
     close(tr.prefill(toks), forward_reference(m, toks), "mixed expert types")
-    if __import__("os").environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        with pytest.raises(ValueError, match="mixes them .*block 0 Q8_0/Q8_0/Q8_0, block 1 Q4_0.*--device cpu"):
-            HybridMoE(m.layers, device="sim")
+    if __import__("os").environ.get("NUMBA_ENABLE_CUDASIM") == "1":  # the expert path (the rest of
+        # the device graph reads no expert type)
+        from hybrid.kernels.cuda.experts import TileConfig
+        x = np.random.default_rng(7).standard_normal((2, m.layers[0].n_embd)).astype(np.float32)
+        from hybrid.kernels.cpu.experts import F32_TILES
+        with HybridMoE(m.layers, device="cpu") as cpu:  # float32 activations, as the device's
+            want = [cpu.forward(i, x, cpu_tiles=F32_TILES) for i in range(len(m.layers))]
+        small = TileConfig(block_pairs=4, block_cols=32, k_chunk=64, thread_rows=1, thread_cols=8)
+        # slots from a pool, fewer than the experts used: rounds, and each layer's slots at its own size
+        with HybridMoE(m.layers, device="sim", min_offload_batch=1, tiles=small, layout="compact",
+                       device_bytes=3 * max(L.expert_bytes for L in m.layers)) as moe:
+            for i, w in enumerate(want):
+                close(moe.forward(i, x), w, f"block {i} ({types[i].name}) on the device", rel=1e-5)
+            assert {r.path for r in moe.stats.records} == {"offload"}
+        with pytest.raises(ValueError, match="mixes them .*block 0 Q8_0/Q8_0/Q8_0, block 1 Q4_0.*--cache-mb 0"):
+            HybridMoE(m.layers, device="sim", cache_bytes=10**6)

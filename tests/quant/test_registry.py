@@ -33,7 +33,10 @@ def test_capabilities_are_queries():
     assert registry.types("mma") == (T.MXFP4,)
     # every quantised type multiplies int8 activations; the floats do not
     assert set(registry.types("int8_dot")) == set(registry.types("cpu")) - {T.F32, T.F16, T.BF16}
-    assert set(registry.types("cuda_tile")) == {T.F32, T.Q8_0, T.MXFP4}
+    # every type but the half floats has device expert tiles: hand-written, or from the block decoder
+    assert set(registry.types("cuda_tile")) == set(registry.types("cpu")) - {T.F16, T.BF16}
+    assert {f.ggml_type for f in registry.formats() if f.cuda_tile_parts} == \
+        {f.ggml_type for f in registry.formats() if f.cuda_decode_block is not None}
     assert not registry.has(T.Q4_0) or registry.get(T.Q4_0).ggml_type == T.Q4_0
     with pytest.raises(ValueError, match="unknown capability"):
         registry.types("teleport")

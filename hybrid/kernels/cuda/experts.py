@@ -93,7 +93,9 @@ def variants(cfg: TileConfig | None = None, full: bool = True) -> list[Variant]:
     ``moe_launch``/``moe_reduce`` pass (C-contiguous arrays, int64 scalars).
 
     ``full=False`` keeps one gate+up build per expert type, together still
-    covering both activations and both bias settings (and every down build).
+    covering both activations and both bias settings, and every down build; of the formats
+    read through their block decoder, a gate+up build for the first of each block size and
+    one down build each (every decoder compiled once).
     The tensor-core builds (``math="mma"``, MXFP4) come too when ``cfg`` fits them
     (``TileConfig.mma_unfit``), whatever ``cfg.math`` says: every build a device can pick.
     """
@@ -104,19 +106,25 @@ def variants(cfg: TileConfig | None = None, full: bool = True) -> list[Variant]:
     wt = {t: A(getattr(types, np.dtype(qregistry.get(t).cuda_dtype).name), 3) for t in supported}
     out = []
     gate_up = [(t, a, b) for t in supported for a in ("swiglu_oai", "silu") for b in (True, False)]
+    downs = [(t, b) for t in supported for b in (True, False)]
     if not full:  # one build per type, the (activation, bias) pairs in turn: together they cover all four
+        # The formats read through their block decoder share each kernel's code but the decoder:
+        # a gate+up build for the first of each block size, a down build (one decoder) for each.
+        parts = [t for t in supported if qregistry.get(t).cuda_tile_parts]
+        firsts = {qregistry.block_size(t): t for t in reversed(parts)}.values()
         combos = (("swiglu_oai", True), ("silu", False), ("swiglu_oai", False), ("silu", True))
-        gate_up = [(t, *combos[i % len(combos)]) for i, t in enumerate(sorted(supported, key=_subset_order))]
+        picked = [t for t in sorted(supported, key=_subset_order) if t not in parts or t in firsts]
+        gate_up = [(t, *combos[i % len(combos)]) for i, t in enumerate(picked)]
+        downs = [(t, b) for t, b in downs if t not in parts or not b]
     for t, act, bias in gate_up:
         sig = (A(f32, 2), A(i32, 1), A(i32, 1), i64, A(i32, 1), i64, wt[t], wt[t], A(f32, 2), A(f32, 2), A(f32, 2))
         out.append(Variant(f"gate_up {qtypes.type_name(t)} {act}{' bias' if bias else ''}",
                            _gate_up_kernel(cfg, t, act, bias), sig, cfg.threads, cfg.shared_for(2),
                            MIN_BLOCKS_PER_SM))
-    for t in supported:
-        for bias in (True, False):
-            sig = (A(f32, 2), A(i32, 1), A(i32, 1), i64, A(i32, 1), wt[t], A(f32, 2), A(f32, 1), A(f32, 2))
-            out.append(Variant(f"down {qtypes.type_name(t)}{' bias' if bias else ''}", _down_kernel(cfg, t, bias),
-                               sig, cfg.threads, cfg.shared_for(1), MIN_BLOCKS_PER_SM))
+    for t, bias in downs:
+        sig = (A(f32, 2), A(i32, 1), A(i32, 1), i64, A(i32, 1), wt[t], A(f32, 2), A(f32, 1), A(f32, 2))
+        out.append(Variant(f"down {qtypes.type_name(t)}{' bias' if bias else ''}", _down_kernel(cfg, t, bias),
+                           sig, cfg.threads, cfg.shared_for(1), MIN_BLOCKS_PER_SM))
     if cfg.mma_unfit() is None:
         gate_up = [(t, a, b) for t in mma_types for a in ("swiglu_oai", "silu") for b in (True, False)]
         if not full:
