@@ -8,6 +8,8 @@
    and per-range launches) through HybridMoE on the device, against the
    float64 reference; all configurations must give identical bits (they run
    the same kernels on the same data);
+1b. types: every expert type the device kernels read, against the float64 reference, and
+   (on a GPU) ms per layer with every expert resident at 2048 wide, 16 experts, 4 used;
 2. kernels: grouped MoE FLOP/s per ubatch (all experts resident) at gpt-oss-20b
    and -120b shapes, FFMA kernels against the card's FP32 peak and tensor-core
    kernels (``TileConfig(math="mma")``, compute capability >= 8.0) against its
@@ -46,6 +48,7 @@ from hybrid.moe.reference import moe_reference
 from hybrid.moe.routing import bucket, route
 from hybrid.moe.scheduler import HybridMoE
 from hybrid.moe.traffic import synthetic_logits
+from quant import registry as qregistry
 
 H100_FP32_TFLOPS = 67.0  # SXM5 datasheet figure (non-tensor FP32)
 H100_BF16_TFLOPS = 989.0  # SXM5 dense BF16 tensor figure (wgmma; mma.sync reaches less)
@@ -82,6 +85,43 @@ def check_paths(tiny, device):
             same = np.array_equal(o, first[i])
             ok &= err < tol and same
             print(f"| {cfg} host={moe.host_mode} | {i} | {err:.2e} | {same} |")
+    return ok
+
+
+def check_types(tiny, device, reps=3):
+    """Every expert type the device kernels read (tiny: the first of each block size, as the
+    tests): the layer on the device against the float64 reference (FFMA kernels), then on a GPU
+    ms per layer with every expert resident (cache hits: the kernels, no copies)."""
+    kinds = K.expert_types()
+    if tiny:  # the block-decoder formats: one per block size
+        parts = [t for t in kinds if qregistry.get(t).cuda_tile_parts]
+        kinds = list({qregistry.block_size(t): t for t in reversed(parts)}.values())
+    D, F, E, k, T = (256, 256, 3, 2, 2) if tiny else (512, 512, 8, 2, 16)
+    tiles = K.TileConfig(4, 16, 256, 1, 8, math="fma") if tiny else K.TileConfig(math="fma")
+    tD, tE, tk = 2048, 16, 4  # timing: a gpt-oss-20b-like width (2048 so blocks of 256 fit)
+    print("\n| expert type | max rel err vs float64 |" + ("" if tiny else " ms T=32 | ms T=512 |"))
+    print("|---|---:|" + ("" if tiny else "---:|---:|"))
+    ok = True
+    for t in kinds:
+        L = random_layer(D, F, E, k, wtype=t, gpt_oss=False, seed=int(t))
+        x = np.random.default_rng(int(t)).standard_normal((T, D)).astype(np.float32)
+        ref = moe_reference(L, x)
+        with HybridMoE([L], device=device, min_offload_batch=1, tiles=tiles) as moe:
+            err = float(np.abs(moe.forward(0, x) - ref).max() / np.abs(ref).max())
+        ok &= err < 1e-5
+        row = f"| {qregistry.type_name(t)} | {err:.2e} |"
+        if not tiny:
+            L = random_layer(tD, tD, tE, tk, wtype=t, gpt_oss=False, seed=int(t))
+            with HybridMoE([L], device=device, min_offload_batch=1, cache_bytes=tE * L.expert_bytes) as moe:
+                for n in (32, 512):
+                    xt = np.random.default_rng(n).standard_normal((n, tD)).astype(np.float32)
+                    moe.forward(0, xt)  # every expert used at 512 tokens: resident afterwards
+                    moe.forward(0, np.random.default_rng(0).standard_normal((512, tD)).astype(np.float32))
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        moe.forward(0, xt)
+                    row += f" {(time.perf_counter() - t0) / reps * 1e3:.2f} |"
+        print(row)
     return ok
 
 
@@ -310,7 +350,7 @@ def bench_whole_model(tiny, device, n_layers, share_experts=False):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="small shapes (simulator smoke test)")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: doctor,paths,kernels,link,whole")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: doctor,paths,types,kernels,link,whole")
     ap.add_argument("--layers-20b", type=int, default=24, help="whole model: blocks of gpt-oss-20b (of 24)")
     ap.add_argument("--layers-120b", type=int, default=8, help="whole model: blocks of gpt-oss-120b (of 36)")
     ap.add_argument("--share-experts", action="store_true", help="whole model: one block's experts for all blocks")
@@ -324,6 +364,10 @@ def main():
     if "paths" not in skip:
         ok = check_paths(a.tiny, device)
         print(f"\ncorrectness: {'PASS' if ok else 'FAIL'}")
+    if "types" not in skip:
+        ok_types = check_types(a.tiny, device)
+        print(f"\nevery expert type: {'PASS' if ok_types else 'FAIL'}")
+        ok &= ok_types
     if "kernels" not in skip:
         bench_kernels(a.tiny)
     if "link" not in skip:

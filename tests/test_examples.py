@@ -20,6 +20,7 @@ def test_gpu_check_tiny_runs_on_the_simulator():
     for variant in ("all", "used", "used+overlap", "used+per-range", "used+staged", "used+cache", "used+merge"):
         assert f"| {variant} |" in r.stdout
     assert "| 8 | used+staged | staged |" in r.stdout
+    assert "| Q2_K |" in r.stdout and "every expert type: PASS" in r.stdout
     assert "simulator: ON" in r.stdout  # the doctor section runs and says where it is
     # the whole model at both shapes, built in memory: pp4 and pp8 copy-all vs used-only vs used+cache
     for model in ("gpt-oss-20b", "gpt-oss-120b"):

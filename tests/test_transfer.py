@@ -66,14 +66,21 @@ def test_failed_pinning_falls_back_to_staged(monkeypatch):
         HostMemory(big, mode="staged", stage_bytes=2 << 20)
 
 
-def test_registration_failure_copies_into_pinned_memory(monkeypatch):
+def test_registration_failure_goes_through_the_staged_buffer(monkeypatch):
+    # Never a pinned copy of what cannot be registered (for gpt-oss-120b ~61 GB of page-locked RAM)
     def no_register(*a, **k):
         raise RuntimeError("read-only mapping")
     monkeypatch.setattr(cuda, "pinned", no_register)
+    monkeypatch.setattr(cuda, "pinned_array", _pinned_arrays_up_to(1 << 12))  # the stage only
     host = arrays()
-    mem = HostMemory(host, mode="auto")
-    assert mem.mode == "pinned" and "copied" in mem.note
-    assert all(np.array_equal(a.reshape(-1), b) for a, b in zip(host, mem.arrays))
+    mem = HostMemory(host, mode="auto", stage_bytes=64)
+    assert mem.mode == "staged" and "could not be registered" in mem.note and mem.host_copies
+    assert all(a.ctypes.data == b.ctypes.data for a, b in zip(host, mem.arrays))  # no copies made
+    dev = cuda.to_device(np.zeros(host[0].size, np.uint8))
+    mem.copy(0, dev, 0, 0, host[0].size, 0)
+    assert np.array_equal(dev.copy_to_host(), host[0].reshape(-1))
+    with pytest.raises(RuntimeError, match="could not pin .*could not be registered.*staged"):
+        HostMemory(host, mode="pinned")
 
 
 def test_bad_arguments():
@@ -111,9 +118,10 @@ def test_tensors_sharing_pages_are_pinned_as_one_span(monkeypatch):
 
 
 def test_a_pin_that_fails_part_way_rolls_back_what_it_registered(monkeypatch):
-    # auto mode: the first span registers, the second cannot be registered nor
-    # copied into pinned memory; the first must be unregistered again before
-    # the staged fallback starts, so nothing stays page-locked behind its back.
+    # auto mode: the first span registers, the second cannot be registered: the first stays
+    # pinned, the second is copied through the staging buffer, and closing unregisters the
+    # first; asked for pinned, the first is unregistered before the error, so nothing stays
+    # page-locked behind its back.
     import contextlib
     live = []
 
@@ -130,10 +138,17 @@ def test_a_pin_that_fails_part_way_rolls_back_what_it_registered(monkeypatch):
     monkeypatch.setattr(cuda, "pinned", first_only)
     monkeypatch.setattr(cuda, "pinned_array", _pinned_arrays_up_to(1 << 12))
     blobs = [np.frombuffer(mmap.mmap(-1, 3 * 4096), np.uint8) for _ in range(2)]  # two separate spans
+    for b in blobs:
+        b[:] = np.random.default_rng().integers(0, 256, b.size, dtype=np.uint8)
     mem = HostMemory(blobs, mode="auto", stage_bytes=1024)
-    assert mem.mode == "staged" and "pinning failed" in mem.note
-    assert live == []  # the span registered first was unregistered
+    assert mem.mode == "pinned" and "1 of 2 spans" in mem.note and mem.host_copies
+    assert live == [blobs[0].ctypes.data] or live == [blobs[1].ctypes.data]
+    for i, b in enumerate(blobs):  # the pinned one directly, the other in stage-sized chunks
+        dev = cuda.to_device(np.zeros(b.size, np.uint8))
+        mem.copy(i, dev, 0, 0, b.size, 0)
+        assert np.array_equal(dev.copy_to_host(), b)
     mem.close()
+    assert live == []  # the span registered was unregistered
     with pytest.raises(RuntimeError, match="could not pin"):
         HostMemory(blobs, mode="pinned")
     assert live == []

@@ -82,6 +82,7 @@ class DeviceEngine:
             self._views[id(L)] = {c.role: flat[:n_slots * per].reshape((n_slots,) + c.host.shape[1:])
                                   for c, (flat, _, _), per in zip(L.copied(), self.dev, self._per[id(L)])}
         self.dev = [(flat, per, self._views[id(first)][c.role]) for c, (flat, per, _) in zip(self.roles, self.dev)]
+        self._device_id = getattr(cuda.get_current_device(), "id", None) or 0  # (the simulator's has none)
         self.copy_stream = cuda.stream()
         self.compute_stream = cuda.stream()
         # Routers for the logits of hidden states on the device: the dense device matmul (F32).
@@ -115,6 +116,11 @@ class DeviceEngine:
             n = slot_map.shape[0]
             buf["slots"].append((cuda.pinned_array(n, np.int32), cuda.device_array(n, np.int32)))
         return _upload(buf["slots"][i], slot_map, self.compute_stream)
+
+    def _copy_rows_on_device(self, *args):
+        # A new thread has no current CUDA context: numba would attach device 0, not this one.
+        with cuda.gpus[self._device_id]:
+            self._copy_rows(*args)
 
     def _copy_rows(self, layer_pos, first, last, dst_slot, enqueued, rows):
         """Execute copy-plan rows: every tensor's experts ``first..last`` into slots from
@@ -193,7 +199,7 @@ class DeviceEngine:
         spans = []  # (step, start, end) events of every round's copies and kernels, timed at the end
         t_host = time.perf_counter()
         uploaded = None
-        threaded = self.host.mode in ("staged", "pageable")  # copies that cost host time
+        threaded = self.host.host_copies  # copies that cost host time
         for i, rnd in enumerate(rounds):
             # The copy stream must not overwrite slots that enqueued kernels still read
             # (earlier rounds, earlier layers); the uploads below are not among them.
@@ -201,7 +207,7 @@ class DeviceEngine:
             c0 = _event(cs)
             rows = _Rows(rnd.first.size)
             args = (pos, rnd.first, rnd.last, rnd.dst_slot, enqueued, rows)
-            worker = threading.Thread(target=self._copy_rows, args=args, daemon=True) if threaded else None
+            worker = threading.Thread(target=self._copy_rows_on_device, args=args, daemon=True) if threaded else None
             if worker:
                 worker.start()
             else:

@@ -2,8 +2,9 @@
 
 Host modes (``HOST_MODES``):
 - ``pinned``: page-lock the expert bytes where they are (register the memory
-  map); where that fails, copy them into pinned memory. DMA reads host RAM
-  directly, so copies are truly asynchronous.
+  map). DMA reads host RAM directly, so copies are truly asynchronous. In
+  ``auto``, spans that cannot be registered go through the staging buffer
+  (never a pinned copy of the file: that could be tens of GB).
 - ``staged``: a small pinned double buffer; the CPU copies a chunk of the
   planned range from the memory map into one half while the DMA engine drains
   the other. Costs a CPU memcpy, needs no pinning of the model; the engine
@@ -53,39 +54,57 @@ class HostMemory:
         self.stage_bytes = int(stage_bytes)
         self.mode = mode
         self.note = ""
+        self._staged = set()  # arrays whose pages could not be registered: staged (or pageable) copies
         if mode in ("auto", "pinned"):
             try:
-                self.arrays, self.note = self._pin(self.arrays)
-                self.mode = "pinned"
+                failed, n_failed, n_spans = self._pin(self.arrays)
+                self.note = f"pinned in place ({n_spans - n_failed} of {n_spans} span{'s' if n_spans > 1 else ''})"
+                if failed:
+                    gb = sum(self.arrays[i].nbytes for i in failed) / 1e9
+                    why = f"{n_failed} of {n_spans} span{'s' if n_spans > 1 else ''} ({gb:.2f} GB) could not be registered"
+                    self.note += f"; {why}: copied through the staged buffer"
             except Exception as exc:  # pinning tens of GB can fail for many reasons
-                if mode == "pinned":
-                    self._stack.close()
-                    raise RuntimeError(f"could not pin the expert weights: {exc}") from exc
-                self.mode, self.note = "staged", f"pinning failed ({exc}); using a staged pinned buffer"
+                failed, why = set(range(len(self.arrays))), str(exc)
+            if failed and mode == "pinned":
+                self._stack.close()
+                raise RuntimeError(f"could not pin the expert weights: {why}; host='staged' or 'auto' "
+                                   f"copies them through a staging buffer")
+            if len(failed) == len(self.arrays):
+                self.mode, self.note = "staged", f"pinning failed ({why}); using a staged pinned buffer"
                 log.info(self.note)
+            else:
+                self.mode, self._staged = "pinned", failed
         self._stage = None
-        if self.mode == "staged":
+        if self.mode == "staged" or self._staged:
             try:
                 self._stage = [cuda.pinned_array(self.stage_bytes, np.uint8) for _ in range(2)]
             except Exception as exc:
                 if mode == "staged":
                     raise RuntimeError(f"could not allocate the pinned staging buffer: {exc}") from exc
-                self.mode, self.note = "pageable", f"{self.note}; staging failed too ({exc}): pageable copies"
+                if self.mode == "staged":
+                    self.mode = "pageable"
+                self.note = f"{self.note}; staging failed too ({exc}): pageable copies"
                 log.warning(self.note)
             self._stage_ev = [None, None]
             self._half = 0
 
+    @property
+    def host_copies(self) -> bool:
+        """Whether some copies cost host time (staged or pageable), so run them on a thread."""
+        return self.mode in ("staged", "pageable") or bool(self._staged)
+
     def _pin(self, arrays):
-        """Page-lock every span of memory the arrays live in, each span once.
+        """Page-lock every span of memory the arrays live in, each span once; returns the
+        indices of the arrays whose span could not be registered (they go through the
+        staging buffer: a pinned copy of them could be tens of GB), how many spans failed and
+        how many there are.
 
         Tensors of one GGUF file sit back to back and share pages at their edges;
         registering them one by one would fail on the second ('already
         registered'), so spans that touch a common page are merged first.
-        Where a span cannot be registered (a read-only memory map, say), its
-        arrays are copied into pinned memory instead.
         """
         spans = _spans(arrays)
-        failed = set()
+        failed, n_failed = set(), 0
         # Registrations go on a stack of their own: if anything below fails, the
         # spans already registered are unregistered before the fallback mode starts.
         with contextlib.ExitStack() as stack:
@@ -97,19 +116,9 @@ class HostMemory:
                         self._register_read_only(stack, lo, hi - lo)
                     except Exception:
                         failed.update(members)
-            out, copied = [], 0
-            for i, a in enumerate(arrays):
-                if i in failed:
-                    p = cuda.pinned_array(a.shape, a.dtype)
-                    p[...] = a
-                    a = p
-                    copied += a.nbytes
-                out.append(a)
+                        n_failed += 1
             self._stack.enter_context(stack.pop_all())
-        note = f"pinned in place ({len(spans)} span{'s' if len(spans) > 1 else ''})"
-        if copied:
-            note += f"; copied {copied / 1e9:.2f} GB that could not be registered into pinned memory"
-        return out, note
+        return failed, n_failed, len(spans)
 
     def _register_read_only(self, stack, ptr, size):
         # A GGUF memory map is read-only: the driver registers it only with
@@ -127,7 +136,7 @@ class HostMemory:
         """Enqueue ``host[i][src:src+n] -> dev_flat[dst:dst+n]`` (element offsets) on ``stream``;
         returns the bytes enqueued."""
         host = self.arrays[i]
-        if self._stage is None:
+        if self._stage is None or (self.mode == "pinned" and i not in self._staged):
             dev_flat[dst:dst + n].copy_to_device(host[src:src + n], stream=stream)
             return n * host.itemsize
         done = 0
