@@ -47,7 +47,9 @@ _HI16 = np.uint32(0xFFFF0000)
 
 @cuda.jit(device=True, inline=True)
 def _bf16_split(x):
-    """x = hi + mid + lo exactly, each a BF16 (returned as its 16 bits in a uint32)."""
+    """x = hi + mid + lo, each a BF16 (returned as its 16 bits in a uint32): exact for finite
+    |x| >= 2^-110 (below, the third piece's bits fall under BF16's subnormals and are cut);
+    +-Inf gives NaN pieces (Inf - Inf), so an infinite activation yields NaN, as NaN does."""
     u = f32_bits(x)
     hi = u & _HI16
     r = x - bits_f32(hi)
