@@ -7,8 +7,9 @@ from numba import cuda
 
 from hybrid.moe import transfer
 from hybrid.moe.transfer import HostMemory
+from devices import DEVICE_TESTS
 
-pytestmark = pytest.mark.skipif(not cuda.is_available(), reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")
+pytestmark = DEVICE_TESTS
 
 
 def arrays():

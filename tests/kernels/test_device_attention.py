@@ -15,8 +15,9 @@ from hybrid.model.config import Config
 from hybrid.kernels.cuda.attention import (MAX_SPLITS, AttentionConfig, AttentionTiles, DeviceKVCache, attention,
                                            launch_plan)
 from hybrid.model.kvcache import KVCache, kv_sizes
+from devices import DEVICE_TESTS
 
-pytestmark = pytest.mark.skipif(not cuda.is_available(), reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")
+pytestmark = DEVICE_TESTS
 
 # Rows in tiles of 4 (narrow, up to 4 rows) or 8 (wide), keys in tiles of 4 or 8, splits of 4+ keys.
 SMALL = AttentionConfig(wide=AttentionTiles(rows=8, keys=8, thread_rows=2, thread_keys=2),

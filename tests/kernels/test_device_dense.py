@@ -15,8 +15,9 @@ from hybrid.model.tiny import random_blocks
 from quant import cuda as qc
 from quant import mxfp4
 from quant import registry, types as qtypes
+from devices import DEVICE_TESTS
 
-pytestmark = pytest.mark.skipif(not cuda.is_available(), reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")
+pytestmark = DEVICE_TESTS
 
 # GEMV: one warp of 8 rows a block; GEMM: 8 tokens x 32 rows a block, 32 threads of 2 x 4.
 SMALL = DenseTiles(gemv_tokens=4, gemv_warps=1, gemv_rows=8,

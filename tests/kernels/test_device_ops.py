@@ -5,8 +5,9 @@ from numba import cuda
 
 from hybrid.kernels.cuda import ops as dops
 from hybrid.model import ops
+from devices import DEVICE_TESTS
 
-pytestmark = pytest.mark.skipif(not cuda.is_available(), reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")
+pytestmark = DEVICE_TESTS
 
 
 def _rand(rng, *shape, scale=1.0):

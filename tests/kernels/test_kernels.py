@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 from numba import cuda
 
 from cases import blockwise, one_per_block_size
+from devices import DEVICE, DEVICE_TESTS, rel_tol
 from hybrid.kernels.cuda import experts as K
 from hybrid import random_layer
 from hybrid.moe.reference import moe_reference, router_logits_reference
@@ -20,7 +21,7 @@ from hybrid.moe.routing import bucket, route
 from hybrid.moe.scheduler import HybridMoE
 from quant.registry import block_size, type_name
 
-pytestmark = pytest.mark.skipif(not cuda.is_available(), reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")
+pytestmark = DEVICE_TESTS
 
 # 16 threads, one pair row per thread (padding rows are skipped exactly).
 SMALL = K.TileConfig(block_pairs=4, block_cols=32, k_chunk=64, thread_rows=1, thread_cols=8)
@@ -42,7 +43,7 @@ def device_ffn(layer, x, ids, w, *, layout="natural", tiles=None, poison=None, l
     """The layer's experts on the device for a given routing, through the scheduler's path.
     ``poison`` (a byte) first fills every device slot, so tests can prove unused slots
     are never read (0xFF bytes are NaN)."""
-    with HybridMoE([layer], device="sim", min_offload_batch=1, tiles=tiles, layout=layout,
+    with HybridMoE([layer], device=DEVICE, min_offload_batch=1, tiles=tiles, layout=layout,
                    launch_tiles=launch_tiles) as moe:
         if poison is not None:
             for flat, _, _ in moe.engine.dev:
@@ -55,7 +56,7 @@ def _check(layer, x, ids, w, **kw):
     ref = moe_reference(layer, x, ids, w)
     assert out.dtype == np.float32 and out.shape == ref.shape
     assert np.isfinite(out).all()
-    assert _rel_err(out, ref) < 1e-5
+    assert _rel_err(out, ref) < rel_tol(getattr(kw.get("tiles"), "math", "fma"))
     return out
 
 

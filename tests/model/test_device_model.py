@@ -9,7 +9,6 @@ same bits on a prompt ubatch. Prompts are drawn fresh each run; the seed is in e
 failure message.
 """
 import functools
-import os
 
 import numpy as np
 import pytest
@@ -22,8 +21,9 @@ from hybrid.model import arch as archs
 from hybrid.model.tiny import TINY_PRE, simulator_tiles
 from hybrid.model.vram import VRAMError
 from hybrid.moe.scheduler import HybridMoE
+from devices import DEVICE, DEVICE_TESTS
 
-pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1", reason="needs the simulator")
+pytestmark = DEVICE_TESTS
 
 SHAPE = dict(n_layers=2, n_embd=32, n_ff=32, n_experts=4, k=2, n_head=2, n_head_kv=1, head_dim=32, n_vocab=40,
              n_swa=3, skew=1.0)
@@ -53,7 +53,7 @@ def close(a, b, msg, rel=2e-5):
 
 
 def sim_model(m, n_ctx=N, n_ubatch=UB, vram_bytes=None, min_offload_batch=UB, **moe_kw):
-    moe = HybridMoE(m.layers, device="sim", min_offload_batch=min_offload_batch, tiles=TILES, dense_tiles=DENSE,
+    moe = HybridMoE(m.layers, device=DEVICE, min_offload_batch=min_offload_batch, tiles=TILES, dense_tiles=DENSE,
                     **moe_kw)
     return Transformer(m, moe, n_ctx=n_ctx, n_ubatch=n_ubatch, f32=True, vram_bytes=vram_bytes,
                        dense_tiles=DENSE, attention_config=ATTENTION)
@@ -133,12 +133,12 @@ def test_decode_steps_offloaded_too(tmp_path):
     seed = int(np.random.SeedSequence().entropy % 2**32)
     toks = np.random.default_rng(seed).integers(0, 40, 6)
     out = {}
-    for device in ("cpu", "sim"):
+    for device in ("cpu", DEVICE):
         moe = HybridMoE(m.layers, device=device, min_offload_batch=1, tiles=TILES, dense_tiles=DENSE)
         tr = Transformer(m, moe, n_ctx=7, n_ubatch=3, f32=True, dense_tiles=DENSE, attention_config=ATTENTION)
         out[device] = np.concatenate([tr.prefill(toks), tr.decode_one_token(int(toks[0]))[None]])
-        assert {r.path for r in moe.stats.records} == {"offload"} and tr.on_device == (device == "sim")
-    close(out["sim"], out["cpu"], f"seed {seed}", rel=1e-5)
+        assert {r.path for r in moe.stats.records} == {"offload"} and tr.on_device == (device == DEVICE)
+    close(out[DEVICE], out["cpu"], f"seed {seed}", rel=1e-5)
 
 
 def test_vram_budget_is_checked_before_allocating_and_its_hints_fit(cases, monkeypatch):
@@ -148,34 +148,34 @@ def test_vram_budget_is_checked_before_allocating_and_its_hints_fit(cases, monke
         for name in ("to_device", "device_array", "pinned_array", "stream"):
             mp.setattr(cuda, name, lambda *a, **k: pytest.fail("allocated before the VRAM check"))
         with pytest.raises(VRAMError) as e:
-            Transformer(m, n_ctx=N, n_ubatch=UB, device="sim", vram_bytes=1000)
+            Transformer(m, n_ctx=N, n_ubatch=UB, device=DEVICE, vram_bytes=1000)
     text = str(e.value)
     assert "does not fit in device memory" in text and f"KV cache (n_ctx {N}, n_ubatch {UB})" in text
     need = int(text.split("it needs ")[1].split(" bytes")[0].replace(",", ""))
     assert f"{need - 1000:,} bytes short" in text
-    tr = Transformer(m, n_ctx=N, n_ubatch=UB, device="sim", vram_bytes=need)  # exactly enough
-    assert tr.on_device and tr.moe.device == "sim"
+    tr = Transformer(m, n_ctx=N, n_ubatch=UB, device=DEVICE, vram_bytes=need)  # exactly enough
+    assert tr.on_device and tr.moe.device == DEVICE
     with pytest.raises(VRAMError, match=r"available: 1 bytes short"):
-        Transformer(m, n_ctx=N, n_ubatch=UB, device="sim", vram_bytes=need - 1)
+        Transformer(m, n_ctx=N, n_ubatch=UB, device=DEVICE, vram_bytes=need - 1)
 
     # A budget the default misses by a little: each hint, applied alone, must fit.
     short = 64
     with pytest.raises(VRAMError) as e:
-        Transformer(m, n_ctx=N, n_ubatch=UB, device="sim", vram_bytes=need - short)
+        Transformer(m, n_ctx=N, n_ubatch=UB, device=DEVICE, vram_bytes=need - short)
     hints = dict(line.split(" -> ") for line in str(e.value).splitlines()[1:])
     by = {k.split(" (")[0].split(":")[0].strip(): v for k, v in hints.items()}
     assert by["dense weights"] == "fixed"
     n_ctx = int(by["KV cache"].split("-c ")[1].split()[0])
     assert n_ctx < N
-    Transformer(m, n_ctx=n_ctx, n_ubatch=UB, device="sim", vram_bytes=need - short)
+    Transformer(m, n_ctx=n_ctx, n_ubatch=UB, device=DEVICE, vram_bytes=need - short)
     n_ub = int(by["ubatch scratch"].split("-ub ")[1].split()[0])
     assert n_ub < UB
-    Transformer(m, n_ctx=N, n_ubatch=n_ub, device="sim", vram_bytes=need - short)
+    Transformer(m, n_ctx=N, n_ubatch=n_ub, device=DEVICE, vram_bytes=need - short)
     mb = float(by["MoE backend"].split("--device-mb ")[1].split()[0])
-    moe = HybridMoE(m.layers, device="sim", layout="compact", device_bytes=round(mb * 2**20))
+    moe = HybridMoE(m.layers, device=DEVICE, layout="compact", device_bytes=round(mb * 2**20))
     Transformer(m, moe, n_ctx=N, n_ubatch=UB, vram_bytes=need - short)
     # A built backend counts as allocated, and still counts against an explicit budget.
     with pytest.raises(VRAMError, match=r"\(allocated\)"):
-        Transformer(m, HybridMoE(m.layers, device="sim"), n_ctx=N, n_ubatch=UB, vram_bytes=need - short)
+        Transformer(m, HybridMoE(m.layers, device=DEVICE), n_ctx=N, n_ubatch=UB, vram_bytes=need - short)
     with pytest.raises(ValueError, match="vram_bytes must be"):
-        Transformer(m, n_ctx=N, n_ubatch=UB, device="sim", vram_bytes=-1)
+        Transformer(m, n_ctx=N, n_ubatch=UB, device=DEVICE, vram_bytes=-1)

@@ -8,8 +8,9 @@ from numba import cuda, types
 from quant import cuda as qc
 from quant import mxfp4, registry
 from quant.cuda import dequantize_cuda, is_device_array
+from devices import DEVICE_TESTS
 
-pytestmark = pytest.mark.skipif(not cuda.is_available(), reason="needs a GPU or NUMBA_ENABLE_CUDASIM=1")
+pytestmark = DEVICE_TESTS
 
 
 def _all_mxfp4_blocks(rng):
