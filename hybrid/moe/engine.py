@@ -74,14 +74,14 @@ class DeviceEngine:
                                  f"block {first.index} as {[str(c.host.dtype) for c in self.roles]}: "
                                  f"one element type per role on the device; use device='cpu'")
             self._per[id(L)] = [c.slab_bytes // c.host.itemsize for c in cs]
-        self.dev = []  # per role: (flat device buffer, elements per slot, the first layer's kernel view)
-        for r, c in enumerate(self.roles):
-            per = max(p[r] for p in self._per.values())
-            self.dev.append((device_buffer(n_slots * per, c.host.dtype), per, None))
+        flats = [device_buffer(n_slots * max(p[r] for p in self._per.values()), c.host.dtype)
+                 for r, c in enumerate(self.roles)]
         for L in layers:
             self._views[id(L)] = {c.role: flat[:n_slots * per].reshape((n_slots,) + c.host.shape[1:])
-                                  for c, (flat, _, _), per in zip(L.copied(), self.dev, self._per[id(L)])}
-        self.dev = [(flat, per, self._views[id(first)][c.role]) for c, (flat, per, _) in zip(self.roles, self.dev)]
+                                  for c, flat, per in zip(L.copied(), flats, self._per[id(L)])}
+        # per role: (flat device buffer, elements per slot of the first layer, its kernel view)
+        self.dev = [(flat, per, self._views[id(first)][c.role])
+                    for c, flat, per in zip(self.roles, flats, self._per[id(first)])]
         self._device_id = getattr(cuda.get_current_device(), "id", None) or 0  # (the simulator's has none)
         self.copy_stream = cuda.stream()
         self.compute_stream = cuda.stream()

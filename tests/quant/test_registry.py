@@ -89,13 +89,18 @@ def _toy_bytes(rng, n_blocks):
     return raw
 
 
-@pytest.fixture
-def toy():
+def _register_toy():
     class Toy(registry.Format, ggml_type=TOY_ID):
         name, block, block_bytes = "TOY", 4, 5
         decode_block = _toy_block
         decode_numpy = staticmethod(_toy_numpy)
         check_blocks = staticmethod(_toy_bad)
+    return Toy
+
+
+@pytest.fixture
+def toy():
+    Toy = _register_toy()
     try:
         yield Toy
     finally:
@@ -139,11 +144,7 @@ def _toy_matmuls():
     from hybrid.moe.layer import ExpertTensor
     from hybrid.kernels.cpu.dense import Dense
 
-    class Toy(registry.Format, ggml_type=TOY_ID):
-        name, block, block_bytes = "TOY", 4, 5
-        decode_block = _toy_block
-        decode_numpy = staticmethod(_toy_numpy)
-        check_blocks = staticmethod(_toy_bad)
+    _register_toy()
     rng = np.random.default_rng(2)
     E, rows, cols = 3, 20, 64
     raw = _toy_bytes(rng, E * rows * cols // 4).reshape(E, rows, cols // 4 * 5)

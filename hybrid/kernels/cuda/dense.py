@@ -80,6 +80,17 @@ class DenseTiles:
 
 # ------------------------------------------------------------------ kernels
 
+@cuda.jit(device=True, inline=True)
+def _gemv_finish(acc, n_acc, scratch, tid, threads, lane, out, row0, n_rows, R, NT):
+    """Both GEMVs' end: reduce each of a warp's NT x R sums over its lanes, lane 0 writes them."""
+    warp_sum(acc, n_acc, scratch, tid, threads)
+    if lane == 0:
+        for r in range(R):
+            if row0 + r < n_rows:
+                for t in range(NT):
+                    out[t, row0 + r] = acc[t * R + r]
+
+
 @functools.lru_cache(maxsize=None)
 def _gemv_kernel(tiles: DenseTiles, wtype: int, n_tok: int):
     if not qregistry.has(wtype, "cuda_pair"):
@@ -125,12 +136,7 @@ def _gemv_kernel(tiles: DenseTiles, wtype: int, n_tok: int):
                         lo, hi = read(w, 0, row0 + r, item, K, sm)
                         for t in range(NT):
                             acc[t * R + r] += xlo[t] * lo + xhi[t] * hi
-        warp_sum(acc, ACC, scratch, tid, THREADS)
-        if lane == 0:
-            for r in range(R):
-                if row0 + r < n_rows:
-                    for t in range(NT):
-                        out[t, row0 + r] = acc[t * R + r]
+        _gemv_finish(acc, ACC, scratch, tid, THREADS, lane, out, row0, n_rows, R, NT)
 
     return gemv
 
@@ -174,12 +180,7 @@ def _gemv_blocks_kernel(tiles: DenseTiles, wtype: int, n_tok: int):
                             for j in range(B):
                                 part += x[t, c0 + j] * buf[j]
                             acc[t * R + r] += part
-        warp_sum(acc, ACC, scratch, tid, THREADS)
-        if lane == 0:
-            for r in range(R):
-                if row0 + r < n_rows:
-                    for t in range(NT):
-                        out[t, row0 + r] = acc[t * R + r]
+        _gemv_finish(acc, ACC, scratch, tid, THREADS, lane, out, row0, n_rows, R, NT)
 
     return gemv
 
