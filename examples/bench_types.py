@@ -8,7 +8,8 @@ Weights: random normal floats quantised by ggml's own ``ggml_quantize_chunk`` (`
 importance matrix of ones for the types that need one), else by gguf.quants for the types it can
 quantise, else random codes under random half scales (the same bytes to read, the same work). The
 floor reads the used experts' bytes once (numpy sums them on the same threads). ggml: llama.cpp's
-test-backend-ops timing the same op shape (``--ggml``), random weights of its own.
+test-backend-ops timing the same op shape (``--ggml``), random weights of its own, on half the
+logical cores (it sets its CPU backend's threads itself).
 """
 from __future__ import annotations
 
@@ -69,6 +70,9 @@ def weights(w, t, lib, rng, random_codes=False):
         return raw.reshape(w.shape[0], -1)
 
 
+GGML_THREADS = max(1, (os.cpu_count() or 2) // 2)  # test-backend-ops: max(1, hardware_concurrency / 2)
+
+
 def ggml_ms(binary, t, n, rb):
     """ms per run of ggml's MUL_MAT_ID for type ``t`` at this shape, from a generic-op test file."""
     # op MUL_MAT_ID (30): out f32 [ROWS, K, n]; a: t [COLS, ROWS, E]; b: f32 [COLS, 1, n]; ids: i32 [K, n]
@@ -110,7 +114,12 @@ def main(argv=None):
     w = (rng.standard_normal((E * ROWS, COLS)) / np.sqrt(COLS)).astype(np.float32)
     tokens = [int(s) for s in a.tokens.split(",")]
     qregistry.activate(*(T[name] for name in a.types.split(",")))  # one compile for all, as the loader does
-    print(f"# {machine_line()}; {a.threads} threads; [{ROWS} x {COLS}] x {E} experts, {K} used per token\n")
+    print(f"# {machine_line()}; {a.threads} threads; [{ROWS} x {COLS}] x {E} experts, {K} used per token")
+    if a.ggml:  # test-backend-ops sets the CPU backend's threads itself (tests/test-backend-ops.cpp)
+        print(f"# ggml: test-backend-ops runs its CPU backend on {GGML_THREADS} thread(s) (half the logical "
+              f"cores), whatever --threads says" + ("" if GGML_THREADS == a.threads else
+                                                   f": compare ours at --threads {GGML_THREADS} with it"))
+    print()
     print("| type | bits/weight | tokens | ours ms | floor ms | ours / floor | ggml ms | ours / ggml |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in a.types.split(","):
