@@ -232,7 +232,8 @@ def _build_q8_dot(module, R, T_, variant, wtype=int(GT.MXFP4)):
             return [b.fadd(_shuf(b, p, p, list(range(8))), _shuf(b, p, p, list(range(8, 16)))) for p in ws]
     else:
         def pair_step(b, i, a):
-            return step(b, b.shl(i, _c64(1)), a[:k], False) + step(b, b.add(b.shl(i, _c64(1)), _c64(1)), a[k:], False)
+            even = b.shl(i, _c64(1))
+            return step(b, even, a[:k], False) + step(b, b.add(even, _c64(1)), a[k:], False)
         init = [_zero(V8)] * (2 * k)
 
         def merge(b, ws):
@@ -372,6 +373,7 @@ def _subblock_scales(b, sc):
         ty = ir.ArrayType(_vec(_I8, 32), 8)
         g = ir.GlobalVariable(m, ty, "hyb_subblock_scale_masks")
         g.linkage = "linkonce_odr"  # one per process; not internal, so not provably constant
+        g.align = 32
         g.initializer = ir.Constant(ty, [ir.Constant(_vec(_I8, 32), [2 * j + (k & 1) for k in range(32)])
                                          for j in range(8)])
     lanes = b.bitcast(_shuf(b, sc, sc, [2 * i for i in range(8)] + [2 * i + 1 for i in range(8)]), _vec(_I8, 32))
