@@ -69,8 +69,8 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from numba.core.caching import FunctionCache
 
-__all__ = ["Format", "get", "formats", "types", "has", "fingerprint", "track_source", "unregister", "cpu_decoder",
-           "jit", "type_name", "row_nbytes", "block_size", "dequantize", "on_change", "require"]
+__all__ = ["Format", "get", "formats", "types", "has", "fingerprint", "unregister", "cpu_decoder", "jit",
+           "type_name", "row_nbytes", "block_size", "dequantize", "on_change", "require"]
 
 CAPABILITIES = ("decode", "cpu", "check", "cuda_tile", "cuda_pair", "cuda_dequantize", "mma", "int8_dot", "simd",
                 "ir_block")
@@ -285,39 +285,19 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape) -> np.ndarray:
 
 # ---------------------------------------------------------------- generated code
 
-def _stamp(path):
-    try:
-        st = os.stat(path) if path else None
-        return (st.st_mtime_ns, st.st_size) if st else None
-    except OSError:
-        return None
-
-
-# Files whose generated code (LLVM IR, exec'd functions) the consumers inline, with their stamps
-# when this process read them (a later edit is not the code in memory): quant.simd's IR helpers, ...
-_SOURCES: dict = {}
-
-
-def track_source(path) -> None:
-    """Key the consumers' on-disk caches on ``path``'s stamp too: for a module that generates
-    code they inline (an IR builder), which numba's own cache key (the consumer's file) misses.
-    Call it when the module is imported: the stamp is taken then."""
-    _SOURCES.setdefault(str(path), _stamp(path))
-
-
-track_source(os.path.join(os.path.dirname(__file__), "simd.py"))
-_MODULE_STAMPS: dict = {}  # format modules' stamps, as first seen by this process
-
-
 def fingerprint() -> tuple:
     """What compiled consumers depend on: each format's id, class and its module file's stamp
-    (so editing a format module invalidates the consumers' on-disk caches too), and the stamps
-    of the code generators (``track_source``)."""
-    out = [tuple(_SOURCES.items())]
+    (so editing a format module invalidates the consumers' on-disk caches too)."""
+    out = []
     for f in compiled_formats():
         mod = sys.modules.get(f.__module__)
         path = getattr(mod, "__file__", None)
-        out.append((f.ggml_type, f.__module__, f.__qualname__, _MODULE_STAMPS.setdefault(path, _stamp(path))))
+        try:
+            st = os.stat(path) if path else None
+            stamp = (st.st_mtime_ns, st.st_size) if st else None
+        except OSError:
+            stamp = None
+        out.append((f.ggml_type, f.__module__, f.__qualname__, stamp))
     return tuple(out)
 
 

@@ -35,7 +35,6 @@ def _host_features() -> set:
 
 FEATURES = frozenset(_host_features())
 HAS = {"avx512": "avx512f" in FEATURES, "avx2": "avx2" in FEATURES, "generic": True}
-F16C = "f16c" in FEATURES  # vcvtph2ps: a half to float32 in one instruction (every AVX2 CPU has it)
 
 
 def best_isa() -> str:
@@ -238,14 +237,11 @@ def _half_to_f32(b, h):
     (subnormal halves too), so one exact multiply finishes; exponent 31 (inf/NaN) is given
     float32's 255 first."""
     n = getattr(h.type, "count", None)
-    ft = F32 if n is None else vec(F32, n)
-    if F16C:  # the hardware conversion (exact, as is the emulation below); 14 scalar ops fewer per half
-        h16 = b.trunc(h, I16 if n is None else vec(I16, n))
-        return b.fpext(b.bitcast(h16, ir.HalfType() if n is None else vec(ir.HalfType(), n)), ft)
     k = (lambda v: ir.Constant(I32, v)) if n is None else (lambda v: ivec(n, v))  # noqa: E731
     em = b.and_(h, k(0x7FFF))
     top = b.select(b.icmp_unsigned(">=", em, k(0x7C00)), k(0x70000000), k(0))
     bits = b.or_(b.or_(b.shl(b.and_(h, k(0x8000)), k(16)), b.shl(em, k(13))), top)
+    ft = F32 if n is None else vec(F32, n)
     return b.fmul(b.bitcast(bits, ft), ir.Constant(ft, _HALF_TO_F32 if n is None else [_HALF_TO_F32] * n))
 
 

@@ -199,32 +199,6 @@ def test_compiled_consumers_are_keyed_on_the_registry():
     assert d._cache._index_key(sig, codegen) == before
 
 
-def test_consumers_are_keyed_on_the_code_generators_they_inline(tmp_path, monkeypatch):
-    # a kernel's IR comes from another module (hybrid.kernels.cpu.ir, quant.simd): editing it
-    # must not leave a consumer's stale machine code in numba's disk cache
-    import os
-    from numba.core import types as nt
-    import hybrid.kernels.cpu.ir as kir
-    assert kir.__file__ in registry._SOURCES and any(p.endswith("simd.py") for p in registry._SOURCES)
-    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))  # the tracked file is this test's alone
-    gen = tmp_path / "gen.py"
-    gen.write_text("x = 1\n")
-    d = qcpu._decode_all
-    sig = (nt.Array(nt.uint8, 3, "C"), nt.int64, nt.int64, nt.Array(nt.float32, 1, "C"))
-    codegen = d.targetctx.codegen()
-    before = d._cache._index_key(sig, codegen)
-    registry.track_source(gen)
-    tracked = d._cache._index_key(sig, codegen)
-    assert tracked != before
-    st = os.stat(gen)
-    os.utime(gen, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # an edit after the import
-    registry.track_source(gen)
-    assert d._cache._index_key(sig, codegen) == tracked  # this process still runs the code it read
-    del registry._SOURCES[str(gen)]
-    registry.track_source(gen)  # as a new process importing the edited file
-    assert d._cache._index_key(sig, codegen) not in (before, tracked)
-
-
 def test_compile_on_use_formats_join_the_generated_code_when_first_used():
     # a rarely used format stays out of the dispatchers (and their compile time) until an entry
     # point activates it; compiled code reaching it before that raises instead of writing nothing

@@ -111,10 +111,8 @@ DIRECT_R = (4, 4, 4, 4, 2, 2, 2, 2) if ISA == "avx512" else (2, 2, 2, 2, 1, 1, 1
 # int8 path: the host's variant (None: no integer path, calls stay float); rows per kernel for T = 1..4
 # tokens (R*T accumulators: 16 ymm on AVX2), single rows for the rest of a tile
 Q8_VARIANT = q8_isa()
-# (8 rows for one token on AVX-512 hosts: the token's loads amortised further, 0.96 vs 1.02 ms for n=1 on one thread;
-# one row on AVX2, whose 16 registers spill under several rows' decoded blocks: Q4_K 1.79 vs 2.42 ms for n=1,
-# Q4_0 2.63 vs 3.44, Q2_K 1.38 vs 1.94, one thread, BENCHMARKS.md 2026-12-07 "AVX2")
-Q8_R = (8, 4, 2, 2) if Q8_VARIANT == "vnni512" else (8, 4, 4, 4) if ISA == "avx512" else (1, 1, 1, 1)
+# (8 rows for one token on AVX-512 hosts: the token's loads amortised further, 0.96 vs 1.02 ms for n=1 on one thread)
+Q8_R = (8, 4, 2, 2) if Q8_VARIANT == "vnni512" else (8, 4, 4, 4) if ISA == "avx512" else (4, 2, 1, 1)
 # Tokens per expert up to which the integer path beats the float tile path (which decodes the
 # expert's weights to float32 once per call and reuses them for every token): measured by
 # examples/bench_crossover.py (BENCHMARKS.md, "Integer or float tiles"). Data per format name; a
@@ -227,7 +225,7 @@ def _decode_tile(raw, wtype, e, r0, nr, c0, c1, tile, ld, width):
             tile[r * ld + c] = 0.0
 
 
-@qregistry.jit(cache=True)  # the IR kernels inline: cached under the registry's fingerprint (their source's stamp)
+@nb.njit(cache=True)
 def _direct_pass(T_, raw, wo, wst, nk, nr, X, xo, xst, out, oo, ost):
     """out[oo + t*ost + r] += row r . x_t for T_ (1..8) tokens, rows [0, nr), MXFP4 read in place."""
     if T_ == 1:
@@ -256,7 +254,7 @@ def _direct_pass(T_, raw, wo, wst, nk, nr, X, xo, xst, out, oo, ost):
             _mx_t8(raw, wo + r * wst, wst, nk, X, xo, xst, out, oo + r, ost)
 
 
-@qregistry.jit(cache=True)
+@nb.njit(cache=True)
 def _tile_pass(T_, tile, ld, nvec, nr4, X, xo, xst, out, oo, ost):
     """out[oo + t*ost + r] += tile row r . x_t for T_ (one of F32_T) tokens, rows [0, nr4)."""
     if T_ == F32_T[0]:

@@ -29,7 +29,6 @@ __all__ = ["ISAS", "W", "best_isa", "supported_isas", "q8_isa", "q8_isas", "q8_t
            "make_q8_dot", "make_block_dot", "block_dot_types", "GROUP",
            "make_mx_decode", "make_f32_dot", "make_act"]
 
-qregistry.track_source(__file__)  # the consumers inline this module's IR: a change must reach their caches
 W = 16 if _HAS["avx512"] else 8  # float32 lanes of the f32 kernels
 # Bytes of 32 weights of each format the block dots read, and their register decoders.
 GROUP = 32  # elements per step of the block dots: one format's ``ir_block`` yields 32 // lanes vectors
@@ -129,18 +128,6 @@ def _build_mx_dot(module, R, T_, isa, wtype=int(GT.MXFP4)):
     return fn
 
 
-def _exact_div(b, c, divisor, times=1):
-    """c / divisor * times for i32 lanes that are exact multiples of ``divisor``: a shift by its
-    power of two, then one multiply by the odd part's inverse mod 2^32 (times folded in), where
-    sdiv by 12 costs LLVM a 7-op multiply-high sequence per vector."""
-    shift = (divisor & -divisor).bit_length() - 1
-    odd = divisor >> shift
-    n = c.type.count
-    v = b.ashr(c, _ivec(n, shift)) if shift else c
-    k = (pow(odd, -1, 1 << 32) * times) % (1 << 32)
-    return v if k == 1 else b.mul(v, _ivec(n, k - (1 << 32) if k >= 1 << 31 else k))
-
-
 def _build_q8_dot(module, R, T_, variant, wtype=int(GT.MXFP4)):
     """out[t, r] += W[r, blocks] . x[t] for R rows x T tokens: the weights' blocks of 32 as unsigned
     bytes (the format's ``int8_block``: value + ``int8_offset``), x as int8 blocks
@@ -166,7 +153,8 @@ def _build_q8_dot(module, R, T_, variant, wtype=int(GT.MXFP4)):
     def rescaled(b, c):  # corrections -U8_OFFSET * partial sums -> -offset * partial sums (exact)
         if offset == U8_OFFSET:
             return c
-        return _exact_div(b, c, U8_OFFSET, offset)
+        n = c.type.count
+        return b.mul(b.sdiv(c, _ivec(n, U8_OFFSET)), _ivec(n, offset))
 
     def x_block(b, blk, lanes):  # token data of block(s) blk (and blk+1 for 16 lanes)
         rec = b.mul(blk, _c64(Q8_REC))
@@ -179,7 +167,7 @@ def _build_q8_dot(module, R, T_, variant, wtype=int(GT.MXFP4)):
             c = _shuf(b, _load(b, qc, b.add(rec, _c64(32)), _vec(_I32, 8)),
                       _load(b, qc, b.add(rec1, _c64(32)), _vec(_I32, 8)), list(range(16)))
         # -(partial code sums) as floats, for a min (unused, and so dropped, without one)
-        neg = b.sitofp(_exact_div(b, c, U8_OFFSET), _vec(_F32, lanes))
+        neg = b.sitofp(b.sdiv(c, _ivec(lanes, U8_OFFSET)), _vec(_F32, lanes))
         return q, rescaled(b, c), neg, dx
 
     def block(b, wb):  # (u, scale, min or None); signed values: v + 128 (VNNI) or v itself (sign trick)
@@ -219,42 +207,28 @@ def _build_q8_dot(module, R, T_, variant, wtype=int(GT.MXFP4)):
                 new.append(a if mw is None else _fma(b, neg, b.fmul(mw, dx), a))  # neg: -sums, so - min
         return new
 
-    # pairs of blocks (none when nblk is 1), then an odd last block on 256 bits: 'vnni512' takes a
-    # pair in one 512-bit step; the others take two 256-bit steps into two sets of accumulators
-    # (half the loop overhead, two FMA chains: Q4_0 one row, one token 18 -> ~15 ops per block)
-    k = R * T_
-    if variant == "vnni512":
-        def pair_step(b, i, a):
-            return step(b, b.shl(i, _c64(1)), a, True)
-        init = [_zero(V16)] * k
-
-        def merge(b, ws):
-            return [b.fadd(_shuf(b, p, p, list(range(8))), _shuf(b, p, p, list(range(8, 16)))) for p in ws]
+    if variant != "vnni512":
+        b, accs = emit_loop(fn, entry, nblk, [_zero(V8)] * (R * T_), lambda b, i, a: step(b, i, a, False))
     else:
-        def pair_step(b, i, a):
-            even = b.shl(i, _c64(1))
-            return step(b, even, a[:k], False) + step(b, b.add(even, _c64(1)), a[k:], False)
-        init = [_zero(V8)] * (2 * k)
-
-        def merge(b, ws):
-            return [b.fadd(p, q) for p, q in zip(ws[:k], ws[k:])]
-    npair = ir.IRBuilder(entry).ashr(nblk, _c64(1))
-    b, wides = emit_loop(fn, entry, npair, init, pair_step, may_be_empty=True)
-    mid = b.block
-    tail, done = fn.append_basic_block("tail"), fn.append_basic_block("odd_done")
-    halves = merge(b, wides)
-    b.cbranch(b.icmp_signed("<", b.shl(npair, _c64(1)), nblk), tail, done)
-    b.position_at_end(tail)
-    tail_accs = step(b, b.sub(nblk, _c64(1)), halves, False)
-    tail_end = b.block
-    b.branch(done)
-    b.position_at_end(done)
-    accs = []
-    for h, t in zip(halves, tail_accs):
-        p = b.phi(V8)
-        p.add_incoming(h, mid)
-        p.add_incoming(t, tail_end)
-        accs.append(p)
+        # pairs of blocks on 512 bits (none when nblk is 1), then an odd last block on 256
+        npair = ir.IRBuilder(entry).ashr(nblk, _c64(1))
+        b, wides = emit_loop(fn, entry, npair, [_zero(V16)] * (R * T_),
+                             lambda b, i, a: step(b, b.shl(i, _c64(1)), a, True), may_be_empty=True)
+        mid = b.block
+        tail, done = fn.append_basic_block("tail"), fn.append_basic_block("odd_done")
+        halves = [b.fadd(_shuf(b, p, p, list(range(8))), _shuf(b, p, p, list(range(8, 16)))) for p in wides]
+        b.cbranch(b.icmp_signed("<", b.shl(npair, _c64(1)), nblk), tail, done)
+        b.position_at_end(tail)
+        tail_accs = step(b, b.sub(nblk, _c64(1)), halves, False)
+        tail_end = b.block
+        b.branch(done)
+        b.position_at_end(done)
+        accs = []
+        for h, t in zip(halves, tail_accs):
+            p = b.phi(V8)
+            p.add_incoming(h, mid)
+            p.add_incoming(t, tail_end)
+            accs.append(p)
     _emit_store_sums(b, accs, R, T_, 8, out, ooff, ost)
     b.ret_void()
     return fn
@@ -357,35 +331,6 @@ def make_block_dot(wtype, R, T_, isa):
                            (0, 4, 7))
 
 
-def _subblock_scales(b, sc):
-    """The 8 sub-blocks' <16 x i16> scale vectors from the 16 per-16 scales ``sc``: sub-block j's
-    first 8 lanes sc[2j], its last 8 sc[2j + 1]. Even scales to the low 128-bit lane, odd to the
-    high, then one in-lane vpshufb per sub-block picks element j of each lane (ggml's
-    get_scale_shuffle_k4); the masks are read from a writable global, so LLVM cannot turn the
-    shuffles back into byte shuffles before a zero extension (two ops per sub-block): Q4_K's
-    one-row loop 94 -> 83 instructions per super-block, Q6_K 116 -> 92."""
-    if isinstance(sc, ir.InsertElement):  # built lane by lane (the i-quants): LLVM broadcasts each scalar
-        return [_shuf(b, sc, sc, [2 * j] * 8 + [2 * j + 1] * 8) for j in range(8)]
-    m = b.module
-    try:
-        g = m.get_global("hyb_subblock_scale_masks")
-    except KeyError:
-        ty = ir.ArrayType(_vec(_I8, 32), 8)
-        g = ir.GlobalVariable(m, ty, "hyb_subblock_scale_masks")
-        g.linkage = "linkonce_odr"  # one per process; not internal, so not provably constant
-        g.align = 32
-        g.initializer = ir.Constant(ty, [ir.Constant(_vec(_I8, 32), [2 * j + (k & 1) for k in range(32)])
-                                         for j in range(8)])
-    lanes = b.bitcast(_shuf(b, sc, sc, [2 * i for i in range(8)] + [2 * i + 1 for i in range(8)]), _vec(_I8, 32))
-    pshufb = cgutils.get_or_insert_function(m, ir.FunctionType(_vec(_I8, 32), [_vec(_I8, 32)] * 2),
-                                            "llvm.x86.avx2.pshuf.b")
-    out = []
-    for j in range(8):
-        mask = b.load(b.gep(g, [ir.Constant(_I32, 0), ir.Constant(_I32, j)]), align=32)
-        out.append(b.bitcast(b.call(pshufb, [lanes, mask]), _vec(_I16, 16)))
-    return out
-
-
 def _build_q8s_dot(module, R, T_, variant, wtype):
     """As ``_build_q8_dot`` for super-blocks of 256 whose sub-block scales are integers
     (``int8_scales``: the K-quants, the i-quants, TQ1_0/TQ2_0), against activations in
@@ -419,7 +364,7 @@ def _build_q8s_dot(module, R, T_, variant, wtype):
         for r in range(R):
             wb = b.add(b.add(woff, b.mul(_c64(r), wst)), b.mul(i, _c64(fmt.block_bytes)))
             dw, dmin, us, sc, mn = fmt.int8_scales(b, w, wb)
-            scj = _subblock_scales(b, sc)
+            scj = [_shuf(b, sc, sc, [2 * j] * 8 + [2 * j + 1] * 8) for j in range(8)]
             mags = [emit_abs_i8(b, u) for u in us] if fmt.int8_signed else us
             osc = b.mul(sc, _ivec(16, -offset, _I16)) if offset else None
             nmn = None if mn is None else b.sub(_ivec(16, 0, _I16), mn)
