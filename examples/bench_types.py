@@ -116,9 +116,9 @@ def main(argv=None):
     qregistry.activate(*(T[name] for name in a.types.split(",")))  # one compile for all, as the loader does
     print(f"# {machine_line()}; {a.threads} threads; [{ROWS} x {COLS}] x {E} experts, {K} used per token")
     if a.ggml:  # test-backend-ops sets the CPU backend's threads itself (tests/test-backend-ops.cpp)
+        fair = "" if GGML_THREADS == a.threads else f": compare ours at --threads {GGML_THREADS} with it"
         print(f"# ggml: test-backend-ops runs its CPU backend on {GGML_THREADS} thread(s) (half the logical "
-              f"cores), whatever --threads says" + ("" if GGML_THREADS == a.threads else
-                                                   f": compare ours at --threads {GGML_THREADS} with it"))
+              f"cores), whatever --threads says{fair}")
     print()
     print("| type | bits/weight | tokens | ours ms | floor ms | ours / floor | ggml ms | ours / ggml |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
