@@ -68,7 +68,7 @@ from gguf.constants import GGMLQuantizationType as T  # noqa: E402
 from hybrid.moe import cpu, traffic  # noqa: E402
 from hybrid.moe.layer import ExpertTensor, MoELayer  # noqa: E402
 from hybrid.moe.routing import route  # noqa: E402
-from quant import cpu as qcpu, mxfp4  # noqa: E402
+from quant import cpu as qcpu, jitcache, mxfp4  # noqa: E402
 
 D = F = 2880
 E, K = 32, 4
@@ -137,7 +137,7 @@ _KV = mxfp4.KVALUES.astype(np.int32)
 _KVF = mxfp4.KVALUES_F32
 
 
-@numba.njit(parallel=True, cache=True)
+@jitcache.njit(parallel=True, cache=True)
 def njit_q8(raw, experts, qc, d, out):
     """out[j, r] = W[experts[j], r] . x with x as int8 blocks (quant.cpu.quantize_q8): integer block
     sums through the 16-entry table, then half(e) * d_x, as the IR kernel, written as plain loops."""
@@ -155,7 +155,7 @@ def njit_q8(raw, experts, qc, d, out):
         out[j, r] = acc
 
 
-@numba.njit(parallel=True, cache=True)
+@jitcache.njit(parallel=True, cache=True)
 def njit_f32(raw, experts, x, out):
     """The float path as plain loops: decode each weight through the table, FMA with float x."""
     for i in numba.prange(experts.size * raw.shape[1]):

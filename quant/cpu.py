@@ -18,7 +18,7 @@ import numba as nb
 import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 
-from . import registry, simd
+from . import jitcache, registry, simd
 from .formats import mxfp4
 from .formats.floats import f16  # noqa: F401  (the exact half decode, for callers)
 
@@ -90,7 +90,7 @@ def _roundf(v):
     return np.copysign(r, v)
 
 
-@nb.njit(fastmath={"nnan", "ninf"}, cache=True)
+@jitcache.njit(fastmath={"nnan", "ninf"}, cache=True)
 def _amax32(x, p, c0):
     # max |x| of 32 floats (a NaN may be skipped: quantize_q8_row tests for it): the flags let LLVM vectorise
     m = np.float32(0.0)
@@ -140,7 +140,7 @@ def quantize_q8_row(x, p, nblk, qc, d):
                                                          + np.int32(q8[o + 4 * g + 2]) + np.int32(q8[o + 4 * g + 3]))
 
 
-@nb.njit(cache=True)
+@jitcache.njit(cache=True)
 def quantize_q8(x, rows, nblk, qc, d):
     """Rows [0, rows) of x, as quantize_q8_row."""
     for p in range(rows):
@@ -178,7 +178,7 @@ def quantize_q8k_row(x, p, nsb, qc, d):
             d[(p * nsb + b) * Q8_DREP + j] = s
 
 
-@nb.njit(cache=True)
+@jitcache.njit(cache=True)
 def quantize_q8k(x, rows, nsb, qc, d):
     """Rows [0, rows) of x, as quantize_q8k_row."""
     for p in range(rows):

@@ -67,7 +67,8 @@ import sys
 import numba as nb
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
-from numba.core.caching import FunctionCache
+
+from .jitcache import KeyedCache
 
 __all__ = ["Format", "get", "formats", "types", "has", "fingerprint", "unregister", "cpu_decoder", "jit",
            "type_name", "row_nbytes", "block_size", "dequantize", "on_change", "require"]
@@ -342,7 +343,7 @@ def _build_dispatch():
     return nb.njit(inline="always")(ns["decode"])
 
 
-class _RegistryCache(FunctionCache):
+class _RegistryCache(KeyedCache):
     """numba's on-disk cache, its key extended by the registry's fingerprint: a consumer
     compiled against one set of formats is never loaded for another."""
 

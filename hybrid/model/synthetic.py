@@ -39,7 +39,7 @@ import numba as nb
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from quant import mxfp4
+from quant import jitcache, mxfp4
 from quant.types import row_nbytes
 
 from ..moe.layer import ExpertTensor, MoELayer
@@ -204,7 +204,7 @@ def _mix(z):
     return z ^ (z >> np.uint64(31))
 
 
-@nb.njit(parallel=True, cache=True)
+@jitcache.njit(parallel=True, cache=True)
 def _fill(out, key, head):
     """``out`` uint8 [n_blocks, size]: random bytes, then the first ``head.shape[1]`` bytes of each
     block replaced by a row of ``head`` picked at random (the scale). Every byte depends only on

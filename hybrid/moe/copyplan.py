@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 import numba as nb
 import numpy as np
 
+from quant import jitcache
+
 LAYOUTS = ("natural", "compact")
 PAD_BYTES = 512  # PR #15346: min(slab, 512) bytes copied past a run
 
@@ -71,7 +73,7 @@ class CopyPlan:
         return plan_for(self, slab_bytes)
 
 
-@nb.njit(cache=True)
+@jitcache.njit(cache=True)
 def _runs(used, slab, merge, latency, bandwidth):
     # Maximal runs of consecutive ids; with merge, a gap of g unused experts
     # joins its neighbours when g * slab / bandwidth < latency.
@@ -103,7 +105,7 @@ def extents(first, last, dst_slot, unit):
     return f * unit, np.asarray(dst_slot, np.int64) * unit, (np.asarray(last, np.int64) - f + 1) * unit
 
 
-@nb.njit(cache=True)
+@jitcache.njit(cache=True)
 def _slots(first, last, n_exp, compact):
     # Device slots equal the expert ids (natural) or follow the running count
     # of experts copied (compact).
@@ -206,7 +208,7 @@ def plan_for(p: CopyPlan, slab_bytes) -> CopyPlan:
     return _build(p.layout, slab, p.n_experts, p.first, p.last, p.pad_tail)
 
 
-@nb.njit(cache=True)
+@jitcache.njit(cache=True)
 def _slot_runs(experts, slots):
     n = experts.shape[0]
     first = np.empty(n, np.int32)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numba as nb
 import numpy as np
 
+from quant import jitcache
+
 from . import spec as spec_mod
 from .spec import MoESpec
 
@@ -20,7 +22,7 @@ _INT32_MAX = np.iinfo(np.int32).max
 
 # --------------------------------------------------------------------------- route
 
-@nb.njit(cache=True)
+@jitcache.njit(cache=True)
 def _topk_row(sel, k, bi, bv):
     # A sorted list of the k best so far, scanning experts in id order: the first k
     # fill it, then a newcomer must beat the k-th. It only passes strictly smaller
@@ -43,7 +45,7 @@ def _topk_row(sel, k, bi, bv):
         kth = bv[k - 1]
 
 
-@nb.njit(cache=True)
+@jitcache.njit(cache=True)
 def _route(z, bias, has_bias, k, gating, norm, scale, n_group, topk_group, ids, w):
     # One router for every spec (spec.py), float64 inside. Selection scores: the raw
     # logits when nothing is added (every gating is monotone in them: the same choice),
@@ -242,7 +244,7 @@ class Buckets:
         return self.pairs[start:start + self.counts[e]]
 
 
-@nb.njit(cache=True)
+@jitcache.njit(cache=True)
 def _bucket(flat, n_exp, bs):
     # Pass 1 counts pairs per expert; offsets round each non-empty bucket up to
     # a multiple of bs (vLLM's moe_align_block_size). Pass 2 scatters the flat

@@ -16,6 +16,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from numba import cuda
 from numba.cuda.core import config as cuda_config
 
+from .. import jitcache
+
 SIMULATOR = bool(cuda_config.ENABLE_CUDASIM)
 
 # ---------------------------------------------------------------- shared scalar helpers
@@ -69,7 +71,7 @@ def _cpu_jit(fn):
     # Not inline="always": the registry's dispatcher has a branch per format, and inlining
     # twenty 256-value decoders into every consumer took its first compile from 1 s to 27 s;
     # a call per block of 32..256 values costs little. Cached: the closure's contents key it.
-    return nb.njit(cache=True)(fn)
+    return jitcache.njit(cache=True)(fn)
 
 
 def compile_block(factory):

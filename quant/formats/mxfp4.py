@@ -13,12 +13,13 @@ import numpy as np
 from numba import cuda  # a module global: the simulator swaps it in kernels
 from gguf.constants import GGMLQuantizationType
 
+from .. import jitcache
 from ..registry import Format
 
 from ..tables import BLOCK_BYTES, HALF, KVALUES, KVALUES_F32, QK, SCALES, e8m0_half_table  # noqa: F401
 
 
-@nb.njit(parallel=True, cache=True)
+@jitcache.njit(parallel=True, cache=True)
 def _dequantize_rows(blocks, scales, kv, out):
     # blocks: [n_blocks, 17] uint8; out: [n_blocks, 32] float32
     for b in nb.prange(blocks.shape[0]):
@@ -29,7 +30,7 @@ def _dequantize_rows(blocks, scales, kv, out):
             out[b, j + HALF] = d * kv[q >> 4]
 
 
-@nb.njit(parallel=True, cache=True)
+@jitcache.njit(parallel=True, cache=True)
 def _amax(x, out):
     for b in nb.prange(x.shape[0]):
         m = np.float32(0.0)
@@ -40,7 +41,7 @@ def _amax(x, out):
         out[b] = m
 
 
-@nb.njit(parallel=True, cache=True)
+@jitcache.njit(parallel=True, cache=True)
 def _encode(x, e, scales, kv, out):
     # Nearest table entry, lowest index on ties: float32 arithmetic exactly as
     # gguf's |d*kv - x| then argmin, so rounding ties agree bit for bit.

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import numba as nb
 import numpy as np
 
-from quant import cpu as qcpu, registry as qregistry, types as qtypes
+from quant import cpu as qcpu, jitcache, registry as qregistry, types as qtypes
 
 from .ir import W, best_isa, make_act, make_f32_dot, make_mx_dot, make_q8_dot, q8_isa, q8_types, q8s_types
 from ...moe.activation import ACT_CODE, silu_f32, swiglu_oai_f32
@@ -203,7 +203,7 @@ _swiglu_oai, _silu = nb.njit(inline="always")(swiglu_oai_f32), nb.njit(inline="a
 
 
 # ---------------------------------------------------------------- numba helpers
-@nb.njit(cache=True)
+@jitcache.njit(cache=True)
 def _aligned(n):
     """float32[n] whose first element sits on an ALIGN-byte boundary."""
     raw = np.empty(n * 4 + ALIGN, np.uint8)
@@ -225,7 +225,7 @@ def _decode_tile(raw, wtype, e, r0, nr, c0, c1, tile, ld, width):
             tile[r * ld + c] = 0.0
 
 
-@nb.njit(cache=True)
+@jitcache.njit(cache=True)
 def _direct_pass(T_, raw, wo, wst, nk, nr, X, xo, xst, out, oo, ost):
     """out[oo + t*ost + r] += row r . x_t for T_ (1..8) tokens, rows [0, nr), MXFP4 read in place."""
     if T_ == 1:
@@ -254,7 +254,7 @@ def _direct_pass(T_, raw, wo, wst, nk, nr, X, xo, xst, out, oo, ost):
             _mx_t8(raw, wo + r * wst, wst, nk, X, xo, xst, out, oo + r, ost)
 
 
-@nb.njit(cache=True)
+@jitcache.njit(cache=True)
 def _tile_pass(T_, tile, ld, nvec, nr4, X, xo, xst, out, oo, ost):
     """out[oo + t*ost + r] += tile row r . x_t for T_ (one of F32_T) tokens, rows [0, nr4)."""
     if T_ == F32_T[0]:
@@ -327,7 +327,7 @@ def _bucket(ids, n_experts):
     return pairs, bk.offsets.astype(np.int64), bk.used.astype(np.int64), pos
 
 
-@nb.njit(cache=True)
+@jitcache.njit(cache=True)
 def _work_items(starts, used, rows, rt, nchunks):
     """Items (expert, first row) row-tile-major, and chunk bounds of about equal cost."""
     ntile = (rows + rt - 1) // rt
@@ -354,7 +354,7 @@ def _work_items(starts, used, rows, rt, nchunks):
     return item_e, item_r, bounds
 
 
-@nb.njit(cache=True)
+@jitcache.njit(cache=True)
 def _gather(x, pairs, k, width, slot_rows):
     """X[p] = x[pairs[p] // k] (or x[pairs[p]] when slot_rows), aligned rows of ``width``, zero padded."""
     P, cols = pairs.size, x.shape[1]
@@ -438,7 +438,7 @@ def _grouped(graw, uraw, wtype, rows, cols, X, starts, used, gb, ub, act, H, til
                         H[p0 + t, r0 + r] = _act(g, u, act)
 
 
-@nb.njit(parallel=True, cache=True)
+@jitcache.njit(parallel=True, cache=True)
 def _combine(Y, pos, weights, ids, db, out):
     """out[t] = sum_j w[t, j] * (Y[pos[t, j]] + b_down[ids[t, j]]), j ascending."""
     n = weights.shape[0]
@@ -460,7 +460,7 @@ def _combine_row(Y, pos, weights, ids, db, out, t):
         out[t, c] = s
 
 
-@nb.njit(cache=True)
+@jitcache.njit(cache=True)
 def _check_ids(ids, n_experts):
     for t in range(ids.shape[0]):
         for j in range(ids.shape[1]):
