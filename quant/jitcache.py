@@ -4,8 +4,7 @@ numba names a function's cache entries ``<base>.1.nbc``, ``<base>.2.nbc``, ... b
 its index does not hold yet. Two processes that compile the same function for different keys at
 once (two signatures; two registry fingerprints, ``quant.registry.jit``) each read the index
 before the other writes it, both take number 1, and the index ends up naming one key with the
-other's machine code: every later load of that key runs the wrong code (numba issue #4807). Two
-pytest-xdist workers did this to the CPU expert kernels, which then returned NaN.
+other's machine code: every later load of that key runs the wrong code (numba issue #4807).
 
 Here each entry's file is named by a hash of its key, and holds its key, checked on load: an
 index that lost a race costs a compile, never wrong code. ``njit`` is ``numba.njit`` with this
